@@ -1,0 +1,2 @@
+//! hive: local Linux sandboxes whose egress, credentials and file access follow a policy.
+pub mod error;
