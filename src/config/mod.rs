@@ -1,0 +1,127 @@
+//! The sandbox config: JSON input from JS -> validated [`Config`], and back (normalized, redacted).
+//!
+//! This module is the single place where untrusted input becomes typed values (SPEC §1, §2, §4, §5):
+//! 1. [`Config::from_json`] walks the raw `serde_json::Value` by hand so that it can report *every*
+//!    problem at once, each with its field path (`egress[2].ports[0]`) and a hint, and reject unknown
+//!    keys (a typo must not silently widen or drop a rule).
+//! 2. Values are normalized on the way in (hosts lowercased and punycoded, methods uppercased).
+//! 3. [`Config::to_json`] renders the normalized config for `getConfig()`, with every secret replaced
+//!    by [`REDACTED`].
+
+mod host;
+mod path_glob;
+mod secret;
+
+pub use host::{normalize_host, HostPattern};
+pub use path_glob::{normalize_path, PathGlob};
+pub use secret::Secret;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::error::Result;
+
+/// What `getConfig()` shows in place of a secret; `applyConfig` rejects it (SPEC §1).
+pub const REDACTED: &str = "[redacted]";
+
+/// A validated sandbox config.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Config {
+    /// File system mounts, in the order given.
+    pub fs: Vec<FsMount>,
+    /// Egress rules, in order; the first match decides (SPEC §2).
+    pub egress: Vec<EgressRule>,
+    /// How the proxy reaches upstreams (never changes a decision).
+    pub upstream: Upstream,
+}
+
+/// `allow` or `deny`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleAccess {
+    Allow,
+    Deny,
+}
+
+/// One validated egress rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressRule {
+    pub access: RuleAccess,
+    pub host: HostPattern,
+    /// `None`: any port.
+    pub ports: Option<Vec<u16>>,
+    /// Uppercased method names; `None`: any method.
+    pub methods: Option<Vec<String>>,
+    /// `None`: any path.
+    pub paths: Option<Vec<PathGlob>>,
+    /// Only on `allow` rules.
+    pub override_: Option<Override>,
+}
+
+/// Headers set on every request a rule allows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Override {
+    /// (lowercased header name, secret value), in the order given.
+    pub headers: Vec<(http::HeaderName, Secret)>,
+    /// Allow injection over plain HTTP (default false: such requests are denied).
+    pub allow_plaintext: bool,
+}
+
+/// `upstream`: resolve overrides and extra CA roots.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Upstream {
+    /// `"host:port"` (host normalized) -> address the proxy connects to instead of resolving.
+    pub resolve: HashMap<(String, u16), SocketAddr>,
+    /// Extra PEM roots trusted upstream, as given (validated to parse as certificates).
+    pub ca: Vec<String>,
+}
+
+/// One `fs` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FsMount {
+    /// Only `local` exists today.
+    pub backend: FsBackend,
+    /// Absolute, normalized path inside the sandbox (not `/`, not under `/proc`, `/dev`, …).
+    pub mount: String,
+    /// Host directory holding the data; `None`: `<hive home>/sandboxes/<name>/fs/<mount>`.
+    pub source: Option<PathBuf>,
+    /// `None`: the whole mount is rw. `Some`: first match wins, unmatched paths have no access.
+    pub acls: Option<Vec<FsAcl>>,
+    /// Emit `fs.access` events for writes, creates, renames and deletes.
+    pub audit: bool,
+}
+
+/// File system backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsBackend {
+    Local,
+}
+
+/// One ACL entry of a mount.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FsAcl {
+    pub path: PathGlob,
+    pub access: FsAccess,
+}
+
+/// `rw`, `r` or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsAccess {
+    Rw,
+    R,
+    None,
+}
+
+impl Config {
+    /// Validates a config given as JSON (`null` means the empty config). Every problem found is
+    /// reported in one [`crate::HiveError::InvalidConfig`].
+    pub fn from_json(value: &serde_json::Value) -> Result<Config> {
+        let _ = value;
+        todo!("config validation")
+    }
+
+    /// The normalized config as JSON, secrets replaced by [`REDACTED`].
+    pub fn to_json(&self) -> serde_json::Value {
+        todo!("config rendering")
+    }
+}

@@ -1,0 +1,37 @@
+//! [`Secret`]: a credential value that never prints.
+
+use std::fmt;
+
+/// An override header value. `Debug` and `Display` print `[redacted]`.
+///
+/// # Security
+/// Secrets must never reach logs, events, errors or disk (SPEC §2). The only way to the bytes is
+/// [`Secret::expose`], used where the header is written to the upstream request.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(http::HeaderValue);
+
+impl Secret {
+    /// Wraps a header value already checked for CR, LF and NUL.
+    pub fn new(value: http::HeaderValue) -> Self {
+        let mut value = value;
+        value.set_sensitive(true);
+        Secret(value)
+    }
+
+    /// The value, for writing into an upstream request only.
+    pub fn expose(&self) -> &http::HeaderValue {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(super::REDACTED)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(super::REDACTED)
+    }
+}

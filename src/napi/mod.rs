@@ -1,0 +1,1 @@
+//! `#[napi]` exports only, each a few lines over the engine.

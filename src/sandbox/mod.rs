@@ -1,0 +1,1 @@
+//! Sandbox registry and lifecycle.
