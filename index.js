@@ -55,6 +55,7 @@ for (const method of ['getConfig', 'applyConfig', 'close']) {
   Sandbox.prototype[method] = wrapAsync(Sandbox.prototype[method])
 }
 Sandbox.prototype.getEventsStream = wrapSync(Sandbox.prototype.getEventsStream)
+Sandbox.prototype.decide = wrapSync(Sandbox.prototype.decide)
 const asyncDispose = Symbol.asyncDispose ?? Symbol.for('nodejs.asyncDispose')
 Sandbox.prototype[asyncDispose] = function () {
   return this.close()

@@ -23,10 +23,11 @@ use std::sync::{Arc, LazyLock};
 use arc_swap::ArcSwap;
 use serde_json::{json, Map, Value};
 
+use crate::config::normalize_host;
 use crate::config::Config;
 use crate::error::{HiveError, Result};
 use crate::events::{kind, EventBus, Since, Subscription};
-use crate::policy::{Compiled, PolicyCell};
+use crate::policy::{Compiled, Decision, PolicyCell, Request, Scheme};
 use crate::tls::CertificateAuthority;
 
 /// One sandbox, shared by every handle to it within this process.
@@ -49,6 +50,16 @@ impl std::fmt::Debug for Sandbox {
             .field("closed", &self.is_closed())
             .finish_non_exhaustive()
     }
+}
+
+/// A request to decide without sending it ([`Sandbox::decide`]).
+#[derive(Debug, Clone)]
+pub struct DryRunRequest {
+    pub host: String,
+    pub port: u16,
+    pub method: String,
+    pub path: String,
+    pub scheme: Scheme,
 }
 
 /// Live sandboxes of this process, by name.
@@ -179,6 +190,26 @@ impl Sandbox {
         fields.insert("fsMounts".into(), json!(fs_mounts));
         self.emit(kind::CONFIG_APPLIED, fields);
         Ok(())
+    }
+
+    /// Decides a request against the rules in force without sending anything or emitting an event
+    /// (a dry run for tests, demos and policy reviews).
+    pub fn decide(&self, request: &DryRunRequest) -> Result<Decision> {
+        let host = normalize_host(&request.host).ok_or_else(|| {
+            HiveError::InvalidArgument(format!(
+                "request.host: {:?} is not a hostname or IP address",
+                request.host
+            ))
+        })?;
+        let compiled = self.cell.load();
+        Ok(compiled.policy.decide(&Request {
+            host: &host,
+            port: request.port,
+            method: &request.method,
+            path: &request.path,
+            scheme: request.scheme,
+            ip: host.parse().ok(),
+        }))
     }
 
     /// A new event subscriber (`getEventsStream`). Does no file I/O.
