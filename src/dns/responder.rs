@@ -2,18 +2,22 @@
 //! from the policy alone (SPEC §4, issue 5).
 //!
 //! For each packet:
-//! 1. [`wire::parse_query`] reads it; a short packet or a response is dropped, anything malformed
-//!    gets `FORMERR`, another opcode `NOTIMP`, a class other than IN `REFUSED`, an EDNS version
-//!    other than 0 `BADVERS`.
-//! 2. `localhost` and its subdomains answer `127.0.0.1` / `::1` (RFC 6761 §6.3).
-//! 3. A reverse name (`y.x.1.127.in-addr.arpa`, or the `ip6.arpa` form of the IPv6 range) answers
-//!    PTR with the name mapped to that address, if the policy still could allow it.
-//! 4. Any other name is normalized and, if some allow rule of the policy in force *now* could match
-//!    it ([`Policy::could_allow_host`], loaded from the cell per query, so `applyConfig` takes
-//!    effect at once), A gets its mapped address from the [`NameTable`] with a TTL of
-//!    [`ANSWER_TTL`] seconds, AAAA an empty answer (or the mapped IPv6 address when enabled with
-//!    [`DnsResponder::with_ipv6_answers`]), every other type an empty answer. Otherwise: NXDOMAIN.
-//! 5. Every answered question except `localhost` emits a `dns.query` event `{ name, qtype, access }`.
+//! 1. [`wire::parse_query`] reads it: a short packet or a response is dropped, anything malformed
+//!    gets `FORMERR`, another opcode `NOTIMP`. An EDNS version other than 0 gets `BADVERS`, a class
+//!    other than IN `REFUSED`, a name that is no hostname (a byte outside letters, digits, `-`,
+//!    `_`) NXDOMAIN.
+//! 2. A reverse name (`y.x.1.127.in-addr.arpa`, or the `ip6.arpa` form of the IPv6 range) answers
+//!    PTR with the name mapped to that address, while the policy could still allow that name.
+//! 3. `localhost` and its subdomains answer `127.0.0.1` / `::1` (RFC 6761 §6.3).
+//! 4. Any other name is normalized and, if some allow rule of the policy in force *now* could
+//!    match it ([`crate::policy::Policy::could_allow_host`], the policy loaded from the cell for
+//!    each query, so `applyConfig` takes effect at once), A gets its mapped address from the
+//!    [`NameTable`] with a TTL of [`ANSWER_TTL`] seconds, AAAA an empty answer (or the mapped IPv6
+//!    address, see [`DnsResponder::with_ipv6_answers`]), every other type an empty answer.
+//!    Otherwise NXDOMAIN. A full table gets `SERVFAIL` and a warning in the log.
+//! 5. Every query answered by these steps emits one `dns.query` event `{ name, qtype, access }`,
+//!    except those dropped or answered `FORMERR`, `NOTIMP` or `BADVERS`, `localhost` and the
+//!    loopback reverse names.
 //!
 //! TCP (RFC 7766): each message carries a 2-byte length; up to [`TCP_MAX_CONNECTIONS`] at once,
 //! each closed after [`TCP_IDLE_TIMEOUT`] without a complete query.
@@ -861,7 +865,9 @@ mod tests {
         }
         for packet in packets.iter().take(50) {
             // Write and hang up: a dropped packet gets no answer to wait for.
-            let mut stream = tokio::net::TcpStream::connect(h.tcp).await.expect("connect");
+            let mut stream = tokio::net::TcpStream::connect(h.tcp)
+                .await
+                .expect("connect");
             let len = packet.len() as u16;
             stream.write_all(&len.to_be_bytes()).await.expect("write");
             stream.write_all(packet).await.expect("write");
@@ -1009,6 +1015,41 @@ mod tests {
         .join()
         .expect("thread");
         assert_eq!(result, Err(crate::error::ErrorCode::Internal));
+    }
+
+    // Measurement.
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "measurement: cargo test --lib dns::responder::tests::udp_latency -- --ignored --nocapture"]
+    async fn udp_latency() {
+        let h = Harness::start(&["api.github.com"]).await;
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        socket.connect(h.udp).await.expect("connect");
+        let mut buf = vec![0; 2048];
+        let mut samples = Vec::new();
+        for i in 0..5000u32 {
+            let name = if i % 2 == 0 {
+                "api.github.com"
+            } else {
+                "evil.example"
+            };
+            let q = query(name, rtype::A);
+            let started = std::time::Instant::now();
+            socket.send(&q).await.expect("send");
+            socket.recv(&mut buf).await.expect("recv");
+            samples.push(started.elapsed());
+        }
+        samples.sort();
+        let at = |p: usize| samples[samples.len() * p / 100];
+        eprintln!(
+            "dns over UDP, {} queries: p50 {:?}, p99 {:?}, max {:?}",
+            samples.len(),
+            at(50),
+            at(99),
+            samples[samples.len() - 1]
+        );
     }
 
     // A real client, when the machine has one.
