@@ -5,10 +5,10 @@
 //! 1. take the next id: a `u64` sequence rendered as 16 zero-padded digits, so string order is
 //!    emission order; it continues after the last id in the log across restarts;
 //! 2. stamp the time (RFC 3339 UTC, milliseconds) and the sandbox name;
-//! 3. append the event as one JSON line to `<dir>/audit.jsonl` (see [`log`] for rotation); a write
+//! 3. append the event as one JSON line to `<dir>/audit.jsonl` (see `log.rs` for rotation); a write
 //!    error is logged and does not stop the event;
 //! 4. push a copy into every live subscriber's bounded buffer (never waiting, see
-//!    [`subscription`]).
+//!    `subscription.rs`).
 //!
 //! # Security
 //! Events carry only what SPEC §3 lists: header *names*, never values, and never query strings.
@@ -31,7 +31,7 @@ use subscription::Live;
 pub use log::{LOG_FILE, ROTATED_FILE, ROTATE_BYTES};
 pub use subscription::Subscription;
 
-/// Field names of the event header (SPEC §3).
+/// The event id field (SPEC §3).
 pub const FIELD_ID: &str = "id";
 /// The event type field (`kind` in Rust).
 pub const FIELD_TYPE: &str = "type";
@@ -65,9 +65,11 @@ pub const DEFAULT_BUFFER: usize = 10_000;
 pub struct Event {
     /// Unique within the sandbox; ids sort (as strings) in emission order, across restarts.
     pub id: String,
+    /// The event type (`type` in JSON), one of [`kind`].
     pub kind: String,
     /// RFC 3339, UTC.
     pub time: String,
+    /// The sandbox's name.
     pub sandbox: String,
     /// The type-specific fields (camelCase names, as JS sees them).
     pub fields: Map<String, Value>,
