@@ -144,6 +144,11 @@ export declare class EventStream {
 export declare class Sandbox {
   /** The sandbox's name. */
   get name(): string
+  /**
+   * Identifies the engine-side sandbox behind this handle (the JS entry keeps one object per
+   * live sandbox with it).
+   */
+  get instanceId(): number
   /** Whether `close()` has been called. */
   get closed(): boolean
   /** The sandbox CA certificate (PEM) that clients of its proxy trust. The key never leaves Rust. */
