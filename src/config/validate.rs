@@ -954,6 +954,7 @@ fn overlaps(a: &str, b: &str) -> bool {
 }
 
 #[cfg(test)]
+#[rustfmt::skip]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -1061,141 +1062,33 @@ mod tests {
         let cases: &[(Value, &str, &str)] = &[
             (json!([]), "", "expected an object"),
             (json!({ "egres": [] }), "egres", "did you mean \"egress\""),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "method": ["GET"] }] }),
-                "egress[0].method",
-                "did you mean \"methods\"",
-            ),
-            (
-                json!({ "egress": [{ "host": "a.com" }] }),
-                "egress[0].access",
-                "missing",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow" }] }),
-                "egress[0].host",
-                "missing",
-            ),
-            (
-                json!({ "egress": [{ "access": "permit", "host": "a.com" }] }),
-                "egress[0].access",
-                "got \"permit\"",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": 5 }] }),
-                "egress[0].host",
-                "got a number",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [] }] }),
-                "egress[0].ports",
-                "omit ports",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [1.5] }] }),
-                "egress[0].ports[0]",
-                "got 1.5",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [-1] }] }),
-                "egress[0].ports[0]",
-                "got -1",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": "443" }] }),
-                "egress[0].ports",
-                "got a string",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Proxy-Authorization": "x" } } }] }),
-                "egress[0].override.headers[\"Proxy-Authorization\"]",
-                "cannot be overridden",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "TE": "x" } } }] }),
-                "egress[0].override.headers[\"TE\"]",
-                "cannot be overridden",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Bad Name": "x" } } }] }),
-                "egress[0].override.headers[\"Bad Name\"]",
-                "not a valid header name",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1", "x-a": "2" } } }] }),
-                "egress[0].override.headers[\"x-a\"]",
-                "given twice",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": {} } }] }),
-                "egress[0].override.headers",
-                "at least one header",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": {} }] }),
-                "egress[0].override.headers",
-                "missing",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1" }, "allowPlaintext": "yes" } }] }),
-                "egress[0].override.allowPlaintext",
-                "true or false",
-            ),
-            (
-                json!({ "upstream": { "resolve": { "a.com": "127.0.0.1:1" } } }),
-                "upstream.resolve[\"a.com\"]",
-                "host:port",
-            ),
-            (
-                json!({ "upstream": { "resolve": { "::1:443": "127.0.0.1:1" } } }),
-                "upstream.resolve[\"::1:443\"]",
-                "brackets",
-            ),
-            (
-                json!({ "upstream": { "resolve": { "a.com:0": "127.0.0.1:1" } } }),
-                "upstream.resolve[\"a.com:0\"]",
-                "1 to 65535",
-            ),
-            (
-                json!({ "upstream": { "resolve": { "a.com:443": "127.0.0.1:1", "A.com:443": "127.0.0.1:2" } } }),
-                "upstream.resolve[\"a.com:443\"]",
-                "same host",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/" }] }),
-                "fs[0].mount",
-                "over /",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/lib64/x" }] }),
-                "fs[0].mount",
-                "system directory",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a/../etc" }] }),
-                "fs[0].mount",
-                "..",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a" }, { "backend": "local", "mount": "/a/b" }] }),
-                "fs[1].mount",
-                "overlaps fs[0].mount",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a", "source": "rel/dir" }] }),
-                "fs[0].source",
-                "absolute",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a", "audit": 1 }] }),
-                "fs[0].audit",
-                "true or false",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a", "acls": [{ "path": "/a*", "access": "r" }] }] }),
-                "fs[0].acls[0].path",
-                "outside its mount",
-            ),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "method": ["GET"] }] }), "egress[0].method", "did you mean \"methods\""),
+            (json!({ "egress": [{ "host": "a.com" }] }), "egress[0].access", "missing"),
+            (json!({ "egress": [{ "access": "allow" }] }), "egress[0].host", "missing"),
+            (json!({ "egress": [{ "access": "permit", "host": "a.com" }] }), "egress[0].access", "got \"permit\""),
+            (json!({ "egress": [{ "access": "allow", "host": 5 }] }), "egress[0].host", "got a number"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [] }] }), "egress[0].ports", "omit ports"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [1.5] }] }), "egress[0].ports[0]", "got 1.5"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [-1] }] }), "egress[0].ports[0]", "got -1"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": "443" }] }), "egress[0].ports", "got a string"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Proxy-Authorization": "x" } } }] }), "egress[0].override.headers[\"Proxy-Authorization\"]", "cannot be overridden"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "TE": "x" } } }] }), "egress[0].override.headers[\"TE\"]", "cannot be overridden"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Bad Name": "x" } } }] }), "egress[0].override.headers[\"Bad Name\"]", "not a valid header name"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1", "x-a": "2" } } }] }), "egress[0].override.headers[\"x-a\"]", "given twice"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": {} } }] }), "egress[0].override.headers", "at least one header"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": {} }] }), "egress[0].override.headers", "missing"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1" }, "allowPlaintext": "yes" } }] }), "egress[0].override.allowPlaintext", "true or false"),
+            (json!({ "upstream": { "resolve": { "a.com": "127.0.0.1:1" } } }), "upstream.resolve[\"a.com\"]", "host:port"),
+            (json!({ "upstream": { "resolve": { "::1:443": "127.0.0.1:1" } } }), "upstream.resolve[\"::1:443\"]", "brackets"),
+            (json!({ "upstream": { "resolve": { "a.com:0": "127.0.0.1:1" } } }), "upstream.resolve[\"a.com:0\"]", "1 to 65535"),
+            (json!({ "upstream": { "resolve": { "a.com:443": "127.0.0.1:1", "A.com:443": "127.0.0.1:2" } } }), "upstream.resolve[\"a.com:443\"]", "same host"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/" }] }), "fs[0].mount", "over /"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/lib64/x" }] }), "fs[0].mount", "system directory"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a/../etc" }] }), "fs[0].mount", ".."),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a" }, { "backend": "local", "mount": "/a/b" }] }), "fs[1].mount", "overlaps fs[0].mount"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "source": "rel/dir" }] }), "fs[0].source", "absolute"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "audit": 1 }] }), "fs[0].audit", "true or false"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "acls": [{ "path": "/a*", "access": "r" }] }] }), "fs[0].acls[0].path", "outside its mount"),
         ];
         for (config, path, phrase) in cases {
             let found = issues(config.clone());
