@@ -34,7 +34,7 @@ fn mixed_rule(i: usize) -> Value {
             json!({ "access": "allow", "host": format!("10.{}.{}.0/24", (i / 256) % 256, i % 256) })
         }
         _ => {
-            json!({ "access": if i % 2 == 0 { "deny" } else { "allow" }, "host": format!("paths{i}.example.org"),
+            json!({ "access": if i.is_multiple_of(2) { "deny" } else { "allow" }, "host": format!("paths{i}.example.org"),
                      "paths": ["/v1/**", "/api/*/items", "/workspace/**/*.env"] })
         }
     }
