@@ -337,7 +337,7 @@ impl Validator {
         match port {
             Some(p) if p >= 1 => Some(p),
             _ => {
-                self.issue(path, format!("{EXPECTED}, got {n}"));
+                self.issue(path, format!("{EXPECTED}, got {}", show_number(n)));
                 None
             }
         }
@@ -868,6 +868,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// A number as JS would print it: `70000`, not `70000.0` (JS numbers may arrive as floats).
+fn show_number(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        _ => n.to_string(),
+    }
+}
+
 /// RFC 9110 `tchar`: what a method or header name may hold.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -1122,6 +1130,38 @@ mod tests {
         // And a valid config's Debug does not show it either.
         let ok = json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-Key": secret } } }] });
         assert!(!format!("{:?}", Config::from_json(&ok).unwrap()).contains("SUPERSECRET"));
+    }
+
+    // upstream.ca: a real certificate passes, as given; a key or junk is refused without echoing it.
+    #[test]
+    fn ca_pem() {
+        let ca = rcgen::generate_simple_self_signed(vec!["test-ca.example".to_string()]).unwrap();
+        let cert = ca.cert.pem();
+        let key = ca.signing_key.serialize_pem();
+        let ok = Config::from_json(&json!({ "upstream": { "ca": [cert.clone(), format!("{cert}{cert}")] } })).unwrap();
+        assert_eq!(ok.upstream.ca[0], cert);
+        let cases: &[(String, &str)] = &[
+            (key.clone(), "private key"),
+            (format!("{cert}{key}"), "private key"),
+            ("hello".to_string(), "no certificate"),
+            ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_string(), "could not be parsed"),
+        ];
+        for (pem, phrase) in cases {
+            let found = issues(json!({ "upstream": { "ca": [pem] } }));
+            assert_eq!(found[0].path, "upstream.ca[0]");
+            assert!(found[0].message.contains(phrase), "{found:?}");
+            let body = pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 4);
+            assert!(body.into_iter().all(|l| !found[0].message.contains(l)), "PEM echoed: {found:?}");
+        }
+    }
+
+    // JS numbers may arrive as floats: 443.0 is a port, and 70000.0 prints as JS would.
+    #[test]
+    fn float_ports() {
+        let ok = Config::from_json(&json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [443.0] }] })).unwrap();
+        assert_eq!(ok.egress[0].ports.as_deref(), Some(&[443][..]));
+        let found = issues(json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [70000.0] }] }));
+        assert_eq!(found[0].message, "expected an integer from 1 to 65535, got 70000");
     }
 
     // Path helpers render JS notation.
