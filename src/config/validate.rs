@@ -1,8 +1,9 @@
 //! JSON -> [`Config`]: walks the raw value by hand and collects every problem with its field path.
 //!
 //! How it works:
-//! 1. each `parse_*` function takes a value and its JS-style path (`egress[2].ports[0]`), records
-//!    an issue for everything wrong with it, and returns the typed value only when it is whole;
+//! 1. each method of [`Validator`] takes a value and its JS-style path (`egress[2].ports[0]`),
+//!    records an issue for everything wrong with it, and returns the typed value only when it is
+//!    whole (`None` otherwise, so one bad field never hides the others);
 //! 2. objects are checked against their list of known keys first, so a typo (`method`) is an error
 //!    with a "did you mean" hint rather than a silently ignored field;
 //! 3. checks that span entries (overlapping mounts, repeated header names or resolve keys) run after
@@ -68,6 +69,7 @@ pub(super) fn config(value: &Value) -> Result<Config> {
     }
 }
 
+/// Collects the issues of one config as it is walked.
 #[derive(Default)]
 struct Validator {
     issues: Vec<ConfigIssue>,

@@ -5,8 +5,9 @@
 //! How a decision is made:
 //! 1. the request host is checked to be normalized (and normalized if not, so a caller that forgot
 //!    cannot make a deny rule miss an `API.Example.COM.` spelling);
-//! 2. the host index (`index.rs`) yields the buckets of rules whose host pattern could match: the
-//!    exact bucket, one suffix bucket per label suffix, and the `*`/IP/CIDR list;
+//! 2. the host index (`index.rs`) yields the buckets of rules whose host pattern matches: the
+//!    exact bucket, one suffix bucket per label suffix, one network bucket per prefix length for
+//!    the host's IP literal and the connect address, and the `*` list;
 //! 3. each bucket is scanned in rule order up to its first full match (ports, methods, paths), and
 //!    only below the best index found so far; the smallest index wins, as if every rule had been
 //!    tried in order;
