@@ -136,6 +136,11 @@ impl HostIndex {
         }
     }
 
+    /// Whether any rule has an IP/CIDR host.
+    pub(super) fn has_nets(&self) -> bool {
+        !self.v4.is_empty() || !self.v6.is_empty()
+    }
+
     /// The first allow rule with an IP/CIDR host, if any.
     pub(super) fn first_net_allow(&self) -> Option<usize> {
         (self.first_net_allow != usize::MAX).then_some(self.first_net_allow)

@@ -270,6 +270,17 @@ impl Policy {
         first_allow < first_deny
     }
 
+    /// Whether some rule has an IP/CIDR host, so that a decision may depend on the address the
+    /// proxy connects to.
+    ///
+    /// # Security
+    /// With such rules, a request for a name must be decided with [`Request::ip`] set to the
+    /// address actually connected to (resolve first, then decide): `deny 10.0.0.0/8` followed by
+    /// `allow *` only holds if the deny sees the resolved address.
+    pub fn uses_addresses(&self) -> bool {
+        self.index.has_nets()
+    }
+
     /// The rule at `index` (for its override headers).
     pub fn rule(&self, index: usize) -> Option<&EgressRule> {
         self.rules.get(index)
