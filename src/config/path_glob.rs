@@ -336,6 +336,7 @@ fn hex_value(b: u8) -> Option<u8> {
 }
 
 #[cfg(test)]
+#[rustfmt::skip]
 mod tests {
     use super::*;
 
@@ -377,10 +378,7 @@ mod tests {
             assert_eq!(normalize_path(raw), *want, "{raw:?}");
             assert_eq!(normalize_path(want), *want, "idempotent on {want:?}");
         }
-        assert!(matches!(
-            normalize_path_cow("/v1/models?x"),
-            Cow::Borrowed("/v1/models")
-        ));
+        assert!(matches!(normalize_path_cow("/v1/models?x"), Cow::Borrowed("/v1/models")));
     }
 
     // Glob matching: glob, normalized path, expected.
@@ -457,11 +455,7 @@ mod tests {
             ("/", "/"),
         ];
         for (glob, want) in cases {
-            assert_eq!(
-                PathGlob::parse(glob).unwrap().literal_prefix(),
-                *want,
-                "{glob}"
-            );
+            assert_eq!(PathGlob::parse(glob).unwrap().literal_prefix(), *want, "{glob}");
         }
     }
 }

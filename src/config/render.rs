@@ -108,6 +108,7 @@ fn fs_mount(mount: &FsMount) -> Value {
 }
 
 #[cfg(test)]
+#[rustfmt::skip]
 mod tests {
     use super::*;
 

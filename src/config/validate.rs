@@ -1,8 +1,9 @@
 //! JSON -> [`Config`]: walks the raw value by hand and collects every problem with its field path.
 //!
 //! How it works:
-//! 1. each `parse_*` function takes a value and its JS-style path (`egress[2].ports[0]`), records
-//!    an issue for everything wrong with it, and returns the typed value only when it is whole;
+//! 1. each method of [`Validator`] takes a value and its JS-style path (`egress[2].ports[0]`),
+//!    records an issue for everything wrong with it, and returns the typed value only when it is
+//!    whole (`None` otherwise, so one bad field never hides the others);
 //! 2. objects are checked against their list of known keys first, so a typo (`method`) is an error
 //!    with a "did you mean" hint rather than a silently ignored field;
 //! 3. checks that span entries (overlapping mounts, repeated header names or resolve keys) run after
@@ -68,6 +69,7 @@ pub(super) fn config(value: &Value) -> Result<Config> {
     }
 }
 
+/// Collects the issues of one config as it is walked.
 #[derive(Default)]
 struct Validator {
     issues: Vec<ConfigIssue>,
@@ -337,7 +339,7 @@ impl Validator {
         match port {
             Some(p) if p >= 1 => Some(p),
             _ => {
-                self.issue(path, format!("{EXPECTED}, got {n}"));
+                self.issue(path, format!("{EXPECTED}, got {}", show_number(n)));
                 None
             }
         }
@@ -868,6 +870,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// A number as JS would print it: `70000`, not `70000.0` (JS numbers may arrive as floats).
+fn show_number(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        _ => n.to_string(),
+    }
+}
+
 /// RFC 9110 `tchar`: what a method or header name may hold.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -954,6 +964,7 @@ fn overlaps(a: &str, b: &str) -> bool {
 }
 
 #[cfg(test)]
+#[rustfmt::skip]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -1061,141 +1072,33 @@ mod tests {
         let cases: &[(Value, &str, &str)] = &[
             (json!([]), "", "expected an object"),
             (json!({ "egres": [] }), "egres", "did you mean \"egress\""),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "method": ["GET"] }] }),
-                "egress[0].method",
-                "did you mean \"methods\"",
-            ),
-            (
-                json!({ "egress": [{ "host": "a.com" }] }),
-                "egress[0].access",
-                "missing",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow" }] }),
-                "egress[0].host",
-                "missing",
-            ),
-            (
-                json!({ "egress": [{ "access": "permit", "host": "a.com" }] }),
-                "egress[0].access",
-                "got \"permit\"",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": 5 }] }),
-                "egress[0].host",
-                "got a number",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [] }] }),
-                "egress[0].ports",
-                "omit ports",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [1.5] }] }),
-                "egress[0].ports[0]",
-                "got 1.5",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [-1] }] }),
-                "egress[0].ports[0]",
-                "got -1",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": "443" }] }),
-                "egress[0].ports",
-                "got a string",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Proxy-Authorization": "x" } } }] }),
-                "egress[0].override.headers[\"Proxy-Authorization\"]",
-                "cannot be overridden",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "TE": "x" } } }] }),
-                "egress[0].override.headers[\"TE\"]",
-                "cannot be overridden",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Bad Name": "x" } } }] }),
-                "egress[0].override.headers[\"Bad Name\"]",
-                "not a valid header name",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1", "x-a": "2" } } }] }),
-                "egress[0].override.headers[\"x-a\"]",
-                "given twice",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": {} } }] }),
-                "egress[0].override.headers",
-                "at least one header",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": {} }] }),
-                "egress[0].override.headers",
-                "missing",
-            ),
-            (
-                json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1" }, "allowPlaintext": "yes" } }] }),
-                "egress[0].override.allowPlaintext",
-                "true or false",
-            ),
-            (
-                json!({ "upstream": { "resolve": { "a.com": "127.0.0.1:1" } } }),
-                "upstream.resolve[\"a.com\"]",
-                "host:port",
-            ),
-            (
-                json!({ "upstream": { "resolve": { "::1:443": "127.0.0.1:1" } } }),
-                "upstream.resolve[\"::1:443\"]",
-                "brackets",
-            ),
-            (
-                json!({ "upstream": { "resolve": { "a.com:0": "127.0.0.1:1" } } }),
-                "upstream.resolve[\"a.com:0\"]",
-                "1 to 65535",
-            ),
-            (
-                json!({ "upstream": { "resolve": { "a.com:443": "127.0.0.1:1", "A.com:443": "127.0.0.1:2" } } }),
-                "upstream.resolve[\"a.com:443\"]",
-                "same host",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/" }] }),
-                "fs[0].mount",
-                "over /",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/lib64/x" }] }),
-                "fs[0].mount",
-                "system directory",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a/../etc" }] }),
-                "fs[0].mount",
-                "..",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a" }, { "backend": "local", "mount": "/a/b" }] }),
-                "fs[1].mount",
-                "overlaps fs[0].mount",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a", "source": "rel/dir" }] }),
-                "fs[0].source",
-                "absolute",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a", "audit": 1 }] }),
-                "fs[0].audit",
-                "true or false",
-            ),
-            (
-                json!({ "fs": [{ "backend": "local", "mount": "/a", "acls": [{ "path": "/a*", "access": "r" }] }] }),
-                "fs[0].acls[0].path",
-                "outside its mount",
-            ),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "method": ["GET"] }] }), "egress[0].method", "did you mean \"methods\""),
+            (json!({ "egress": [{ "host": "a.com" }] }), "egress[0].access", "missing"),
+            (json!({ "egress": [{ "access": "allow" }] }), "egress[0].host", "missing"),
+            (json!({ "egress": [{ "access": "permit", "host": "a.com" }] }), "egress[0].access", "got \"permit\""),
+            (json!({ "egress": [{ "access": "allow", "host": 5 }] }), "egress[0].host", "got a number"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [] }] }), "egress[0].ports", "omit ports"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [1.5] }] }), "egress[0].ports[0]", "got 1.5"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [-1] }] }), "egress[0].ports[0]", "got -1"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": "443" }] }), "egress[0].ports", "got a string"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Proxy-Authorization": "x" } } }] }), "egress[0].override.headers[\"Proxy-Authorization\"]", "cannot be overridden"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "TE": "x" } } }] }), "egress[0].override.headers[\"TE\"]", "cannot be overridden"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Bad Name": "x" } } }] }), "egress[0].override.headers[\"Bad Name\"]", "not a valid header name"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1", "x-a": "2" } } }] }), "egress[0].override.headers[\"x-a\"]", "given twice"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": {} } }] }), "egress[0].override.headers", "at least one header"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": {} }] }), "egress[0].override.headers", "missing"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1" }, "allowPlaintext": "yes" } }] }), "egress[0].override.allowPlaintext", "true or false"),
+            (json!({ "upstream": { "resolve": { "a.com": "127.0.0.1:1" } } }), "upstream.resolve[\"a.com\"]", "host:port"),
+            (json!({ "upstream": { "resolve": { "::1:443": "127.0.0.1:1" } } }), "upstream.resolve[\"::1:443\"]", "brackets"),
+            (json!({ "upstream": { "resolve": { "a.com:0": "127.0.0.1:1" } } }), "upstream.resolve[\"a.com:0\"]", "1 to 65535"),
+            (json!({ "upstream": { "resolve": { "a.com:443": "127.0.0.1:1", "A.com:443": "127.0.0.1:2" } } }), "upstream.resolve[\"a.com:443\"]", "same host"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/" }] }), "fs[0].mount", "over /"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/lib64/x" }] }), "fs[0].mount", "system directory"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a/../etc" }] }), "fs[0].mount", ".."),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a" }, { "backend": "local", "mount": "/a/b" }] }), "fs[1].mount", "overlaps fs[0].mount"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "source": "rel/dir" }] }), "fs[0].source", "absolute"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "audit": 1 }] }), "fs[0].audit", "true or false"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "acls": [{ "path": "/a*", "access": "r" }] }] }), "fs[0].acls[0].path", "outside its mount"),
         ];
         for (config, path, phrase) in cases {
             let found = issues(config.clone());
@@ -1229,6 +1132,38 @@ mod tests {
         // And a valid config's Debug does not show it either.
         let ok = json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-Key": secret } } }] });
         assert!(!format!("{:?}", Config::from_json(&ok).unwrap()).contains("SUPERSECRET"));
+    }
+
+    // upstream.ca: a real certificate passes, as given; a key or junk is refused without echoing it.
+    #[test]
+    fn ca_pem() {
+        let ca = rcgen::generate_simple_self_signed(vec!["test-ca.example".to_string()]).unwrap();
+        let cert = ca.cert.pem();
+        let key = ca.signing_key.serialize_pem();
+        let ok = Config::from_json(&json!({ "upstream": { "ca": [cert.clone(), format!("{cert}{cert}")] } })).unwrap();
+        assert_eq!(ok.upstream.ca[0], cert);
+        let cases: &[(String, &str)] = &[
+            (key.clone(), "private key"),
+            (format!("{cert}{key}"), "private key"),
+            ("hello".to_string(), "no certificate"),
+            ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_string(), "could not be parsed"),
+        ];
+        for (pem, phrase) in cases {
+            let found = issues(json!({ "upstream": { "ca": [pem] } }));
+            assert_eq!(found[0].path, "upstream.ca[0]");
+            assert!(found[0].message.contains(phrase), "{found:?}");
+            let body = pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 4);
+            assert!(body.into_iter().all(|l| !found[0].message.contains(l)), "PEM echoed: {found:?}");
+        }
+    }
+
+    // JS numbers may arrive as floats: 443.0 is a port, and 70000.0 prints as JS would.
+    #[test]
+    fn float_ports() {
+        let ok = Config::from_json(&json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [443.0] }] })).unwrap();
+        assert_eq!(ok.egress[0].ports.as_deref(), Some(&[443][..]));
+        let found = issues(json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [70000.0] }] }));
+        assert_eq!(found[0].message, "expected an integer from 1 to 65535, got 70000");
     }
 
     // Path helpers render JS notation.

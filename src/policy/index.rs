@@ -3,11 +3,13 @@
 //!
 //! How it works:
 //! 1. at compile time each rule goes into one bucket by its host pattern: exact hostnames into a
-//!    map `host -> rule indices`, `*.apex` rules into a map `apex -> rule indices`, and `*` and
-//!    IP/CIDR rules (which need the address, not the name) into one short general list;
+//!    map `host -> rule indices`, `*.apex` rules into a map `apex -> rule indices`, IP/CIDR rules
+//!    into one map per prefix length `network address -> rule indices`, and `*` rules into a list;
 //! 2. at decision time the candidates for a host are the exact bucket of the host, the suffix
 //!    buckets of each of its label suffixes (`a.b.example.com`, `b.example.com`, `example.com`,
-//!    `com`) and the general list. Every bucket is in rule order;
+//!    `com`), for the host's address (if it is an IP literal) and the address the proxy connects
+//!    to one network bucket per prefix length in use, and the `*` list. Every bucket is in rule
+//!    order, and every rule in a bucket matches the host by construction;
 //! 3. the caller takes the first match of each bucket and keeps the smallest index, which is the
 //!    first match over all rules: "first match wins" (SPEC §2) without merging.
 //!
@@ -16,8 +18,9 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
 
-use crate::config::{EgressRule, HostPattern};
+use crate::config::{EgressRule, HostPattern, RuleAccess};
 
 /// Rule indices in rule order.
 pub(super) type Bucket = Vec<usize>;
@@ -27,13 +30,24 @@ pub(super) type Bucket = Vec<usize>;
 pub(super) struct HostIndex {
     exact: HashMap<Box<str>, Bucket, FastHash>,
     suffix: HashMap<Box<str>, Bucket, FastHash>,
-    general: Bucket,
+    /// IPv4 rules: one map per prefix length in use, keyed by network address.
+    v4: Vec<(u8, HashMap<u32, Bucket, FastHash>)>,
+    /// IPv6 rules, likewise.
+    v6: Vec<(u8, HashMap<u128, Bucket, FastHash>)>,
+    /// `*` rules.
+    any: Bucket,
+    /// The first allow rule with an IP/CIDR host (`usize::MAX`: none): such a rule could allow any
+    /// name, through the address it resolves to.
+    first_net_allow: usize,
 }
 
 impl HostIndex {
     /// Builds the index of `rules`.
     pub(super) fn build(rules: &[EgressRule]) -> HostIndex {
-        let mut index = HostIndex::default();
+        let mut index = HostIndex {
+            first_net_allow: usize::MAX,
+            ..HostIndex::default()
+        };
         for (i, rule) in rules.iter().enumerate() {
             match &rule.host {
                 HostPattern::Exact(host) => {
@@ -44,24 +58,45 @@ impl HostIndex {
                     .entry(apex.as_str().into())
                     .or_default()
                     .push(i),
-                HostPattern::Any | HostPattern::Net(_) => index.general.push(i),
+                HostPattern::Any => index.any.push(i),
+                HostPattern::Net(net) => {
+                    if rule.access == RuleAccess::Allow {
+                        index.first_net_allow = index.first_net_allow.min(i);
+                    }
+                    let len = net.prefix_len();
+                    match net.network() {
+                        IpAddr::V4(a) => by_len(&mut index.v4, len)
+                            .entry(u32::from(a))
+                            .or_default()
+                            .push(i),
+                        IpAddr::V6(a) => by_len(&mut index.v6, len)
+                            .entry(u128::from(a))
+                            .or_default()
+                            .push(i),
+                    }
+                }
             }
         }
         index
     }
 
-    /// Calls `f` with every bucket that may hold rules matching `host` (normalized). The general
-    /// bucket (`*` and IP/CIDR rules) comes last and still needs a host check by the caller; rules
-    /// of the other buckets match `host` by construction.
-    pub(super) fn for_each_bucket<'a>(&'a self, host: &str, mut f: impl FnMut(&'a [usize], bool)) {
+    /// Calls `f` with every bucket of rules whose host matches `host` (normalized) or one of the
+    /// canonical addresses in `ips` (the host's own, if it is an IP literal, and the connect
+    /// address). A rule may come up twice (once per address); callers take the minimum.
+    pub(super) fn for_each_bucket<'a>(
+        &'a self,
+        host: &str,
+        ips: [Option<IpAddr>; 2],
+        mut f: impl FnMut(&'a [usize]),
+    ) {
         if let Some(bucket) = self.exact.get(host) {
-            f(bucket, false);
+            f(bucket);
         }
         if !self.suffix.is_empty() {
             let mut rest = host;
             loop {
                 if let Some(bucket) = self.suffix.get(rest) {
-                    f(bucket, false);
+                    f(bucket);
                 }
                 match rest.find('.') {
                     Some(dot) => rest = &rest[dot + 1..],
@@ -69,15 +104,62 @@ impl HostIndex {
                 }
             }
         }
-        if !self.general.is_empty() {
-            f(&self.general, true);
+        for ip in ips.into_iter().flatten() {
+            self.for_each_net_bucket(ip, &mut f);
+        }
+        if !self.any.is_empty() {
+            f(&self.any);
         }
     }
 
-    /// The `*` and IP/CIDR rules, in order.
-    pub(super) fn general(&self) -> &[usize] {
-        &self.general
+    /// Calls `f` with every bucket of IP/CIDR rules containing `ip` (canonical).
+    pub(super) fn for_each_net_bucket<'a>(&'a self, ip: IpAddr, f: &mut impl FnMut(&'a [usize])) {
+        match ip {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                for (len, map) in &self.v4 {
+                    let mask = u32::MAX.checked_shl(32 - u32::from(*len)).unwrap_or(0);
+                    if let Some(bucket) = map.get(&(a & mask)) {
+                        f(bucket);
+                    }
+                }
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                for (len, map) in &self.v6 {
+                    let mask = u128::MAX.checked_shl(128 - u32::from(*len)).unwrap_or(0);
+                    if let Some(bucket) = map.get(&(a & mask)) {
+                        f(bucket);
+                    }
+                }
+            }
+        }
     }
+
+    /// Whether any rule has an IP/CIDR host.
+    pub(super) fn has_nets(&self) -> bool {
+        !self.v4.is_empty() || !self.v6.is_empty()
+    }
+
+    /// The first allow rule with an IP/CIDR host, if any.
+    pub(super) fn first_net_allow(&self) -> Option<usize> {
+        (self.first_net_allow != usize::MAX).then_some(self.first_net_allow)
+    }
+}
+
+/// The map for prefix length `len`, created on first use.
+fn by_len<K>(
+    maps: &mut Vec<(u8, HashMap<K, Bucket, FastHash>)>,
+    len: u8,
+) -> &mut HashMap<K, Bucket, FastHash> {
+    let at = match maps.iter().position(|(l, _)| *l == len) {
+        Some(at) => at,
+        None => {
+            maps.push((len, HashMap::default()));
+            maps.len() - 1
+        }
+    };
+    &mut maps[at].1
 }
 
 /// FxHash (rustc's hasher): a few cycles per word instead of SipHash's rounds.
@@ -122,6 +204,17 @@ impl Hasher for FxHasher {
     #[inline]
     fn write_u8(&mut self, i: u8) {
         self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    #[inline]
+    fn write_u128(&mut self, i: u128) {
+        self.add(i as u64);
+        self.add((i >> 64) as u64);
     }
 
     #[inline]

@@ -5,8 +5,9 @@
 //! How a decision is made:
 //! 1. the request host is checked to be normalized (and normalized if not, so a caller that forgot
 //!    cannot make a deny rule miss an `API.Example.COM.` spelling);
-//! 2. the [`index`](self::index) yields the buckets of rules whose host pattern could match: the
-//!    exact bucket, one suffix bucket per label suffix, and the `*`/IP/CIDR list;
+//! 2. the host index (`index.rs`) yields the buckets of rules whose host pattern matches: the
+//!    exact bucket, one suffix bucket per label suffix, one network bucket per prefix length for
+//!    the host's IP literal and the connect address, and the `*` list;
 //! 3. each bucket is scanned in rule order up to its first full match (ports, methods, paths), and
 //!    only below the best index found so far; the smallest index wins, as if every rule had been
 //!    tried in order;
@@ -19,7 +20,7 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 
 use crate::config::{host_ip, is_normalized_host, normalize_path_cow};
-use crate::config::{normalize_host, Config, EgressRule, HostPattern, RuleAccess};
+use crate::config::{normalize_host, Config, EgressRule, RuleAccess};
 use index::HostIndex;
 
 /// Fixed reason strings of decisions and `egress.request` events.
@@ -153,17 +154,16 @@ impl Policy {
         if request.scheme == Scheme::Tcp {
             return self.decide_tcp(&host, request.port, request.ip);
         }
-        let target = Target::new(&host, request.ip);
         let mut path: Option<Cow<'_, str>> = None;
         let mut best = NONE;
-        self.index.for_each_bucket(&host, |bucket, check_host| {
+        let ips = addresses(&host, request.ip);
+        self.index.for_each_bucket(&host, ips, |bucket| {
             for &i in bucket {
                 if i >= best {
                     break;
                 }
                 let rule = &self.rules[i];
-                if (!check_host || target.matches(&rule.host))
-                    && port_matches(rule, request.port)
+                if port_matches(rule, request.port)
                     && method_matches(rule, request.method)
                     && path_matches(rule, request.path, &mut path)
                 {
@@ -228,11 +228,10 @@ impl Policy {
     /// Only `Net` hosts count: `*` does not name private addresses (SPEC §2, SSRF). A deny rule
     /// naming the address also counts; the decision that follows is then that deny.
     pub fn names_address(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
+        let mut named = false;
         self.index
-            .general()
-            .iter()
-            .any(|&i| matches!(&self.rules[i].host, HostPattern::Net(net) if net.contains(&ip)))
+            .for_each_net_bucket(ip.to_canonical(), &mut |_| named = true);
+        named
     }
 
     /// Whether some allow rule's host could match `host` (used by the DNS responder).
@@ -246,32 +245,40 @@ impl Policy {
             return false;
         };
         let literal = host_ip(&host);
-        let (mut first_allow, mut first_deny) = (NONE, NONE);
-        self.index.for_each_bucket(&host, |bucket, check_host| {
-            for &i in bucket {
-                if i >= first_allow && i >= first_deny {
-                    break;
-                }
-                let rule = &self.rules[i];
-                let exact = !check_host
-                    || match &rule.host {
-                        HostPattern::Net(net) => literal.is_some_and(|a| net.contains(&a)),
-                        _ => true, // `*`; the only other pattern in the general bucket
-                    };
-                match rule.access {
-                    RuleAccess::Allow if exact || literal.is_none() => {
-                        first_allow = first_allow.min(i)
+        // A name may resolve into any block, so an IP/CIDR allow rule could allow it.
+        let mut first_allow = match literal {
+            None => self.index.first_net_allow().unwrap_or(NONE),
+            Some(_) => NONE,
+        };
+        let mut first_deny = NONE;
+        self.index
+            .for_each_bucket(&host, [literal, None], |bucket| {
+                for &i in bucket {
+                    if i >= first_allow && i >= first_deny {
+                        break;
                     }
-                    RuleAccess::Deny
-                        if exact && rule.ports.is_none() && !inspects_request(rule) =>
-                    {
-                        first_deny = first_deny.min(i)
+                    let rule = &self.rules[i];
+                    match rule.access {
+                        RuleAccess::Allow => first_allow = first_allow.min(i),
+                        RuleAccess::Deny if rule.ports.is_none() && !inspects_request(rule) => {
+                            first_deny = first_deny.min(i)
+                        }
+                        RuleAccess::Deny => {}
                     }
-                    _ => {}
                 }
-            }
-        });
+            });
         first_allow < first_deny
+    }
+
+    /// Whether some rule has an IP/CIDR host, so that a decision may depend on the address the
+    /// proxy connects to.
+    ///
+    /// # Security
+    /// With such rules, a request for a name must be decided with [`Request::ip`] set to the
+    /// address actually connected to (resolve first, then decide): `deny 10.0.0.0/8` followed by
+    /// `allow *` only holds if the deny sees the resolved address.
+    pub fn uses_addresses(&self) -> bool {
+        self.index.has_nets()
     }
 
     /// The rule at `index` (for its override headers).
@@ -303,19 +310,19 @@ impl Policy {
 
     /// First rules matching host and port, ignoring methods and paths.
     fn scan_connect(&self, host: &str, port: u16, ip: Option<IpAddr>) -> ConnectScan {
-        let target = Target::new(host, ip);
+        let ips = addresses(host, ip);
         let mut scan = ConnectScan {
             first: NONE,
             first_allow: NONE,
             first_deny: NONE,
         };
-        self.index.for_each_bucket(host, |bucket, check_host| {
+        self.index.for_each_bucket(host, ips, |bucket| {
             for &i in bucket {
                 if i >= scan.first && i >= scan.first_allow && i >= scan.first_deny {
                     break;
                 }
                 let rule = &self.rules[i];
-                if (check_host && !target.matches(&rule.host)) || !port_matches(rule, port) {
+                if !port_matches(rule, port) {
                     continue;
                 }
                 scan.first = scan.first.min(i);
@@ -370,32 +377,14 @@ fn normalized(host: &str) -> Option<Cow<'_, str>> {
     }
 }
 
-/// What `*`/IP/CIDR rules are matched against: the host, its address if it is an IP literal, and
-/// the address the proxy connects to.
-struct Target<'a> {
-    host: &'a str,
-    literal: Option<IpAddr>,
-    connect: Option<IpAddr>,
-}
-
-impl<'a> Target<'a> {
-    fn new(host: &'a str, connect: Option<IpAddr>) -> Target<'a> {
-        Target {
-            host,
-            literal: host_ip(host),
-            connect: connect.map(|ip| ip.to_canonical()),
-        }
-    }
-
-    fn matches(&self, pattern: &HostPattern) -> bool {
-        match pattern {
-            HostPattern::Net(net) => {
-                self.literal.is_some_and(|a| net.contains(&a))
-                    || self.connect.is_some_and(|a| net.contains(&a))
-            }
-            other => other.matches(self.host, None),
-        }
-    }
+/// The addresses IP/CIDR rules are matched against: the host's own if it is an IP literal, and
+/// the address the proxy connects to (when known and different), both canonical.
+fn addresses(host: &str, connect: Option<IpAddr>) -> [Option<IpAddr>; 2] {
+    let literal = host_ip(host);
+    let connect = connect
+        .map(|ip| ip.to_canonical())
+        .filter(|ip| Some(*ip) != literal);
+    [literal, connect]
 }
 
 fn port_matches(rule: &EgressRule, port: u16) -> bool {
@@ -454,6 +443,7 @@ impl Compiled {
 pub type PolicyCell = arc_swap::ArcSwap<Compiled>;
 
 #[cfg(test)]
+#[rustfmt::skip]
 mod tests {
     use super::*;
     use serde_json::{json, Value};
@@ -518,259 +508,29 @@ mod tests {
                 { "access": "allow", "host": "api.finnhub.io", "override": { "headers": { "X-Finnhub-Token": "k" } } },
             ]),
             &[
-                (
-                    "api.anthropic.com",
-                    443,
-                    "POST",
-                    "/v1/messages",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "api.anthropic.com",
-                    8443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ), // ports default: any
-                (
-                    "pypi.org",
-                    443,
-                    "GET",
-                    "/simple/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(1),
-                    reason::RULE,
-                ),
-                (
-                    "pypi.org",
-                    80,
-                    "GET",
-                    "/simple/",
-                    HTTP,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/zen",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "get",
-                    "/zen",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ), // method case
-                (
-                    "api.github.com",
-                    443,
-                    "Post",
-                    "/repos",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "DELETE",
-                    "/repos/x",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "API.GITHUB.COM.",
-                    443,
-                    "GET",
-                    "/zen",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com.evil.com",
-                    443,
-                    "GET",
-                    "/zen",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "github.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "api.example.com",
-                    443,
-                    "GET",
-                    "/v1/models",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(3),
-                    reason::RULE,
-                ),
-                (
-                    "api.example.com",
-                    443,
-                    "GET",
-                    "/v1/models?key=1",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(3),
-                    reason::RULE,
-                ),
-                (
-                    "api.example.com",
-                    443,
-                    "GET",
-                    "/v1/a/b",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "api.example.com",
-                    443,
-                    "GET",
-                    "/v1/../admin",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "api.example.com",
-                    443,
-                    "GET",
-                    "/v1/%2e%2e/admin",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "api.example.com",
-                    443,
-                    "GET",
-                    "/v1//x",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(3),
-                    reason::RULE,
-                ),
-                (
-                    "api.example.com",
-                    443,
-                    "GET",
-                    "/admin/../v1/x",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(3),
-                    reason::RULE,
-                ),
-                (
-                    "api.finnhub.io",
-                    443,
-                    "GET",
-                    "/api/v1/quote",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(4),
-                    reason::RULE,
-                ),
-                (
-                    "api.finnhub.io",
-                    80,
-                    "GET",
-                    "/api/v1/quote",
-                    HTTP,
-                    None,
-                    D,
-                    Some(4),
-                    reason::PLAINTEXT_CREDENTIALS,
-                ),
-                (
-                    "unknown.example.org",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "not a host",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::INVALID_HOST,
-                ),
-                (
-                    "127.1",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    D,
-                    None,
-                    reason::INVALID_HOST,
-                ),
+                ("api.anthropic.com", 443, "POST", "/v1/messages", HTTPS, None, A, Some(0), reason::RULE),
+                ("api.anthropic.com", 8443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE), // ports default: any
+                ("pypi.org", 443, "GET", "/simple/", HTTPS, None, A, Some(1), reason::RULE),
+                ("pypi.org", 80, "GET", "/simple/", HTTP, None, D, None, reason::NO_RULE),
+                ("api.github.com", 443, "GET", "/zen", HTTPS, None, A, Some(2), reason::RULE),
+                ("api.github.com", 443, "get", "/zen", HTTPS, None, A, Some(2), reason::RULE), // method case
+                ("api.github.com", 443, "Post", "/repos", HTTPS, None, A, Some(2), reason::RULE),
+                ("api.github.com", 443, "DELETE", "/repos/x", HTTPS, None, D, None, reason::NO_RULE),
+                ("API.GITHUB.COM.", 443, "GET", "/zen", HTTPS, None, A, Some(2), reason::RULE),
+                ("api.github.com.evil.com", 443, "GET", "/zen", HTTPS, None, D, None, reason::NO_RULE),
+                ("github.com", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
+                ("api.example.com", 443, "GET", "/v1/models", HTTPS, None, A, Some(3), reason::RULE),
+                ("api.example.com", 443, "GET", "/v1/models?key=1", HTTPS, None, A, Some(3), reason::RULE),
+                ("api.example.com", 443, "GET", "/v1/a/b", HTTPS, None, D, None, reason::NO_RULE),
+                ("api.example.com", 443, "GET", "/v1/../admin", HTTPS, None, D, None, reason::NO_RULE),
+                ("api.example.com", 443, "GET", "/v1/%2e%2e/admin", HTTPS, None, D, None, reason::NO_RULE),
+                ("api.example.com", 443, "GET", "/v1//x", HTTPS, None, A, Some(3), reason::RULE),
+                ("api.example.com", 443, "GET", "/admin/../v1/x", HTTPS, None, A, Some(3), reason::RULE),
+                ("api.finnhub.io", 443, "GET", "/api/v1/quote", HTTPS, None, A, Some(4), reason::RULE),
+                ("api.finnhub.io", 80, "GET", "/api/v1/quote", HTTP, None, D, Some(4), reason::PLAINTEXT_CREDENTIALS),
+                ("unknown.example.org", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
+                ("not a host", 443, "GET", "/", HTTPS, None, D, None, reason::INVALID_HOST),
+                ("127.1", 80, "GET", "/", HTTP, None, D, None, reason::INVALID_HOST),
             ],
         );
     }
@@ -807,94 +567,14 @@ mod tests {
         check(
             json!([{ "access": "allow", "host": "*.github.com" }, { "access": "allow", "host": "*.pypi.org", "ports": [443] }]),
             &[
-                (
-                    "github.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "a.b.c.github.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "evilgithub.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "github.com.evil.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "evilpypi.org",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "files.pypi.org",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(1),
-                    reason::RULE,
-                ),
-                (
-                    "files.pypi.org",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
+                ("github.com", 443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE),
+                ("api.github.com", 443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE),
+                ("a.b.c.github.com", 443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE),
+                ("evilgithub.com", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
+                ("github.com.evil.com", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
+                ("evilpypi.org", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
+                ("files.pypi.org", 443, "GET", "/", HTTPS, None, A, Some(1), reason::RULE),
+                ("files.pypi.org", 80, "GET", "/", HTTP, None, D, None, reason::NO_RULE),
             ],
         );
     }
@@ -909,116 +589,16 @@ mod tests {
                 { "access": "allow", "host": "*.github.com" },
             ]),
             &[
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/admin/users",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/admin",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "//admin/users",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/v1/../admin/x",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/%61dmin/x",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/./admin/x",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/administrator",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "GET",
-                    "/Admin/x",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
-                (
-                    "api.github.com",
-                    443,
-                    "delete",
-                    "/repos/x",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(1),
-                    reason::RULE,
-                ),
-                (
-                    "github.com",
-                    443,
-                    "GET",
-                    "/admin/x",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
+                ("api.github.com", 443, "GET", "/admin/users", HTTPS, None, D, Some(0), reason::RULE),
+                ("api.github.com", 443, "GET", "/admin", HTTPS, None, D, Some(0), reason::RULE),
+                ("api.github.com", 443, "GET", "//admin/users", HTTPS, None, D, Some(0), reason::RULE),
+                ("api.github.com", 443, "GET", "/v1/../admin/x", HTTPS, None, D, Some(0), reason::RULE),
+                ("api.github.com", 443, "GET", "/%61dmin/x", HTTPS, None, D, Some(0), reason::RULE),
+                ("api.github.com", 443, "GET", "/./admin/x", HTTPS, None, D, Some(0), reason::RULE),
+                ("api.github.com", 443, "GET", "/administrator", HTTPS, None, A, Some(2), reason::RULE),
+                ("api.github.com", 443, "GET", "/Admin/x", HTTPS, None, A, Some(2), reason::RULE),
+                ("api.github.com", 443, "delete", "/repos/x", HTTPS, None, D, Some(1), reason::RULE),
+                ("github.com", 443, "GET", "/admin/x", HTTPS, None, A, Some(2), reason::RULE),
             ],
         );
         check(
@@ -1038,39 +618,9 @@ mod tests {
         check(
             json!([{ "access": "deny", "host": "evil.com" }, { "access": "allow", "host": "*" }]),
             &[
-                (
-                    "evil.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "EVIL.com.",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "good.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(1),
-                    reason::RULE,
-                ),
+                ("evil.com", 443, "GET", "/", HTTPS, None, D, Some(0), reason::RULE),
+                ("EVIL.com.", 443, "GET", "/", HTTPS, None, D, Some(0), reason::RULE),
+                ("good.com", 443, "GET", "/", HTTPS, None, A, Some(1), reason::RULE),
             ],
         );
     }
@@ -1086,160 +636,20 @@ mod tests {
                 { "access": "allow", "host": "::1" },
             ]),
             &[
-                (
-                    "10.1.2.3",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    A,
-                    Some(1),
-                    reason::RULE,
-                ),
-                (
-                    "10.0.0.66",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "internal.corp",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    Some("10.1.2.3"),
-                    A,
-                    Some(1),
-                    reason::RULE,
-                ),
-                (
-                    "internal.corp",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    Some("::ffff:10.1.2.3"),
-                    A,
-                    Some(1),
-                    reason::RULE,
-                ),
-                (
-                    "internal.corp",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    Some("10.0.0.66"),
-                    D,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "internal.corp",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    Some("11.0.0.1"),
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "internal.corp",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "11.0.0.1",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "[2001:db8::1]",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
-                (
-                    "2001:db8::1",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
-                (
-                    "2001:db8::1",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "2001:db9::1",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "[::1]",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    A,
-                    Some(3),
-                    reason::RULE,
-                ),
-                (
-                    "[0:0::1]",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    A,
-                    Some(3),
-                    reason::RULE,
-                ),
+                ("10.1.2.3", 80, "GET", "/", HTTP, None, A, Some(1), reason::RULE),
+                ("10.0.0.66", 80, "GET", "/", HTTP, None, D, Some(0), reason::RULE),
+                ("internal.corp", 80, "GET", "/", HTTP, Some("10.1.2.3"), A, Some(1), reason::RULE),
+                ("internal.corp", 80, "GET", "/", HTTP, Some("::ffff:10.1.2.3"), A, Some(1), reason::RULE),
+                ("internal.corp", 80, "GET", "/", HTTP, Some("10.0.0.66"), D, Some(0), reason::RULE),
+                ("internal.corp", 80, "GET", "/", HTTP, Some("11.0.0.1"), D, None, reason::NO_RULE),
+                ("internal.corp", 80, "GET", "/", HTTP, None, D, None, reason::NO_RULE),
+                ("11.0.0.1", 80, "GET", "/", HTTP, None, D, None, reason::NO_RULE),
+                ("[2001:db8::1]", 443, "GET", "/", HTTPS, None, A, Some(2), reason::RULE),
+                ("2001:db8::1", 443, "GET", "/", HTTPS, None, A, Some(2), reason::RULE),
+                ("2001:db8::1", 80, "GET", "/", HTTP, None, D, None, reason::NO_RULE),
+                ("2001:db9::1", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
+                ("[::1]", 80, "GET", "/", HTTP, None, A, Some(3), reason::RULE),
+                ("[0:0::1]", 80, "GET", "/", HTTP, None, A, Some(3), reason::RULE),
             ],
         );
     }
@@ -1250,50 +660,10 @@ mod tests {
         check(
             json!([{ "access": "allow", "host": "Bücher.example" }]),
             &[
-                (
-                    "bücher.example",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "BÜCHER.EXAMPLE.",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "xn--bcher-kva.example",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "bucher.example",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
+                ("bücher.example", 443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE),
+                ("BÜCHER.EXAMPLE.", 443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE),
+                ("xn--bcher-kva.example", 443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE),
+                ("bucher.example", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
             ],
         );
     }
@@ -1308,50 +678,10 @@ mod tests {
                 { "access": "allow", "host": "c.example.com" },
             ]),
             &[
-                (
-                    "a.example.com",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    D,
-                    Some(0),
-                    reason::PLAINTEXT_CREDENTIALS,
-                ),
-                (
-                    "a.example.com",
-                    443,
-                    "GET",
-                    "/",
-                    HTTPS,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "b.example.com",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    A,
-                    Some(1),
-                    reason::RULE,
-                ),
-                (
-                    "c.example.com",
-                    80,
-                    "GET",
-                    "/",
-                    HTTP,
-                    None,
-                    A,
-                    Some(2),
-                    reason::RULE,
-                ),
+                ("a.example.com", 80, "GET", "/", HTTP, None, D, Some(0), reason::PLAINTEXT_CREDENTIALS),
+                ("a.example.com", 443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE),
+                ("b.example.com", 80, "GET", "/", HTTP, None, A, Some(1), reason::RULE),
+                ("c.example.com", 80, "GET", "/", HTTP, None, A, Some(2), reason::RULE),
             ],
         );
     }
@@ -1367,50 +697,10 @@ mod tests {
                 { "access": "allow", "host": "x.example.com" },
             ]),
             &[
-                (
-                    "git.example.com",
-                    22,
-                    "",
-                    "",
-                    TCP,
-                    None,
-                    A,
-                    Some(0),
-                    reason::RULE,
-                ),
-                (
-                    "git.example.com",
-                    23,
-                    "",
-                    "",
-                    TCP,
-                    None,
-                    D,
-                    None,
-                    reason::NO_RULE,
-                ),
-                (
-                    "api.example.com",
-                    443,
-                    "",
-                    "",
-                    TCP,
-                    None,
-                    D,
-                    Some(1),
-                    reason::NOT_HTTP,
-                ),
-                (
-                    "x.example.com",
-                    443,
-                    "",
-                    "",
-                    TCP,
-                    None,
-                    D,
-                    Some(2),
-                    reason::NOT_HTTP,
-                ),
+                ("git.example.com", 22, "", "", TCP, None, A, Some(0), reason::RULE),
+                ("git.example.com", 23, "", "", TCP, None, D, None, reason::NO_RULE),
+                ("api.example.com", 443, "", "", TCP, None, D, Some(1), reason::NOT_HTTP),
+                ("x.example.com", 443, "", "", TCP, None, D, Some(2), reason::NOT_HTTP),
             ],
         );
     }
@@ -1454,26 +744,10 @@ mod tests {
             ("d.example.com", 443, None, A, Some(9), reason::RULE, true),
             ("d.example.com", 22, None, D, None, reason::NO_RULE, false),
             ("e.example.com", 443, None, A, Some(10), reason::RULE, false),
-            (
-                "internal.corp",
-                5432,
-                Some("10.0.0.5"),
-                A,
-                Some(11),
-                reason::RULE,
-                true,
-            ),
+            ("internal.corp", 5432, Some("10.0.0.5"), A, Some(11), reason::RULE, true),
             ("internal.corp", 5432, None, D, None, reason::NO_RULE, false),
             ("f.example.com", 443, None, D, None, reason::NO_RULE, false),
-            (
-                "nope.example.com",
-                443,
-                None,
-                D,
-                None,
-                reason::NO_RULE,
-                false,
-            ),
+            ("nope.example.com", 443, None, D, None, reason::NO_RULE, false),
             ("bad host", 443, None, D, None, reason::INVALID_HOST, false),
         ];
         for &(host, port, ip, access, rule, why, raw) in cases {
@@ -1522,86 +796,22 @@ mod tests {
     #[test]
     fn could_allow_host() {
         let cases: &[(Value, &str, bool)] = &[
-            (
-                json!([{ "access": "allow", "host": "*.github.com" }]),
-                "api.github.com",
-                true,
-            ),
-            (
-                json!([{ "access": "allow", "host": "*.github.com" }]),
-                "API.GitHub.com.",
-                true,
-            ),
-            (
-                json!([{ "access": "allow", "host": "*.github.com" }]),
-                "evilgithub.com",
-                false,
-            ),
-            (
-                json!([{ "access": "allow", "host": "a.com", "ports": [22], "methods": ["GET"] }]),
-                "a.com",
-                true,
-            ),
-            (
-                json!([{ "access": "deny", "host": "evil.com" }, { "access": "allow", "host": "*" }]),
-                "evil.com",
-                false,
-            ),
-            (
-                json!([{ "access": "deny", "host": "evil.com" }, { "access": "allow", "host": "*" }]),
-                "good.com",
-                true,
-            ),
-            (
-                json!([{ "access": "deny", "host": "*.evil.com" }, { "access": "allow", "host": "*" }]),
-                "x.evil.com",
-                false,
-            ),
-            (
-                json!([{ "access": "deny", "host": "evil.com", "methods": ["POST"] }, { "access": "allow", "host": "*" }]),
-                "evil.com",
-                true,
-            ),
-            (
-                json!([{ "access": "deny", "host": "evil.com", "ports": [443] }, { "access": "allow", "host": "*" }]),
-                "evil.com",
-                true,
-            ),
-            (
-                json!([{ "access": "allow", "host": "*" }, { "access": "deny", "host": "evil.com" }]),
-                "evil.com",
-                true,
-            ),
-            (
-                json!([{ "access": "allow", "host": "10.0.0.0/8" }]),
-                "internal.corp",
-                true,
-            ),
-            (
-                json!([{ "access": "allow", "host": "10.0.0.0/8" }]),
-                "10.0.0.1",
-                true,
-            ),
-            (
-                json!([{ "access": "allow", "host": "10.0.0.0/8" }]),
-                "11.0.0.1",
-                false,
-            ),
-            (
-                json!([{ "access": "deny", "host": "a.com" }]),
-                "a.com",
-                false,
-            ),
-            (
-                json!([{ "access": "allow", "host": "a.com" }]),
-                "b.com",
-                false,
-            ),
-            (
-                json!([{ "access": "allow", "host": "*" }]),
-                "bad host",
-                false,
-            ),
+            (json!([{ "access": "allow", "host": "*.github.com" }]), "api.github.com", true),
+            (json!([{ "access": "allow", "host": "*.github.com" }]), "API.GitHub.com.", true),
+            (json!([{ "access": "allow", "host": "*.github.com" }]), "evilgithub.com", false),
+            (json!([{ "access": "allow", "host": "a.com", "ports": [22], "methods": ["GET"] }]), "a.com", true),
+            (json!([{ "access": "deny", "host": "evil.com" }, { "access": "allow", "host": "*" }]), "evil.com", false),
+            (json!([{ "access": "deny", "host": "evil.com" }, { "access": "allow", "host": "*" }]), "good.com", true),
+            (json!([{ "access": "deny", "host": "*.evil.com" }, { "access": "allow", "host": "*" }]), "x.evil.com", false),
+            (json!([{ "access": "deny", "host": "evil.com", "methods": ["POST"] }, { "access": "allow", "host": "*" }]), "evil.com", true),
+            (json!([{ "access": "deny", "host": "evil.com", "ports": [443] }, { "access": "allow", "host": "*" }]), "evil.com", true),
+            (json!([{ "access": "allow", "host": "*" }, { "access": "deny", "host": "evil.com" }]), "evil.com", true),
+            (json!([{ "access": "allow", "host": "10.0.0.0/8" }]), "internal.corp", true),
+            (json!([{ "access": "allow", "host": "10.0.0.0/8" }]), "10.0.0.1", true),
+            (json!([{ "access": "allow", "host": "10.0.0.0/8" }]), "11.0.0.1", false),
+            (json!([{ "access": "deny", "host": "a.com" }]), "a.com", false),
+            (json!([{ "access": "allow", "host": "a.com" }]), "b.com", false),
+            (json!([{ "access": "allow", "host": "*" }]), "bad host", false),
         ];
         for (egress, host, want) in cases {
             assert_eq!(
@@ -1624,6 +834,8 @@ mod tests {
             "10.0.0.1",
             "10.9.9.9",
             "ab.com",
+            "2001:db8::1",
+            "::1",
         ];
         let patterns = [
             "a.com",
@@ -1635,6 +847,10 @@ mod tests {
             "10.0.0.0/8",
             "10.0.0.1",
             "*.b.a.com",
+            "2001:db8::/32",
+            "::1",
+            "10.0.0.0/31",
+            "0.0.0.0/0",
         ];
         let mut seed = 0x2545_f491_4f6c_dd1du64;
         let mut next = move |n: usize| {
@@ -1667,7 +883,13 @@ mod tests {
                     (443, "POST", "/admin/y"),
                     (443, "GET", "/"),
                 ] {
-                    let ip = Some("10.0.0.1".parse().unwrap()).filter(|_| next(2) == 0);
+                    let ip = [
+                        None,
+                        Some("10.0.0.1"),
+                        Some("::ffff:10.0.0.7"),
+                        Some("2001:db8::9"),
+                    ][next(4)]
+                    .map(|s| s.parse().unwrap());
                     let want = p.rules.iter().position(|r| {
                         r.host.matches(host, ip)
                             && port_matches(r, port)
