@@ -460,6 +460,9 @@ mod tests {
                 access: RuleAccess::Allow,
                 host: match *host {
                     "*" => HostPattern::Any,
+                    h if h.parse::<ipnet::IpNet>().is_ok() => {
+                        HostPattern::Net(h.parse().expect("checked"))
+                    }
                     h => match h.strip_prefix("*.") {
                         Some(apex) => HostPattern::Suffix(apex.to_owned()),
                         None => HostPattern::Exact(h.to_owned()),
@@ -693,6 +696,15 @@ mod tests {
         for (name, expected) in cases {
             assert_eq!(h.udp(name, rtype::A).await.rcode, *expected, "{name}");
         }
+    }
+
+    #[tokio::test]
+    async fn ip_literal_names_map_like_any_other_name() {
+        // A literal the policy allows gets a mapped address, so the proxy still learns the host
+        // from the address and never trusts the one dialled.
+        let h = Harness::start(&["api.github.com", "192.0.2.0/24"]).await;
+        let ip = only_a(&h.udp("192.0.2.7", rtype::A).await);
+        assert_eq!(h.names.name_for(ip.into()).as_deref(), Some("192.0.2.7"));
     }
 
     #[tokio::test]
