@@ -1,1 +1,3 @@
 //! Sandbox registry and lifecycle.
+#[cfg(target_os = "linux")]
+pub mod linux;
