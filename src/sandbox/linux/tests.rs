@@ -350,6 +350,107 @@ async fn close_leaves_no_process_behind() {
     );
 }
 
+#[test]
+fn killing_the_host_process_leaves_no_sandboxed_process() {
+    const CHILD: &str = "HIVE_TEST_DEATH_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        // The "host process" that gets SIGKILLed: a sandbox with a workload and an orphan.
+        let sb = start("host-death");
+        let spec = ProcessSpec {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "sleep 1000 & sleep 1000".into(),
+            ],
+            env: default_env(PORT),
+            cwd: None,
+        };
+        let _p = sb.host.spawn(spec).expect("spawn");
+        println!("ready {}", sb.host.init_host_pid());
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--exact",
+            "sandbox::linux::tests::killing_the_host_process_leaves_no_sandboxed_process",
+        ])
+        .args(["--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the host process");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let init_pid = loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+        assert!(n > 0, "host process exited before it was ready");
+        // libtest prints "test <name> ... " without a newline before our line.
+        if let Some(pid) = line
+            .trim()
+            .rsplit("ready ")
+            .next()
+            .filter(|_| line.contains("ready "))
+        {
+            break pid.parse::<i32>().expect("pid");
+        }
+    };
+    let ns = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")).expect("ns");
+    let members = || {
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() == Some(&ns))
+            .count()
+    };
+    assert!(members() >= 3, "init, sh and the sleeps are running");
+    child.kill().expect("SIGKILL the host process");
+    child.wait().expect("reap");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while members() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        members(),
+        0,
+        "sandboxed processes outlived the host process"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inherits_no_file_descriptor_of_the_host() {
+    let sb = start("proc-fds");
+    // A deliberately inheritable fd in the host process.
+    // SAFETY: plain open without O_CLOEXEC; closed below.
+    let leaky = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+    assert!(leaky >= 0);
+    let out = sh(&sb.host, "ls /proc/self/fd").await;
+    // SAFETY: our own fd.
+    unsafe { libc::close(leaky) };
+    let fds: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        fds,
+        ["0", "1", "2", "3"],
+        "only stdio (and ls's own directory fd): {out:?}"
+    );
+    let init_fds =
+        std::fs::read_dir(format!("/proc/{}/fd", sb.host.init_host_pid())).expect("fd dir");
+    assert_eq!(init_fds.count(), 0, "init holds no fd of the host");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_inject_terminal_input_or_open_netlink_sockets() {
+    let sb = start("proc-seccomp");
+    let out = py(
+        &sb.host,
+        "import fcntl,termios,socket,errno\nfor req in (termios.TIOCSTI, termios.TIOCSTI | (1 << 32), 0x541C):\n try:\n  fcntl.ioctl(0, req, b'x')\n  print('ioctl ok')\n except OSError as e:\n  print(errno.errorcode[e.errno])\nfor fam in (socket.AF_NETLINK, socket.AF_PACKET):\n try:\n  socket.socket(fam, socket.SOCK_RAW, 0)\n  print('socket ok')\n except OSError as e:\n  print(errno.errorcode[e.errno])",
+    )
+    .await;
+    // 0x541C is TIOCLINUX. The second TIOCSTI sets a high bit: the masked compare still matches.
+    assert_eq!(out.stdout, "EPERM\nEPERM\nEPERM\nEPERM\nEPERM\n", "{out:?}");
+}
+
 // ----- filesystem -----
 
 #[tokio::test(flavor = "multi_thread")]
