@@ -36,7 +36,9 @@ impl std::fmt::Display for HostPattern {
             HostPattern::Any => f.write_str("*"),
             HostPattern::Exact(h) => f.write_str(h),
             HostPattern::Suffix(h) => write!(f, "*.{h}"),
-            HostPattern::Net(n) if n.prefix_len() == n.max_prefix_len() => write!(f, "{}", n.addr()),
+            HostPattern::Net(n) if n.prefix_len() == n.max_prefix_len() => {
+                write!(f, "{}", n.addr())
+            }
             HostPattern::Net(n) => write!(f, "{n}"),
         }
     }

@@ -103,7 +103,9 @@ pub struct Policy {
 impl Policy {
     /// Compiles the egress rules of a validated config.
     pub fn compile(config: &Config) -> Policy {
-        Policy { rules: config.egress.clone() }
+        Policy {
+            rules: config.egress.clone(),
+        }
     }
 
     /// Decides one HTTP request: first matching rule wins, no match is denied (`no-rule`). An allow
@@ -161,7 +163,10 @@ impl Compiled {
     /// Compiles a validated config.
     pub fn new(config: Config) -> Compiled {
         let policy = Policy::compile(&config);
-        Compiled { config: std::sync::Arc::new(config), policy }
+        Compiled {
+            config: std::sync::Arc::new(config),
+            policy,
+        }
     }
 }
 
