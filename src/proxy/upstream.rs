@@ -282,9 +282,6 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> UpstreamFailure {
             return classify_tls(tls);
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return classify_tls(tls);
-            }
             match io.kind() {
                 std::io::ErrorKind::TimedOut => return UpstreamFailure::Timeout,
                 std::io::ErrorKind::ConnectionRefused
@@ -293,6 +290,11 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> UpstreamFailure {
                 | std::io::ErrorKind::NetworkUnreachable
                 | std::io::ErrorKind::HostUnreachable => return UpstreamFailure::ConnectRefused,
                 _ => {}
+            }
+            if let Some(inner) = io.get_ref() {
+                // `io::Error::source` skips the wrapped error itself, so descend by hand.
+                cur = Some(inner as &(dyn std::error::Error + 'static));
+                continue;
             }
         }
         cur = e.source();
@@ -322,7 +324,13 @@ mod tests {
             std::io::ErrorKind::InvalidData,
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
         ));
+        // tokio-rustls inside hyper-rustls: io::Error(Other, io::Error(InvalidData, rustls::Error)).
+        let nested = Box::new(std::io::Error::other(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature),
+        )));
         let cases: Vec<(Box<dyn std::error::Error + Send + Sync>, UpstreamFailure)> = vec![
+            (nested, UpstreamFailure::TlsVerification),
             (
                 io(std::io::ErrorKind::ConnectionRefused),
                 UpstreamFailure::ConnectRefused,
