@@ -92,6 +92,15 @@ impl Auditor {
             .map(|n| Value::from(n.as_str()))
             .collect::<Vec<_>>();
         f.insert(field::INJECTED_HEADERS.into(), Value::Array(names));
+        tracing::debug!(
+            host = subject.host,
+            port = subject.port,
+            method = subject.method,
+            access = decision.access.as_str(),
+            reason = decision.reason,
+            via = subject.via.as_str(),
+            "egress decision"
+        );
         let event = self.events.emit(kind::EGRESS_REQUEST, f);
         (decision.access == Access::Allowed).then(|| Exchange {
             inner: Arc::new(ExchangeInner {

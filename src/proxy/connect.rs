@@ -29,8 +29,8 @@ use crate::policy::{reason, Access, Scheme};
 use super::audit::{Auditor, Subject};
 use super::deny::{self, ProxyBody};
 use super::gate::{self, Ask, Outcome};
-use super::http::split_authority;
-use super::listener::Conn;
+use super::http::{split_authority, Tunnel};
+use super::listener::{serve_connection, Conn};
 use super::{intercept, HEADER_READ_TIMEOUT, SNIFF_TIMEOUT, UPSTREAM_CONNECT_TIMEOUT};
 
 /// The first byte of a TLS handshake record.
@@ -86,6 +86,41 @@ pub async fn handle(conn: Conn, mut req: Request<Incoming>) -> Response<ProxyBod
     }
 }
 
+/// Handles a transparent connection meant for host:port: decided like a `CONNECT` (a denial
+/// closes the connection), then run as a tunnel.
+pub async fn transparent(conn: Conn, stream: TcpStream, host: String, port: u16) {
+    let Some(host) = crate::config::normalize_host(&host) else {
+        return;
+    };
+    let engine = &conn.engine;
+    let compiled = engine.cell.load_full();
+    let scheme = if port == 443 {
+        Scheme::Https
+    } else {
+        Scheme::Tcp
+    };
+    let subject = Subject {
+        host: &host,
+        port,
+        method: CONNECT,
+        path: "",
+        scheme,
+        via: conn.via(),
+    };
+    match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
+        Outcome::Allowed { raw_tunnel, .. } => tunnel(conn, stream, host, port, raw_tunnel).await,
+        Outcome::Denied(decision) => {
+            Auditor::new(engine.events.clone()).request(&subject, &decision, &[]);
+        }
+        Outcome::Unreachable(decision, _) => {
+            if let Some(ex) = Auditor::new(engine.events.clone()).request(&subject, &decision, &[])
+            {
+                ex.set_status(StatusCode::BAD_GATEWAY.as_u16());
+            }
+        }
+    }
+}
+
 /// Runs an accepted tunnel: intercept TLS, else a raw tunnel where allowed.
 pub async fn tunnel<I>(conn: Conn, mut io: I, host: String, port: u16, raw_allowed: bool)
 where
@@ -107,9 +142,26 @@ where
         Ok(Ok(_)) if prefixed.prefix[0] == TLS_HANDSHAKE => {
             intercept::serve(conn, prefixed, Arc::from(host.as_str()), port).await;
         }
-        // Non-TLS bytes, or silence from a server-speaks-first protocol.
+        // Plain HTTP inside the tunnel (CONNECT to port 80, transparent port 80): every request
+        // is decided like an absolute-form one.
+        Ok(Ok(_)) if looks_like_http(&prefixed.prefix) => {
+            let tunnel = Tunnel {
+                host: Arc::from(host.as_str()),
+                port,
+                sni_mismatch: None,
+                scheme: Scheme::Http,
+            };
+            serve_connection(prefixed, conn, Some(tunnel)).await;
+        }
+        // Other bytes, or silence from a server-speaks-first protocol.
         Ok(Ok(_)) | Err(_) => raw(conn, prefixed, &host, port).await,
     }
+}
+
+/// Whether `prefix` starts like an HTTP/1.x request line (`TOKEN SP`).
+fn looks_like_http(prefix: &[u8]) -> bool {
+    let token = prefix.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    (3..=16).contains(&token) && prefix.get(token) == Some(&b' ')
 }
 
 /// Decides a raw TCP tunnel now and, if allowed, splices it to the upstream.
@@ -234,6 +286,22 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    #[test]
+    fn looks_like_http_cases() {
+        let cases: [(&[u8], bool); 7] = [
+            (b"GET / HTTP/1.1\r\n", true),
+            (b"OPTIONS * HTTP/1.1", true),
+            (b"PROPFIND /x", true),
+            (b"SSH-2.0-OpenSSH", false),
+            (b"\x16\x03\x01", false),
+            (b"get / HTTP/1.1", false),
+            (b"GE", false),
+        ];
+        for (prefix, want) in cases {
+            assert_eq!(looks_like_http(prefix), want, "{prefix:?}");
+        }
+    }
 
     #[tokio::test]
     async fn prefixed_replays_then_reads_through() {

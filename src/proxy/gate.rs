@@ -24,6 +24,9 @@ use super::deny::UpstreamFailure;
 use super::upstream::UpstreamClient;
 use super::Engine;
 
+/// Reason of a refusal because the upstream client could not be built.
+pub const UPSTREAM_UNAVAILABLE: &str = "upstream-unavailable";
+
 /// What is being decided.
 #[derive(Debug, Clone, Copy)]
 pub enum Ask<'a> {
@@ -69,7 +72,8 @@ pub async fn check(
     let policy = &compiled.policy;
     let client = match engine.upstream.get(&compiled.config) {
         Ok(client) => client,
-        Err(_) => return Outcome::Unreachable(denied(reason::RULE), UpstreamFailure::TlsHandshake),
+        // Only reachable if validated `upstream.ca` roots stopped parsing; refuse, never crash.
+        Err(_) => return Outcome::Denied(denied(UPSTREAM_UNAVAILABLE)),
     };
     let literal: Option<IpAddr> = host.parse().ok();
     let mapped: Option<SocketAddr> = compiled

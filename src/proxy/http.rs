@@ -36,6 +36,8 @@ pub struct Tunnel {
     pub port: u16,
     /// The TLS SNI, when it named another host than the CONNECT target.
     pub sni_mismatch: Option<Arc<str>>,
+    /// `Https` for an intercepted TLS tunnel, `Http` for plain HTTP spoken inside a tunnel.
+    pub scheme: Scheme,
 }
 
 /// Answers one request on a proxy connection (`tunnel: None`) or inside an intercepted tunnel.
@@ -115,7 +117,7 @@ async fn handle_tunneled_request(
             port: named_port.unwrap_or(tunnel.port),
             method: req.method().as_str(),
             path: &path,
-            scheme: Scheme::Https,
+            scheme: tunnel.scheme,
             via: conn.via(),
         };
         Auditor::new(conn.engine.events.clone()).request(
@@ -130,7 +132,7 @@ async fn handle_tunneled_request(
             &path,
         );
     }
-    forward(&conn, req, &tunnel.host, tunnel.port, Scheme::Https).await
+    forward(&conn, req, &tunnel.host, tunnel.port, tunnel.scheme).await
 }
 
 /// Decides one request and, if allowed, forwards it to `scheme://host:port` and streams the

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::config::normalize_host;
+use crate::policy::Scheme;
 
 use super::http::Tunnel;
 use super::listener::{serve_connection, Conn};
@@ -79,6 +80,7 @@ where
         host,
         port,
         sni_mismatch,
+        scheme: Scheme::Https,
     };
     serve_connection(tls, conn, Some(tunnel)).await;
 }

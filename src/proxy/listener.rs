@@ -20,7 +20,10 @@ use hyper_util::server::conn::auto;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
-use super::{http, Engine, Via, DRAIN_TIMEOUT, HEADER_READ_TIMEOUT, MAX_HEADER_BYTES};
+use super::{
+    connect, http, Engine, TransparentTarget, Via, DRAIN_TIMEOUT, HEADER_READ_TIMEOUT,
+    MAX_HEADER_BYTES,
+};
 
 /// Lifecycle of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -189,6 +192,7 @@ pub fn spawn_accept_loop(
     engine: Arc<Engine>,
     listener: tokio::net::TcpListener,
     ctl: Arc<ListenerCtl>,
+    transparent: Option<TransparentTarget>,
 ) {
     let draining = ctl.reached(Phase::Draining);
     tokio::spawn(async move {
@@ -220,7 +224,15 @@ pub fn spawn_accept_loop(
                 ctl: ctl.clone(),
                 _permit: Arc::new(permit),
             };
-            ctl.spawn(serve_connection(stream, conn, None));
+            match &transparent {
+                None => ctl.spawn(serve_connection(stream, conn, None)),
+                Some(target) => {
+                    let target = stream.local_addr().ok().and_then(|local| target(local));
+                    if let Some((host, port)) = target {
+                        ctl.spawn(connect::transparent(conn, stream, host, port));
+                    }
+                }
+            }
         }
     });
 }

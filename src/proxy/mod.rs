@@ -94,6 +94,10 @@ impl Via {
     }
 }
 
+/// Maps a transparent connection, by the sandbox-local address it dialed, to the host name (as
+/// the sandbox asked DNS for it) and port the client meant; `None` closes the connection.
+pub type TransparentTarget = Arc<dyn Fn(SocketAddr) -> Option<(String, u16)> + Send + Sync>;
+
 /// The egress proxy of one sandbox: serves any number of listeners against the policy in the
 /// shared [`PolicyCell`].
 ///
@@ -159,7 +163,25 @@ impl Engine {
             .map_err(|e| HiveError::io("making the proxy listener non-blocking", e))?;
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| HiveError::io("registering the proxy listener", e))?;
-        self.start_listener(listener, Via::Proxy, None)?;
+        self.start_listener(listener, Via::Proxy, None, None)?;
+        Ok(())
+    }
+
+    /// Serves a transparent listener inside the sandbox (clients that ignore proxy variables,
+    /// SPEC §4): each connection is mapped to the name and port it meant by `target`, decided like
+    /// a `CONNECT` to that host:port, then intercepted (TLS), served as HTTP, or tunnelled raw
+    /// where the policy allows raw TCP. Events say `via: "transparent"`.
+    pub fn serve_transparent_listener(
+        self: &Arc<Self>,
+        listener: std::net::TcpListener,
+        target: TransparentTarget,
+    ) -> Result<()> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| HiveError::io("making a transparent listener non-blocking", e))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| HiveError::io("registering a transparent listener", e))?;
+        self.start_listener(listener, Via::Transparent, None, Some(target))?;
         Ok(())
     }
 
@@ -178,8 +200,8 @@ impl Engine {
             .local_addr()
             .map_err(|e| HiveError::io("reading the host proxy listener address", e))?
             .port();
-        let ctl =
-            self.start_listener(listener, Via::Host, Some(headers::basic_credential(&token)))?;
+        let credential = Some(headers::basic_credential(&token));
+        let ctl = self.start_listener(listener, Via::Host, credential, None)?;
         Ok(HostListener {
             url: format!("http://{}:{token}@127.0.0.1:{port}", headers::PROXY_USER),
             ca: self.ca.cert_pem().to_string(),
@@ -205,13 +227,14 @@ impl Engine {
         listener: tokio::net::TcpListener,
         via: Via,
         credential: Option<::http::HeaderValue>,
+        transparent: Option<TransparentTarget>,
     ) -> Result<Arc<ListenerCtl>> {
         let local = listener
             .local_addr()
             .map_err(|e| HiveError::io("reading the proxy listener address", e))?;
         let ctl = ListenerCtl::new(local, via, credential);
         self.listeners.lock().push(ctl.clone());
-        listener::spawn_accept_loop(self.clone(), listener, ctl.clone());
+        listener::spawn_accept_loop(self.clone(), listener, ctl.clone(), transparent);
         Ok(ctl)
     }
 

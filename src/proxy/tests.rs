@@ -1123,3 +1123,81 @@ async fn shutdown_drains_and_stops_listening() {
     assert!(refused);
     assert_eq!(h.hits(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Plain HTTP in a tunnel, transparent listeners
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_inside_a_connect_tunnel_is_decided_per_request() {
+    let h =
+        Harness::new(json!([{ "access": "allow", "host": "pypi.org", "methods": ["GET"] }])).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        connect_head(&mut s, "pypi.org:80", None).await,
+        StatusCode::OK
+    );
+    let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        send(&mut c, get("pypi.org", "/simple/")).await.0,
+        StatusCode::OK
+    );
+    let (status, headers, _) = send(&mut c, get("evilpypi.org", "/")).await;
+    assert_eq!(
+        (status, headers[DENIED_HEADER].to_str().unwrap()),
+        (StatusCode::FORBIDDEN, "host-mismatch")
+    );
+    assert_eq!(h.http.hits.count(), 1);
+    let events = h.drain_events().await;
+    assert_eq!(field(egress_requests(&events)[0], "scheme"), "http");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_connections_are_intercepted_and_decided() {
+    let h =
+        Harness::new(json!([{ "access": "allow", "host": "api.github.com", "paths": ["/zen"] }]))
+            .await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target: super::TransparentTarget = Arc::new(|_| Some(("api.github.com".to_string(), 443)));
+    h.engine
+        .serve_transparent_listener(listener, target)
+        .unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut h.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.github.com").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, stream)
+        .await
+        .unwrap();
+    let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/zen")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/admin")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.https.hits.count(), 1);
+    let events = h.drain_events().await;
+    assert!(egress_requests(&events)
+        .iter()
+        .all(|e| field(e, "via") == "transparent"));
+}
