@@ -1,8 +1,10 @@
 //! The decision pipeline every request and tunnel goes through (SPEC §2):
 //!
 //! 1. Policy first: `decide` (or `decide_connect`) with the address when it is already known (an IP
-//!    literal, an `upstream.resolve` entry, or — only when some rule is an IP/CIDR rule — a DNS
-//!    answer). A denied name is never resolved otherwise, so denials cost no DNS query.
+//!    literal, an `upstream.resolve` entry, or — only when some rule is an IP/CIDR rule
+//!    ([`Policy::uses_addresses`](crate::policy::Policy::uses_addresses)) — a DNS answer, of which
+//!    only the address decided on is kept). A denied name is never resolved otherwise, so denials
+//!    cost no DNS query.
 //! 2. Resolution: `upstream.resolve` overrides; else the literal; else DNS (cached briefly).
 //! 3. Proxy-loop guard: an address equal to one of the engine's own listeners is refused.
 //! 4. Private-address guard: resolved addresses that are private or special are dropped unless a
@@ -17,8 +19,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::config::HostPattern;
-use crate::policy::{reason, Access, Compiled, Decision, Policy, Request};
+use crate::policy::{reason, Access, Compiled, Decision, Request};
 
 use super::deny::UpstreamFailure;
 use super::upstream::UpstreamClient;
@@ -86,10 +87,13 @@ pub async fn check(
     // 1. Decide, resolving first only when an IP/CIDR rule needs the address.
     let mut resolved: Option<Arc<[SocketAddr]>> = None;
     let mut ip = literal.or(mapped.map(|a| a.ip()));
-    if ip.is_none() && has_net_rules(policy) {
+    if ip.is_none() && policy.uses_addresses() {
         if let Ok(addrs) = client.resolve(host, port).await {
-            ip = addrs.first().map(SocketAddr::ip);
-            resolved = Some(addrs);
+            // The decision holds for the address it saw: connect to that one only.
+            if let Some(first) = addrs.first().copied() {
+                ip = Some(first.ip());
+                resolved = Some(Arc::from([first]));
+            }
         }
     }
     let (decision, raw_tunnel) = match ask {
@@ -146,14 +150,6 @@ pub async fn check(
         addrs,
         client,
     }
-}
-
-fn has_net_rules(policy: &Policy) -> bool {
-    (0..policy.len()).any(|i| {
-        policy
-            .rule(i)
-            .is_some_and(|r| matches!(r.host, HostPattern::Net(_)))
-    })
 }
 
 /// Whether `addr` is one of `own` (a listener on an unspecified address covers every loopback

@@ -84,20 +84,3 @@ where
     };
     serve_connection(tls, conn, Some(tunnel)).await;
 }
-
-// TEMP until the CA body lands on main (branch `events`): the signature the CA helper provides.
-#[allow(dead_code)]
-trait PendingCa {
-    fn server_config(&self, host: &str, alpn: &[&[u8]])
-        -> crate::Result<Arc<rustls::ServerConfig>>;
-}
-impl PendingCa for crate::tls::CertificateAuthority {
-    fn server_config(
-        &self,
-        host: &str,
-        alpn: &[&[u8]],
-    ) -> crate::Result<Arc<rustls::ServerConfig>> {
-        let _ = (host, alpn);
-        todo!("CertificateAuthority::server_config")
-    }
-}
