@@ -155,8 +155,8 @@ async function main() {
     ['plain HTTP keep-alive, 32 conns', 32, '/', 'http', keepAlive(32)],
     ['HTTPS keep-alive, 1 conn', 1, '/', 'https', keepAlive(1)],
     ['HTTPS keep-alive, 32 conns', 32, '/', 'https', keepAlive(32)],
-    ['HTTPS new connection per request, 1 at a time', 1, '/', 'https', { keepAlive: false, maxSockets: 1 }],
-    ['HTTPS new connection per request, 8 at once', 8, '/', 'https', { keepAlive: false, maxSockets: 8 }],
+    ['HTTPS new connection per request, 1 at a time', 1, '/', 'https', { keepAlive: false }],
+    ['HTTPS new connection per request, 8 at once', 8, '/', 'https', { keepAlive: false }],
     ['plain HTTP 1 MiB, 4 conns', 4, '/mib', 'http', keepAlive(4)],
     ['HTTPS 1 MiB, 4 conns', 4, '/mib', 'https', keepAlive(4)],
   ]

@@ -36,7 +36,7 @@ use super::{POOL_IDLE_TIMEOUT, UPSTREAM_CONNECT_TIMEOUT};
 
 /// How many distinct host:port pins and DNS answers are remembered.
 const PIN_CAPACITY: u64 = 10_000;
-/// How long a pin stays valid (a fresh decision re-pins on every request anyway).
+/// How long an unused pin is kept (every decision reads it, which keeps it alive).
 const PIN_TTL: Duration = Duration::from_secs(300);
 /// How long a DNS answer is reused.
 const DNS_TTL: Duration = Duration::from_secs(30);
@@ -84,7 +84,7 @@ impl UpstreamClient {
         let roots = Arc::new(root_store(&upstream.ca)?);
         let pins: Pins = moka::sync::Cache::builder()
             .max_capacity(PIN_CAPACITY)
-            .time_to_live(PIN_TTL)
+            .time_to_idle(PIN_TTL)
             .build();
         let dns: Pins = moka::sync::Cache::builder()
             .max_capacity(PIN_CAPACITY)
@@ -130,7 +130,12 @@ impl UpstreamClient {
 
     /// Pins the checked addresses of host:port for the next connects.
     pub fn pin(&self, host: &str, port: u16, addrs: Arc<[SocketAddr]>) {
-        self.pins.insert((host.to_string(), port), addrs);
+        let key = (host.to_string(), port);
+        // Re-pinning the same answer on every request would churn the cache: skip it.
+        if self.pins.get(&key).is_some_and(|pinned| pinned == addrs) {
+            return;
+        }
+        self.pins.insert(key, addrs);
     }
 
     /// Resolves host:port through the system resolver, with a short cache.
