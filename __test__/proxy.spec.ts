@@ -189,7 +189,7 @@ except requests.exceptions.ProxyError as e:
 print(json.dumps(out))
 `
     const r = await run('python3', ['-c', script, proxy.url, caFile])
-    expect(r.stderr).toBe('')
+    expect(r.exit, r.stderr).toBe(0)
     expect(JSON.parse(r.stdout)).toEqual([
       [200, 'ok /simple/'],
       [200, 'ok /packages/x.whl'],
