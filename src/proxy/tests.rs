@@ -1201,3 +1201,50 @@ async fn transparent_connections_are_intercepted_and_decided() {
         .iter()
         .all(|e| field(e, "via") == "transparent"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_heads_are_refused_without_reaching_the_upstream() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    let big = "a".repeat(super::MAX_HEADER_BYTES * 2);
+    let head = format!("GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\nX-Big: {big}\r\n\r\n");
+    let _ = s.write_all(head.as_bytes()).await;
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        n == 0 || text.starts_with("HTTP/1.1 431") || text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    assert_eq!(h.hits(), 0);
+    assert_eq!(h.get_http("http://pypi.org/").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_stream_finish() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "api.github.com" }])).await;
+    let mut c = h.https_client("api.github.com").await;
+    c.ready().await.unwrap();
+    let res = c
+        .send_request(get("api.github.com", "/stream"))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    assert_eq!(
+        &body.frame().await.unwrap().unwrap().into_data().unwrap()[..],
+        b"first\n"
+    );
+    let engine = h.engine.clone();
+    let shutdown = tokio::spawn(async move { engine.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    h.https.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"second\n");
+    tokio::time::timeout(Duration::from_secs(3), shutdown)
+        .await
+        .unwrap()
+        .unwrap();
+}
