@@ -121,10 +121,13 @@ pub async fn check(
         }
     };
 
-    // 3. Proxy loop.
-    let own = engine.listener_addrs();
-    if addrs.iter().any(|a| is_own_listener(a, &own)) {
-        return Outcome::Denied(denied(reason::PROXY_LOOP));
+    // 3. Proxy loop (listeners are bound to loopback or sandbox-local addresses, all special:
+    //    skip the lookup for public targets).
+    if addrs.iter().any(|a| is_special(a.ip())) {
+        let own = engine.listener_addrs();
+        if addrs.iter().any(|a| is_own_listener(a, &own)) {
+            return Outcome::Denied(denied(reason::PROXY_LOOP));
+        }
     }
 
     // 4. Private and special addresses.

@@ -57,7 +57,10 @@ impl UpstreamCache {
     pub fn get(&self, config: &Arc<Config>) -> Result<Arc<UpstreamClient>> {
         let mut current = self.current.lock();
         if let Some((cfg, client)) = current.as_ref() {
-            if Arc::ptr_eq(cfg, config) || cfg.upstream == config.upstream {
+            if Arc::ptr_eq(cfg, config) {
+                return Ok(client.clone());
+            }
+            if cfg.upstream == config.upstream {
                 let client = client.clone();
                 *current = Some((config.clone(), client.clone()));
                 return Ok(client);
