@@ -9,7 +9,7 @@ import http from 'node:http'
 import https from 'node:https'
 import net from 'node:net'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
+import os, { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import tls from 'node:tls'
 import { fileURLToPath } from 'node:url'
@@ -178,7 +178,8 @@ async function main() {
   }
 
   const f = (n, d = 0) => n.toFixed(d)
-  console.log(`Loopback, ${SECONDS} s per measurement, Node ${process.version}; "via" = through sandbox.proxy() (intercepted for HTTPS).\n`)
+  const load = os.loadavg().map((l) => l.toFixed(2)).join(' ')
+  console.log(`Loopback, ${SECONDS} s per measurement, Node ${process.version}, ${os.cpus().length} cores, load average ${load}; "via" = through sandbox.proxy() (intercepted for HTTPS).\n`)
   console.log('| scenario | direct req/s | via req/s | ratio | direct p50/p99 ms | via p50/p99 ms | direct MiB/s | via MiB/s | MiB/s ratio |')
   console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
   for (const [name, d, v] of rows) {
