@@ -9,7 +9,6 @@ import https from 'node:https'
 import { join } from 'node:path'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 
-import * as hive from '../index.js'
 import { getOrCreateSandbox, type Sandbox, type SandboxEvent } from '../index.js'
 import { useTempHome } from './helpers/home.js'
 import {
@@ -25,9 +24,6 @@ import {
 } from './helpers/upstreams.js'
 
 const home = useTempHome()
-// `sandbox.proxy()` is wired by the napi layer; until then these tests cannot run.
-const hasProxy = typeof (hive.Sandbox?.prototype as { proxy?: unknown } | undefined)?.proxy === 'function'
-if (!hasProxy) console.warn('proxy.spec.ts: Sandbox.prototype.proxy is missing, skipping')
 const NAMES = ['api.github.com', 'pypi.org', 'files.pypi.org', 'evilpypi.org']
 const H2_NAME = 'api.anthropic.com'
 const SECRET = 'sk-live-0123456789abcdef-never-visible'
@@ -58,7 +54,6 @@ async function apply(egress: unknown[], extra: Record<string, string> = {}): Pro
 const totalHits = () => plain.hits.length + tlsUp.hits.length + h2.hits.length
 
 beforeAll(async () => {
-  if (!hasProxy) return
   upstreamCA = makeTestCA([...NAMES, H2_NAME])
   plain = await httpUpstream()
   tlsUp = await httpsUpstream(upstreamCA)
@@ -131,7 +126,7 @@ async function nodeGet(host: string, path: string, headers: Record<string, strin
   })
 }
 
-describe.skipIf(!hasProxy)('real clients', () => {
+describe('real clients', () => {
   it('curl: HTTPS through CONNECT with --cacert, plain HTTP, and a 403 before any TLS', async () => {
     await apply([{ access: 'allow', host: 'api.github.com' }, { access: 'allow', host: 'pypi.org' }])
     const ok = await curl(['--proxy', proxy.url, '--cacert', caFile, 'https://api.github.com/zen'])
@@ -200,7 +195,7 @@ print(json.dumps(out))
   })
 })
 
-describe.skipIf(!hasProxy)('egress rules (SPEC §2 examples)', () => {
+describe('egress rules (SPEC §2 examples)', () => {
   // [name, egress rules, host, method, path, expected status, expected X-Hive-Denied]
   const cases: [string, unknown[], string, string, string, number, string?][] = [
     ['default deny', [], 'api.github.com', 'GET', '/zen', 403, 'no-rule'],
@@ -241,7 +236,7 @@ describe.skipIf(!hasProxy)('egress rules (SPEC §2 examples)', () => {
   }
 })
 
-describe.skipIf(!hasProxy)('credentials', () => {
+describe('credentials', () => {
   it('injects the override header over verified TLS, replacing a forged one, and never shows it', async () => {
     await apply([{ access: 'allow', host: 'api.github.com', override: { headers: { Authorization: `Bearer ${SECRET}` } } }])
     const events = await eventsDuring(2, async () => {
@@ -266,7 +261,7 @@ describe.skipIf(!hasProxy)('credentials', () => {
   })
 })
 
-describe.skipIf(!hasProxy)('fronting, SSRF and failures', () => {
+describe('fronting, SSRF and failures', () => {
   it('refuses a Host that names another host than the tunnel (host-mismatch)', async () => {
     await apply([{ access: 'allow', host: 'pypi.org' }, { access: 'allow', host: 'evilpypi.org' }])
     const s = session(await tlsThrough(proxy, 'pypi.org'))
@@ -297,7 +292,7 @@ describe.skipIf(!hasProxy)('fronting, SSRF and failures', () => {
   })
 })
 
-describe.skipIf(!hasProxy)('applyConfig and long exchanges', () => {
+describe('applyConfig and long exchanges', () => {
   it('switches rules mid keep-alive on an intercepted connection', async () => {
     await apply([{ access: 'allow', host: 'api.github.com' }])
     const s = session(await tlsThrough(proxy, 'api.github.com'))
@@ -380,7 +375,7 @@ describe.skipIf(!hasProxy)('applyConfig and long exchanges', () => {
   })
 })
 
-describe.skipIf(!hasProxy)('events', () => {
+describe('events', () => {
   it('records egress.request at decision time and egress.response when the exchange ends', async () => {
     await apply([{ access: 'allow', host: 'pypi.org' }])
     const events = await eventsDuring(3, async () => {
