@@ -4,7 +4,9 @@
 //!    host process, so the host's death kills init, and with it (the kernel kills a PID
 //!    namespace whose init dies) every process of the sandbox.
 //! 2. Waits for the parent's "go" (sent once `uid_map`/`gid_map` are written). EOF means the
-//!    parent died before step 1 took effect: exit.
+//!    parent died before step 1 took effect: exit. Switches to the sandbox's uid/gid 0 (which
+//!    clears PDEATHSIG, so it is set again) and makes itself non-dumpable: its memory is a copy of
+//!    the host's.
 //! 3. Hostname, `lo` up, the proxy listener ([`super::netns`]); the filesystem
 //!    ([`super::mounts`]); the Landlock rules.
 //! 4. Reports success with the listener attached, closes every fd it holds, and becomes a
@@ -35,6 +37,24 @@ pub(crate) unsafe fn init_main(plan: &mut InitPlan) -> ! {
     if n != 1 {
         libc::_exit(1);
     }
+    if let Err(f) = super::child::become_sandbox_root() {
+        report_and_exit(ctrl, f);
+    }
+    // A credential change clears the parent-death signal: set it again, then make sure the
+    // parent did not die in between (getppid() is 0 across the PID namespace boundary, so ask
+    // the control socket: the parent's end closes when it dies).
+    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    let mut pfd = libc::pollfd {
+        fd: ctrl,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    if libc::poll(&mut pfd, 1, 0) != 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0 {
+        libc::_exit(1);
+    }
+    // init is a copy of the host process's memory at clone time (secrets included): make its
+    // /proc files root-only and ptrace impossible without CAP_SYS_PTRACE in the host's userns.
+    libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     match setup(plan) {
         Ok(listener) => {
             if let Err(f) = netns::send_report(ctrl, Stage::Ok, 0, Some(listener)) {

@@ -43,15 +43,24 @@
 //! disappear with their last process and fd; there are no interfaces, rules or mounts on the host.
 //!
 //! # Identity
-//! Inside, everything runs as uid/gid 0 mapped to the caller's uid/gid (one-line maps, so no
-//! other id exists inside; files of other owners show as `nobody`). Files the sandbox writes to a
-//! writable mount are owned on the host by the user running hive. Run as root, inside uid 0 is
-//! host uid 0: it holds no capability (all sets empty, securebits locked), `/proc/sys` is
-//! read-only, and files under `/etc` that are not world-readable are hidden, because DAC would let
-//! it read them as their owner. Mapping root to an unprivileged outer uid needs idmapped mounts
-//! for the writable mounts to come out owned sensibly; that is not done yet.
+//! Inside, everything runs as uid/gid 0 of the sandbox's user namespace, the only id mapped
+//! (files of other owners show as `nobody`):
+//! - Unprivileged: 0 is the caller's uid/gid; files written to a writable mount belong to the
+//!   user running hive.
+//! - Root: 0 is host uid/gid [`idmap::ROOT_MAPPED_ID`] (`nobody`), never host root. The
+//!   configured mounts are idmapped ([`idmap`]), so host-root-owned data appears owned by the
+//!   sandbox's root and files the sandbox writes land owned by host root, the user running hive.
+//!   Only if the filesystem of a mount cannot be idmapped does the launcher fall back to mapping
+//!   0 to host root (logged as a warning); that root has no capability, `/proc/sys` is read-only,
+//!   and `/etc` files that are not world-readable are hidden, because DAC would otherwise let it
+//!   read them as their owner.
+//!
+//! # Security
+//! See [`child`] for the confinement order. init is a copy of the host's memory and is made
+//! non-dumpable; spawns join the namespaces through fds the parent opened before that.
 
 pub(crate) mod child;
+pub(crate) mod idmap;
 pub(crate) mod init;
 pub(crate) mod landlock;
 pub(crate) mod mounts;
@@ -154,7 +163,11 @@ struct HostInner {
     name: String,
     /// init's pid in the host's PID namespace.
     init_pid: i32,
+    /// Inode of the sandbox's PID namespace (`/proc/<pid>/ns/pid`).
+    pid_ns: u64,
     init_pidfd: OwnedFd,
+    /// `/proc/<init>/ns/*`, in [`plan::NS_ORDER`].
+    ns_fds: Vec<OwnedFd>,
     landlock: Option<OwnedFd>,
     seccomp: SeccompProgram,
     state: Mutex<HostState>,
@@ -399,6 +412,12 @@ impl SandboxHost {
     pub fn init_host_pid(&self) -> i32 {
         self.inner.init_pid
     }
+
+    /// The inode number of the sandbox's PID namespace: every process of the sandbox has
+    /// `/proc/<pid>/ns/pid` -> `pid:[<this>]` (for diagnostics and tests).
+    pub fn pid_namespace_id(&self) -> u64 {
+        self.inner.pid_ns
+    }
 }
 
 impl Drop for SandboxHost {
@@ -434,6 +453,26 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
         None => (-1, 0),
     };
     let mut plan = InitPlan::build(spec, theirs.as_raw_fd(), ll_fd, ll_fs)?;
+    // SAFETY: trivial getters.
+    let (mut uid, mut gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // Kept open until init has inherited them (dropped when this function returns).
+    let mut _trees: Vec<OwnedFd> = Vec::new();
+    if uid == 0 {
+        match idmapped_trees(&plan) {
+            Ok(t) => {
+                for (m, tree) in plan.mounts.iter_mut().zip(&t) {
+                    m.tree = tree.as_raw_fd();
+                }
+                _trees = t;
+                (uid, gid) = (idmap::ROOT_MAPPED_ID, idmap::ROOT_MAPPED_ID);
+            }
+            Err(e) => tracing::warn!(
+                sandbox = %spec.name,
+                error = %e,
+                "idmapped mounts unavailable: the sandbox's root is host root (without capabilities)"
+            ),
+        }
+    }
     let mut pidfd: libc::c_int = -1;
     // SAFETY: the child runs only init_main (allocation-free, never returns).
     let pid = unsafe { child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd)) };
@@ -458,7 +497,17 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
         let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
         err
     };
-    if let Err(e) = write_id_maps(pid as i32) {
+    // Opened while init is still dumpable (it turns that off after "go").
+    let ns_fds = match open_namespaces(pid as i32) {
+        Ok(fds) => fds,
+        Err(e) => return Err(fail(e)),
+    };
+    let pid_ns = ns_fds
+        .last()
+        .and_then(|f| std::fs::File::from(f.try_clone().ok()?).metadata().ok())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0);
+    if let Err(e) = write_id_maps(pid as i32, uid, gid) {
         return Err(fail(e));
     }
     // "go"
@@ -490,7 +539,9 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
     let inner = HostInner {
         name: spec.name.clone(),
         init_pid: pid as i32,
+        pid_ns,
         init_pidfd,
+        ns_fds,
         landlock: ruleset.map(|r| r.fd),
         seccomp,
         state: Mutex::new(HostState {
@@ -506,10 +557,33 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
     ))
 }
 
-/// Maps inside uid/gid 0 to the caller's (the only id inside).
-fn write_id_maps(pid: i32) -> Result<()> {
-    // SAFETY: trivial getters.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+/// Opens init's namespaces in [`plan::NS_ORDER`].
+fn open_namespaces(pid: i32) -> Result<Vec<OwnedFd>> {
+    plan::NS_ORDER
+        .iter()
+        .map(|(name, _)| {
+            let path = format!("/proc/{pid}/ns/{name}");
+            std::fs::File::open(&path)
+                .map(OwnedFd::from)
+                .map_err(|e| HiveError::io(format!("opening {path}"), e))
+        })
+        .collect()
+}
+
+/// One idmapped tree per configured mount (root only), all or nothing.
+fn idmapped_trees(plan: &InitPlan) -> std::io::Result<Vec<OwnedFd>> {
+    if plan.mounts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let userns = idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?;
+    plan.mounts
+        .iter()
+        .map(|m| idmap::idmapped_tree(&m.source, &userns, m.writable))
+        .collect()
+}
+
+/// Maps inside uid/gid 0 to `uid`/`gid` on the host (the only ids inside).
+fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<()> {
     let write = |file: &str, data: String| -> Result<()> {
         let path = format!("/proc/{pid}/{file}");
         std::fs::write(&path, data).map_err(|e| {
@@ -520,7 +594,12 @@ fn write_id_maps(pid: i32) -> Result<()> {
             }
         })
     };
-    write("setgroups", "deny".into())?;
+    // Required before an unprivileged gid_map; root keeps `allow` so init and the workloads
+    // can drop root's supplementary groups (they hold no capability to call it again).
+    // SAFETY: trivial getter.
+    if unsafe { libc::geteuid() } != 0 {
+        write("setgroups", "deny".into())?;
+    }
     write("uid_map", format!("0 {uid} 1\n"))?;
     write("gid_map", format!("0 {gid} 1\n"))?;
     Ok(())
@@ -572,7 +651,7 @@ fn spawn_on_launcher(
         exec_candidates,
     } = cmd;
     let plan = SpawnPlan {
-        init_pidfd: inner.init_pidfd.as_raw_fd(),
+        ns_fds: ns_fd_array(&inner.ns_fds),
         err_pipe_w: err_w.as_raw_fd(),
         pid_pipe_w: pid_w.as_raw_fd(),
         stdio: [
@@ -648,6 +727,14 @@ fn spawn_on_launcher(
         stderr: stderr_r,
         state,
     })
+}
+
+fn ns_fd_array(fds: &[OwnedFd]) -> [RawFd; plan::NS_ORDER.len()] {
+    let mut out = [-1; plan::NS_ORDER.len()];
+    for (slot, fd) in out.iter_mut().zip(fds) {
+        *slot = fd.as_raw_fd();
+    }
+    out
 }
 
 /// The pid inside the sandbox: the last `NSpid` entry of `/proc/<pid>/status`.

@@ -30,6 +30,18 @@ pub(crate) const NS_FLAGS: libc::c_int = libc::CLONE_NEWUSER
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWCGROUP;
 
+/// The namespaces a spawn joins, in `setns` order: the user namespace first, so the others are
+/// joined with the capabilities it grants; the PID namespace applies to the next fork.
+pub(crate) const NS_ORDER: [(&str, libc::c_int); 7] = [
+    ("user", libc::CLONE_NEWUSER),
+    ("mnt", libc::CLONE_NEWNS),
+    ("net", libc::CLONE_NEWNET),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("uts", libc::CLONE_NEWUTS),
+    ("cgroup", libc::CLONE_NEWCGROUP),
+    ("pid", libc::CLONE_NEWPID),
+];
+
 /// Host system directories bound read-only (or recreated as symlinks) at the same path.
 pub(crate) const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
@@ -74,6 +86,8 @@ pub(crate) struct PlannedMount {
     /// The source is a regular file (the target is created as an empty file).
     pub is_file: bool,
     pub writable: bool,
+    /// A detached idmapped tree of `source` made by the parent ([`super::idmap`]), or -1.
+    pub tree: RawFd,
 }
 
 /// A secret to hide: absolute path inside the sandbox and whether it is a directory.
@@ -239,6 +253,7 @@ fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
         mkdirs,
         is_file,
         writable: m.writable,
+        tree: -1,
     })
 }
 
@@ -281,7 +296,8 @@ fn scan_secrets(dir: &Path, depth: usize, out: &mut Vec<Hidden>) -> Result<()> {
 
 /// Everything a spawn needs (see [`super::child::helper_main`]).
 pub(crate) struct SpawnPlan<'a> {
-    pub init_pidfd: RawFd,
+    /// The sandbox's namespaces, user namespace first (see [`NS_ORDER`]).
+    pub ns_fds: [RawFd; NS_ORDER.len()],
     pub err_pipe_w: RawFd,
     pub pid_pipe_w: RawFd,
     /// Child ends: stdin read end, stdout and stderr write ends.

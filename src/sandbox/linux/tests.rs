@@ -326,16 +326,13 @@ async fn close_leaves_no_process_behind() {
         .expect("spawn");
     let orphan = sh(&sb.host, "sleep 1000 >/dev/null 2>&1 & echo $!").await;
     assert!(orphan.ok(), "{orphan:?}");
-    let ns = std::fs::read_link(format!("/proc/{}/ns/pid", sb.host.init_host_pid())).expect("ns");
-    let members = || {
-        std::fs::read_dir("/proc")
-            .expect("proc")
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-            .filter(|e| std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() == Some(&ns))
-            .count()
-    };
-    assert!(members() >= 4, "init, sh, 2 sleeps, orphan sleep");
+    let ns_id = sb.host.pid_namespace_id();
+    let members = || namespace_members(ns_id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while members() < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(members() >= 4, "sh, 2 sleeps, orphan sleep");
     sb.host.close();
     sb.host.close(); // idempotent
     assert_eq!(members(), 0);
@@ -348,6 +345,21 @@ async fn close_leaves_no_process_behind() {
         err.expect_err("closed").code(),
         crate::ErrorCode::SandboxClosed
     );
+}
+
+/// Host processes whose PID namespace is `ns_id` (init itself is not dumpable, so as an
+/// unprivileged user it is not counted; the workloads are).
+fn namespace_members(ns_id: u64) -> usize {
+    let want = format!("pid:[{ns_id}]");
+    std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| {
+            let link = std::fs::read_link(e.path().join("ns/pid"));
+            link.ok().and_then(|l| l.to_str().map(|s| s == want)) == Some(true)
+        })
+        .count()
 }
 
 #[test]
@@ -366,7 +378,7 @@ fn killing_the_host_process_leaves_no_sandboxed_process() {
             cwd: None,
         };
         let _p = sb.host.spawn(spec).expect("spawn");
-        println!("ready {}", sb.host.init_host_pid());
+        println!("ready {}", sb.host.pid_namespace_id());
         std::thread::sleep(Duration::from_secs(60));
         return;
     }
@@ -382,7 +394,7 @@ fn killing_the_host_process_leaves_no_sandboxed_process() {
         .expect("spawn the host process");
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
-    let init_pid = loop {
+    let ns_id = loop {
         line.clear();
         let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
         assert!(n > 0, "host process exited before it was ready");
@@ -393,18 +405,15 @@ fn killing_the_host_process_leaves_no_sandboxed_process() {
             .next()
             .filter(|_| line.contains("ready "))
         {
-            break pid.parse::<i32>().expect("pid");
+            break pid.parse::<u64>().expect("pid namespace id");
         }
     };
-    let ns = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")).expect("ns");
-    let members = || {
-        std::fs::read_dir("/proc")
-            .expect("proc")
-            .flatten()
-            .filter(|e| std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() == Some(&ns))
-            .count()
-    };
-    assert!(members() >= 3, "init, sh and the sleeps are running");
+    let members = || namespace_members(ns_id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while members() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(members() >= 3, "sh and the two sleeps are running");
     child.kill().expect("SIGKILL the host process");
     child.wait().expect("reap");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -416,6 +425,50 @@ fn killing_the_host_process_leaves_no_sandboxed_process() {
         0,
         "sandboxed processes outlived the host process"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn does_not_run_as_host_root() {
+    let sb = start("proc-uid");
+    let p = sb
+        .host
+        .spawn(ProcessSpec {
+            argv: vec!["sleep".into(), "100".into()],
+            env: default_env(PORT),
+            cwd: None,
+        })
+        .expect("spawn");
+    let ns = format!("pid:[{}]", sb.host.pid_namespace_id());
+    let uid_line = std::fs::read_dir("/proc")
+        .expect("proc")
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path().join("ns/pid"))
+                .ok()
+                .and_then(|l| l.to_str().map(|s| s == ns))
+                == Some(true)
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
+        .find(|st| st.contains("\nName:\tsleep") || st.starts_with("Name:\tsleep"))
+        .and_then(|st| st.lines().find(|l| l.starts_with("Uid:")).map(String::from))
+        .expect("the sleep is visible from the host");
+    // SAFETY: trivial getter.
+    let me = unsafe { libc::geteuid() };
+    let want = if me == 0 { idmap::ROOT_MAPPED_ID } else { me };
+    let uids: Vec<u32> = uid_line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|u| u.parse().ok())
+        .collect();
+    assert_eq!(uids, [want; 4], "{uid_line}");
+    p.kill(libc::SIGKILL).expect("kill");
+    // Inside, it is root of its own namespace, with nothing to show for it.
+    let out = sh(
+        &sb.host,
+        "id -u; cat /proc/1/maps >/dev/null 2>&1 || echo no-init-memory",
+    )
+    .await;
+    assert_eq!(out.stdout, "0\nno-init-memory\n", "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -434,9 +487,10 @@ async fn inherits_no_file_descriptor_of_the_host() {
         ["0", "1", "2", "3"],
         "only stdio (and ls's own directory fd): {out:?}"
     );
-    let init_fds =
-        std::fs::read_dir(format!("/proc/{}/fd", sb.host.init_host_pid())).expect("fd dir");
-    assert_eq!(init_fds.count(), 0, "init holds no fd of the host");
+    // init is not dumpable: only root may look at its fds.
+    if let Ok(init_fds) = std::fs::read_dir(format!("/proc/{}/fd", sb.host.init_host_pid())) {
+        assert_eq!(init_fds.count(), 0, "init holds no fd of the host");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
