@@ -918,3 +918,78 @@ pub fn default_env(proxy_port: u16) -> Vec<(String, String)> {
     }
     env
 }
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use crate::ErrorCode;
+
+    #[test]
+    fn init_failures_map_to_stable_codes() {
+        for (stage, errno, code) in [
+            // Ubuntu's AppArmor restriction: the userns exists but holds no capability.
+            (Stage::LoopbackUp, libc::EPERM, ErrorCode::UsernsUnavailable),
+            (Stage::Hostname, libc::EPERM, ErrorCode::UsernsUnavailable),
+            (
+                Stage::MountPrivate,
+                libc::EACCES,
+                ErrorCode::UsernsUnavailable,
+            ),
+            (Stage::PivotRoot, libc::EPERM, ErrorCode::UsernsUnavailable),
+            // Anything else is a bug or a host problem, not a policy refusal.
+            (Stage::Listener, libc::EADDRINUSE, ErrorCode::Internal),
+            (Stage::LandlockRule, libc::EPERM, ErrorCode::Internal),
+            (Stage::WriteFile, libc::ENOSPC, ErrorCode::Internal),
+        ] {
+            assert_eq!(init_error(stage, errno).code(), code, "{stage:?} {errno}");
+        }
+    }
+
+    #[test]
+    fn userns_errors_carry_the_hint() {
+        let e = init_error(Stage::LoopbackUp, libc::EPERM);
+        assert!(
+            e.to_string()
+                .contains("apparmor_restrict_unprivileged_userns"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn default_env_points_every_client_at_the_proxy_and_the_ca() {
+        let env = default_env(3128);
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        for k in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        ] {
+            assert_eq!(get(k), Some("http://127.0.0.1:3128"), "{k}");
+        }
+        for k in ["NO_PROXY", "no_proxy"] {
+            assert_eq!(get(k), Some("localhost,127.0.0.1,::1"), "{k}");
+        }
+        for k in [
+            "SSL_CERT_FILE",
+            "NODE_EXTRA_CA_CERTS",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+            "PIP_CERT",
+            "CARGO_HTTP_CAINFO",
+            "DENO_CERT",
+            "AWS_CA_BUNDLE",
+        ] {
+            assert_eq!(get(k), Some(CA_BUNDLE_PATH), "{k}");
+        }
+        assert_eq!(get("HOME"), Some(SANDBOX_HOME));
+        assert!(get("SSL_CERT_DIR").is_none());
+    }
+}

@@ -169,7 +169,17 @@ impl InitPlan {
         }
         let mut mounts = Vec::new();
         for m in &spec.mounts {
-            mounts.push(plan_mount(m)?);
+            let planned = plan_mount(m)?;
+            if mounts
+                .iter()
+                .any(|p: &PlannedMount| p.target_rel == planned.target_rel)
+            {
+                return Err(HiveError::InvalidArgument(format!(
+                    "mount target {:?} is used twice",
+                    m.target
+                )));
+            }
+            mounts.push(planned);
         }
         // Parents before children, so a nested target lands on top of its parent's bind.
         mounts.sort_by_key(|m| {
@@ -427,6 +437,17 @@ mod unit {
         ] {
             assert_eq!(plan_mount(&mount(target)).is_ok(), ok, "{target}");
         }
+    }
+
+    #[test]
+    fn a_target_used_twice_is_rejected() {
+        let spec = LaunchSpec {
+            name: "t".into(),
+            mounts: vec![mount("/w"), mount("/w/")],
+            ca_bundle_pem: vec![],
+            proxy_port: 3128,
+        };
+        assert!(InitPlan::build(&spec, -1, -1, 0).is_err());
     }
 
     #[test]
