@@ -324,8 +324,8 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         }
     }
     // /run/hive: the CA bundle and the masks used to hide secrets.
-    let ca = super::plan::ca_bundle_rel();
-    write_file(&ca, &plan.ca_bundle, 0o444)?;
+    let ca = &plan.ca_bundle_rel;
+    write_file(ca, &plan.ca_bundle, 0o444)?;
     write_file(HIDDEN_FILE, &[], 0)?;
     mkdir(HIDDEN_DIR, 0, Stage::WriteFile)?;
     // Configured mounts, parents first.
@@ -400,7 +400,7 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         if libc::stat(target.as_ptr(), &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG {
             bind(
                 libc::AT_FDCWD,
-                &ca,
+                ca,
                 target,
                 false,
                 RO | MOUNT_ATTR_NOEXEC,

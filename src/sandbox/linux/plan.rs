@@ -113,6 +113,8 @@ pub(crate) struct InitPlan {
     pub mounts: Vec<PlannedMount>,
     pub hidden: Vec<Hidden>,
     pub ca_bundle: Vec<u8>,
+    /// [`CA_BUNDLE_PATH`] relative to the new root.
+    pub ca_bundle_rel: CString,
     pub ca_targets: Vec<CString>,
     /// Scratch space for source fds (filled by init, sized here so init never allocates).
     pub source_fds: Vec<RawFd>,
@@ -206,6 +208,7 @@ impl InitPlan {
             mounts,
             hidden,
             ca_bundle: spec.ca_bundle_pem.clone(),
+            ca_bundle_rel: cstring(CA_BUNDLE_PATH.trim_start_matches('/').as_bytes())?,
             ca_targets: CA_TARGETS
                 .iter()
                 .map(|t| cstring(t.as_bytes()))
@@ -402,11 +405,6 @@ pub(crate) fn ptr_array(strings: &[CString]) -> Vec<*const libc::c_char> {
         .map(|s| s.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect()
-}
-
-/// The sandbox-side path of the CA bundle, relative to the new root.
-pub(crate) fn ca_bundle_rel() -> CString {
-    CString::new(CA_BUNDLE_PATH.trim_start_matches('/')).unwrap_or_default()
 }
 
 #[cfg(test)]

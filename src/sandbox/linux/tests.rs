@@ -183,6 +183,74 @@ async fn two_processes_of_one_sandbox_talk_over_loopback() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn cannot_reach_or_see_another_sandbox() {
+    let a = start("iso-a");
+    let b = start("iso-b");
+    let server = py(
+        &b.host,
+        "import socket\ns=socket.socket()\ns.bind(('127.0.0.1',8001))\ns.listen()\nopen('/tmp/b-secret','w').write('b')\ns.settimeout(3)\ntry:\n s.accept()\n print('accepted')\nexcept OSError:\n print('nobody came')",
+    );
+    let probe = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let net = py(&a.host, &py_connect("127.0.0.1", 8001)).await;
+        let fs = sh(&a.host, "cat /tmp/b-secret 2>&1; echo rc=$?").await;
+        (net, fs)
+    };
+    let (server, (net, fs)) = tokio::join!(server, probe);
+    assert_eq!(net.stdout.trim(), "ECONNREFUSED", "{net:?}");
+    assert!(fs.stdout.contains("rc=1"), "{fs:?}");
+    assert_eq!(server.stdout.trim(), "nobody came", "{server:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_spawns_in_several_sandboxes_all_complete() {
+    let sandboxes: Vec<Sandbox> = (0..3).map(|i| start(&format!("many-{i}"))).collect();
+    let mut runs = Vec::new();
+    for (i, sb) in sandboxes.iter().enumerate() {
+        for j in 0..8 {
+            runs.push(async move {
+                let out = sh(&sb.host, &format!("echo {i}-{j}; exit {j}")).await;
+                (i, j, out)
+            });
+        }
+    }
+    for (i, j, out) in futures_join_all(runs).await {
+        assert_eq!(out.stdout, format!("{i}-{j}\n"));
+        assert_eq!(out.status.code, Some(j));
+    }
+}
+
+/// Minimal join_all (no futures crate): polls every future to completion concurrently.
+async fn futures_join_all<F: std::future::Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    let mut set: Vec<_> = handles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, res) in set.iter_mut().zip(results.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *res = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.extend(results.into_iter().flatten());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn only_loopback_exists_inside() {
     let sb = start("net-ifaces");
     let out = sh(
