@@ -10,7 +10,8 @@
 //! 3. Hostname, `lo` up, the proxy listener ([`super::netns`]); the filesystem
 //!    ([`super::mounts`]); the Landlock rules.
 //! 4. Reports success with the listener attached, closes every fd it holds, and becomes a
-//!    reaper: orphans of the sandbox are re-parented to it and must not stay zombies.
+//!    reaper: orphans of the sandbox are re-parented to it and must not stay zombies. On x86_64
+//!    it first unmaps the host's memory it was cloned with ([`reap_forever`]).
 //!
 //! init never execs: it is a copy of the host process with a tiny, allocation-free loop. The
 //! workloads are not its children (see [`super`] for why); it only reaps orphans.

@@ -12,17 +12,19 @@
 //! # How a sandbox starts ([`SandboxHost::start`])
 //! 1. On the launcher thread: create the Landlock ruleset, compile the seccomp filter, resolve
 //!    the [`plan::InitPlan`] (system dirs, `/etc` secrets, mounts), make a control socketpair.
-//! 2. `clone3` init with every namespace and `CLONE_PIDFD`. The parent writes `setgroups=deny`,
-//!    `uid_map` and `gid_map` (inside uid/gid 0 = the caller's uid/gid) and sends "go".
+//! 2. `clone3` init with every namespace and `CLONE_PIDFD`. The parent opens init's namespace
+//!    fds, writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when
+//!    unprivileged) and sends "go".
 //! 3. init sets up `lo`, the proxy listener, the filesystem and the Landlock rules
 //!    ([`init`], [`netns`], [`mounts`]) and sends the listener back over `SCM_RIGHTS`.
 //!
 //! # How a process is spawned ([`SandboxHost::spawn`])
 //! 1. On the launcher thread: argv/envp/candidate paths ([`plan::SpawnPlan`]), stdio pipes, an
 //!    exec-status pipe and a pid pipe, all `O_CLOEXEC`.
-//! 2. Fork a helper. It `setns`es into init's namespaces through init's pidfd (user namespace
-//!    first, all at once) and forks the workload with `CLONE_PARENT`, so the workload is a child
-//!    of the host process inside the sandbox's PID namespace; the helper reports its pid and exits.
+//! 2. Fork a helper. It `setns`es into init's namespaces through the `/proc/<init>/ns/*` fds the
+//!    parent opened at start (user namespace first, PID namespace last) and forks the workload
+//!    with `CLONE_PARENT`, so the workload is a child of the host process inside the sandbox's
+//!    PID namespace; the helper reports its pid and exits.
 //! 3. The workload confines itself ([`child::workload_main`]: new session, stdio, cwd, every
 //!    capability dropped, no_new_privs, Landlock, fds closed at exec, seccomp) and execs. The
 //!    exec-status pipe tells the launcher "exec happened" (EOF) or which step failed.
@@ -30,17 +32,20 @@
 //!    `AsyncFd` and reads the status with `waitid(P_PIDFD)`.
 //!
 //! Why a `setns` helper and not "init forks on request": the workload stays a child of the host,
-//! so its exit status comes straight from the kernel (no status protocol), init stays a trivial
-//! reaper with no request parsing after fork, and the allocation-free code that parses nothing
-//! runs in a short-lived helper. The price is one extra fork of the host per spawn (measured in
-//! the benchmark in `tests.rs`).
+//! so its exit status comes straight from the kernel (no status protocol); init stays a trivial
+//! reaper that never parses a request; and the allocation-free code runs in short-lived
+//! processes only. The price is one extra fork of the host per spawn (see the benchmark in
+//! `tests.rs`).
 //!
 //! # Lifetime
 //! `close()` sends SIGKILL to init; the kernel then kills every process of the PID namespace.
 //! The launcher reaps the workloads (init's exit waits for them) and init. The host dying kills
 //! init through `PR_SET_PDEATHSIG`, set from the launcher thread (PDEATHSIG follows the thread
-//! that forked, which is why that thread never exits). No host state is left: the namespaces
-//! disappear with their last process and fd; there are no interfaces, rules or mounts on the host.
+//! that forked, which is why that thread never exits, even when a job panics). init is a
+//! copy-on-write copy of the host; once set up it unmaps everything but its stack and a few
+//! instructions ([`init`]), so an idle sandbox costs about 1 MB instead of pinning a copy of the
+//! host's heap. No host state is left: the namespaces disappear with their last process and fd;
+//! there are no interfaces, rules or mounts on the host.
 //!
 //! # Identity
 //! Inside, everything runs as uid/gid 0 of the sandbox's user namespace, the only id mapped
@@ -226,8 +231,9 @@ fn launcher() -> Result<&'static Mutex<mpsc::Sender<Job>>> {
         .name("hive-launcher".into())
         .spawn(move || {
             // Lives as long as the process: PR_SET_PDEATHSIG of every init follows this thread.
+            // A panicking job must not end this thread: that would fire every init's PDEATHSIG.
             while let Ok(job) = rx.recv() {
-                job();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             }
         })
         .map_err(|e| HiveError::io("starting the launcher thread", e))?;
