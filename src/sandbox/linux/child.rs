@@ -285,9 +285,17 @@ pub(crate) unsafe fn helper_main(plan: &SpawnPlan) -> ! {
             );
         }
     }
-    // The pid namespace switch applies to our children: fork the workload into it, as a child of
-    // our parent (the host process).
-    let pid = clone3(libc::CLONE_PARENT as u64, 0, None);
+    // The pid namespace switch applies to our children: start the workload in it, as a child of
+    // our parent (the host process). CLONE_VM | CLONE_VFORK (like posix_spawn): the workload
+    // borrows our memory until it execs instead of copying the page tables of what is a copy of
+    // the whole host (Node's heap). It runs on the stack the parent allocated in the plan.
+    let stack_top = plan.workload_stack.as_ptr().add(plan.workload_stack.len()) as usize & !0xf;
+    let pid = libc::clone(
+        workload_entry,
+        stack_top as *mut libc::c_void,
+        libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT,
+        plan as *const SpawnPlan as *mut libc::c_void,
+    );
     if pid < 0 {
         die(
             plan.err_pipe_w,
@@ -297,11 +305,14 @@ pub(crate) unsafe fn helper_main(plan: &SpawnPlan) -> ! {
             },
         );
     }
-    if pid == 0 {
-        workload_main(plan);
-    }
     write_all(plan.pid_pipe_w, &(pid as i32).to_le_bytes());
     libc::_exit(0)
+}
+
+/// `clone` entry point of the workload (on its own stack, sharing the helper's memory).
+extern "C" fn workload_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg is the helper's &SpawnPlan, alive while the helper waits (CLONE_VFORK).
+    unsafe { workload_main(&*(arg as *const SpawnPlan)) }
 }
 
 /// The workload: confines itself, then `execve`s the command. On failure reports on the

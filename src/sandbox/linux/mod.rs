@@ -660,6 +660,7 @@ fn spawn_on_launcher(
         ns_fds: ns_fd_array(&inner.ns_fds),
         err_pipe_w: err_w.as_raw_fd(),
         pid_pipe_w: pid_w.as_raw_fd(),
+        workload_stack: vec![0; plan::WORKLOAD_STACK],
         stdio: [
             stdin_r.as_raw_fd(),
             stdout_w.as_raw_fd(),

@@ -313,6 +313,8 @@ pub(crate) struct SpawnPlan<'a> {
     pub ns_fds: [RawFd; NS_ORDER.len()],
     pub err_pipe_w: RawFd,
     pub pid_pipe_w: RawFd,
+    /// Stack the workload runs on until it execs (it shares the helper's memory).
+    pub workload_stack: Vec<u8>,
     /// Child ends: stdin read end, stdout and stderr write ends.
     pub stdio: [RawFd; 3],
     pub cwd: CString,
@@ -326,6 +328,9 @@ pub(crate) struct SpawnPlan<'a> {
     pub envp: Vec<CString>,
     pub envp_ptrs: Vec<*const libc::c_char>,
 }
+
+/// Size of [`SpawnPlan::workload_stack`].
+pub(crate) const WORKLOAD_STACK: usize = 256 * 1024;
 
 /// `PATH` used for the command lookup when the caller's env has none.
 pub(crate) const DEFAULT_PATH: &str =

@@ -768,6 +768,14 @@ fn row(name: &str, mut samples: Vec<Duration>) {
 #[ignore = "benchmark: cargo test --lib bench_spawn_true -- --ignored --nocapture"]
 async fn bench_spawn_true() {
     const RUNS: usize = 100;
+    // HIVE_BENCH_HEAP_MB=N: a host with an N MB heap (Node's is 50-200 MB), since every spawn
+    // clones the host.
+    let heap_mb: usize = std::env::var("HIVE_BENCH_HEAP_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let heap = vec![1u8; heap_mb << 20];
+    println!("\nhost heap: {heap_mb} MB (HIVE_BENCH_HEAP_MB)");
     let t = Instant::now();
     let sb = start("bench");
     let start_time = t.elapsed();
@@ -841,6 +849,7 @@ async fn bench_spawn_true() {
     } else {
         println!("(bwrap not installed)");
     }
+    drop(heap);
 }
 
 fn which(name: &str) -> std::io::Result<std::path::PathBuf> {
