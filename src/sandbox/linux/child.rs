@@ -263,9 +263,11 @@ pub(crate) unsafe fn clone3(
     )
 }
 
-/// The spawn helper: forked from the launcher thread, joins the sandbox's namespaces and forks the
-/// workload as a sibling (`CLONE_PARENT`), so the workload is a direct child of the host process
-/// (real exit status through `waitid`) while living in the sandbox's PID namespace.
+/// The spawn helper: cloned from the launcher thread with `CLONE_VM | CLONE_VFORK` (it runs on
+/// its own stack in the host's memory while the launcher thread waits), joins the sandbox's
+/// namespaces and starts the workload as a sibling (`CLONE_PARENT`), so the workload is a direct
+/// child of the host process (real exit status through `waitid`) while living in the sandbox's
+/// PID namespace.
 ///
 /// Writes the workload's pid (host view) to `plan.pid_pipe` and exits.
 ///
@@ -309,6 +311,12 @@ pub(crate) unsafe fn helper_main(plan: &SpawnPlan) -> ! {
     libc::_exit(0)
 }
 
+/// `clone` entry point of the spawn helper (on its own stack, sharing the host's memory).
+pub(crate) extern "C" fn helper_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg is the launcher's &SpawnPlan, alive while the launcher waits (CLONE_VFORK).
+    unsafe { helper_main(&*(arg as *const SpawnPlan)) }
+}
+
 /// `clone` entry point of the workload (on its own stack, sharing the helper's memory).
 extern "C" fn workload_entry(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: arg is the helper's &SpawnPlan, alive while the helper waits (CLONE_VFORK).
@@ -330,18 +338,20 @@ pub(crate) unsafe fn workload_main(plan: &SpawnPlan) -> ! {
 
 /// Confinement steps, in order (see the module doc).
 unsafe fn confine(plan: &SpawnPlan) -> CResult {
-    // 1. Signals: Rust and Node ignore SIGPIPE, and ignored dispositions survive execve.
+    // 1. Signals: the launcher blocked them all before cloning (the host's handlers must never
+    //    run here: until exec this process shares the host's memory). Reset every disposition
+    //    (Rust and Node ignore SIGPIPE, and ignored dispositions survive execve), then unblock.
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
     let mut set: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut set);
     check_i(
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()),
         Stage::Signals,
     )?;
-    for sig in 1..=64 {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
-        }
-    }
     // 2. New session: no controlling terminal, so TIOCSTI has nothing to inject into.
     check_i(libc::setsid(), Stage::Setsid)?;
     // 3. stdio: move the pipe ends high first so dup2 cannot clobber one with another.

@@ -21,10 +21,12 @@
 //! # How a process is spawned ([`SandboxHost::spawn`])
 //! 1. On the launcher thread: argv/envp/candidate paths ([`plan::SpawnPlan`]), stdio pipes, an
 //!    exec-status pipe and a pid pipe, all `O_CLOEXEC`.
-//! 2. Fork a helper. It `setns`es into init's namespaces through the `/proc/<init>/ns/*` fds the
-//!    parent opened at start (user namespace first, PID namespace last) and forks the workload
-//!    with `CLONE_PARENT`, so the workload is a child of the host process inside the sandbox's
-//!    PID namespace; the helper reports its pid and exits.
+//! 2. Start a helper with `CLONE_VM | CLONE_VFORK` (like `posix_spawn`: no copy of the host's
+//!    page tables, all signals blocked). It `setns`es into init's namespaces through the
+//!    `/proc/<init>/ns/*` fds the parent opened at start (user namespace first, PID namespace
+//!    last) and starts the workload the same way plus `CLONE_PARENT`, so the workload is a child
+//!    of the host process inside the sandbox's PID namespace; the helper reports its pid and
+//!    exits.
 //! 3. The workload confines itself ([`child::workload_main`]: new session, stdio, cwd, every
 //!    capability dropped, no_new_privs, Landlock, fds closed at exec, seccomp) and execs. The
 //!    exec-status pipe tells the launcher "exec happened" (EOF) or which step failed.
@@ -34,8 +36,8 @@
 //! Why a `setns` helper and not "init forks on request": the workload stays a child of the host,
 //! so its exit status comes straight from the kernel (no status protocol); init stays a trivial
 //! reaper that never parses a request; and the allocation-free code runs in short-lived
-//! processes only. The price is one extra fork of the host per spawn (see the benchmark in
-//! `tests.rs`).
+//! processes only. The price is one extra `clone` per spawn, cheap since neither copies the
+//! host's memory (see the benchmark in `tests.rs`).
 //!
 //! # Lifetime
 //! `close()` sends SIGKILL to init; the kernel then kills every process of the PID namespace.
@@ -325,6 +327,21 @@ fn waitid_pidfd(pidfd: RawFd, flags: libc::c_int) -> std::io::Result<Option<Exit
     }
 }
 
+/// Runs `f` (a clone) with every signal blocked on this thread, like `posix_spawn`: the host's
+/// handlers must not run in a child before it has reset them, and the child inherits the mask.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain signal-mask manipulation of the calling thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
 fn pidfd_send_signal(pidfd: RawFd, signal: i32) -> std::io::Result<()> {
     // SAFETY: plain syscall.
     let r = unsafe {
@@ -481,7 +498,9 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
     }
     let mut pidfd: libc::c_int = -1;
     // SAFETY: the child runs only init_main (allocation-free, never returns).
-    let pid = unsafe { child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd)) };
+    let pid = with_signals_blocked(|| unsafe {
+        child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd))
+    });
     if pid == 0 {
         // SAFETY: we are the freshly cloned child.
         unsafe { init::init_main(&mut plan) }
@@ -675,12 +694,20 @@ fn spawn_on_launcher(
         envp,
         exec_candidates,
     };
-    // SAFETY: the child runs only helper_main (allocation-free, never returns).
-    let helper = unsafe { child::clone3(0, libc::SIGCHLD as u64, None) };
-    if helper == 0 {
-        // SAFETY: we are the freshly forked child.
-        unsafe { child::helper_main(&plan) }
-    }
+    // The helper borrows this process's memory (CLONE_VM | CLONE_VFORK, like posix_spawn): no
+    // copy of the host's page tables, and this thread waits until the workload has exec'd.
+    let mut helper_stack = vec![0u8; plan::WORKLOAD_STACK];
+    let stack_top = (helper_stack.as_mut_ptr() as usize + helper_stack.len()) & !0xf;
+    // SAFETY: the child runs only helper_main (allocation-free, never returns) on its own stack.
+    let helper = with_signals_blocked(|| unsafe {
+        libc::clone(
+            child::helper_entry,
+            stack_top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &plan as *const SpawnPlan as *mut libc::c_void,
+        )
+    });
+    drop(helper_stack);
     if helper < 0 {
         return Err(last_err("forking the spawn helper"));
     }

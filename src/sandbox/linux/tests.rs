@@ -823,7 +823,7 @@ async fn bench_spawn_true() {
         "spawn+wait `true`, 100 runs", "median ms", "p90 ms"
     );
     println!("|{}|{}|{}|", "-".repeat(60), "-".repeat(10), "-".repeat(10));
-    row("hive sandbox (shared namespaces, setns helper)", hive);
+    row("hive sandbox (shared namespaces, vfork+setns helper)", hive);
     row("std::process::Command (no isolation)", plain);
     if let Ok(bwrap) = which("bwrap") {
         let mut b = Vec::new();
