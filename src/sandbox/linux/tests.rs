@@ -673,6 +673,14 @@ async fn cannot_write_outside_the_writable_mounts() {
         assert!(!out.ok(), "{path}: {out:?}");
     }
     assert!(sh(&sb.host, "echo x > /tmp/x && cat /tmp/x").await.ok());
+    if landlock::abi_version().is_some() {
+        // Only Landlock stands in the way here (procfs is mounted read-write, the file is ours).
+        let out = sh(&sb.host, "echo renamed > /proc/self/comm").await;
+        assert!(
+            !out.ok() && out.stderr.contains("Permission denied"),
+            "{out:?}"
+        );
+    }
     assert!(sh(&sb.host, "cat /data/data.txt")
         .await
         .stdout
