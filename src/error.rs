@@ -16,7 +16,10 @@ pub struct ConfigIssue {
 impl ConfigIssue {
     /// A problem at `path`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { path: path.into(), message: message.into() }
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -94,7 +97,11 @@ pub enum HiveError {
 }
 
 fn join_issues(issues: &[ConfigIssue]) -> String {
-    issues.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    issues
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl HiveError {
@@ -123,7 +130,10 @@ impl HiveError {
 
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        HiveError::Io { context: context.into(), source }
+        HiveError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -6,6 +6,8 @@
 //! Everything below [`napi`](mod@napi) is plain Rust and runs under `cargo test`.
 
 pub mod config;
+mod diagnostics;
+pub mod dns;
 pub mod error;
 pub mod events;
 pub mod policy;

@@ -1,0 +1,95 @@
+//! `EventStream`: the native async iterator behind `getEventsStream()`.
+
+use std::sync::Arc;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use serde_json::Value;
+
+use super::error::IntoNapi;
+use crate::events::{Since, Subscription, DEFAULT_BUFFER};
+use crate::sandbox::Sandbox;
+
+/// Options of `getEventsStream()`.
+#[napi(object)]
+pub struct EventsStreamOptions {
+    /// `"start"` replays the whole persisted audit log first; an event id replays what followed it.
+    pub since: Option<String>,
+    /// Events a slow subscriber may fall behind before the oldest are dropped (default 10 000).
+    pub buffer: Option<u32>,
+}
+
+/// One audit event, as JS sees it (typed as `SandboxEvent` in `index.d.ts`).
+pub struct SandboxEvent(Value);
+
+impl TypeName for SandboxEvent {
+    fn type_name() -> &'static str {
+        "SandboxEvent"
+    }
+    fn value_type() -> ValueType {
+        ValueType::Object
+    }
+}
+
+impl ToNapiValue for SandboxEvent {
+    unsafe fn to_napi_value(env: napi::sys::napi_env, val: Self) -> Result<napi::sys::napi_value> {
+        // SAFETY: forwarded unchanged from napi's own conversion contract.
+        unsafe { Value::to_napi_value(env, val.0) }
+    }
+}
+
+/// An async iterator over a sandbox's events.
+#[napi(async_iterator)]
+pub struct EventStream {
+    subscription: Arc<Subscription>,
+}
+
+impl EventStream {
+    pub(super) fn subscribe(
+        sandbox: &Sandbox,
+        options: Option<EventsStreamOptions>,
+    ) -> Result<Self> {
+        let (since, buffer) = match options {
+            None => (Since::Now, DEFAULT_BUFFER),
+            Some(o) => {
+                let since = match o.since.as_deref() {
+                    None => Since::Now,
+                    Some("start") => Since::Start,
+                    Some(id) => Since::After(id.to_owned()),
+                };
+                let buffer = o.buffer.map_or(DEFAULT_BUFFER, |b| b.max(1) as usize);
+                (since, buffer)
+            }
+        };
+        let subscription = Arc::new(sandbox.subscribe(since, buffer).napi()?);
+        Ok(EventStream { subscription })
+    }
+}
+
+#[napi]
+impl AsyncGenerator for EventStream {
+    type Yield = SandboxEvent;
+    type Next = ();
+    type Return = ();
+
+    fn next(
+        &mut self,
+        _value: Option<()>,
+    ) -> impl std::future::Future<Output = Result<Option<SandboxEvent>>> + Send + 'static {
+        let subscription = self.subscription.clone();
+        async move {
+            Ok(subscription
+                .next()
+                .await
+                .map(|event| SandboxEvent(event.to_json())))
+        }
+    }
+
+    fn complete(
+        &mut self,
+        _value: Option<()>,
+    ) -> impl std::future::Future<Output = Result<Option<SandboxEvent>>> + Send + 'static {
+        self.subscription.unsubscribe();
+        async move { Ok(None) }
+    }
+}

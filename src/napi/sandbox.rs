@@ -1,0 +1,216 @@
+//! `getOrCreateSandbox`, `deleteSandbox` and the `Sandbox` class.
+
+use std::sync::Arc;
+
+use napi::bindgen_prelude::*;
+use napi_derive::napi;
+use serde_json::Value;
+
+use super::error::{to_napi, IntoNapi};
+use super::events::{EventStream, EventsStreamOptions};
+#[cfg(target_os = "linux")]
+use super::process::{NativeProcess, NativeSpawnOptions};
+use crate::error::HiveError;
+use crate::policy::Scheme;
+use crate::sandbox as core;
+use crate::sandbox::DryRunRequest;
+
+/// Returns the live sandbox of this name in this process (applying `config` to it when given), or
+/// opens it: its data, CA and audit log persist under the hive home.
+#[napi(ts_args_type = "name: string, config?: SandboxConfig")]
+pub async fn get_or_create_sandbox(name: String, config: Option<Value>) -> Result<Sandbox> {
+    let inner = core::get_or_create(name, config).await.napi()?;
+    Ok(Sandbox { inner })
+}
+
+/// Closes the live sandbox of this name, if any, and removes its data from the hive home.
+#[napi]
+pub async fn delete_sandbox(name: String) -> Result<()> {
+    core::delete(name).await.napi()
+}
+
+/// A request for [`Sandbox::decide`].
+#[napi(object)]
+pub struct DecideRequest {
+    pub host: String,
+    pub port: Option<i64>,
+    pub method: Option<String>,
+    /// The request path, query string allowed (it is ignored).
+    pub path: Option<String>,
+    #[napi(ts_type = "'http' | 'https'")]
+    pub scheme: Option<String>,
+}
+
+/// The outcome of [`Sandbox::decide`].
+#[napi(object)]
+pub struct DecisionResult {
+    #[napi(ts_type = "'allowed' | 'denied'")]
+    pub access: String,
+    /// Index of the deciding rule, `null` when none matched.
+    pub rule: Either<u32, Null>,
+    /// `"rule"`, `"no-rule"`, `"plaintext-credentials"`, …
+    pub reason: String,
+}
+
+/// A sandbox: its policy, its event stream and (on Linux) its processes.
+#[napi]
+pub struct Sandbox {
+    inner: Arc<core::Sandbox>,
+}
+
+#[napi]
+impl Sandbox {
+    /// The sandbox's name.
+    #[napi(getter)]
+    pub fn name(&self) -> String {
+        self.inner.name().to_owned()
+    }
+
+    /// Identifies the engine-side sandbox behind this handle (the JS entry keeps one object per
+    /// live sandbox with it).
+    #[napi(getter)]
+    pub fn instance_id(&self) -> f64 {
+        self.inner.instance_id() as f64
+    }
+
+    /// Whether `close()` has been called.
+    #[napi(getter)]
+    pub fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    /// The sandbox CA certificate (PEM) that clients of its proxy trust. The key never leaves Rust.
+    #[napi(getter)]
+    pub fn ca_certificate(&self) -> String {
+        self.inner.ca().cert_pem().to_owned()
+    }
+
+    /// The config in force: normalized, deep-copied, override header values as `"[redacted]"`.
+    #[napi(ts_return_type = "Promise<SandboxConfig>")]
+    pub async fn get_config(&self) -> Result<Value> {
+        Ok(self.inner.config_json())
+    }
+
+    /// Validates the whole config (nothing changes on error), then swaps it in atomically.
+    #[napi(ts_args_type = "config: SandboxConfig")]
+    pub async fn apply_config(&self, config: Value) -> Result<()> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.apply_config(&config))
+            .await
+            .map_err(|e| Error::from_reason(format!("applyConfig task failed: {e}")))?
+            .napi()
+    }
+
+    /// Decides a request against the rules in force, without sending it or emitting an event: a dry
+    /// run to check a policy. `port` defaults to 443 for https and 80 for http, `method` to GET,
+    /// `path` to `/`.
+    #[napi]
+    pub fn decide(&self, request: DecideRequest) -> Result<DecisionResult> {
+        let scheme = match request.scheme.as_deref() {
+            None | Some("https") => Scheme::Https,
+            Some("http") => Scheme::Http,
+            Some(other) => {
+                let message =
+                    format!("request.scheme: expected \"http\" or \"https\", got {other:?}");
+                return Err(to_napi(HiveError::InvalidArgument(message)));
+            }
+        };
+        let default_port = if scheme == Scheme::Http { 80 } else { 443 };
+        let port = match request.port {
+            None => default_port,
+            Some(p) if (1..=65535).contains(&p) => p as u16,
+            Some(p) => {
+                let message = format!("request.port: expected an integer from 1 to 65535, got {p}");
+                return Err(to_napi(HiveError::InvalidArgument(message)));
+            }
+        };
+        let decision = self
+            .inner
+            .decide(&DryRunRequest {
+                host: request.host,
+                port,
+                method: request.method.unwrap_or_else(|| "GET".into()),
+                path: request.path.unwrap_or_else(|| "/".into()),
+                scheme,
+            })
+            .napi()?;
+        Ok(DecisionResult {
+            access: decision.access.as_str().to_owned(),
+            rule: decision
+                .rule
+                .map_or(Either::B(Null), |r| Either::A(r as u32)),
+            reason: decision.reason.to_owned(),
+        })
+    }
+
+    /// An independent subscriber to the sandbox's events, from now (or replaying the audit log
+    /// first with `since`). Use it with `for await`; `break` unsubscribes.
+    #[napi]
+    pub fn get_events_stream(&self, options: Option<EventsStreamOptions>) -> Result<EventStream> {
+        EventStream::subscribe(&self.inner, options)
+    }
+
+    /// Opens a host-side loopback proxy listener for this sandbox's policy, for clients that run
+    /// outside a hive sandbox. Its `url` carries a random credential; `ca` is the CA to trust.
+    #[napi]
+    pub async fn proxy(&self) -> Result<HostProxy> {
+        let listener = self.inner.open_proxy().await.napi()?;
+        Ok(HostProxy {
+            inner: Arc::new(listener),
+        })
+    }
+
+    /// Internal: starts a process (see `exec` / `spawn` in index.js).
+    #[cfg(target_os = "linux")]
+    #[napi(skip_typescript)]
+    pub async fn spawn_native(
+        &self,
+        argv: Vec<String>,
+        options: Option<NativeSpawnOptions>,
+    ) -> Result<NativeProcess> {
+        let (cwd, env) = match options {
+            Some(o) => (
+                o.cwd,
+                o.env.map(|e| e.into_iter().collect()).unwrap_or_default(),
+            ),
+            None => (None, Vec::new()),
+        };
+        let spawned = self.inner.spawn(argv, env, cwd).await.napi()?;
+        Ok(NativeProcess::new(spawned))
+    }
+
+    /// Stops the sandbox's processes and listeners and ends its event streams; its data stays.
+    #[napi]
+    pub async fn close(&self) -> Result<()> {
+        self.inner.close().await;
+        Ok(())
+    }
+}
+
+/// The host-side proxy listener of `sandbox.proxy()`.
+#[napi]
+pub struct HostProxy {
+    inner: Arc<crate::proxy::HostListener>,
+}
+
+#[napi]
+impl HostProxy {
+    /// `http://hive:<token>@127.0.0.1:<port>`: the credential keeps other local processes out.
+    #[napi(getter)]
+    pub fn url(&self) -> String {
+        self.inner.url.clone()
+    }
+
+    /// The sandbox CA certificate (PEM) that clients must trust for HTTPS.
+    #[napi(getter)]
+    pub fn ca(&self) -> String {
+        self.inner.ca.clone()
+    }
+
+    /// Stops accepting and drains this listener's connections. Idempotent.
+    #[napi]
+    pub async fn close(&self) -> Result<()> {
+        self.inner.close().await;
+        Ok(())
+    }
+}
