@@ -19,7 +19,7 @@ use std::ffi::CStr;
 use std::os::fd::RawFd;
 
 use super::landlock;
-use super::plan::{SpawnPlan, NS_FLAGS};
+use super::plan::{SpawnPlan, NS_ORDER};
 use super::seccomp;
 
 /// A failed step after `clone`: which step ([`Stage`]) and the errno it got.
@@ -65,13 +65,14 @@ pub(crate) enum Stage {
     CloseFds = 29,
     Exec = 30,
     Setsid = 31,
+    Identity = 32,
     Unknown = 255,
 }
 
 impl Stage {
     /// Decodes a stage code received from a child.
     pub(crate) fn from_u32(v: u32) -> Stage {
-        const ALL: [Stage; 32] = [
+        const ALL: [Stage; 33] = [
             Stage::Ok,
             Stage::Handshake,
             Stage::Hostname,
@@ -104,6 +105,7 @@ impl Stage {
             Stage::CloseFds,
             Stage::Exec,
             Stage::Setsid,
+            Stage::Identity,
         ];
         ALL.iter()
             .copied()
@@ -146,6 +148,7 @@ impl Stage {
             Stage::CloseFds => "closing inherited file descriptors",
             Stage::Exec => "executing the command",
             Stage::Setsid => "starting a new session",
+            Stage::Identity => "switching to the sandbox's uid/gid 0",
             Stage::Unknown => "an unknown step",
         }
     }
@@ -260,29 +263,41 @@ pub(crate) unsafe fn clone3(
     )
 }
 
-/// The spawn helper: forked from the launcher thread, joins the sandbox's namespaces and forks the
-/// workload as a sibling (`CLONE_PARENT`), so the workload is a direct child of the host process
-/// (real exit status through `waitid`) while living in the sandbox's PID namespace.
+/// The spawn helper: cloned from the launcher thread with `CLONE_VM | CLONE_VFORK` (it runs on
+/// its own stack in the host's memory while the launcher thread waits), joins the sandbox's
+/// namespaces and starts the workload as a sibling (`CLONE_PARENT`), so the workload is a direct
+/// child of the host process (real exit status through `waitid`) while living in the sandbox's
+/// PID namespace.
 ///
 /// Writes the workload's pid (host view) to `plan.pid_pipe` and exits.
 ///
 /// # Safety
 /// Only call in a freshly forked child; never returns.
 pub(crate) unsafe fn helper_main(plan: &SpawnPlan) -> ! {
-    // setns with a pidfd and several flags switches all namespaces at once, user namespace first
-    // (Linux >= 5.8), so the capabilities the later switches need are those in the sandbox's userns.
-    if libc::syscall(libc::SYS_setns, plan.init_pidfd, NS_FLAGS as libc::c_long) < 0 {
-        die(
-            plan.err_pipe_w,
-            Fail {
-                stage: Stage::Setns,
-                errno: errno(),
-            },
-        );
+    // One namespace at a time, user namespace first: joining it grants the capabilities the
+    // other joins need. The fds were opened by the parent before init made itself non-dumpable.
+    for (fd, (_, nstype)) in plan.ns_fds.iter().zip(NS_ORDER.iter()) {
+        if libc::syscall(libc::SYS_setns, *fd, *nstype) < 0 {
+            die(
+                plan.err_pipe_w,
+                Fail {
+                    stage: Stage::Setns,
+                    errno: errno(),
+                },
+            );
+        }
     }
-    // The pid namespace switch applies to our children: fork the workload into it, as a child of
-    // our parent (the host process).
-    let pid = clone3(libc::CLONE_PARENT as u64, 0, None);
+    // The pid namespace switch applies to our children: start the workload in it, as a child of
+    // our parent (the host process). CLONE_VM | CLONE_VFORK (like posix_spawn): the workload
+    // borrows our memory until it execs instead of copying the page tables of what is a copy of
+    // the whole host (Node's heap). It runs on the stack the parent allocated in the plan.
+    let stack_top = plan.workload_stack.as_ptr().add(plan.workload_stack.len()) as usize & !0xf;
+    let pid = libc::clone(
+        workload_entry,
+        stack_top as *mut libc::c_void,
+        libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT,
+        plan as *const SpawnPlan as *mut libc::c_void,
+    );
     if pid < 0 {
         die(
             plan.err_pipe_w,
@@ -292,11 +307,20 @@ pub(crate) unsafe fn helper_main(plan: &SpawnPlan) -> ! {
             },
         );
     }
-    if pid == 0 {
-        workload_main(plan);
-    }
     write_all(plan.pid_pipe_w, &(pid as i32).to_le_bytes());
     libc::_exit(0)
+}
+
+/// `clone` entry point of the spawn helper (on its own stack, sharing the host's memory).
+pub(crate) extern "C" fn helper_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg is the launcher's &SpawnPlan, alive while the launcher waits (CLONE_VFORK).
+    unsafe { helper_main(&*(arg as *const SpawnPlan)) }
+}
+
+/// `clone` entry point of the workload (on its own stack, sharing the helper's memory).
+extern "C" fn workload_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg is the helper's &SpawnPlan, alive while the helper waits (CLONE_VFORK).
+    unsafe { workload_main(&*(arg as *const SpawnPlan)) }
 }
 
 /// The workload: confines itself, then `execve`s the command. On failure reports on the
@@ -314,18 +338,20 @@ pub(crate) unsafe fn workload_main(plan: &SpawnPlan) -> ! {
 
 /// Confinement steps, in order (see the module doc).
 unsafe fn confine(plan: &SpawnPlan) -> CResult {
-    // 1. Signals: Rust and Node ignore SIGPIPE, and ignored dispositions survive execve.
+    // 1. Signals: the launcher blocked them all before cloning (the host's handlers must never
+    //    run here: until exec this process shares the host's memory). Reset every disposition
+    //    (Rust and Node ignore SIGPIPE, and ignored dispositions survive execve), then unblock.
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
     let mut set: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut set);
     check_i(
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()),
         Stage::Signals,
     )?;
-    for sig in 1..=64 {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
-        }
-    }
     // 2. New session: no controlling terminal, so TIOCSTI has nothing to inject into.
     check_i(libc::setsid(), Stage::Setsid)?;
     // 3. stdio: move the pipe ends high first so dup2 cannot clobber one with another.
@@ -338,18 +364,20 @@ unsafe fn confine(plan: &SpawnPlan) -> CResult {
     }
     // 4. Working directory (inside the sandbox's mount namespace; setns put us at its root).
     check_i(libc::chdir(plan.cwd.as_ptr()), Stage::Chdir)?;
-    // 5. Capabilities: lock root's special treatment off, empty every set.
+    // 5. Identity: uid/gid 0 of the sandbox (setns keeps the host ids, which may be unmapped).
+    become_sandbox_root()?;
+    // 6. Capabilities: lock root's special treatment off, empty every set.
     drop_capabilities()?;
-    // 6. no_new_privs: required for unprivileged Landlock and seccomp; no setuid gains.
+    // 7. no_new_privs: required for unprivileged Landlock and seccomp; no setuid gains.
     check_i(
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
         Stage::NoNewPrivs,
     )?;
-    // 7. Landlock (ruleset completed by init with the sandbox-side paths).
+    // 8. Landlock (ruleset completed by init with the sandbox-side paths).
     if plan.landlock_fd >= 0 {
         landlock::restrict_self(plan.landlock_fd)?;
     }
-    // 8. Every inherited fd above 2 is closed at exec (CLOEXEC keeps the error pipe until then).
+    // 9. Every inherited fd above 2 is closed at exec (CLOEXEC keeps the error pipe until then).
     let ret = libc::syscall(
         libc::SYS_close_range,
         3 as libc::c_uint,
@@ -357,8 +385,22 @@ unsafe fn confine(plan: &SpawnPlan) -> CResult {
         libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
     );
     check(ret, Stage::CloseFds)?;
-    // 9. seccomp last: from here on only execve, write and _exit are needed.
+    // 10. seccomp last: from here on only execve, write and _exit are needed.
     seccomp::apply(plan.seccomp)?;
+    Ok(())
+}
+
+/// Switches to uid/gid 0 of the current user namespace and drops supplementary groups where
+/// `setgroups` is allowed (root parents leave it allowed; unprivileged ones must deny it, and
+/// then the caller's own groups stay).
+///
+/// Raw syscalls on purpose: glibc's `setresuid` & co. broadcast the change to every thread it
+/// believes exists (SETXID), and after `clone` from a multi-threaded parent those threads do not
+/// exist: the call would wait for them forever.
+pub(crate) unsafe fn become_sandbox_root() -> CResult {
+    libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>());
+    check(libc::syscall(libc::SYS_setresgid, 0, 0, 0), Stage::Identity)?;
+    check(libc::syscall(libc::SYS_setresuid, 0, 0, 0), Stage::Identity)?;
     Ok(())
 }
 

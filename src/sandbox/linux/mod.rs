@@ -12,17 +12,21 @@
 //! # How a sandbox starts ([`SandboxHost::start`])
 //! 1. On the launcher thread: create the Landlock ruleset, compile the seccomp filter, resolve
 //!    the [`plan::InitPlan`] (system dirs, `/etc` secrets, mounts), make a control socketpair.
-//! 2. `clone3` init with every namespace and `CLONE_PIDFD`. The parent writes `setgroups=deny`,
-//!    `uid_map` and `gid_map` (inside uid/gid 0 = the caller's uid/gid) and sends "go".
+//! 2. `clone3` init with every namespace and `CLONE_PIDFD`. The parent opens init's namespace
+//!    fds, writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when
+//!    unprivileged) and sends "go".
 //! 3. init sets up `lo`, the proxy listener, the filesystem and the Landlock rules
 //!    ([`init`], [`netns`], [`mounts`]) and sends the listener back over `SCM_RIGHTS`.
 //!
 //! # How a process is spawned ([`SandboxHost::spawn`])
 //! 1. On the launcher thread: argv/envp/candidate paths ([`plan::SpawnPlan`]), stdio pipes, an
 //!    exec-status pipe and a pid pipe, all `O_CLOEXEC`.
-//! 2. Fork a helper. It `setns`es into init's namespaces through init's pidfd (user namespace
-//!    first, all at once) and forks the workload with `CLONE_PARENT`, so the workload is a child
-//!    of the host process inside the sandbox's PID namespace; the helper reports its pid and exits.
+//! 2. Start a helper with `CLONE_VM | CLONE_VFORK` (like `posix_spawn`: no copy of the host's
+//!    page tables, all signals blocked). It `setns`es into init's namespaces through the
+//!    `/proc/<init>/ns/*` fds the parent opened at start (user namespace first, PID namespace
+//!    last) and starts the workload the same way plus `CLONE_PARENT`, so the workload is a child
+//!    of the host process inside the sandbox's PID namespace; the helper reports its pid and
+//!    exits.
 //! 3. The workload confines itself ([`child::workload_main`]: new session, stdio, cwd, every
 //!    capability dropped, no_new_privs, Landlock, fds closed at exec, seccomp) and execs. The
 //!    exec-status pipe tells the launcher "exec happened" (EOF) or which step failed.
@@ -30,28 +34,40 @@
 //!    `AsyncFd` and reads the status with `waitid(P_PIDFD)`.
 //!
 //! Why a `setns` helper and not "init forks on request": the workload stays a child of the host,
-//! so its exit status comes straight from the kernel (no status protocol), init stays a trivial
-//! reaper with no request parsing after fork, and the allocation-free code that parses nothing
-//! runs in a short-lived helper. The price is one extra fork of the host per spawn (measured in
-//! the benchmark in `tests.rs`).
+//! so its exit status comes straight from the kernel (no status protocol); init stays a trivial
+//! reaper that never parses a request; and the allocation-free code runs in short-lived
+//! processes only. The price is one extra `clone` per spawn, cheap since neither copies the
+//! host's memory (see the benchmark in `tests.rs`).
 //!
 //! # Lifetime
 //! `close()` sends SIGKILL to init; the kernel then kills every process of the PID namespace.
 //! The launcher reaps the workloads (init's exit waits for them) and init. The host dying kills
 //! init through `PR_SET_PDEATHSIG`, set from the launcher thread (PDEATHSIG follows the thread
-//! that forked, which is why that thread never exits). No host state is left: the namespaces
-//! disappear with their last process and fd; there are no interfaces, rules or mounts on the host.
+//! that forked, which is why that thread never exits, even when a job panics). init is a
+//! copy-on-write copy of the host; once set up it unmaps everything but its stack and a few
+//! instructions ([`init`]), so an idle sandbox costs about 1 MB instead of pinning a copy of the
+//! host's heap. No host state is left: the namespaces disappear with their last process and fd;
+//! there are no interfaces, rules or mounts on the host.
 //!
 //! # Identity
-//! Inside, everything runs as uid/gid 0 mapped to the caller's uid/gid (one-line maps, so no
-//! other id exists inside; files of other owners show as `nobody`). Files the sandbox writes to a
-//! writable mount are owned on the host by the user running hive. Run as root, inside uid 0 is
-//! host uid 0: it holds no capability (all sets empty, securebits locked), `/proc/sys` is
-//! read-only, and files under `/etc` that are not world-readable are hidden, because DAC would let
-//! it read them as their owner. Mapping root to an unprivileged outer uid needs idmapped mounts
-//! for the writable mounts to come out owned sensibly; that is not done yet.
+//! Inside, everything runs as uid/gid 0 of the sandbox's user namespace, the only id mapped
+//! (files of other owners show as `nobody`):
+//! - Unprivileged: 0 is the caller's uid/gid; files written to a writable mount belong to the
+//!   user running hive.
+//! - Root: 0 is host uid/gid [`idmap::ROOT_MAPPED_ID`] (`nobody`), never host root. The
+//!   configured mounts are idmapped ([`idmap`]), so host-root-owned data appears owned by the
+//!   sandbox's root and files the sandbox writes land owned by host root, the user running hive.
+//!   Only if the filesystem of a mount cannot be idmapped does the launcher fall back to mapping
+//!   0 to host root (logged as a warning); that root has no capability, `/proc/sys` is read-only,
+//!   and `/etc` files that are not world-readable are hidden, because DAC would otherwise let it
+//!   read them as their owner.
+//!
+//! # Security
+//! See [`child`] for the confinement order. init is a copy of the host's memory and is made
+//! non-dumpable; spawns join the namespaces through fds the parent opened before that.
 
 pub(crate) mod child;
+pub(crate) mod idmap;
 pub(crate) mod init;
 pub(crate) mod landlock;
 pub(crate) mod mounts;
@@ -154,7 +170,11 @@ struct HostInner {
     name: String,
     /// init's pid in the host's PID namespace.
     init_pid: i32,
+    /// Inode of the sandbox's PID namespace (`/proc/<pid>/ns/pid`).
+    pid_ns: u64,
     init_pidfd: OwnedFd,
+    /// `/proc/<init>/ns/*`, in [`plan::NS_ORDER`].
+    ns_fds: Vec<OwnedFd>,
     landlock: Option<OwnedFd>,
     seccomp: SeccompProgram,
     state: Mutex<HostState>,
@@ -213,8 +233,9 @@ fn launcher() -> Result<&'static Mutex<mpsc::Sender<Job>>> {
         .name("hive-launcher".into())
         .spawn(move || {
             // Lives as long as the process: PR_SET_PDEATHSIG of every init follows this thread.
+            // A panicking job must not end this thread: that would fire every init's PDEATHSIG.
             while let Ok(job) = rx.recv() {
-                job();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             }
         })
         .map_err(|e| HiveError::io("starting the launcher thread", e))?;
@@ -303,6 +324,21 @@ fn waitid_pidfd(pidfd: RawFd, flags: libc::c_int) -> std::io::Result<Option<Exit
                 signal: Some(status),
             },
         }));
+    }
+}
+
+/// Runs `f` (a clone) with every signal blocked on this thread, like `posix_spawn`: the host's
+/// handlers must not run in a child before it has reset them, and the child inherits the mask.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain signal-mask manipulation of the calling thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
     }
 }
 
@@ -399,6 +435,12 @@ impl SandboxHost {
     pub fn init_host_pid(&self) -> i32 {
         self.inner.init_pid
     }
+
+    /// The inode number of the sandbox's PID namespace: every process of the sandbox has
+    /// `/proc/<pid>/ns/pid` -> `pid:[<this>]` (for diagnostics and tests).
+    pub fn pid_namespace_id(&self) -> u64 {
+        self.inner.pid_ns
+    }
 }
 
 impl Drop for SandboxHost {
@@ -434,9 +476,31 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
         None => (-1, 0),
     };
     let mut plan = InitPlan::build(spec, theirs.as_raw_fd(), ll_fd, ll_fs)?;
+    // SAFETY: trivial getters.
+    let (mut uid, mut gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    // Kept open until init has inherited them (dropped when this function returns).
+    let mut _trees: Vec<OwnedFd> = Vec::new();
+    if uid == 0 {
+        match idmapped_trees(&plan) {
+            Ok(t) => {
+                for (m, tree) in plan.mounts.iter_mut().zip(&t) {
+                    m.tree = tree.as_raw_fd();
+                }
+                _trees = t;
+                (uid, gid) = (idmap::ROOT_MAPPED_ID, idmap::ROOT_MAPPED_ID);
+            }
+            Err(e) => tracing::warn!(
+                sandbox = %spec.name,
+                error = %e,
+                "idmapped mounts unavailable: the sandbox's root is host root (without capabilities)"
+            ),
+        }
+    }
     let mut pidfd: libc::c_int = -1;
     // SAFETY: the child runs only init_main (allocation-free, never returns).
-    let pid = unsafe { child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd)) };
+    let pid = with_signals_blocked(|| unsafe {
+        child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd))
+    });
     if pid == 0 {
         // SAFETY: we are the freshly cloned child.
         unsafe { init::init_main(&mut plan) }
@@ -458,7 +522,17 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
         let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
         err
     };
-    if let Err(e) = write_id_maps(pid as i32) {
+    // Opened while init is still dumpable (it turns that off after "go").
+    let ns_fds = match open_namespaces(pid as i32) {
+        Ok(fds) => fds,
+        Err(e) => return Err(fail(e)),
+    };
+    let pid_ns = ns_fds
+        .last()
+        .and_then(|f| std::fs::File::from(f.try_clone().ok()?).metadata().ok())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0);
+    if let Err(e) = write_id_maps(pid as i32, uid, gid) {
         return Err(fail(e));
     }
     // "go"
@@ -490,7 +564,9 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
     let inner = HostInner {
         name: spec.name.clone(),
         init_pid: pid as i32,
+        pid_ns,
         init_pidfd,
+        ns_fds,
         landlock: ruleset.map(|r| r.fd),
         seccomp,
         state: Mutex::new(HostState {
@@ -506,10 +582,33 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
     ))
 }
 
-/// Maps inside uid/gid 0 to the caller's (the only id inside).
-fn write_id_maps(pid: i32) -> Result<()> {
-    // SAFETY: trivial getters.
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+/// Opens init's namespaces in [`plan::NS_ORDER`].
+fn open_namespaces(pid: i32) -> Result<Vec<OwnedFd>> {
+    plan::NS_ORDER
+        .iter()
+        .map(|(name, _)| {
+            let path = format!("/proc/{pid}/ns/{name}");
+            std::fs::File::open(&path)
+                .map(OwnedFd::from)
+                .map_err(|e| HiveError::io(format!("opening {path}"), e))
+        })
+        .collect()
+}
+
+/// One idmapped tree per configured mount (root only), all or nothing.
+fn idmapped_trees(plan: &InitPlan) -> std::io::Result<Vec<OwnedFd>> {
+    if plan.mounts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let userns = idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?;
+    plan.mounts
+        .iter()
+        .map(|m| idmap::idmapped_tree(&m.source, &userns, m.writable))
+        .collect()
+}
+
+/// Maps inside uid/gid 0 to `uid`/`gid` on the host (the only ids inside).
+fn write_id_maps(pid: i32, uid: u32, gid: u32) -> Result<()> {
     let write = |file: &str, data: String| -> Result<()> {
         let path = format!("/proc/{pid}/{file}");
         std::fs::write(&path, data).map_err(|e| {
@@ -520,7 +619,12 @@ fn write_id_maps(pid: i32) -> Result<()> {
             }
         })
     };
-    write("setgroups", "deny".into())?;
+    // Required before an unprivileged gid_map; root keeps `allow` so init and the workloads
+    // can drop root's supplementary groups (they hold no capability to call it again).
+    // SAFETY: trivial getter.
+    if unsafe { libc::geteuid() } != 0 {
+        write("setgroups", "deny".into())?;
+    }
     write("uid_map", format!("0 {uid} 1\n"))?;
     write("gid_map", format!("0 {gid} 1\n"))?;
     Ok(())
@@ -572,9 +676,10 @@ fn spawn_on_launcher(
         exec_candidates,
     } = cmd;
     let plan = SpawnPlan {
-        init_pidfd: inner.init_pidfd.as_raw_fd(),
+        ns_fds: ns_fd_array(&inner.ns_fds),
         err_pipe_w: err_w.as_raw_fd(),
         pid_pipe_w: pid_w.as_raw_fd(),
+        workload_stack: vec![0; plan::WORKLOAD_STACK],
         stdio: [
             stdin_r.as_raw_fd(),
             stdout_w.as_raw_fd(),
@@ -589,12 +694,20 @@ fn spawn_on_launcher(
         envp,
         exec_candidates,
     };
-    // SAFETY: the child runs only helper_main (allocation-free, never returns).
-    let helper = unsafe { child::clone3(0, libc::SIGCHLD as u64, None) };
-    if helper == 0 {
-        // SAFETY: we are the freshly forked child.
-        unsafe { child::helper_main(&plan) }
-    }
+    // The helper borrows this process's memory (CLONE_VM | CLONE_VFORK, like posix_spawn): no
+    // copy of the host's page tables, and this thread waits until the workload has exec'd.
+    let mut helper_stack = vec![0u8; plan::WORKLOAD_STACK];
+    let stack_top = (helper_stack.as_mut_ptr() as usize + helper_stack.len()) & !0xf;
+    // SAFETY: the child runs only helper_main (allocation-free, never returns) on its own stack.
+    let helper = with_signals_blocked(|| unsafe {
+        libc::clone(
+            child::helper_entry,
+            stack_top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &plan as *const SpawnPlan as *mut libc::c_void,
+        )
+    });
+    drop(helper_stack);
     if helper < 0 {
         return Err(last_err("forking the spawn helper"));
     }
@@ -648,6 +761,14 @@ fn spawn_on_launcher(
         stderr: stderr_r,
         state,
     })
+}
+
+fn ns_fd_array(fds: &[OwnedFd]) -> [RawFd; plan::NS_ORDER.len()] {
+    let mut out = [-1; plan::NS_ORDER.len()];
+    for (slot, fd) in out.iter_mut().zip(fds) {
+        *slot = fd.as_raw_fd();
+    }
+    out
 }
 
 /// The pid inside the sandbox: the last `NSpid` entry of `/proc/<pid>/status`.
@@ -830,4 +951,79 @@ pub fn default_env(proxy_port: u16) -> Vec<(String, String)> {
         env.push((key.to_string(), CA_BUNDLE_PATH.to_string()));
     }
     env
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+    use crate::ErrorCode;
+
+    #[test]
+    fn init_failures_map_to_stable_codes() {
+        for (stage, errno, code) in [
+            // Ubuntu's AppArmor restriction: the userns exists but holds no capability.
+            (Stage::LoopbackUp, libc::EPERM, ErrorCode::UsernsUnavailable),
+            (Stage::Hostname, libc::EPERM, ErrorCode::UsernsUnavailable),
+            (
+                Stage::MountPrivate,
+                libc::EACCES,
+                ErrorCode::UsernsUnavailable,
+            ),
+            (Stage::PivotRoot, libc::EPERM, ErrorCode::UsernsUnavailable),
+            // Anything else is a bug or a host problem, not a policy refusal.
+            (Stage::Listener, libc::EADDRINUSE, ErrorCode::Internal),
+            (Stage::LandlockRule, libc::EPERM, ErrorCode::Internal),
+            (Stage::WriteFile, libc::ENOSPC, ErrorCode::Internal),
+        ] {
+            assert_eq!(init_error(stage, errno).code(), code, "{stage:?} {errno}");
+        }
+    }
+
+    #[test]
+    fn userns_errors_carry_the_hint() {
+        let e = init_error(Stage::LoopbackUp, libc::EPERM);
+        assert!(
+            e.to_string()
+                .contains("apparmor_restrict_unprivileged_userns"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn default_env_points_every_client_at_the_proxy_and_the_ca() {
+        let env = default_env(3128);
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        for k in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        ] {
+            assert_eq!(get(k), Some("http://127.0.0.1:3128"), "{k}");
+        }
+        for k in ["NO_PROXY", "no_proxy"] {
+            assert_eq!(get(k), Some("localhost,127.0.0.1,::1"), "{k}");
+        }
+        for k in [
+            "SSL_CERT_FILE",
+            "NODE_EXTRA_CA_CERTS",
+            "REQUESTS_CA_BUNDLE",
+            "CURL_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+            "PIP_CERT",
+            "CARGO_HTTP_CAINFO",
+            "DENO_CERT",
+            "AWS_CA_BUNDLE",
+        ] {
+            assert_eq!(get(k), Some(CA_BUNDLE_PATH), "{k}");
+        }
+        assert_eq!(get("HOME"), Some(SANDBOX_HOME));
+        assert!(get("SSL_CERT_DIR").is_none());
+    }
 }

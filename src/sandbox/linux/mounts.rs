@@ -195,7 +195,9 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         *slot = open_path(host)?;
     }
     for (m, slot) in plan.mounts.iter().zip(&mut fds) {
-        *slot = open_path(&m.source)?;
+        if m.tree < 0 {
+            *slot = open_path(&m.source)?;
+        }
     }
     // 3. Staging root.
     mount_fs(
@@ -322,8 +324,8 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         }
     }
     // /run/hive: the CA bundle and the masks used to hide secrets.
-    let ca = super::plan::ca_bundle_rel();
-    write_file(&ca, &plan.ca_bundle, 0o444)?;
+    let ca = &plan.ca_bundle_rel;
+    write_file(ca, &plan.ca_bundle, 0o444)?;
     write_file(HIDDEN_FILE, &[], 0)?;
     mkdir(HIDDEN_DIR, 0, Stage::WriteFile)?;
     // Configured mounts, parents first.
@@ -335,16 +337,32 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         if m.is_file {
             touch(&m.target_rel, 0o644, Stage::BindConfigured)?;
         }
-        let attrs = if m.writable { RW } else { RO };
-        bind(
-            fd,
-            c"",
-            &m.target_rel,
-            true,
-            attrs,
-            false,
-            Stage::BindConfigured,
-        )?;
+        if m.tree >= 0 {
+            // Idmapped by the parent, flags already set: attach as is.
+            check(
+                libc::syscall(
+                    libc::SYS_move_mount,
+                    m.tree,
+                    c"".as_ptr(),
+                    libc::AT_FDCWD,
+                    m.target_rel.as_ptr(),
+                    MOVE_MOUNT_F_EMPTY_PATH,
+                ),
+                Stage::BindConfigured,
+            )?;
+            libc::close(m.tree);
+        } else {
+            let attrs = if m.writable { RW } else { RO };
+            bind(
+                fd,
+                c"",
+                &m.target_rel,
+                true,
+                attrs,
+                false,
+                Stage::BindConfigured,
+            )?;
+        }
     }
     for fd in plan.source_fds.iter() {
         if *fd >= 0 {
@@ -382,7 +400,7 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         if libc::stat(target.as_ptr(), &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG {
             bind(
                 libc::AT_FDCWD,
-                &ca,
+                ca,
                 target,
                 false,
                 RO | MOUNT_ATTR_NOEXEC,

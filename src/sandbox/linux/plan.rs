@@ -30,6 +30,18 @@ pub(crate) const NS_FLAGS: libc::c_int = libc::CLONE_NEWUSER
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWCGROUP;
 
+/// The namespaces a spawn joins, in `setns` order: the user namespace first, so the others are
+/// joined with the capabilities it grants; the PID namespace applies to the next fork.
+pub(crate) const NS_ORDER: [(&str, libc::c_int); 7] = [
+    ("user", libc::CLONE_NEWUSER),
+    ("mnt", libc::CLONE_NEWNS),
+    ("net", libc::CLONE_NEWNET),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("uts", libc::CLONE_NEWUTS),
+    ("cgroup", libc::CLONE_NEWCGROUP),
+    ("pid", libc::CLONE_NEWPID),
+];
+
 /// Host system directories bound read-only (or recreated as symlinks) at the same path.
 pub(crate) const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
@@ -74,6 +86,8 @@ pub(crate) struct PlannedMount {
     /// The source is a regular file (the target is created as an empty file).
     pub is_file: bool,
     pub writable: bool,
+    /// A detached idmapped tree of `source` made by the parent ([`super::idmap`]), or -1.
+    pub tree: RawFd,
 }
 
 /// A secret to hide: absolute path inside the sandbox and whether it is a directory.
@@ -99,6 +113,8 @@ pub(crate) struct InitPlan {
     pub mounts: Vec<PlannedMount>,
     pub hidden: Vec<Hidden>,
     pub ca_bundle: Vec<u8>,
+    /// [`CA_BUNDLE_PATH`] relative to the new root.
+    pub ca_bundle_rel: CString,
     pub ca_targets: Vec<CString>,
     /// Scratch space for source fds (filled by init, sized here so init never allocates).
     pub source_fds: Vec<RawFd>,
@@ -155,7 +171,17 @@ impl InitPlan {
         }
         let mut mounts = Vec::new();
         for m in &spec.mounts {
-            mounts.push(plan_mount(m)?);
+            let planned = plan_mount(m)?;
+            if mounts
+                .iter()
+                .any(|p: &PlannedMount| p.target_rel == planned.target_rel)
+            {
+                return Err(HiveError::InvalidArgument(format!(
+                    "mount target {:?} is used twice",
+                    m.target
+                )));
+            }
+            mounts.push(planned);
         }
         // Parents before children, so a nested target lands on top of its parent's bind.
         mounts.sort_by_key(|m| {
@@ -182,6 +208,7 @@ impl InitPlan {
             mounts,
             hidden,
             ca_bundle: spec.ca_bundle_pem.clone(),
+            ca_bundle_rel: cstring(CA_BUNDLE_PATH.trim_start_matches('/').as_bytes())?,
             ca_targets: CA_TARGETS
                 .iter()
                 .map(|t| cstring(t.as_bytes()))
@@ -239,6 +266,7 @@ fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
         mkdirs,
         is_file,
         writable: m.writable,
+        tree: -1,
     })
 }
 
@@ -281,9 +309,12 @@ fn scan_secrets(dir: &Path, depth: usize, out: &mut Vec<Hidden>) -> Result<()> {
 
 /// Everything a spawn needs (see [`super::child::helper_main`]).
 pub(crate) struct SpawnPlan<'a> {
-    pub init_pidfd: RawFd,
+    /// The sandbox's namespaces, user namespace first (see [`NS_ORDER`]).
+    pub ns_fds: [RawFd; NS_ORDER.len()],
     pub err_pipe_w: RawFd,
     pub pid_pipe_w: RawFd,
+    /// Stack the workload runs on until it execs (it shares the helper's memory).
+    pub workload_stack: Vec<u8>,
     /// Child ends: stdin read end, stdout and stderr write ends.
     pub stdio: [RawFd; 3],
     pub cwd: CString,
@@ -297,6 +328,9 @@ pub(crate) struct SpawnPlan<'a> {
     pub envp: Vec<CString>,
     pub envp_ptrs: Vec<*const libc::c_char>,
 }
+
+/// Size of [`SpawnPlan::workload_stack`].
+pub(crate) const WORKLOAD_STACK: usize = 256 * 1024;
 
 /// `PATH` used for the command lookup when the caller's env has none.
 pub(crate) const DEFAULT_PATH: &str =
@@ -378,11 +412,6 @@ pub(crate) fn ptr_array(strings: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
-/// The sandbox-side path of the CA bundle, relative to the new root.
-pub(crate) fn ca_bundle_rel() -> CString {
-    CString::new(CA_BUNDLE_PATH.trim_start_matches('/')).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod unit {
     use super::*;
@@ -411,6 +440,17 @@ mod unit {
         ] {
             assert_eq!(plan_mount(&mount(target)).is_ok(), ok, "{target}");
         }
+    }
+
+    #[test]
+    fn a_target_used_twice_is_rejected() {
+        let spec = LaunchSpec {
+            name: "t".into(),
+            mounts: vec![mount("/w"), mount("/w/")],
+            ca_bundle_pem: vec![],
+            proxy_port: 3128,
+        };
+        assert!(InitPlan::build(&spec, -1, -1, 0).is_err());
     }
 
     #[test]
