@@ -9,6 +9,7 @@ pub mod config;
 mod diagnostics;
 pub mod error;
 pub mod events;
+pub mod fs;
 pub mod policy;
 pub mod proxy;
 pub mod sandbox;
