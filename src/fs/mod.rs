@@ -9,9 +9,9 @@
 //!   whole mount is `rw` ([`acl`]).
 //! - `r` allows lookup, `stat`, opening for reading, listing and `readlink`. `rw` adds create,
 //!   write, truncate, `mkdir`, rename, unlink, `rmdir`, hard and symbolic links, `chmod` and
-//!   `utimens`. `chown` is always refused (`EPERM`): the server writes as the host program, and
-//!   file ownership stays the host's. Extended attributes are not supported (`EOPNOTSUPP` /
-//!   `ENODATA`), after the same ACL check.
+//!   `utimens`. `chown` to anyone but the current owner is refused (`EPERM`): the server writes as
+//!   the host program, and file ownership stays the host's. Extended attributes are not served
+//!   (`EOPNOTSUPP`).
 //! - **`none` hides the path**: lookups answer `ENOENT` and listings leave it out, whether or not
 //!   the file exists. A path that is visible but not writable answers `EACCES` to a write.
 //!   Creating a name (create, `mkdir`, `mknod`, `symlink`, the new name of a `link` or `rename`)
@@ -60,6 +60,7 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -105,10 +106,6 @@ pub mod op {
     pub const CHMOD: &str = "chmod";
     pub const CHOWN: &str = "chown";
     pub const UTIMENS: &str = "utimens";
-    pub const SETXATTR: &str = "setxattr";
-    pub const GETXATTR: &str = "getxattr";
-    pub const LISTXATTR: &str = "listxattr";
-    pub const REMOVEXATTR: &str = "removexattr";
 }
 
 /// Where the server's events go (the sandbox's [`EventBus`]; tests collect them directly).
@@ -137,9 +134,15 @@ impl std::fmt::Debug for AclFs {
 #[derive(Debug)]
 pub struct FsHandle {
     thread: JoinHandle<std::io::Result<()>>,
+    passthrough: Arc<AtomicBool>,
 }
 
 impl FsHandle {
+    /// Whether opened files are served by kernel passthrough (reads and writes skip the server).
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
     /// Whether the server has stopped (the file system was unmounted or the connection aborted).
     pub fn is_finished(&self) -> bool {
         self.thread.is_finished()
@@ -194,6 +197,7 @@ impl AclFs {
     /// is unmounted; runs on its own threads and returns at once.
     pub fn serve(self, fuse_fd: OwnedFd) -> Result<FsHandle> {
         let server = self.server;
+        let passthrough = server.passthrough_flag();
         let thread = std::thread::Builder::new()
             .name("hive-fs".into())
             .spawn(move || {
@@ -204,7 +208,10 @@ impl AclFs {
                 fuser::Session::from_fd(server, fuse_fd, fuser::SessionACL::All, config)?.run()
             })
             .map_err(|err| HiveError::io("starting the FUSE server", err))?;
-        Ok(FsHandle { thread })
+        Ok(FsHandle {
+            thread,
+            passthrough,
+        })
     }
 }
 

@@ -48,6 +48,14 @@ const DETACHED: u64 = 0;
 /// `mv` then copy file by file, each copy decided on its own).
 const RENAME_WALK_LIMIT: usize = 100_000;
 
+/// Open flags of regular files: no `FLUSH` on close (writes reach the source synchronously, so
+/// there is nothing to flush).
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
+/// Smallest file (at open) served by kernel passthrough: below it, registering a backing file
+/// costs more than the round trips it saves.
+const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
+
 #[derive(Debug)]
 struct Node {
     parent: u64,
@@ -209,8 +217,10 @@ enum Need {
 #[derive(Debug)]
 struct AttrChange {
     mode: Option<u32>,
-    /// `chown` (uid or gid): always refused.
-    owner: bool,
+    /// `chown`: only to the current owner (what `tar`, `cp -p` as root ask); anything else is
+    /// refused with `EPERM`.
+    uid: Option<u32>,
+    gid: Option<u32>,
     size: Option<u64>,
     atime: Option<TimeOrNow>,
     mtime: Option<TimeOrNow>,
@@ -220,8 +230,19 @@ struct AttrChange {
 #[derive(Debug)]
 struct OpenFile {
     fd: OwnedFd,
-    /// Keeps the kernel's passthrough backing alive while the file is open.
-    _backing: Option<Arc<BackingId>>,
+    ino: u64,
+    /// Keeps the kernel's passthrough backing alive while the file is open; `None`: reads and
+    /// writes come through the server.
+    backing: Option<Arc<BackingId>>,
+}
+
+/// The I/O mode of one inode's open files.
+#[derive(Debug, Default)]
+struct InodeIo {
+    /// Opens served through the server.
+    cached: usize,
+    /// The passthrough backing shared by the inode's passthrough opens.
+    backing: Weak<BackingId>,
 }
 
 #[derive(Debug)]
@@ -248,8 +269,8 @@ pub(crate) struct Server {
     next_fh: AtomicU64,
     rename_lock: Mutex<()>,
     passthrough_wanted: bool,
-    passthrough: AtomicBool,
-    backing: Mutex<HashMap<u64, Weak<BackingId>>>,
+    passthrough: Arc<AtomicBool>,
+    io: Mutex<HashMap<u64, InodeIo>>,
 }
 
 fn errno(err: rustix::io::Errno) -> Errno {
@@ -339,9 +360,14 @@ impl Server {
             next_fh: AtomicU64::new(1),
             rename_lock: Mutex::new(()),
             passthrough_wanted: passthrough,
-            passthrough: AtomicBool::new(false),
-            backing: Mutex::new(HashMap::new()),
+            passthrough: Arc::new(AtomicBool::new(false)),
+            io: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Set once the kernel accepted passthrough; cleared if registering a backing file fails.
+    pub(crate) fn passthrough_flag(&self) -> Arc<AtomicBool> {
+        self.passthrough.clone()
     }
 
     pub(crate) fn disable_passthrough(&mut self) {
@@ -437,9 +463,14 @@ impl Server {
 
     fn stat_entry(&self, parent: INodeNo, name: &OsStr, loc: &Located) -> Result<FileAttr, Errno> {
         let st = self.source.lstat(&loc.rel).map_err(errno)?;
+        Ok(self.entry(parent, name, &st))
+    }
+
+    /// Remembers `parent/name` (stat `st`) and returns its attributes under its node id.
+    fn entry(&self, parent: INodeNo, name: &OsStr, st: &Stat) -> FileAttr {
         let kind = file_type(RawType::from_raw_mode(st.st_mode));
         let ino = self.nodes.lock().remember(parent.0, name, kind);
-        Ok(attr(ino, &st))
+        attr(ino, st)
     }
 
     fn file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
@@ -455,33 +486,58 @@ impl Server {
         FileHandle(fh)
     }
 
-    /// The passthrough backing of `ino` (shared by every open of the node, as the kernel
-    /// requires), or `None` when passthrough is off or unavailable.
-    fn backing(
+    /// Chooses the I/O mode of a new open of `ino` (size `size`): kernel passthrough for files of
+    /// at least [`PASSTHROUGH_MIN_SIZE`] where available, else reads and writes through the
+    /// server. The kernel refuses (`EIO`) to mix both modes on one inode, so an inode keeps the
+    /// mode of its open files: every open of a passthrough inode shares its backing, and an inode
+    /// with cached opens is not switched.
+    fn open_mode(
         &self,
         ino: u64,
+        size: u64,
         fd: &OwnedFd,
         open_backing: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
     ) -> Option<Arc<BackingId>> {
-        if !self.passthrough.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut backing = self.backing.lock();
-        if let Some(existing) = backing.get(&ino).and_then(Weak::upgrade) {
+        let mut io = self.io.lock();
+        let entry = io.entry(ino).or_default();
+        if let Some(existing) = entry.backing.upgrade() {
             return Some(existing);
         }
-        match open_backing(fd) {
-            Ok(id) => {
-                let id = Arc::new(id);
-                backing.insert(ino, Arc::downgrade(&id));
-                Some(id)
-            }
-            Err(err) => {
-                tracing::debug!(%err, "FUSE passthrough unavailable; serving reads and writes");
-                self.passthrough.store(false, Ordering::Relaxed);
-                None
+        if entry.cached == 0
+            && size >= PASSTHROUGH_MIN_SIZE
+            && self.passthrough.load(Ordering::Relaxed)
+        {
+            match open_backing(fd) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    entry.backing = Arc::downgrade(&id);
+                    return Some(id);
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "FUSE passthrough unavailable; serving reads and writes");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                }
             }
         }
+        entry.cached += 1;
+        None
+    }
+
+    /// Forgets an open of `ino` that was `cached` (after its handle is dropped).
+    fn closed(&self, ino: u64, cached: bool) {
+        let mut io = self.io.lock();
+        if let Some(entry) = io.get_mut(&ino) {
+            if cached {
+                entry.cached = entry.cached.saturating_sub(1);
+            }
+            if entry.cached == 0 && entry.backing.strong_count() == 0 {
+                io.remove(&ino);
+            }
+        }
+    }
+
+    fn open_handle(&self, ino: u64, fd: OwnedFd, backing: Option<Arc<BackingId>>) -> FileHandle {
+        self.insert_handle(Handle::File(Arc::new(OpenFile { fd, ino, backing })))
     }
 
     /// Refuses a directory rename that would give any entry below it more access under its new
@@ -507,26 +563,26 @@ impl Server {
     }
 
     fn reply_open(&self, ino: INodeNo, fd: OwnedFd, reply: ReplyOpen) {
-        let backing = self.backing(ino.0, &fd, |fd| reply.open_backing(fd));
-        let fh = self.insert_handle(Handle::File(Arc::new(OpenFile {
-            fd,
-            _backing: backing.clone(),
-        })));
+        let size = rustix::fs::fstat(&fd).map_or(0, |st| st.st_size as u64);
+        let backing = self.open_mode(ino.0, size, &fd, |fd| reply.open_backing(fd));
+        let fh = self.open_handle(ino.0, fd, backing.clone());
         match backing {
-            Some(id) => reply.opened_passthrough(fh, FopenFlags::empty(), &id),
-            None => reply.opened(fh, FopenFlags::empty()),
+            Some(id) => reply.opened_passthrough(fh, FILE_OPEN_FLAGS, &id),
+            None => reply.opened(fh, FILE_OPEN_FLAGS),
         }
     }
 
     fn do_setattr(&self, ino: INodeNo, change: AttrChange) -> Result<FileAttr, Errno> {
         let AttrChange {
             mode,
-            owner,
+            uid,
+            gid,
             size,
             atime,
             mtime,
             fh,
         } = change;
+        let owner = uid.is_some() || gid.is_some();
         let loc = self.locate(ino)?;
         let operation = if size.is_some() {
             op::TRUNCATE
@@ -540,7 +596,10 @@ impl Server {
         self.check(&loc, operation, Need::Write)?;
         if owner {
             // The server writes as the host program; ownership stays the host's.
-            return Err(Errno::EPERM);
+            let st = self.source.lstat(&loc.rel).map_err(errno)?;
+            if uid.is_some_and(|uid| uid != st.st_uid) || gid.is_some_and(|gid| gid != st.st_gid) {
+                return Err(Errno::EPERM);
+            }
         }
         if let Some(size) = size {
             match fh.map(|fh| self.file(fh)).transpose()? {
@@ -671,9 +730,9 @@ impl Filesystem for Server {
             let dir = self.parent(parent, op::LOOKUP)?;
             let loc = self.child(&dir, name)?;
             // Stat first: a name that does not exist is a plain ENOENT, not a refusal.
-            self.source.lstat(&loc.rel).map_err(errno)?;
+            let st = self.source.lstat(&loc.rel).map_err(errno)?;
             self.check(&loc, op::LOOKUP, Need::See)?;
-            self.stat_entry(parent, name, &loc)
+            Ok(self.entry(parent, name, &st))
         })();
         match result {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -726,7 +785,8 @@ impl Filesystem for Server {
     ) {
         let change = AttrChange {
             mode,
-            owner: uid.is_some() || gid.is_some(),
+            uid,
+            gid,
             size,
             atime,
             mtime,
@@ -957,7 +1017,12 @@ impl Filesystem for Server {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().remove(&fh.0);
+        let handle = self.handles.lock().remove(&fh.0);
+        if let Some(Handle::File(file)) = handle {
+            let (ino, cached) = (file.ino, file.backing.is_none());
+            drop(file);
+            self.closed(ino, cached);
+        }
         reply.ok();
     }
 
@@ -1050,50 +1115,39 @@ impl Filesystem for Server {
         }
     }
 
+    // Extended attributes are not served. `ENOSYS` makes the kernel stop asking for the whole
+    // connection (and answer `EOPNOTSUPP` itself), which also spares a round trip per write for
+    // `security.capability`.
     fn setxattr(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         _name: &OsStr,
         _value: &[u8],
         _flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let result = self
-            .locate(ino)
-            .and_then(|loc| self.check(&loc, op::SETXATTR, Need::Write))
-            .and(Err(Errno::EOPNOTSUPP));
-        reply_empty(result, reply);
+        reply.error(Errno::ENOSYS);
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        let result = self
-            .locate(ino)
-            .and_then(|loc| self.check(&loc, op::GETXATTR, Need::See))
-            .and(Err::<(), _>(Errno::NO_XATTR));
-        if let Err(err) = result {
-            reply.error(err);
-        }
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let result = self
-            .locate(ino)
-            .and_then(|loc| self.check(&loc, op::LISTXATTR, Need::See));
-        match result {
-            Ok(_) if size == 0 => reply.size(0),
-            Ok(_) => reply.data(&[]),
-            Err(err) => reply.error(err),
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        let result = self
-            .locate(ino)
-            .and_then(|loc| self.check(&loc, op::REMOVEXATTR, Need::Write))
-            .and(Err(Errno::EOPNOTSUPP));
-        reply_empty(result, reply);
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
@@ -1133,26 +1187,24 @@ impl Filesystem for Server {
                 .create(&dir.rel, name, flags, mode & !umask)
                 .map_err(errno)?;
             self.audit(&loc.path, op::CREATE, None);
-            let attr = self.stat_entry(parent, name, &loc)?;
-            Ok((attr, fd))
+            let st = rustix::fs::fstat(&fd).map_err(errno)?;
+            Ok((self.entry(parent, name, &st), fd))
         })();
         match result {
             Ok((attr, fd)) => {
-                let backing = self.backing(attr.ino.0, &fd, |fd| reply.open_backing(fd));
-                let fh = self.insert_handle(Handle::File(Arc::new(OpenFile {
-                    fd,
-                    _backing: backing.clone(),
-                })));
+                let backing =
+                    self.open_mode(attr.ino.0, attr.size, &fd, |fd| reply.open_backing(fd));
+                let fh = self.open_handle(attr.ino.0, fd, backing.clone());
                 match backing {
                     Some(id) => reply.created_passthrough(
                         &TTL,
                         &attr,
                         Generation(0),
                         fh,
-                        FopenFlags::empty(),
+                        FILE_OPEN_FLAGS,
                         &id,
                     ),
-                    None => reply.created(&TTL, &attr, Generation(0), fh, FopenFlags::empty()),
+                    None => reply.created(&TTL, &attr, Generation(0), fh, FILE_OPEN_FLAGS),
                 }
             }
             Err(err) => reply.error(err),

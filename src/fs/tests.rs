@@ -709,3 +709,141 @@ fn audit_reports_writes_creates_renames_and_deletes() {
     .collect();
     assert_eq!(ops, expected);
 }
+
+/// Times the four workloads of issue 6 under `root` (`big` is a 100 MiB file already there).
+fn workload(root: &Path, big: &Path, tarball: &Path) -> [std::time::Duration; 5] {
+    use std::time::Instant;
+    let start = Instant::now();
+    for d in 0..10 {
+        let dir = root.join(format!("c{d}"));
+        fs::create_dir(&dir).expect("mkdir");
+        for i in 0..1000 {
+            fs::write(dir.join(format!("f{i}")), [b'x'; 64]).expect("create");
+        }
+    }
+    let create = start.elapsed();
+    let stat_all = || {
+        for d in 0..10 {
+            for i in 0..1000 {
+                fs::symlink_metadata(root.join(format!("c{d}/f{i}"))).expect("stat");
+            }
+        }
+    };
+    let start = Instant::now();
+    stat_all();
+    let stat_warm = start.elapsed();
+    // let the kernel's entry and attribute cache (1 s) expire: every stat reaches the server
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let start = Instant::now();
+    stat_all();
+    let stat = start.elapsed();
+    let start = Instant::now();
+    let mut file = fs::File::open(big).expect("open big");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        let n = file.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, 100 << 20);
+    let read = start.elapsed();
+    let start = Instant::now();
+    let status = Command::new("tar")
+        .arg("-xf")
+        .arg(tarball)
+        .arg("-C")
+        .arg(root)
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    let unpack = start.elapsed();
+    [create, stat_warm, stat, read, unpack]
+}
+
+#[test]
+#[ignore = "benchmark; run: cargo test --lib fs::tests::bench -- --ignored --nocapture"]
+fn bench_fuse_overhead_against_the_plain_source() {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    // a node_modules-shaped tree: 2 000 packages x 5 files, packed once
+    let pack = tempfile::tempdir().expect("tempdir");
+    for p in 0..2000 {
+        let dir = pack.path().join(format!("node_modules/pkg{p}/lib"));
+        fs::create_dir_all(&dir).expect("mkdir");
+        for (i, name) in ["index.js", "package.json", "README.md", "a.js"]
+            .iter()
+            .enumerate()
+        {
+            let parent = if i == 0 {
+                dir.clone()
+            } else {
+                dir.parent().expect("pkg").to_path_buf()
+            };
+            fs::write(parent.join(name), [b'y'; 700]).expect("write");
+        }
+        fs::write(dir.join("b.js"), [b'z'; 300]).expect("write");
+    }
+    let tarball = pack.path().join("nm.tar");
+    let ok = Command::new("tar")
+        .arg("-cf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(pack.path())
+        .arg("node_modules")
+        .status()
+        .expect("tar")
+        .success();
+    assert!(ok);
+    let write_big = |path: &Path| {
+        let mut f = fs::File::create(path).expect("big");
+        let chunk = vec![0xabu8; 1 << 20];
+        for _ in 0..100 {
+            f.write_all(&chunk).expect("write big");
+        }
+    };
+
+    let plain = tempfile::tempdir().expect("plain");
+    write_big(&plain.path().join("big.bin"));
+    let base = workload(plain.path(), &plain.path().join("big.bin"), &tarball);
+
+    let mut rows = Vec::new();
+    for passthrough in [false, true] {
+        let m = Mounted::new(Some(ISSUE_ACLS), false, passthrough, |src| {
+            write_big(&src.join("big.bin"));
+        })
+        .expect("mounted");
+        let times = workload(&m.t(""), &m.t("big.bin"), &tarball);
+        let active = m.handle.as_ref().is_some_and(FsHandle::passthrough);
+        assert_eq!(m.denied(), vec![]);
+        rows.push((passthrough, active, times));
+    }
+    let names = [
+        "create 10 000 small files",
+        "stat 10 000 files (right after, kernel cache warm)",
+        "stat 10 000 files (after the 1 s cache expired)",
+        "read a 100 MiB file (1 MiB reads)",
+        "unpack 2 000 dirs x 5 files (tar -x)",
+    ];
+    println!("| workload | plain dir | FUSE | ratio | FUSE + passthrough | ratio |");
+    println!("|---|---|---|---|---|---|");
+    for (i, name) in names.iter().enumerate() {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        let b = ms(base[i]);
+        let f = ms(rows[0].2[i]);
+        let p = ms(rows[1].2[i]);
+        println!(
+            "| {name} | {b:.0} ms | {f:.0} ms | {:.2}x | {p:.0} ms | {:.2}x |",
+            f / b,
+            p / b
+        );
+    }
+    println!(
+        "passthrough requested: {}, active: {}",
+        rows[1].0, rows[1].1
+    );
+}
