@@ -144,6 +144,11 @@ export declare class EventStream {
 export declare class Sandbox {
   /** The sandbox's name. */
   get name(): string
+  /**
+   * Identifies the engine-side sandbox behind this handle (the JS entry keeps one object per
+   * live sandbox with it).
+   */
+  get instanceId(): number
   /** Whether `close()` has been called. */
   get closed(): boolean
   /** The sandbox CA certificate (PEM) that clients of its proxy trust. The key never leaves Rust. */
@@ -153,12 +158,37 @@ export declare class Sandbox {
   /** Validates the whole config (nothing changes on error), then swaps it in atomically. */
   applyConfig(config: SandboxConfig): Promise<void>
   /**
+   * Decides a request against the rules in force, without sending it or emitting an event: a dry
+   * run to check a policy. `port` defaults to 443 for https and 80 for http, `method` to GET,
+   * `path` to `/`.
+   */
+  decide(request: DecideRequest): DecisionResult
+  /**
    * An independent subscriber to the sandbox's events, from now (or replaying the audit log
    * first with `since`). Use it with `for await`; `break` unsubscribes.
    */
   getEventsStream(options?: EventsStreamOptions | undefined | null): EventStream
   /** Stops the sandbox's processes and listeners and ends its event streams; its data stays. */
   close(): Promise<void>
+}
+
+/** A request for [`Sandbox::decide`]. */
+export interface DecideRequest {
+  host: string
+  port?: number
+  method?: string
+  /** The request path, query string allowed (it is ignored). */
+  path?: string
+  scheme?: 'http' | 'https'
+}
+
+/** The outcome of [`Sandbox::decide`]. */
+export interface DecisionResult {
+  access: 'allowed' | 'denied'
+  /** Index of the deciding rule, `null` when none matched. */
+  rule: number | null
+  /** `"rule"`, `"no-rule"`, `"plaintext-credentials"`, … */
+  reason: string
 }
 
 /** Closes the live sandbox of this name, if any, and removes its data from the hive home. */

@@ -60,6 +60,11 @@ const asyncDispose = Symbol.asyncDispose ?? Symbol.for('nodejs.asyncDispose')
 Sandbox.prototype[asyncDispose] = function () {
   return this.close()
 }
+const nativeClose = Sandbox.prototype.close
+Sandbox.prototype.close = async function () {
+  await nativeClose.call(this)
+  if (live.get(this.name) === this) live.delete(this.name)
+}
 
 function checkName(name) {
   if (typeof name !== 'string') {
@@ -70,14 +75,23 @@ function checkName(name) {
 const nativeGetOrCreate = wrapAsync(binding.getOrCreateSandbox)
 const nativeDelete = wrapAsync(binding.deleteSandbox)
 
+// The same live sandbox object per name within a process (SPEC §1): the native call returns a new
+// wrapper each time, so keep the first wrapper of each live engine-side sandbox.
+const live = new Map()
+
 async function getOrCreateSandbox(name, config) {
   checkName(name)
-  return nativeGetOrCreate(name, config)
+  const sandbox = await nativeGetOrCreate(name, config)
+  const known = live.get(name)
+  if (known && !known.closed && known.instanceId === sandbox.instanceId) return known
+  live.set(name, sandbox)
+  return sandbox
 }
 
 async function deleteSandbox(name) {
   checkName(name)
-  return nativeDelete(name)
+  await nativeDelete(name)
+  live.delete(name)
 }
 
 module.exports.getOrCreateSandbox = getOrCreateSandbox

@@ -6,6 +6,7 @@
 //! whose `Debug`/`Display` print `[redacted]`.
 
 /// Installs the subscriber once, if `HIVE_LOG` is set.
+#[cfg_attr(test, allow(dead_code))]
 pub fn init_from_env() {
     let Ok(filter) = std::env::var("HIVE_LOG") else {
         return;

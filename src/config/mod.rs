@@ -7,14 +7,22 @@
 //! 2. Values are normalized on the way in (hosts lowercased and punycoded, methods uppercased).
 //! 3. [`Config::to_json`] renders the normalized config for `getConfig()`, with every secret replaced
 //!    by [`REDACTED`].
+//!
+//! Optional keys given as `null` count as absent (JS `undefined` arrives as `null`, so
+//! `{ ...rule, override: undefined }` works); required keys given as `null` are missing.
 
 mod host;
 mod path_glob;
+mod render;
 mod secret;
+mod validate;
 
 pub use host::{normalize_host, HostPattern};
 pub use path_glob::{normalize_path, PathGlob};
 pub use secret::Secret;
+
+pub(crate) use host::{host_ip, is_normalized_host};
+pub(crate) use path_glob::normalize_path_cow;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -116,12 +124,14 @@ impl Config {
     /// Validates a config given as JSON (`null` means the empty config). Every problem found is
     /// reported in one [`crate::HiveError::InvalidConfig`].
     pub fn from_json(value: &serde_json::Value) -> Result<Config> {
-        let _ = value;
-        todo!("config validation")
+        validate::config(value)
     }
 
     /// The normalized config as JSON, secrets replaced by [`REDACTED`].
+    ///
+    /// The result is valid input to [`Config::from_json`]: without override headers,
+    /// `from_json(&c.to_json())` gives back `c`.
     pub fn to_json(&self) -> serde_json::Value {
-        todo!("config rendering")
+        render::config(self)
     }
 }

@@ -1,6 +1,8 @@
 //! `#[napi]` exports only, each a few lines over the engine. The JS entry (`index.js`) wraps these
 //! to turn encoded errors into `Error`s with an exact `code` (see [`error`]).
 
+#![cfg_attr(test, allow(dead_code))] // #[napi] registration is compiled out of test builds
+
 mod error;
 mod events;
 mod sandbox;

@@ -64,6 +64,13 @@ impl Sandbox {
         self.inner.name().to_owned()
     }
 
+    /// Identifies the engine-side sandbox behind this handle (the JS entry keeps one object per
+    /// live sandbox with it).
+    #[napi(getter)]
+    pub fn instance_id(&self) -> f64 {
+        self.inner.instance_id() as f64
+    }
+
     /// Whether `close()` has been called.
     #[napi(getter)]
     pub fn closed(&self) -> bool {
@@ -127,7 +134,9 @@ impl Sandbox {
             .napi()?;
         Ok(DecisionResult {
             access: decision.access.as_str().to_owned(),
-            rule: decision.rule.map_or(Either::B(Null), |r| Either::A(r as u32)),
+            rule: decision
+                .rule
+                .map_or(Either::B(Null), |r| Either::A(r as u32)),
             reason: decision.reason.to_owned(),
         })
     }

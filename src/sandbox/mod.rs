@@ -40,7 +40,10 @@ pub struct Sandbox {
     /// Serializes `applyConfig` calls so `config.applied` events follow the order of the swaps.
     apply_lock: parking_lot::Mutex<()>,
     closed: AtomicBool,
+    instance: u64,
 }
+
+static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -138,10 +141,16 @@ impl Sandbox {
             ca,
             apply_lock: parking_lot::Mutex::new(()),
             closed: AtomicBool::new(false),
+            instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
         });
         sandbox.emit(kind::SANDBOX_CREATED, Map::new());
         sandbox.swap_config(config)?;
         Ok(sandbox)
+    }
+
+    /// Unique per sandbox opened in this process.
+    pub fn instance_id(&self) -> u64 {
+        self.instance
     }
 
     /// The sandbox's name.

@@ -2,4 +2,4 @@
 
 mod ca;
 
-pub use ca::CertificateAuthority;
+pub use ca::{CertificateAuthority, CA_CERT_FILE, CA_KEY_FILE};

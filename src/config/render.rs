@@ -1,0 +1,179 @@
+//! [`Config`] -> JSON for `getConfig()`: the normalized config in the input shape, secrets redacted.
+//!
+//! Optional rule fields appear only when set; `allowPlaintext` and `audit` only when true; resolve
+//! keys are sorted so that the output is stable.
+//!
+//! # Security
+//! Override header values are rendered as [`REDACTED`]; `from_json` rejects that marker, so a round
+//! trip through JS can never replace a secret with the marker by accident (SPEC §1).
+
+use serde_json::{json, Map, Value};
+
+use super::{Config, EgressRule, FsAccess, FsBackend, FsMount, RuleAccess, Upstream, REDACTED};
+
+/// Renders a whole config (see [`Config::to_json`]).
+pub(super) fn config(config: &Config) -> Value {
+    json!({
+        "fs": config.fs.iter().map(fs_mount).collect::<Vec<_>>(),
+        "egress": config.egress.iter().map(egress_rule).collect::<Vec<_>>(),
+        "upstream": upstream(&config.upstream),
+    })
+}
+
+fn egress_rule(rule: &EgressRule) -> Value {
+    let mut out = Map::new();
+    let access = match rule.access {
+        RuleAccess::Allow => "allow",
+        RuleAccess::Deny => "deny",
+    };
+    out.insert("access".into(), access.into());
+    out.insert("host".into(), rule.host.to_string().into());
+    if let Some(ports) = &rule.ports {
+        out.insert("ports".into(), ports.clone().into());
+    }
+    if let Some(methods) = &rule.methods {
+        out.insert("methods".into(), methods.clone().into());
+    }
+    if let Some(paths) = &rule.paths {
+        out.insert(
+            "paths".into(),
+            paths.iter().map(|p| p.as_str()).collect::<Vec<_>>().into(),
+        );
+    }
+    if let Some(o) = &rule.override_ {
+        let headers: Map<String, Value> = o
+            .headers
+            .iter()
+            .map(|(name, _)| (name.as_str().to_string(), REDACTED.into()))
+            .collect();
+        let mut ov = Map::new();
+        ov.insert("headers".into(), Value::Object(headers));
+        if o.allow_plaintext {
+            ov.insert("allowPlaintext".into(), true.into());
+        }
+        out.insert("override".into(), Value::Object(ov));
+    }
+    Value::Object(out)
+}
+
+fn upstream(upstream: &Upstream) -> Value {
+    let mut entries: Vec<(String, String)> = upstream
+        .resolve
+        .iter()
+        .map(|((host, port), addr)| {
+            let key = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            (key, addr.to_string())
+        })
+        .collect();
+    entries.sort();
+    let resolve: Map<String, Value> = entries.into_iter().map(|(k, v)| (k, v.into())).collect();
+    json!({ "resolve": resolve, "ca": upstream.ca })
+}
+
+fn fs_mount(mount: &FsMount) -> Value {
+    let mut out = Map::new();
+    let backend = match mount.backend {
+        FsBackend::Local => "local",
+    };
+    out.insert("backend".into(), backend.into());
+    out.insert("mount".into(), mount.mount.clone().into());
+    if let Some(source) = &mount.source {
+        out.insert(
+            "source".into(),
+            source.to_string_lossy().into_owned().into(),
+        );
+    }
+    if let Some(acls) = &mount.acls {
+        let acls: Vec<Value> = acls
+            .iter()
+            .map(|acl| {
+                let access = match acl.access {
+                    FsAccess::Rw => "rw",
+                    FsAccess::R => "r",
+                    FsAccess::None => "none",
+                };
+                json!({ "path": acl.path.as_str(), "access": access })
+            })
+            .collect();
+        out.insert("acls".into(), acls.into());
+    }
+    if mount.audit {
+        out.insert("audit".into(), true.into());
+    }
+    Value::Object(out)
+}
+
+#[cfg(test)]
+#[rustfmt::skip]
+mod tests {
+    use super::*;
+
+    // to_json gives valid input that parses back to the same config.
+    #[test]
+    fn round_trip() {
+        let input = json!({
+            "fs": [
+                { "backend": "local", "mount": "/workspace", "source": "/srv/data", "audit": true,
+                  "acls": [{ "path": "/workspace/.git/**", "access": "r" }, { "path": "/workspace/**", "access": "rw" }] },
+                { "backend": "local", "mount": "/cache" },
+            ],
+            "egress": [
+                { "access": "allow", "host": "api.anthropic.com" },
+                { "access": "allow", "host": "pypi.org", "ports": [443] },
+                { "access": "allow", "host": "api.github.com", "methods": ["GET", "post"] },
+                { "access": "allow", "host": "api.example.com", "paths": ["/v1/*"] },
+                { "access": "deny", "host": "*.evil.com" },
+                { "access": "allow", "host": "10.0.0.0/8" },
+                { "access": "allow", "host": "[::1]" },
+                { "access": "allow", "host": "*" },
+            ],
+            "upstream": {
+                "resolve": { "api.example.com:443": "127.0.0.1:8443", "[::1]:80": "[::1]:8080" },
+                "ca": [],
+            },
+        });
+        let config = Config::from_json(&input).unwrap();
+        let rendered = config.to_json();
+        assert_eq!(Config::from_json(&rendered).unwrap(), config);
+        assert_eq!(rendered["egress"][2]["methods"], json!(["GET", "POST"]));
+        assert_eq!(rendered["egress"][6]["host"], "::1");
+        assert_eq!(
+            rendered["egress"][0],
+            json!({ "access": "allow", "host": "api.anthropic.com" })
+        );
+        assert_eq!(rendered["upstream"]["resolve"]["[::1]:80"], "[::1]:8080");
+        assert_eq!(
+            rendered["fs"][1],
+            json!({ "backend": "local", "mount": "/cache" })
+        );
+        assert_eq!(
+            Config::default().to_json(),
+            json!({ "fs": [], "egress": [], "upstream": { "resolve": {}, "ca": [] } })
+        );
+    }
+
+    // Secrets come back as the marker, names lowercased, and the marker is refused on the way in.
+    #[test]
+    fn redacts_override_values() {
+        let input = json!({ "egress": [{ "access": "allow", "host": "api.finnhub.io",
+            "override": { "headers": { "X-Finnhub-Token": "tok-123" }, "allowPlaintext": true } }] });
+        let rendered = Config::from_json(&input).unwrap().to_json();
+        assert_eq!(
+            rendered["egress"][0]["override"],
+            json!({ "headers": { "x-finnhub-token": "[redacted]" }, "allowPlaintext": true })
+        );
+        assert!(!rendered.to_string().contains("tok-123"));
+        let err = Config::from_json(&rendered).unwrap_err();
+        assert_eq!(
+            err.issues()[0].path,
+            "egress[0].override.headers[\"x-finnhub-token\"]"
+        );
+        assert!(err.issues()[0]
+            .message
+            .contains("pass the secret value again"));
+    }
+}

@@ -1,0 +1,1181 @@
+//! JSON -> [`Config`]: walks the raw value by hand and collects every problem with its field path.
+//!
+//! How it works:
+//! 1. each method of [`Validator`] takes a value and its JS-style path (`egress[2].ports[0]`),
+//!    records an issue for everything wrong with it, and returns the typed value only when it is
+//!    whole (`None` otherwise, so one bad field never hides the others);
+//! 2. objects are checked against their list of known keys first, so a typo (`method`) is an error
+//!    with a "did you mean" hint rather than a silently ignored field;
+//! 3. checks that span entries (overlapping mounts, repeated header names or resolve keys) run after
+//!    the entries themselves;
+//! 4. at the end, any issue fails the whole config: nothing partially valid is ever returned.
+//!
+//! # Security
+//! Override header values are secrets: no message here ever includes one, not even on a type error
+//! (a numeric token would be a secret too). PEM strings are never echoed either, in case one holds a
+//! private key. Other user strings are JSON-quoted and shortened by [`quote`].
+
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use super::host::quote;
+use super::{
+    normalize_host, Config, EgressRule, FsAccess, FsAcl, FsBackend, FsMount, HostPattern, Override,
+    PathGlob, RuleAccess, Secret, Upstream, REDACTED,
+};
+use crate::error::{ConfigIssue, HiveError, Result};
+
+/// Keys of the root object.
+const ROOT_KEYS: &[&str] = &["fs", "egress", "upstream"];
+/// Keys of an egress rule.
+const RULE_KEYS: &[&str] = &["access", "host", "ports", "methods", "paths", "override"];
+/// Keys of an egress rule's `override`.
+const OVERRIDE_KEYS: &[&str] = &["headers", "allowPlaintext"];
+/// Keys of `upstream`.
+const UPSTREAM_KEYS: &[&str] = &["resolve", "ca"];
+/// Keys of an `fs` entry.
+const FS_KEYS: &[&str] = &["backend", "mount", "source", "acls", "audit"];
+/// Keys of an ACL entry.
+const ACL_KEYS: &[&str] = &["path", "access"];
+
+/// Header names an override may not set: framing and hop-by-hop headers (RFC 9110 §7.6.1), which
+/// the proxy owns. `proxy-*` is checked by prefix.
+const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+/// First path segments a mount may not use: the read-only system view and the sandbox's own
+/// `/proc`, `/dev`, `/sys` (SPEC §4). `lib*` is checked by prefix.
+const RESERVED_MOUNT_ROOTS: &[&str] = &["proc", "dev", "sys", "usr", "bin", "sbin", "etc"];
+
+/// Validates a whole config (see [`Config::from_json`]).
+pub(super) fn config(value: &Value) -> Result<Config> {
+    let mut v = Validator::default();
+    let config = v.root(value);
+    match config {
+        Some(config) if v.issues.is_empty() => Ok(config),
+        _ => Err(HiveError::InvalidConfig(v.issues)),
+    }
+}
+
+/// Collects the issues of one config as it is walked.
+#[derive(Default)]
+struct Validator {
+    issues: Vec<ConfigIssue>,
+}
+
+impl Validator {
+    fn issue(&mut self, path: &str, message: impl Into<String>) {
+        self.issues.push(ConfigIssue::new(path, message));
+    }
+
+    /// `value` as an object whose keys are all in `known`; each unknown key is an issue.
+    fn object<'a>(
+        &mut self,
+        value: &'a Value,
+        path: &str,
+        what: &str,
+        known: &[&str],
+    ) -> Option<&'a Map<String, Value>> {
+        let Value::Object(map) = value else {
+            self.issue(path, format!("expected {what}, got {}", type_name(value)));
+            return None;
+        };
+        for key in map.keys() {
+            if !known.contains(&key.as_str()) {
+                let hint = match suggest(key, known) {
+                    Some(near) => format!("did you mean {near:?}? "),
+                    None => String::new(),
+                };
+                self.issue(
+                    &key_path(path, key),
+                    format!("unknown key; {hint}expected one of: {}", known.join(", ")),
+                );
+            }
+        }
+        Some(map)
+    }
+
+    /// A required key: missing or `null` is an issue.
+    fn required<'a>(
+        &mut self,
+        map: &'a Map<String, Value>,
+        path: &str,
+        key: &str,
+        hint: &str,
+    ) -> Option<&'a Value> {
+        let value = optional(map, key);
+        if value.is_none() {
+            self.issue(&key_path(path, key), format!("missing; {hint}"));
+        }
+        value
+    }
+
+    fn string<'a>(&mut self, value: &'a Value, path: &str, what: &str) -> Option<&'a str> {
+        match value {
+            Value::String(s) => Some(s),
+            other => {
+                self.issue(path, format!("expected {what}, got {}", type_name(other)));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, value: &Value, path: &str) -> Option<bool> {
+        match value {
+            Value::Bool(b) => Some(*b),
+            other => {
+                self.issue(
+                    path,
+                    format!("expected true or false, got {}", type_name(other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// A non-empty array, each element parsed by `each`; `None` if anything failed.
+    fn list<T>(
+        &mut self,
+        value: &Value,
+        path: &str,
+        what: &str,
+        if_empty: &str,
+        mut each: impl FnMut(&mut Self, &Value, &str) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let Value::Array(items) = value else {
+            self.issue(
+                path,
+                format!("expected an array of {what}, got {}", type_name(value)),
+            );
+            return None;
+        };
+        if items.is_empty() && !if_empty.is_empty() {
+            self.issue(
+                path,
+                format!("expected at least one of {what}, got an empty array; {if_empty}"),
+            );
+            return None;
+        }
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            match each(self, item, &format!("{path}[{i}]")) {
+                Some(x) => out.push(x),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn root(&mut self, value: &Value) -> Option<Config> {
+        if value.is_null() {
+            return Some(Config::default());
+        }
+        let map = self.object(
+            value,
+            "",
+            "an object (the sandbox config) or null",
+            ROOT_KEYS,
+        )?;
+        let fs = match optional(map, "fs") {
+            Some(v) => self.fs(v, "fs"),
+            None => Some(Vec::new()),
+        };
+        let egress = match optional(map, "egress") {
+            Some(v) => self.list(v, "egress", "egress rules", "", Self::egress_rule),
+            None => Some(Vec::new()),
+        };
+        let upstream = match optional(map, "upstream") {
+            Some(v) => self.upstream(v, "upstream"),
+            None => Some(Upstream::default()),
+        };
+        Some(Config {
+            fs: fs?,
+            egress: egress?,
+            upstream: upstream?,
+        })
+    }
+
+    // ---- egress -------------------------------------------------------------------------------
+
+    fn egress_rule(&mut self, value: &Value, path: &str) -> Option<EgressRule> {
+        let map = self.object(
+            value,
+            path,
+            "an egress rule object such as { access: \"allow\", host: \"api.example.com\" }",
+            RULE_KEYS,
+        )?;
+        let access = self
+            .required(map, path, "access", "set \"allow\" or \"deny\"")
+            .and_then(|v| self.rule_access(v, &key_path(path, "access")));
+        let host = self
+            .required(
+                map,
+                path,
+                "host",
+                "set a hostname, *.domain, *, an IP address or a CIDR block",
+            )
+            .and_then(|v| {
+                let at = key_path(path, "host");
+                let raw = self.string(v, &at, "a host string")?;
+                HostPattern::parse(raw).map_err(|m| self.issue(&at, m)).ok()
+            });
+        let ports = self.optional_list(
+            map,
+            path,
+            "ports",
+            "ports",
+            "omit ports to allow any port",
+            Self::port,
+        );
+        let methods = self.optional_list(
+            map,
+            path,
+            "methods",
+            "HTTP methods",
+            "omit methods to allow any method",
+            Self::method,
+        );
+        let paths = self.optional_list(
+            map,
+            path,
+            "paths",
+            "path globs",
+            "omit paths to allow any path",
+            |v, item, at| {
+                let raw = v.string(item, at, "a path glob string such as \"/v1/**\"")?;
+                PathGlob::parse(raw).map_err(|m| v.issue(at, m)).ok()
+            },
+        );
+        let override_ = match optional(map, "override") {
+            None => Some(None),
+            Some(o) => {
+                let at = key_path(path, "override");
+                if access == Some(RuleAccess::Deny) {
+                    self.issue(
+                        &at,
+                        "override is only allowed on allow rules; remove it or set access to \"allow\"",
+                    );
+                    None
+                } else {
+                    self.override_(o, &at).map(Some)
+                }
+            }
+        };
+        Some(EgressRule {
+            access: access?,
+            host: host?,
+            ports: ports?,
+            methods: methods?,
+            paths: paths?,
+            override_: override_?,
+        })
+    }
+
+    /// An optional non-empty list under `key`: `Some(None)` when absent, `None` on error.
+    #[allow(clippy::too_many_arguments)]
+    fn optional_list<T>(
+        &mut self,
+        map: &Map<String, Value>,
+        path: &str,
+        key: &str,
+        what: &str,
+        if_empty: &str,
+        each: impl FnMut(&mut Self, &Value, &str) -> Option<T>,
+    ) -> Option<Option<Vec<T>>> {
+        match optional(map, key) {
+            None => Some(None),
+            Some(v) => self
+                .list(v, &key_path(path, key), what, if_empty, each)
+                .map(Some),
+        }
+    }
+
+    fn rule_access(&mut self, value: &Value, path: &str) -> Option<RuleAccess> {
+        match value {
+            Value::String(s) if s == "allow" => Some(RuleAccess::Allow),
+            Value::String(s) if s == "deny" => Some(RuleAccess::Deny),
+            Value::String(s) => {
+                self.issue(
+                    path,
+                    format!("expected \"allow\" or \"deny\", got {}", quote(s)),
+                );
+                None
+            }
+            other => {
+                self.issue(
+                    path,
+                    format!("expected \"allow\" or \"deny\", got {}", type_name(other)),
+                );
+                None
+            }
+        }
+    }
+
+    fn port(&mut self, value: &Value, path: &str) -> Option<u16> {
+        const EXPECTED: &str = "expected an integer from 1 to 65535";
+        let Value::Number(n) = value else {
+            self.issue(path, format!("{EXPECTED}, got {}", type_name(value)));
+            return None;
+        };
+        let port = match (n.as_u64(), n.as_f64()) {
+            (Some(u), _) => u16::try_from(u).ok(),
+            // JS numbers may arrive as floats; 443.0 is the integer 443.
+            (None, Some(f)) if f.fract() == 0.0 && (1.0..=65535.0).contains(&f) => Some(f as u16),
+            _ => None,
+        };
+        match port {
+            Some(p) if p >= 1 => Some(p),
+            _ => {
+                self.issue(path, format!("{EXPECTED}, got {}", show_number(n)));
+                None
+            }
+        }
+    }
+
+    fn method(&mut self, value: &Value, path: &str) -> Option<String> {
+        let raw = self.string(value, path, "an HTTP method name such as \"GET\"")?;
+        if raw.is_empty() || !raw.bytes().all(is_tchar) {
+            self.issue(
+                path,
+                format!(
+                    "expected an HTTP method name such as \"GET\" (letters, no spaces), got {}",
+                    quote(raw)
+                ),
+            );
+            return None;
+        }
+        Some(raw.to_ascii_uppercase())
+    }
+
+    fn override_(&mut self, value: &Value, path: &str) -> Option<Override> {
+        let map = self.object(
+            value,
+            path,
+            "an object such as { headers: { \"Authorization\": \"Bearer …\" } }",
+            OVERRIDE_KEYS,
+        )?;
+        let headers = self
+            .required(
+                map,
+                path,
+                "headers",
+                "give the headers to set, e.g. { \"Authorization\": \"Bearer …\" }",
+            )
+            .and_then(|v| self.headers(v, &key_path(path, "headers")));
+        let allow_plaintext = match optional(map, "allowPlaintext") {
+            None => Some(false),
+            Some(v) => self.boolean(v, &key_path(path, "allowPlaintext")),
+        };
+        Some(Override {
+            headers: headers?,
+            allow_plaintext: allow_plaintext?,
+        })
+    }
+
+    /// Override headers: `{ name: value }`. Never puts a value into a message.
+    fn headers(&mut self, value: &Value, path: &str) -> Option<Vec<(http::HeaderName, Secret)>> {
+        let Value::Object(map) = value else {
+            self.issue(
+                path,
+                format!(
+                    "expected an object of header names to values, got {}",
+                    type_name(value)
+                ),
+            );
+            return None;
+        };
+        if map.is_empty() {
+            self.issue(
+                path,
+                "expected at least one header; remove override if no header is needed",
+            );
+            return None;
+        }
+        let mut out: Vec<(http::HeaderName, Secret)> = Vec::with_capacity(map.len());
+        let mut ok = true;
+        for (name, value) in map {
+            let at = map_path(path, name);
+            let header = self.header_name(name, &at);
+            let secret = self.header_value(value, &at);
+            match (header, secret) {
+                (Some(h), Some(s)) => {
+                    if out.iter().any(|(seen, _)| *seen == h) {
+                        self.issue(&at, format!("header {} is given twice (names are case-insensitive); give it once", h));
+                        ok = false;
+                    } else {
+                        out.push((h, s));
+                    }
+                }
+                _ => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn header_name(&mut self, name: &str, path: &str) -> Option<http::HeaderName> {
+        let Ok(header) = http::HeaderName::from_bytes(name.as_bytes()) else {
+            self.issue(path, "not a valid header name (letters, digits and !#$%&'*+-.^_`|~, no spaces or colons)");
+            return None;
+        };
+        let lower = header.as_str();
+        if FORBIDDEN_HEADERS.contains(&lower) || lower.starts_with("proxy-") {
+            self.issue(
+                path,
+                format!(
+                    "header {name} cannot be overridden: the proxy owns Host, framing (Content-Length, \
+                     Transfer-Encoding), hop-by-hop (Connection, Keep-Alive, TE, Trailer, Upgrade) and \
+                     Proxy-* headers; remove it"
+                ),
+            );
+            return None;
+        }
+        Some(header)
+    }
+
+    /// # Security
+    /// The value is a secret: every message below is fixed text.
+    fn header_value(&mut self, value: &Value, path: &str) -> Option<Secret> {
+        let Value::String(raw) = value else {
+            self.issue(
+                path,
+                format!(
+                    "expected the header value as a string, got {}",
+                    type_name(value)
+                ),
+            );
+            return None;
+        };
+        if raw == REDACTED {
+            self.issue(
+                path,
+                "is the \"[redacted]\" marker that getConfig() returns in place of a secret; pass the \
+                 secret value again",
+            );
+            return None;
+        }
+        if raw.contains(['\r', '\n', '\0']) {
+            self.issue(
+                path,
+                "the value contains CR, LF or NUL, which could inject other headers; remove them (a \
+                 trailing newline read from a file or environment variable?)",
+            );
+            return None;
+        }
+        if raw.chars().any(|c| c.is_control() && c != '\t') {
+            self.issue(path, "the value contains a control character; remove it");
+            return None;
+        }
+        match http::HeaderValue::from_bytes(raw.as_bytes()) {
+            Ok(v) => Some(Secret::new(v)),
+            Err(_) => {
+                self.issue(path, "the value is not a valid header value");
+                None
+            }
+        }
+    }
+
+    // ---- upstream -----------------------------------------------------------------------------
+
+    fn upstream(&mut self, value: &Value, path: &str) -> Option<Upstream> {
+        let map = self.object(
+            value,
+            path,
+            "an object such as { resolve: {…}, ca: [\"-----BEGIN CERTIFICATE-----…\"] }",
+            UPSTREAM_KEYS,
+        )?;
+        let resolve = match optional(map, "resolve") {
+            None => Some(HashMap::new()),
+            Some(v) => self.resolve(v, &key_path(path, "resolve")),
+        };
+        let ca = match optional(map, "ca") {
+            None => Some(Vec::new()),
+            Some(v) => self.list(
+                v,
+                &key_path(path, "ca"),
+                "PEM certificate strings",
+                "",
+                Self::ca_pem,
+            ),
+        };
+        Some(Upstream {
+            resolve: resolve?,
+            ca: ca?,
+        })
+    }
+
+    fn resolve(&mut self, value: &Value, path: &str) -> Option<HashMap<(String, u16), SocketAddr>> {
+        let Value::Object(map) = value else {
+            self.issue(
+                path,
+                format!(
+                    "expected an object mapping \"host:port\" to \"ip:port\", got {}",
+                    type_name(value)
+                ),
+            );
+            return None;
+        };
+        let mut out = HashMap::with_capacity(map.len());
+        let mut ok = true;
+        for (key, target) in map {
+            let at = map_path(path, key);
+            let from = parse_resolve_key(key).map_err(|m| self.issue(&at, m)).ok();
+            let to = match target {
+                Value::String(s) => match s.parse::<SocketAddr>() {
+                    Ok(addr) if addr.port() != 0 => Some(addr),
+                    _ => {
+                        self.issue(
+                            &at,
+                            format!(
+                                "expected \"ip:port\" such as \"127.0.0.1:8443\" or \"[::1]:8443\", got {}",
+                                quote(s)
+                            ),
+                        );
+                        None
+                    }
+                },
+                other => {
+                    self.issue(
+                        &at,
+                        format!("expected an \"ip:port\" string, got {}", type_name(other)),
+                    );
+                    None
+                }
+            };
+            match (from, to) {
+                (Some(from), Some(to)) => match out.entry(from) {
+                    Entry::Occupied(_) => {
+                        self.issue(
+                            &at,
+                            "names the same host and port as another key (hosts are \
+                             case-insensitive); give it once",
+                        );
+                        ok = false;
+                    }
+                    Entry::Vacant(slot) => {
+                        slot.insert(to);
+                    }
+                },
+                _ => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// # Security
+    /// PEM text is never echoed (it might be a private key pasted by mistake).
+    fn ca_pem(&mut self, value: &Value, path: &str) -> Option<String> {
+        let pem = self.string(value, path, "a PEM certificate string")?;
+        let mut certs = Vec::new();
+        let mut has_key = false;
+        let mut reader = pem.as_bytes();
+        for item in rustls_pemfile::read_all(&mut reader) {
+            match item {
+                Ok(rustls_pemfile::Item::X509Certificate(der)) => certs.push(der),
+                Ok(rustls_pemfile::Item::Pkcs1Key(_))
+                | Ok(rustls_pemfile::Item::Pkcs8Key(_))
+                | Ok(rustls_pemfile::Item::Sec1Key(_)) => has_key = true,
+                Ok(_) => {}
+                Err(_) => {
+                    self.issue(path, "is not valid PEM; pass the certificate as text starting with -----BEGIN CERTIFICATE-----");
+                    return None;
+                }
+            }
+        }
+        if has_key {
+            self.issue(path, "holds a private key; pass only the CA certificate, and keep the key out of the config");
+            return None;
+        }
+        if certs.is_empty() {
+            self.issue(
+                path,
+                "holds no certificate; pass PEM text with a -----BEGIN CERTIFICATE----- block",
+            );
+            return None;
+        }
+        let mut store = rustls::RootCertStore::empty();
+        for (i, der) in certs.into_iter().enumerate() {
+            if store.add(der).is_err() {
+                self.issue(path, format!("certificate #{} in the PEM text could not be parsed as an X.509 CA certificate", i + 1));
+                return None;
+            }
+        }
+        Some(pem.to_string())
+    }
+
+    // ---- fs -----------------------------------------------------------------------------------
+
+    fn fs(&mut self, value: &Value, path: &str) -> Option<Vec<FsMount>> {
+        let Value::Array(items) = value else {
+            self.issue(
+                path,
+                format!("expected an array of mounts, got {}", type_name(value)),
+            );
+            return None;
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        // Valid mount points so far, for the overlap check: (index, mount).
+        let mut seen: Vec<(usize, String)> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let at = format!("{path}[{i}]");
+            let mount = self.fs_mount(item, &at);
+            let mount_point = match &mount {
+                Some(m) => Some(m.mount.clone()),
+                // Still check overlaps of a mount whose other fields were wrong.
+                None => item
+                    .get("mount")
+                    .and_then(Value::as_str)
+                    .and_then(|m| normalize_mount(m).ok()),
+            };
+            if let Some(point) = mount_point {
+                if let Some((j, other)) = seen.iter().find(|(_, other)| overlaps(other, &point)) {
+                    self.issue(
+                        &format!("{at}.mount"),
+                        format!(
+                            "{} overlaps fs[{j}].mount {}; mount points may not be equal or nested",
+                            quote(&point),
+                            quote(other)
+                        ),
+                    );
+                    ok = false;
+                }
+                seen.push((i, point));
+            }
+            match mount {
+                Some(m) => out.push(m),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    fn fs_mount(&mut self, value: &Value, path: &str) -> Option<FsMount> {
+        let map = self.object(
+            value,
+            path,
+            "a mount object such as { backend: \"local\", mount: \"/workspace\" }",
+            FS_KEYS,
+        )?;
+        let backend = self
+            .required(map, path, "backend", "set backend: \"local\"")
+            .and_then(|v| {
+                let at = key_path(path, "backend");
+                match self.string(v, &at, "\"local\"")? {
+                    "local" => Some(FsBackend::Local),
+                    other => {
+                        self.issue(
+                            &at,
+                            format!(
+                                "unknown backend {}; the only backend is \"local\"",
+                                quote(other)
+                            ),
+                        );
+                        None
+                    }
+                }
+            });
+        let mount = self
+            .required(
+                map,
+                path,
+                "mount",
+                "set the absolute path inside the sandbox, e.g. \"/workspace\"",
+            )
+            .and_then(|v| {
+                let at = key_path(path, "mount");
+                let raw = self.string(v, &at, "an absolute path such as \"/workspace\"")?;
+                normalize_mount(raw).map_err(|m| self.issue(&at, m)).ok()
+            });
+        let source = match optional(map, "source") {
+            None => Some(None),
+            Some(v) => {
+                let at = key_path(path, "source");
+                self.string(v, &at, "an absolute host path")
+                    .and_then(|raw| {
+                        if !raw.starts_with('/') || raw.contains('\0') {
+                            self.issue(
+                                &at,
+                                format!(
+                                    "expected an absolute host directory path, got {}",
+                                    quote(raw)
+                                ),
+                            );
+                            None
+                        } else {
+                            Some(Some(PathBuf::from(raw)))
+                        }
+                    })
+            }
+        };
+        let acls = match optional(map, "acls") {
+            None => Some(None),
+            Some(v) => {
+                let at = key_path(path, "acls");
+                let mount = mount.as_deref();
+                self.list(v, &at, "ACL entries", "", |s, item, p| {
+                    s.fs_acl(item, p, mount)
+                })
+                .map(Some)
+            }
+        };
+        let audit = match optional(map, "audit") {
+            None => Some(false),
+            Some(v) => self.boolean(v, &key_path(path, "audit")),
+        };
+        Some(FsMount {
+            backend: backend?,
+            mount: mount?,
+            source: source?,
+            acls: acls?,
+            audit: audit?,
+        })
+    }
+
+    /// One ACL entry; `mount` (when valid) is the mount point its path must lie under.
+    fn fs_acl(&mut self, value: &Value, path: &str, mount: Option<&str>) -> Option<FsAcl> {
+        let map = self.object(
+            value,
+            path,
+            "an ACL object such as { path: \"/workspace/**\", access: \"rw\" }",
+            ACL_KEYS,
+        )?;
+        let glob = self.required(map, path, "path", "set a path glob such as \"/workspace/**\"").and_then(|v| {
+            let at = key_path(path, "path");
+            let raw = self.string(v, &at, "a path glob string such as \"/workspace/**\"")?;
+            let glob = PathGlob::parse(raw).map_err(|m| self.issue(&at, m)).ok()?;
+            if let Some(mount) = mount {
+                if !(raw == mount || raw.strip_prefix(mount).is_some_and(|rest| rest.starts_with('/'))) {
+                    self.issue(
+                        &at,
+                        format!(
+                            "{} is outside its mount {}; ACL paths must lie under the mount, e.g. \"{mount}/**\"",
+                            quote(raw),
+                            quote(mount)
+                        ),
+                    );
+                    return None;
+                }
+            }
+            Some(glob)
+        });
+        let access = self
+            .required(map, path, "access", "set \"rw\", \"r\" or \"none\"")
+            .and_then(|v| {
+                let at = key_path(path, "access");
+                match v.as_str() {
+                    Some("rw") => Some(FsAccess::Rw),
+                    Some("r") => Some(FsAccess::R),
+                    Some("none") => Some(FsAccess::None),
+                    Some(other) => {
+                        self.issue(
+                            &at,
+                            format!("expected \"rw\", \"r\" or \"none\", got {}", quote(other)),
+                        );
+                        None
+                    }
+                    None => {
+                        self.issue(
+                            &at,
+                            format!("expected \"rw\", \"r\" or \"none\", got {}", type_name(v)),
+                        );
+                        None
+                    }
+                }
+            });
+        Some(FsAcl {
+            path: glob?,
+            access: access?,
+        })
+    }
+}
+
+/// An optional key: absent and `null` are both `None`.
+fn optional<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    map.get(key).filter(|v| !v.is_null())
+}
+
+/// `parent.key`, or `parent["key"]` when the key is not an identifier.
+fn key_path(parent: &str, key: &str) -> String {
+    let ident = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == '$')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+    match (ident, parent.is_empty()) {
+        (true, true) => key.to_string(),
+        (true, false) => format!("{parent}.{key}"),
+        (false, _) => map_path(parent, key),
+    }
+}
+
+/// `parent["key"]`, for keys that are data (header names, resolve entries).
+fn map_path(parent: &str, key: &str) -> String {
+    format!("{parent}[{}]", Value::String(key.to_string()))
+}
+
+/// The JSON type of a value, for "expected …, got …" messages. Never the value itself.
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A known key close to an unknown one (a typo or a case slip), for the hint.
+fn suggest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| {
+            (
+                edit_distance(&key.to_ascii_lowercase(), &k.to_ascii_lowercase()),
+                *k,
+            )
+        })
+        .filter(|(d, k)| *d <= 2 && *d < k.len())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// A number as JS would print it: `70000`, not `70000.0` (JS numbers may arrive as floats).
+fn show_number(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        _ => n.to_string(),
+    }
+}
+
+/// RFC 9110 `tchar`: what a method or header name may hold.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `"host:port"` of `upstream.resolve`: IPv6 hosts in brackets, host normalized.
+fn parse_resolve_key(key: &str) -> Result<(String, u16), String> {
+    let bad = || {
+        format!(
+            "expected a \"host:port\" key such as \"api.example.com:443\" or \"[::1]:443\", got {}",
+            quote(key)
+        )
+    };
+    let (host, port) = key.rsplit_once(':').ok_or_else(bad)?;
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(format!("{}; write IPv6 hosts in brackets", bad()));
+    }
+    let port = match port.parse::<u16>() {
+        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => p,
+        _ => {
+            return Err(format!(
+                "{}; the port must be an integer from 1 to 65535",
+                bad()
+            ))
+        }
+    };
+    let host = normalize_host(host)
+        .ok_or_else(|| format!("{}; the host is not a valid hostname or IP address", bad()))?;
+    Ok((host, port))
+}
+
+/// An `fs[].mount`: absolute, normalized (`//` and `.` removed, no trailing `/`), not `/`, not a
+/// system directory.
+fn normalize_mount(raw: &str) -> Result<String, String> {
+    if !raw.starts_with('/') {
+        return Err(format!(
+            "expected an absolute path inside the sandbox such as \"/workspace\", got {}",
+            quote(raw)
+        ));
+    }
+    if raw.chars().any(|c| c.is_control() || c == '*') {
+        return Err(format!(
+            "{} contains a control character or *; use a plain directory path",
+            quote(raw)
+        ));
+    }
+    let mut out = String::with_capacity(raw.len());
+    for seg in raw.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                return Err(format!(
+                    "{} contains ..; write the path without it",
+                    quote(raw)
+                ))
+            }
+            seg => {
+                out.push('/');
+                out.push_str(seg);
+            }
+        }
+    }
+    let Some(first) = out.split('/').nth(1) else {
+        return Err("cannot mount over /; choose a directory such as \"/workspace\"".into());
+    };
+    if RESERVED_MOUNT_ROOTS.contains(&first) || first.starts_with("lib") {
+        return Err(format!(
+            "{} is inside a system directory (/proc, /dev, /sys, /usr, /bin, /sbin, /lib*, /etc) that \
+             the sandbox gets from the host or the kernel; choose another path such as \"/workspace\"",
+            quote(&out)
+        ));
+    }
+    Ok(out)
+}
+
+/// Whether two normalized mount points are equal or one lies inside the other.
+fn overlaps(a: &str, b: &str) -> bool {
+    let nested = |outer: &str, inner: &str| {
+        inner
+            .strip_prefix(outer)
+            .is_some_and(|r| r.starts_with('/'))
+    };
+    a == b || nested(a, b) || nested(b, a)
+}
+
+#[cfg(test)]
+#[rustfmt::skip]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn issues(value: Value) -> Vec<ConfigIssue> {
+        match Config::from_json(&value) {
+            Ok(c) => panic!("expected an error for {value}, got {c:?}"),
+            Err(e) => {
+                assert_eq!(e.code(), crate::error::ErrorCode::InvalidConfig);
+                e.issues().to_vec()
+            }
+        }
+    }
+
+    // Every fixture in the shared file fails with an issue at exactly its path.
+    #[test]
+    fn invalid_config_fixtures() {
+        let fixtures: Value =
+            serde_json::from_str(include_str!("../../__test__/fixtures/invalid-configs.json"))
+                .unwrap();
+        let fixtures = fixtures.as_array().unwrap();
+        assert!(fixtures.len() >= 30, "only {} fixtures", fixtures.len());
+        let mut names = std::collections::HashSet::new();
+        for f in fixtures {
+            let name = f["name"].as_str().unwrap();
+            assert!(names.insert(name), "duplicate fixture name {name}");
+            let path = f["path"].as_str().unwrap();
+            let found = issues(f["config"].clone());
+            assert!(
+                found.iter().any(|i| i.path == path),
+                "{name}: no issue at {path}, got {found:?}"
+            );
+        }
+    }
+
+    // Accepted configs and what they normalize to.
+    #[test]
+    fn accepts_and_normalizes() {
+        assert_eq!(Config::from_json(&Value::Null).unwrap(), Config::default());
+        assert_eq!(Config::from_json(&json!({})).unwrap(), Config::default());
+        let c = Config::from_json(&json!({
+            "fs": [{ "backend": "local", "mount": "/workspace/", "acls": [{ "path": "/workspace/**", "access": "rw" }] }],
+            "egress": [
+                { "access": "allow", "host": "API.GitHub.com.", "methods": ["get", "Post"], "ports": [443, 8443.0] },
+                { "access": "allow", "host": "api.finnhub.io", "override": { "headers": { "X-Finnhub-Token": "s3cr3t" } } },
+                { "access": "deny", "host": "*.example.com", "paths": ["/admin/**"], "override": null },
+            ],
+            "upstream": { "resolve": { "API.example.com:443": "127.0.0.1:8443", "[::1]:80": "[::1]:8080" } },
+        }))
+        .unwrap();
+        assert_eq!(c.fs[0].mount, "/workspace");
+        assert_eq!(
+            c.egress[0].host,
+            HostPattern::Exact("api.github.com".into())
+        );
+        assert_eq!(
+            c.egress[0].methods.as_deref(),
+            Some(&["GET".to_string(), "POST".to_string()][..])
+        );
+        assert_eq!(c.egress[0].ports.as_deref(), Some(&[443, 8443][..]));
+        let o = c.egress[1].override_.as_ref().unwrap();
+        assert_eq!(o.headers[0].0.as_str(), "x-finnhub-token");
+        assert_eq!(o.headers[0].1.expose(), "s3cr3t");
+        assert!(!o.allow_plaintext);
+        assert_eq!(c.egress[2].override_, None);
+        assert_eq!(
+            c.upstream.resolve[&("api.example.com".to_string(), 443)],
+            "127.0.0.1:8443".parse().unwrap()
+        );
+        assert_eq!(
+            c.upstream.resolve[&("::1".to_string(), 80)],
+            "[::1]:8080".parse().unwrap()
+        );
+    }
+
+    // One config with three problems reports all three.
+    #[test]
+    fn reports_every_problem() {
+        let found = issues(json!({
+            "egress": [
+                { "access": "allow", "host": "*.com" },
+                { "access": "allow", "host": "ok.example.com", "ports": [70000] },
+            ],
+            "fs": [{ "backend": "local", "mount": "workspace" }],
+        }));
+        let paths: Vec<&str> = found.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["fs[0].mount", "egress[0].host", "egress[1].ports[0]"],
+            "{found:?}"
+        );
+        assert_eq!(
+            found[2].message,
+            "expected an integer from 1 to 65535, got 70000"
+        );
+        assert_eq!(
+            found[2].to_string(),
+            "egress[1].ports[0]: expected an integer from 1 to 65535, got 70000"
+        );
+    }
+
+    // Messages: path and a phrase the message must contain.
+    #[test]
+    fn messages() {
+        let cases: &[(Value, &str, &str)] = &[
+            (json!([]), "", "expected an object"),
+            (json!({ "egres": [] }), "egres", "did you mean \"egress\""),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "method": ["GET"] }] }), "egress[0].method", "did you mean \"methods\""),
+            (json!({ "egress": [{ "host": "a.com" }] }), "egress[0].access", "missing"),
+            (json!({ "egress": [{ "access": "allow" }] }), "egress[0].host", "missing"),
+            (json!({ "egress": [{ "access": "permit", "host": "a.com" }] }), "egress[0].access", "got \"permit\""),
+            (json!({ "egress": [{ "access": "allow", "host": 5 }] }), "egress[0].host", "got a number"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [] }] }), "egress[0].ports", "omit ports"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [1.5] }] }), "egress[0].ports[0]", "got 1.5"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [-1] }] }), "egress[0].ports[0]", "got -1"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": "443" }] }), "egress[0].ports", "got a string"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Proxy-Authorization": "x" } } }] }), "egress[0].override.headers[\"Proxy-Authorization\"]", "cannot be overridden"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "TE": "x" } } }] }), "egress[0].override.headers[\"TE\"]", "cannot be overridden"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Bad Name": "x" } } }] }), "egress[0].override.headers[\"Bad Name\"]", "not a valid header name"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1", "x-a": "2" } } }] }), "egress[0].override.headers[\"x-a\"]", "given twice"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": {} } }] }), "egress[0].override.headers", "at least one header"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": {} }] }), "egress[0].override.headers", "missing"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-A": "1" }, "allowPlaintext": "yes" } }] }), "egress[0].override.allowPlaintext", "true or false"),
+            (json!({ "upstream": { "resolve": { "a.com": "127.0.0.1:1" } } }), "upstream.resolve[\"a.com\"]", "host:port"),
+            (json!({ "upstream": { "resolve": { "::1:443": "127.0.0.1:1" } } }), "upstream.resolve[\"::1:443\"]", "brackets"),
+            (json!({ "upstream": { "resolve": { "a.com:0": "127.0.0.1:1" } } }), "upstream.resolve[\"a.com:0\"]", "1 to 65535"),
+            (json!({ "upstream": { "resolve": { "a.com:443": "127.0.0.1:1", "A.com:443": "127.0.0.1:2" } } }), "upstream.resolve[\"a.com:443\"]", "same host"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/" }] }), "fs[0].mount", "over /"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/lib64/x" }] }), "fs[0].mount", "system directory"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a/../etc" }] }), "fs[0].mount", ".."),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a" }, { "backend": "local", "mount": "/a/b" }] }), "fs[1].mount", "overlaps fs[0].mount"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "source": "rel/dir" }] }), "fs[0].source", "absolute"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "audit": 1 }] }), "fs[0].audit", "true or false"),
+            (json!({ "fs": [{ "backend": "local", "mount": "/a", "acls": [{ "path": "/a*", "access": "r" }] }] }), "fs[0].acls[0].path", "outside its mount"),
+        ];
+        for (config, path, phrase) in cases {
+            let found = issues(config.clone());
+            assert!(
+                found
+                    .iter()
+                    .any(|i| i.path == *path && i.message.contains(phrase)),
+                "{config}: wanted {path} containing {phrase:?}, got {found:?}"
+            );
+        }
+    }
+
+    // A secret never shows up in an error, whatever is wrong with it or around it.
+    #[test]
+    fn secrets_never_echoed() {
+        let secret = "sk-live-SUPERSECRET-4242";
+        let cases = [
+            json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-Key": format!("{secret}\r\nX-Evil: 1") } } }] }),
+            json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-Key": format!("{secret}\n") } } }] }),
+            json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-Key": format!("{secret}\u{0}") } } }] }),
+            json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-Key": format!("{secret}\u{7}") } } }] }),
+            json!({ "egress": [{ "access": "deny", "host": "a.com", "override": { "headers": { "X-Key": secret } } }] }),
+            json!({ "egress": [{ "access": "allow", "host": "*.com", "override": { "headers": { "Host": secret, "X-Key": secret } } }] }),
+            json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-Key": secret, "x-key": secret } } }] }),
+        ];
+        for config in cases {
+            let err = Config::from_json(&config).expect_err("must fail");
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("SUPERSECRET"), "leaked: {shown}");
+        }
+        // And a valid config's Debug does not show it either.
+        let ok = json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "X-Key": secret } } }] });
+        assert!(!format!("{:?}", Config::from_json(&ok).unwrap()).contains("SUPERSECRET"));
+    }
+
+    // upstream.ca: a real certificate passes, as given; a key or junk is refused without echoing it.
+    #[test]
+    fn ca_pem() {
+        let ca = rcgen::generate_simple_self_signed(vec!["test-ca.example".to_string()]).unwrap();
+        let cert = ca.cert.pem();
+        let key = ca.signing_key.serialize_pem();
+        let ok = Config::from_json(&json!({ "upstream": { "ca": [cert.clone(), format!("{cert}{cert}")] } })).unwrap();
+        assert_eq!(ok.upstream.ca[0], cert);
+        let cases: &[(String, &str)] = &[
+            (key.clone(), "private key"),
+            (format!("{cert}{key}"), "private key"),
+            ("hello".to_string(), "no certificate"),
+            ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_string(), "could not be parsed"),
+        ];
+        for (pem, phrase) in cases {
+            let found = issues(json!({ "upstream": { "ca": [pem] } }));
+            assert_eq!(found[0].path, "upstream.ca[0]");
+            assert!(found[0].message.contains(phrase), "{found:?}");
+            let body = pem.lines().filter(|l| !l.starts_with("-----") && l.len() >= 4);
+            assert!(body.into_iter().all(|l| !found[0].message.contains(l)), "PEM echoed: {found:?}");
+        }
+    }
+
+    // JS numbers may arrive as floats: 443.0 is a port, and 70000.0 prints as JS would.
+    #[test]
+    fn float_ports() {
+        let ok = Config::from_json(&json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [443.0] }] })).unwrap();
+        assert_eq!(ok.egress[0].ports.as_deref(), Some(&[443][..]));
+        let found = issues(json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [70000.0] }] }));
+        assert_eq!(found[0].message, "expected an integer from 1 to 65535, got 70000");
+    }
+
+    // Path helpers render JS notation.
+    #[test]
+    fn paths() {
+        assert_eq!(key_path("", "egress"), "egress");
+        assert_eq!(key_path("egress[0]", "host"), "egress[0].host");
+        assert_eq!(key_path("egress[0]", "bad key"), "egress[0][\"bad key\"]");
+        assert_eq!(
+            map_path("upstream.resolve", "api.github.com:443"),
+            "upstream.resolve[\"api.github.com:443\"]"
+        );
+        assert_eq!(map_path("h", "a\"b"), "h[\"a\\\"b\"]");
+    }
+}
