@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use super::{field, fuse_available, mount_fuse_on, op, AclFs, EventSink, FsHandle};
 use crate::config::{FsAccess, FsAcl, FsBackend, FsMount, PathGlob};
-use crate::events::kind;
+use crate::events::{kind, EventBus, Since};
 
 /// The issue's rules: `.env` files hidden everywhere, docs read-only, the rest writable.
 const ISSUE_ACLS: &[(&str, FsAccess)] = &[
@@ -84,6 +84,20 @@ impl Mounted {
         passthrough: bool,
         seed: impl FnOnce(&Path),
     ) -> Option<Mounted> {
+        let collected = Arc::new(Collected::default());
+        let sink: Arc<dyn EventSink> = collected.clone();
+        Self::with_sink(acls, audit, passthrough, seed, sink, collected)
+    }
+
+    /// Mounts with events going to `sink` (`collected` is what [`Self::denied`] reads).
+    fn with_sink(
+        acls: Option<&[(&str, FsAccess)]>,
+        audit: bool,
+        passthrough: bool,
+        seed: impl FnOnce(&Path),
+        sink: Arc<dyn EventSink>,
+        collected: Arc<Collected>,
+    ) -> Option<Mounted> {
         if let Some(reason) = skip_reason() {
             eprintln!("skipped: {reason}");
             return None;
@@ -91,15 +105,13 @@ impl Mounted {
         let source = tempfile::tempdir().expect("source dir");
         let target = tempfile::tempdir().expect("target dir");
         seed(source.path());
-        let events = Arc::new(Collected::default());
         let source_fd = rustix::fs::open(
             source.path(),
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
         .expect("open source");
-        let mut fs =
-            AclFs::with_sink(&fs_mount(acls, audit), source_fd, events.clone()).expect("AclFs");
+        let mut fs = AclFs::with_sink(&fs_mount(acls, audit), source_fd, sink).expect("AclFs");
         if !passthrough {
             fs = fs.without_passthrough();
         }
@@ -108,7 +120,7 @@ impl Mounted {
         Some(Mounted {
             source,
             target,
-            events,
+            events: collected,
             handle: Some(handle),
         })
     }
@@ -708,6 +720,56 @@ fn audit_reports_writes_creates_renames_and_deletes() {
     .map(|(p, o)| (p.to_string(), o.to_string()))
     .collect();
     assert_eq!(ops, expected);
+}
+
+#[test]
+fn refusals_reach_the_sandbox_event_bus() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let bus = EventBus::open("fs-test", home.path()).expect("bus");
+    let sub = bus.subscribe(Since::Now, 100).expect("subscribe");
+    let sink: Arc<dyn EventSink> = bus.clone();
+    let collected = Arc::new(Collected::default());
+    let Some(m) = Mounted::with_sink(
+        Some(ISSUE_ACLS),
+        true,
+        true,
+        seed_issue_tree,
+        sink,
+        collected,
+    ) else {
+        return;
+    };
+    assert_eq!(errno_of(fs::read(m.t("secret.env"))), Some(libc::ENOENT));
+    assert_eq!(
+        errno_of(fs::write(m.t("docs/x.md"), b"x")),
+        Some(libc::EACCES)
+    );
+    fs::write(m.t("ok.txt"), b"x").expect("create");
+    bus.close();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let mut got = Vec::new();
+    runtime.block_on(async {
+        while let Ok(Some(event)) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), sub.next()).await
+        {
+            got.push(event.to_json());
+        }
+    });
+    let expected = [
+        serde_json::json!({"type": "fs.denied", "path": "/workspace/secret.env", "operation": "lookup", "rule": 0}),
+        serde_json::json!({"type": "fs.denied", "path": "/workspace/docs/x.md", "operation": "create", "rule": 1}),
+        serde_json::json!({"type": "fs.access", "path": "/workspace/ok.txt", "operation": "create"}),
+    ];
+    assert_eq!(got.len(), expected.len(), "{got:?}");
+    for (event, expected) in got.iter().zip(expected) {
+        for (key, value) in expected.as_object().expect("object") {
+            assert_eq!(event.get(key), Some(value), "{event}");
+        }
+        assert_eq!(event.get("sandbox"), Some(&Value::from("fs-test")));
+    }
 }
 
 /// Times the four workloads of issue 6 under `root` (`big` is a 100 MiB file already there).
