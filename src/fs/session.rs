@@ -714,6 +714,13 @@ impl Server {
 
 impl Filesystem for Server {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Lookups in one directory may run in parallel (the server's tables are locked), and
+        // `open(O_TRUNC)` arrives as one request (decided as a write) instead of open + setattr.
+        for wanted in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_ATOMIC_O_TRUNC] {
+            if config.capabilities().contains(wanted) {
+                let _ = config.add_capabilities(wanted);
+            }
+        }
         if self.passthrough_wanted && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
             let stacked = config
                 .set_max_stack_depth(2)
