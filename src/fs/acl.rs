@@ -167,27 +167,37 @@ fn plain_subtree(glob: &str) -> Option<&str> {
 /// A `false` answer promises that mount-level binds plus Landlock enforce the rules exactly; when
 /// in doubt the answer is `true` (the caller then refuses to start without `/dev/fuse`).
 pub fn needs_per_file_enforcement(mount: &FsMount) -> bool {
+    per_file_reason(mount).is_some()
+}
+
+/// Why `mount` needs the per-file layer (for the `HIVE_FS_UNENFORCEABLE` message), if it does.
+pub fn per_file_reason(mount: &FsMount) -> Option<String> {
     if mount.audit {
-        return true;
+        return Some("audit: true reports every write".into());
     }
-    let Some(acls) = &mount.acls else {
-        return false;
-    };
+    let acls = mount.acls.as_ref()?;
     let mut subtrees = Vec::with_capacity(acls.len());
-    for acl in acls {
+    for (index, acl) in acls.iter().enumerate() {
         match plain_subtree(acl.path.as_str()) {
-            Some(prefix) => subtrees.push((prefix, acl.access)),
-            None => return true,
-        }
-    }
-    for (i, (a, access_a)) in subtrees.iter().enumerate() {
-        for (b, access_b) in subtrees.iter().skip(i + 1) {
-            if access_a != access_b && (is_ancestor_or_self(a, b) || is_ancestor_or_self(b, a)) {
-                return true;
+            Some(prefix) => subtrees.push((index, prefix, acl.access)),
+            None => {
+                return Some(format!(
+                    "acls[{index}] {:?} is not a plain \"<dir>/**\" subtree",
+                    acl.path.as_str()
+                ))
             }
         }
     }
-    false
+    for (i, (index_a, a, access_a)) in subtrees.iter().enumerate() {
+        for (index_b, b, access_b) in subtrees.iter().skip(i + 1) {
+            if access_a != access_b && (is_ancestor_or_self(a, b) || is_ancestor_or_self(b, a)) {
+                return Some(format!(
+                    "acls[{index_a}] and acls[{index_b}] nest with different accesses"
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn is_ancestor_or_self(ancestor: &str, path: &str) -> bool {

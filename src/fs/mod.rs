@@ -70,7 +70,7 @@ use crate::config::{FsBackend, FsMount};
 use crate::error::{HiveError, Result};
 use crate::events::EventBus;
 
-pub use acl::{needs_per_file_enforcement, Acl, Decision};
+pub use acl::{needs_per_file_enforcement, per_file_reason, Acl, Decision};
 
 /// Field names of `fs.denied` / `fs.access` events.
 pub mod field {
@@ -193,6 +193,15 @@ impl AclFs {
         self
     }
 
+    /// Shows every file as owned by `uid:gid`, ids as the mount's user namespace sees them (the
+    /// sandbox user, so tools that check ownership, such as git's `safe.directory`, accept the
+    /// tree). Without it, files show their owners in the source, which a sandbox's user namespace
+    /// maps to other ids or to the overflow id.
+    pub fn present_owner(mut self, uid: u32, gid: u32) -> Self {
+        self.server.present_owner(uid, gid);
+        self
+    }
+
     /// Serves FUSE requests on an already-opened-and-mounted `/dev/fuse` fd until the file system
     /// is unmounted; runs on its own threads and returns at once.
     pub fn serve(self, fuse_fd: OwnedFd) -> Result<FsHandle> {
@@ -213,6 +222,36 @@ impl AclFs {
             passthrough,
         })
     }
+}
+
+/// Refuses (`HIVE_FS_UNENFORCEABLE`, with a hint) when some mount needs per-file enforcement and
+/// this process cannot open `/dev/fuse` (SPEC §4: never silently enforce less).
+pub fn require_enforceable(mounts: &[FsMount]) -> Result<()> {
+    match unenforceable(mounts, fuse_available()) {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+fn unenforceable(mounts: &[FsMount], fuse: bool) -> Option<HiveError> {
+    if fuse {
+        return None;
+    }
+    let problems: Vec<String> = mounts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, mount)| {
+            per_file_reason(mount).map(|why| format!("fs[{i}] ({}): {why}", mount.mount))
+        })
+        .collect();
+    (!problems.is_empty()).then(|| {
+        HiveError::FsUnenforceable(format!(
+            "{} needs per-file enforcement through FUSE, and this process cannot open /dev/fuse; \
+             make /dev/fuse usable (many hosts ship it 0666; here it is not), run as root, or use \
+             only plain \"<dir>/**\" rules without audit",
+            problems.join("; ")
+        ))
+    })
 }
 
 /// Whether this process can open `/dev/fuse` (needed for per-file enforcement).
@@ -258,4 +297,47 @@ pub fn mount_fuse_on(target: &Path) -> Result<OwnedFd> {
         )
     })?;
     Ok(fd)
+}
+
+#[cfg(test)]
+mod enforceable_tests {
+    use super::*;
+    use crate::config::FsAccess;
+    use crate::error::ErrorCode;
+    use crate::fs::tests::fs_mount;
+
+    #[test]
+    fn unenforceable_rules_refuse_to_start_without_fuse() {
+        let env_rule: &[(&str, FsAccess)] = &[("/workspace/**/*.env", FsAccess::None)];
+        let plain: &[(&str, FsAccess)] = &[("/workspace/**", FsAccess::Rw)];
+        let cases: &[(Vec<FsMount>, bool, Option<&str>)] = &[
+            // needs FUSE, FUSE missing: refused, naming the rule
+            (
+                vec![fs_mount(Some(env_rule), false)],
+                false,
+                Some("acls[0]"),
+            ),
+            // audit needs FUSE too
+            (vec![fs_mount(None, true)], false, Some("audit")),
+            // FUSE present: fine
+            (vec![fs_mount(Some(env_rule), false)], true, None),
+            // plain rules never need it
+            (
+                vec![fs_mount(Some(plain), false), fs_mount(None, false)],
+                false,
+                None,
+            ),
+        ];
+        for (mounts, fuse, expected) in cases {
+            let got = unenforceable(mounts, *fuse);
+            match (got, expected) {
+                (None, None) => {}
+                (Some(err), Some(part)) => {
+                    assert_eq!(err.code(), ErrorCode::FsUnenforceable);
+                    assert!(err.to_string().contains(part), "{err}");
+                }
+                (got, expected) => panic!("{got:?} vs {expected:?}"),
+            }
+        }
+    }
 }

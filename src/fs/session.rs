@@ -271,6 +271,8 @@ pub(crate) struct Server {
     passthrough_wanted: bool,
     passthrough: Arc<AtomicBool>,
     io: Mutex<HashMap<u64, InodeIo>>,
+    /// `(uid, gid)` every file is shown as owned by (in the mount's user namespace).
+    owner: Option<(u32, u32)>,
 }
 
 fn errno(err: rustix::io::Errno) -> Errno {
@@ -362,7 +364,23 @@ impl Server {
             passthrough_wanted: passthrough,
             passthrough: Arc::new(AtomicBool::new(false)),
             io: Mutex::new(HashMap::new()),
+            owner: None,
         }
+    }
+
+    /// Shows every file as owned by `uid:gid` (ids as the mount's user namespace sees them).
+    pub(crate) fn present_owner(&mut self, uid: u32, gid: u32) {
+        self.owner = Some((uid, gid));
+    }
+
+    /// The attributes of `st` under node id `ino`, with the presented owner.
+    fn attr(&self, ino: u64, st: &Stat) -> FileAttr {
+        let mut attr = attr(ino, st);
+        if let Some((uid, gid)) = self.owner {
+            attr.uid = uid;
+            attr.gid = gid;
+        }
+        attr
     }
 
     /// Set once the kernel accepted passthrough; cleared if registering a backing file fails.
@@ -470,7 +488,7 @@ impl Server {
     fn entry(&self, parent: INodeNo, name: &OsStr, st: &Stat) -> FileAttr {
         let kind = file_type(RawType::from_raw_mode(st.st_mode));
         let ino = self.nodes.lock().remember(parent.0, name, kind);
-        attr(ino, st)
+        self.attr(ino, st)
     }
 
     fn file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
@@ -597,7 +615,10 @@ impl Server {
         if owner {
             // The server writes as the host program; ownership stays the host's.
             let st = self.source.lstat(&loc.rel).map_err(errno)?;
-            if uid.is_some_and(|uid| uid != st.st_uid) || gid.is_some_and(|gid| gid != st.st_gid) {
+            let current = self.attr(ino.0, &st);
+            if uid.is_some_and(|uid| uid != current.uid)
+                || gid.is_some_and(|gid| gid != current.gid)
+            {
                 return Err(Errno::EPERM);
             }
         }
@@ -619,7 +640,7 @@ impl Server {
         }
         self.audit(&loc.path, operation, None);
         let st = self.source.lstat(&loc.rel).map_err(errno)?;
-        Ok(attr(ino.0, &st))
+        Ok(self.attr(ino.0, &st))
     }
 
     fn do_create_node(
@@ -716,7 +737,10 @@ impl Filesystem for Server {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Lookups in one directory may run in parallel (the server's tables are locked), and
         // `open(O_TRUNC)` arrives as one request (decided as a write) instead of open + setattr.
-        for wanted in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_ATOMIC_O_TRUNC] {
+        for wanted in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+        ] {
             if config.capabilities().contains(wanted) {
                 let _ = config.add_capabilities(wanted);
             }
@@ -756,7 +780,7 @@ impl Filesystem for Server {
             if let Some(fh) = fh {
                 if let Ok(file) = self.file(fh) {
                     let st = rustix::fs::fstat(&file.fd).map_err(errno)?;
-                    return Ok(attr(ino.0, &st));
+                    return Ok(self.attr(ino.0, &st));
                 }
             }
             let loc = self.locate(ino)?;
@@ -764,7 +788,7 @@ impl Filesystem for Server {
                 self.check(&loc, op::GETATTR, Need::See)?;
             }
             let st = self.source.lstat(&loc.rel).map_err(errno)?;
-            Ok(attr(ino.0, &st))
+            Ok(self.attr(ino.0, &st))
         })();
         match result {
             Ok(attr) => reply.attr(&TTL, &attr),

@@ -86,17 +86,24 @@ impl Mounted {
     ) -> Option<Mounted> {
         let collected = Arc::new(Collected::default());
         let sink: Arc<dyn EventSink> = collected.clone();
-        Self::with_sink(acls, audit, passthrough, seed, sink, collected)
+        let configure = |fs: AclFs| {
+            if passthrough {
+                fs
+            } else {
+                fs.without_passthrough()
+            }
+        };
+        Self::with_sink(acls, audit, seed, sink, collected, configure)
     }
 
     /// Mounts with events going to `sink` (`collected` is what [`Self::denied`] reads).
     fn with_sink(
         acls: Option<&[(&str, FsAccess)]>,
         audit: bool,
-        passthrough: bool,
         seed: impl FnOnce(&Path),
         sink: Arc<dyn EventSink>,
         collected: Arc<Collected>,
+        configure: impl FnOnce(AclFs) -> AclFs,
     ) -> Option<Mounted> {
         if let Some(reason) = skip_reason() {
             eprintln!("skipped: {reason}");
@@ -111,10 +118,8 @@ impl Mounted {
             rustix::fs::Mode::empty(),
         )
         .expect("open source");
-        let mut fs = AclFs::with_sink(&fs_mount(acls, audit), source_fd, sink).expect("AclFs");
-        if !passthrough {
-            fs = fs.without_passthrough();
-        }
+        let fs = AclFs::with_sink(&fs_mount(acls, audit), source_fd, sink).expect("AclFs");
+        let fs = configure(fs);
         let fuse_fd = mount_fuse_on(target.path()).expect("mount FUSE");
         let handle = fs.serve(fuse_fd).expect("serve");
         Some(Mounted {
@@ -744,10 +749,10 @@ fn refusals_reach_the_sandbox_event_bus() {
     let Some(m) = Mounted::with_sink(
         Some(ISSUE_ACLS),
         true,
-        true,
         seed_issue_tree,
         sink,
         collected,
+        |fs| fs,
     ) else {
         return;
     };
@@ -782,6 +787,30 @@ fn refusals_reach_the_sandbox_event_bus() {
         }
         assert_eq!(event.get("sandbox"), Some(&Value::from("fs-test")));
     }
+}
+
+#[test]
+fn files_show_the_presented_owner_and_chown_stays_refused() {
+    let collected = Arc::new(Collected::default());
+    let sink: Arc<dyn EventSink> = collected.clone();
+    let Some(m) = Mounted::with_sink(
+        None,
+        false,
+        |src| fs::write(src.join("f"), b"x").expect("seed"),
+        sink,
+        collected,
+        |fs| fs.present_owner(4242, 4343),
+    ) else {
+        return;
+    };
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(m.t("f")).expect("stat");
+    assert_eq!((meta.uid(), meta.gid()), (4242, 4343));
+    // chown to the shown owner is a no-op; to anyone else it is refused
+    std::os::unix::fs::chown(m.t("f"), Some(4242), Some(4343)).expect("chown to the owner");
+    let err = std::os::unix::fs::chown(m.t("f"), Some(0), None).expect_err("chown away");
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    assert_eq!(fs::metadata(m.s("f")).expect("source").uid(), 0);
 }
 
 /// Times the four workloads of issue 6 under `root` (`big` is a 100 MiB file already there).
