@@ -186,7 +186,19 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = rustix::mount::unmount(self.target.path(), rustix::mount::UnmountFlags::DETACH);
         if let Some(handle) = self.handle.take() {
-            let _ = handle.join();
+            // The session ends once the detached mount's last reference goes; never hang a test
+            // run on a leaked one.
+            for _ in 0..500 {
+                if handle.is_finished() {
+                    let _ = handle.join();
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            eprintln!(
+                "the FUSE server of {} did not stop",
+                self.target.path().display()
+            );
         }
     }
 }
