@@ -7,6 +7,7 @@
 
 pub mod config;
 mod diagnostics;
+pub mod dns;
 pub mod error;
 pub mod events;
 pub mod fs;

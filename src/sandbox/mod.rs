@@ -10,6 +10,8 @@
 //!    [`delete`] also removes the folder.
 
 mod home;
+#[cfg(target_os = "linux")]
+pub mod linux;
 mod name;
 
 pub use home::hive_home;

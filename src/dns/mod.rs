@@ -1,0 +1,35 @@
+//! The policy-aware DNS responder served inside each sandbox (SPEC §4 "Network", issue 5).
+//!
+//! Clients that ignore proxy variables (Node's `fetch`, Go, raw sockets) resolve names through
+//! `/etc/resolv.conf`, which points at this responder on port 53 inside the sandbox's network
+//! namespace. It answers from the policy alone and never forwards a query:
+//! - [`wire`]: DNS messages (RFC 1035), parsed and built by hand, every byte treated as hostile;
+//! - [`names`]: the [`NameTable`] mapping each name some rule could allow to a stable
+//!   sandbox-local address in `127.1.0.0/16` (and `fd68:6976:65::/96`) and back, which the
+//!   proxy's transparent listeners use to learn the name of a connection;
+//! - [`responder`]: the [`DnsResponder`] serving UDP and TCP and emitting `dns.query` events.
+//!
+//! No DNS crate is used: the responder needs one question in and a handful of record types out,
+//! and a hand-written, bounds-checked parser of a few hundred lines is easier to audit than a
+//! general one.
+
+pub mod names;
+pub mod responder;
+pub mod wire;
+
+pub use names::NameTable;
+pub use responder::{DnsResponder, Transport};
+
+/// TTL of every positive answer, in seconds: short, so that a name the policy stops allowing is
+/// not used from a cache for long (the proxy still decides every connection).
+pub const ANSWER_TTL: u32 = 5;
+
+/// Field names of the `dns.query` event (SPEC §3).
+pub mod field {
+    /// The queried name, normalized; names that are no hostname in presentation form (`\DDD`).
+    pub const NAME: &str = "name";
+    /// The query type mnemonic: `"A"`, `"AAAA"`, `"PTR"`, … or `"TYPE<n>"`.
+    pub const QTYPE: &str = "qtype";
+    /// `"allowed"` or `"denied"`.
+    pub const ACCESS: &str = "access";
+}

@@ -1,0 +1,198 @@
+//! Landlock for the workload: which trees it may touch and how, plus abstract-socket and signal
+//! scoping.
+//!
+//! 1. The parent creates the ruleset ([`create_ruleset`]): it handles every filesystem right the
+//!    running kernel's ABI knows (best effort: older ABIs simply handle fewer rights) and, on ABI
+//!    ≥ 6, scopes abstract unix sockets and signals.
+//! 2. init, after mounting and `pivot_root`, adds one rule per tree using the paths *inside* the
+//!    sandbox ([`add_rule`]). Landlock binds rules to inodes, so rules for the fresh `/proc`,
+//!    `/tmp` and `/dev` cannot be made from host paths; doing all of them in init keeps one path.
+//!    The ruleset fd is shared with the parent, so the rules land in the object the parent keeps.
+//! 3. Each workload calls `landlock_restrict_self` with it before exec ([`restrict_self`]).
+//!
+//! Raw syscalls instead of the `landlock` crate: steps 2 and 3 run after `clone` and must not
+//! allocate; the constants below are the stable uapi values.
+//!
+//! # Security
+//! TCP port rules (ABI ≥ 4) are deliberately not used: the network namespace already has no route
+//! anywhere, and a connect-port allow list cannot tell loopback peers apart, so it would only break
+//! processes of one sandbox talking to each other over loopback (issue 4). Scoping means
+//! processes spawned separately into one sandbox cannot signal each other or connect to each
+//! other's abstract unix sockets (each spawn is its own Landlock domain); pathname sockets in `/tmp`
+//! work.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use super::child::{check, check_i, CResult, Stage};
+
+pub(crate) const EXECUTE: u64 = 1 << 0;
+pub(crate) const WRITE_FILE: u64 = 1 << 1;
+pub(crate) const READ_FILE: u64 = 1 << 2;
+pub(crate) const READ_DIR: u64 = 1 << 3;
+const ABI1_ALL: u64 = (1 << 13) - 1;
+const REFER: u64 = 1 << 13;
+const TRUNCATE: u64 = 1 << 14;
+pub(crate) const IOCTL_DEV: u64 = 1 << 15;
+const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+const SCOPE_SIGNAL: u64 = 1 << 1;
+
+/// Rights valid on a rule whose parent is a file rather than a directory.
+pub(crate) const FILE_RIGHTS: u64 = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV;
+/// Read-only tree (system dirs, read-only mounts).
+pub(crate) const READ_EXEC: u64 = EXECUTE | READ_FILE | READ_DIR;
+/// Everything (writable mounts, `/tmp`): masked down to what the ruleset handles.
+pub(crate) const ALL: u64 = u64::MAX;
+
+/// A created ruleset: the fd and the filesystem rights it handles.
+pub(crate) struct Ruleset {
+    pub fd: OwnedFd,
+    pub handled_fs: u64,
+}
+
+/// The running kernel's Landlock ABI version, or `None` without Landlock.
+pub(crate) fn abi_version() -> Option<i32> {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: a NULL attr with size 0 and the VERSION flag only queries.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    (v > 0).then_some(v as i32)
+}
+
+/// The filesystem rights ABI `abi` knows.
+pub(crate) fn fs_rights(abi: i32) -> u64 {
+    let mut r = ABI1_ALL;
+    if abi >= 2 {
+        r |= REFER;
+    }
+    if abi >= 3 {
+        r |= TRUNCATE;
+    }
+    if abi >= 5 {
+        r |= IOCTL_DEV;
+    }
+    r
+}
+
+/// Creates the ruleset (parent side). `Ok(None)` when the kernel has no Landlock.
+pub(crate) fn create_ruleset() -> std::io::Result<Option<Ruleset>> {
+    let Some(abi) = abi_version() else {
+        return Ok(None);
+    };
+    #[repr(C)]
+    struct Attr {
+        handled_access_fs: u64,
+        handled_access_net: u64,
+        scoped: u64,
+    }
+    let handled_fs = fs_rights(abi);
+    let attr = Attr {
+        handled_access_fs: handled_fs,
+        handled_access_net: 0,
+        scoped: if abi >= 6 {
+            SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+        } else {
+            0
+        },
+    };
+    let size = if abi >= 6 { 24 } else { 8 };
+    // SAFETY: attr is valid for `size` bytes.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            &attr as *const Attr,
+            size as usize,
+            0u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a new fd we own.
+    Ok(Some(Ruleset {
+        fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+        handled_fs,
+    }))
+}
+
+/// Adds a rule granting `access` (masked to `handled`) beneath `path` (child side). A path that
+/// does not exist is skipped.
+pub(crate) unsafe fn add_rule(
+    ruleset: RawFd,
+    handled: u64,
+    path: &std::ffi::CStr,
+    access: u64,
+) -> CResult {
+    let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+    if fd < 0 {
+        return Ok(());
+    }
+    let mut st: libc::stat = std::mem::zeroed();
+    let r = (|| {
+        check_i(libc::fstat(fd, &mut st), Stage::LandlockRule)?;
+        let mut allowed = access & handled;
+        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            allowed &= FILE_RIGHTS;
+        }
+        #[repr(C, packed)]
+        struct PathBeneath {
+            allowed_access: u64,
+            parent_fd: i32,
+        }
+        let attr = PathBeneath {
+            allowed_access: allowed,
+            parent_fd: fd,
+        };
+        const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
+        check(
+            libc::syscall(
+                libc::SYS_landlock_add_rule,
+                ruleset,
+                LANDLOCK_RULE_PATH_BENEATH,
+                &attr as *const PathBeneath,
+                0u32,
+            ),
+            Stage::LandlockRule,
+        )?;
+        Ok(())
+    })();
+    libc::close(fd);
+    r
+}
+
+/// Enforces the ruleset on the calling thread (child side; needs no_new_privs).
+pub(crate) unsafe fn restrict_self(ruleset: RawFd) -> CResult {
+    check(
+        libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32),
+        Stage::Landlock,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn rights_grow_with_the_abi() {
+        for (abi, has_refer, has_truncate, has_ioctl) in [
+            (1, false, false, false),
+            (2, true, false, false),
+            (3, true, true, false),
+            (4, true, true, false),
+            (5, true, true, true),
+            (7, true, true, true),
+        ] {
+            let r = fs_rights(abi);
+            assert_eq!(r & REFER != 0, has_refer, "abi {abi}");
+            assert_eq!(r & TRUNCATE != 0, has_truncate, "abi {abi}");
+            assert_eq!(r & IOCTL_DEV != 0, has_ioctl, "abi {abi}");
+            assert_eq!(r & READ_EXEC, READ_EXEC, "abi {abi}");
+        }
+    }
+}

@@ -1,0 +1,833 @@
+//! The Linux launcher: runs commands inside a sandbox's own namespaces, confined, with the network
+//! failing closed (SPEC §4, issue 4, notes/isolation.md §4).
+//!
+//! # Shape
+//! ```text
+//! host process (multi-threaded; Node)
+//!  ├─ launcher thread (one per process, lives forever; every clone happens here)
+//!  ├─ sandbox init   clone3(NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS|NEWCGROUP), PID 1, reaps
+//!  └─ workload       (one per spawn) in init's namespaces, a direct child of the host process
+//! ```
+//!
+//! # How a sandbox starts ([`SandboxHost::start`])
+//! 1. On the launcher thread: create the Landlock ruleset, compile the seccomp filter, resolve
+//!    the [`plan::InitPlan`] (system dirs, `/etc` secrets, mounts), make a control socketpair.
+//! 2. `clone3` init with every namespace and `CLONE_PIDFD`. The parent writes `setgroups=deny`,
+//!    `uid_map` and `gid_map` (inside uid/gid 0 = the caller's uid/gid) and sends "go".
+//! 3. init sets up `lo`, the proxy listener, the filesystem and the Landlock rules
+//!    ([`init`], [`netns`], [`mounts`]) and sends the listener back over `SCM_RIGHTS`.
+//!
+//! # How a process is spawned ([`SandboxHost::spawn`])
+//! 1. On the launcher thread: argv/envp/candidate paths ([`plan::SpawnPlan`]), stdio pipes, an
+//!    exec-status pipe and a pid pipe, all `O_CLOEXEC`.
+//! 2. Fork a helper. It `setns`es into init's namespaces through init's pidfd (user namespace
+//!    first, all at once) and forks the workload with `CLONE_PARENT`, so the workload is a child
+//!    of the host process inside the sandbox's PID namespace; the helper reports its pid and exits.
+//! 3. The workload confines itself ([`child::workload_main`]: new session, stdio, cwd, every
+//!    capability dropped, no_new_privs, Landlock, fds closed at exec, seccomp) and execs. The
+//!    exec-status pipe tells the launcher "exec happened" (EOF) or which step failed.
+//! 4. The parent opens a pidfd for it; [`SandboxProcess::wait`] waits on that pidfd with tokio's
+//!    `AsyncFd` and reads the status with `waitid(P_PIDFD)`.
+//!
+//! Why a `setns` helper and not "init forks on request": the workload stays a child of the host,
+//! so its exit status comes straight from the kernel (no status protocol), init stays a trivial
+//! reaper with no request parsing after fork, and the allocation-free code that parses nothing
+//! runs in a short-lived helper. The price is one extra fork of the host per spawn (measured in
+//! the benchmark in `tests.rs`).
+//!
+//! # Lifetime
+//! `close()` sends SIGKILL to init; the kernel then kills every process of the PID namespace.
+//! The launcher reaps the workloads (init's exit waits for them) and init. The host dying kills
+//! init through `PR_SET_PDEATHSIG`, set from the launcher thread (PDEATHSIG follows the thread
+//! that forked, which is why that thread never exits). No host state is left: the namespaces
+//! disappear with their last process and fd; there are no interfaces, rules or mounts on the host.
+//!
+//! # Identity
+//! Inside, everything runs as uid/gid 0 mapped to the caller's uid/gid (one-line maps, so no
+//! other id exists inside; files of other owners show as `nobody`). Files the sandbox writes to a
+//! writable mount are owned on the host by the user running hive. Run as root, inside uid 0 is
+//! host uid 0: it holds no capability (all sets empty, securebits locked), `/proc/sys` is
+//! read-only, and files under `/etc` that are not world-readable are hidden, because DAC would let
+//! it read them as their owner. Mapping root to an unprivileged outer uid needs idmapped mounts
+//! for the writable mounts to come out owned sensibly; that is not done yet.
+
+pub(crate) mod child;
+pub(crate) mod init;
+pub(crate) mod landlock;
+pub(crate) mod mounts;
+pub(crate) mod netns;
+pub(crate) mod plan;
+pub(crate) mod seccomp;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+
+use crate::error::{HiveError, Result};
+use child::Stage;
+use plan::{ptr_array, CommandStrings, InitPlan, SpawnPlan, NS_FLAGS};
+use seccomp::SeccompProgram;
+
+/// Where the sandbox's CA bundle (system roots + sandbox CA) is, inside the sandbox.
+pub const CA_BUNDLE_PATH: &str = "/run/hive/ca-bundle.pem";
+
+/// `HOME` inside the sandbox: a private tmpfs shared by the sandbox's processes.
+pub const SANDBOX_HOME: &str = "/root";
+
+/// Hint attached to `HIVE_USERNS_UNAVAILABLE`.
+pub const USERNS_HINT: &str = "user namespaces are unavailable or restricted on this host. On \
+Ubuntu 23.10+ the AppArmor setting kernel.apparmor_restrict_unprivileged_userns=1 creates them \
+without capabilities: add an AppArmor profile allowing `userns` for the node binary, or set the \
+sysctl to 0. Also check kernel.unprivileged_userns_clone=1 and user.max_user_namespaces > 0. hive \
+never runs a command unconfined";
+
+/// What a sandbox is made of.
+#[derive(Clone)]
+pub struct LaunchSpec {
+    /// Sandbox name; also its hostname.
+    pub name: String,
+    /// The configured `local` fs mounts.
+    pub mounts: Vec<BindMount>,
+    /// System roots + the sandbox CA, PEM; bound over the distribution bundle paths.
+    pub ca_bundle_pem: Vec<u8>,
+    /// Port of the proxy listener created on 127.0.0.1 inside the sandbox (3128).
+    pub proxy_port: u16,
+}
+
+impl fmt::Debug for LaunchSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LaunchSpec")
+            .field("name", &self.name)
+            .field("mounts", &self.mounts)
+            .field(
+                "ca_bundle_pem",
+                &format_args!("{} bytes", self.ca_bundle_pem.len()),
+            )
+            .field("proxy_port", &self.proxy_port)
+            .finish()
+    }
+}
+
+/// One host directory (or file) bound into the sandbox.
+#[derive(Debug, Clone)]
+pub struct BindMount {
+    /// Host path (must exist).
+    pub source: PathBuf,
+    /// Absolute path inside the sandbox, e.g. `/workspace`; not inside `/usr`, `/etc`, `/proc`,
+    /// `/dev`, `/run` or the other directories the sandbox provides.
+    pub target: String,
+    /// Read-write if true, else read-only.
+    pub writable: bool,
+}
+
+/// One command to run.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    /// Command and arguments; `argv[0]` without a `/` is looked up in the env's `PATH`.
+    pub argv: Vec<String>,
+    /// The complete environment (see [`default_env`]); nothing of the host's leaks in.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the sandbox (absolute); `/` if `None`.
+    pub cwd: Option<String>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal number, if a signal killed it.
+    pub signal: Option<i32>,
+}
+
+/// One sandbox's namespaces and init (PID 1).
+///
+/// Dropping it closes it ([`SandboxHost::close`]).
+pub struct SandboxHost {
+    inner: Arc<HostInner>,
+}
+
+struct HostInner {
+    name: String,
+    /// init's pid in the host's PID namespace.
+    init_pid: i32,
+    init_pidfd: OwnedFd,
+    landlock: Option<OwnedFd>,
+    seccomp: SeccompProgram,
+    state: Mutex<HostState>,
+}
+
+struct HostState {
+    closed: bool,
+    procs: Vec<Arc<ProcState>>,
+}
+
+/// A running (or finished) sandboxed process.
+pub struct SandboxProcess {
+    /// Pid inside the sandbox's PID namespace.
+    pub pid: i32,
+    /// Write end of its stdin pipe.
+    pub stdin: Option<OwnedFd>,
+    /// Read end of its stdout pipe.
+    pub stdout: OwnedFd,
+    /// Read end of its stderr pipe.
+    pub stderr: OwnedFd,
+    state: Arc<ProcState>,
+}
+
+struct ProcState {
+    pidfd: OwnedFd,
+    status: Mutex<Option<ExitStatus>>,
+}
+
+impl fmt::Debug for SandboxProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SandboxProcess")
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for SandboxHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SandboxHost")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+// ----- the launcher thread -----
+
+type Job = Box<dyn FnOnce() + Send>;
+
+fn launcher() -> Result<&'static Mutex<mpsc::Sender<Job>>> {
+    static LAUNCHER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+    if let Some(l) = LAUNCHER.get() {
+        return Ok(l);
+    }
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("hive-launcher".into())
+        .spawn(move || {
+            // Lives as long as the process: PR_SET_PDEATHSIG of every init follows this thread.
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })
+        .map_err(|e| HiveError::io("starting the launcher thread", e))?;
+    // A racing caller may have won; its thread then serves everyone and ours idles on recv.
+    Ok(LAUNCHER.get_or_init(|| Mutex::new(tx)))
+}
+
+/// Runs `f` on the launcher thread and blocks until it returns.
+fn on_launcher<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    launcher()?
+        .lock()
+        .map_err(|_| HiveError::Internal("launcher lock poisoned".into()))?
+        .send(job)
+        .map_err(|_| HiveError::Internal("launcher thread is gone".into()))?;
+    rx.recv()
+        .map_err(|_| HiveError::Internal("launcher dropped a job".into()))?
+}
+
+// ----- small syscall helpers (parent side) -----
+
+fn last_err(context: &str) -> HiveError {
+    HiveError::io(context, std::io::Error::last_os_error())
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: fds is a valid 2-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(last_err("pipe2"));
+    }
+    // SAFETY: pipe2 returned two fresh fds.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads up to `buf.len()` bytes until EOF; returns how many.
+fn read_full(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        // SAFETY: rest is a valid buffer.
+        let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    Ok(got)
+}
+
+fn waitid_pidfd(pidfd: RawFd, flags: libc::c_int) -> std::io::Result<Option<ExitStatus>> {
+    loop {
+        // SAFETY: siginfo_t is plain data.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointers; P_PIDFD = 3.
+        let r = unsafe { libc::waitid(libc::P_PIDFD, pidfd as libc::id_t, &mut info, flags) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: waitid filled info (si_pid 0 means nothing to report with WNOHANG).
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if pid == 0 {
+            return Ok(None);
+        }
+        return Ok(Some(match info.si_code {
+            libc::CLD_EXITED => ExitStatus {
+                code: Some(status),
+                signal: None,
+            },
+            _ => ExitStatus {
+                code: None,
+                signal: Some(status),
+            },
+        }));
+    }
+}
+
+fn pidfd_send_signal(pidfd: RawFd, signal: i32) -> std::io::Result<()> {
+    // SAFETY: plain syscall.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            signal,
+            std::ptr::null::<u8>(),
+            0u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn userns_error(detail: String) -> HiveError {
+    HiveError::UsernsUnavailable(format!("{USERNS_HINT} ({detail})"))
+}
+
+fn errno_text(errno: i32) -> String {
+    std::io::Error::from_raw_os_error(errno).to_string()
+}
+
+// ----- start -----
+
+impl SandboxHost {
+    /// Creates the sandbox's namespaces and init; returns the proxy listener created inside its
+    /// network namespace (blocking mode; call `set_nonblocking(true)` before handing it to tokio).
+    ///
+    /// Blocks for the setup (a few milliseconds); call it from `spawn_blocking` in async code.
+    ///
+    /// # Errors
+    /// `HIVE_USERNS_UNAVAILABLE` (with [`USERNS_HINT`]) when the kernel refuses the namespaces
+    /// or their setup; `HIVE_INVALID_ARGUMENT` for a bad mount target; I/O errors for a missing
+    /// mount source.
+    pub fn start(spec: LaunchSpec) -> Result<(SandboxHost, std::net::TcpListener)> {
+        on_launcher(move || start_on_launcher(&spec))
+    }
+
+    /// Spawns a process in the sandbox. Blocks until it has exec'd (or failed to), a few
+    /// milliseconds; see [`SandboxHost::spawn_async`].
+    ///
+    /// # Errors
+    /// `HIVE_SPAWN_FAILED` when the command cannot be found or executed (with the reason),
+    /// `HIVE_SANDBOX_CLOSED` after [`SandboxHost::close`], `HIVE_INVALID_ARGUMENT` for an empty
+    /// command, a NUL byte, a relative cwd.
+    pub fn spawn(&self, p: ProcessSpec) -> Result<SandboxProcess> {
+        let cmd = CommandStrings::build(&p)?;
+        let inner = self.inner.clone();
+        on_launcher(move || spawn_on_launcher(&inner, cmd, &p))
+    }
+
+    /// [`SandboxHost::spawn`] without blocking the calling tokio worker.
+    pub async fn spawn_async(&self, p: ProcessSpec) -> Result<SandboxProcess> {
+        let cmd = CommandStrings::build(&p)?;
+        let inner = self.inner.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(spawn_on_launcher(&inner, cmd, &p));
+        });
+        launcher()?
+            .lock()
+            .map_err(|_| HiveError::Internal("launcher lock poisoned".into()))?
+            .send(job)
+            .map_err(|_| HiveError::Internal("launcher thread is gone".into()))?;
+        rx.await
+            .map_err(|_| HiveError::Internal("launcher dropped a job".into()))?
+    }
+
+    /// Kills every process of the sandbox (init dies, so the PID namespace dies) and reaps them.
+    /// Idempotent. Blocks until they are gone (they are SIGKILLed, so this is quick).
+    pub fn close(&self) {
+        let inner = self.inner.clone();
+        let r = on_launcher(move || {
+            close_on_launcher(&inner);
+            Ok(())
+        });
+        if let Err(e) = r {
+            tracing::warn!(sandbox = %self.inner.name, error = %e, "closing the sandbox");
+        }
+    }
+
+    /// The sandbox name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// init's pid as the host sees it (for diagnostics and tests).
+    pub fn init_host_pid(&self) -> i32 {
+        self.inner.init_pid
+    }
+}
+
+impl Drop for SandboxHost {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpListener)> {
+    let ruleset = landlock::create_ruleset()
+        .map_err(|e| HiveError::io("creating the Landlock ruleset", e))?;
+    if ruleset.is_none() {
+        tracing::warn!(sandbox = %spec.name, "Landlock is unavailable: relying on mounts, capability drop and seccomp");
+    }
+    let seccomp = SeccompProgram::build()?;
+    let mut pair = [-1; 2];
+    // SAFETY: pair is a valid 2-element array.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    } < 0
+    {
+        return Err(last_err("socketpair"));
+    }
+    // SAFETY: fresh fds.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    let (ll_fd, ll_fs) = match &ruleset {
+        Some(r) => (r.fd.as_raw_fd(), r.handled_fs),
+        None => (-1, 0),
+    };
+    let mut plan = InitPlan::build(spec, theirs.as_raw_fd(), ll_fd, ll_fs)?;
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: the child runs only init_main (allocation-free, never returns).
+    let pid = unsafe { child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd)) };
+    if pid == 0 {
+        // SAFETY: we are the freshly cloned child.
+        unsafe { init::init_main(&mut plan) }
+    }
+    if pid < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EPERM | libc::ENOSPC | libc::EUSERS | libc::EINVAL | libc::EACCES) => {
+                userns_error(format!("clone3 of the sandbox init failed: {e}"))
+            }
+            _ => HiveError::io("clone3 of the sandbox init", e),
+        });
+    }
+    drop(theirs);
+    // SAFETY: CLONE_PIDFD filled a fresh fd.
+    let init_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let fail = |err: HiveError| -> HiveError {
+        let _ = pidfd_send_signal(init_pidfd.as_raw_fd(), libc::SIGKILL);
+        let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
+        err
+    };
+    if let Err(e) = write_id_maps(pid as i32) {
+        return Err(fail(e));
+    }
+    // "go"
+    // SAFETY: writing one byte from a valid buffer.
+    if unsafe { libc::write(ours.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
+        return Err(fail(last_err("starting the sandbox init")));
+    }
+    let report = match netns::recv_report(ours.as_raw_fd()) {
+        Ok(r) => r,
+        Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
+    };
+    let listener = match report {
+        None => {
+            let status = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED)
+                .ok()
+                .flatten();
+            return Err(HiveError::Internal(format!(
+                "sandbox init exited during setup: {status:?}"
+            )));
+        }
+        Some((buf, fd)) => {
+            let (stage, errno) = child::decode_report(&buf);
+            match (stage, fd) {
+                (Stage::Ok, Some(fd)) => std::net::TcpListener::from(fd),
+                _ => return Err(fail(init_error(stage, errno))),
+            }
+        }
+    };
+    let inner = HostInner {
+        name: spec.name.clone(),
+        init_pid: pid as i32,
+        init_pidfd,
+        landlock: ruleset.map(|r| r.fd),
+        seccomp,
+        state: Mutex::new(HostState {
+            closed: false,
+            procs: Vec::new(),
+        }),
+    };
+    Ok((
+        SandboxHost {
+            inner: Arc::new(inner),
+        },
+        listener,
+    ))
+}
+
+/// Maps inside uid/gid 0 to the caller's (the only id inside).
+fn write_id_maps(pid: i32) -> Result<()> {
+    // SAFETY: trivial getters.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let write = |file: &str, data: String| -> Result<()> {
+        let path = format!("/proc/{pid}/{file}");
+        std::fs::write(&path, data).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) {
+                userns_error(format!("writing {path}: {e}"))
+            } else {
+                HiveError::io(format!("writing {path}"), e)
+            }
+        })
+    };
+    write("setgroups", "deny".into())?;
+    write("uid_map", format!("0 {uid} 1\n"))?;
+    write("gid_map", format!("0 {gid} 1\n"))?;
+    Ok(())
+}
+
+fn init_error(stage: Stage, errno: i32) -> HiveError {
+    let detail = format!(
+        "sandbox setup failed while {}: {}",
+        stage.describe(),
+        errno_text(errno)
+    );
+    let privileged = matches!(errno, libc::EPERM | libc::EACCES);
+    let setup = (stage as u32) <= (Stage::PivotRoot as u32);
+    if privileged && setup {
+        userns_error(detail)
+    } else {
+        HiveError::Internal(detail)
+    }
+}
+
+// ----- spawn -----
+
+fn spawn_on_launcher(
+    inner: &HostInner,
+    cmd: CommandStrings,
+    p: &ProcessSpec,
+) -> Result<SandboxProcess> {
+    {
+        let mut st = inner
+            .state
+            .lock()
+            .map_err(|_| HiveError::Internal("host state poisoned".into()))?;
+        if st.closed {
+            return Err(HiveError::SandboxClosed(inner.name.clone()));
+        }
+        // Reap what already exited so the list does not grow with dropped processes.
+        st.procs
+            .retain(|s| !matches!(s.reap(libc::WNOHANG), Ok(Some(_)) | Err(_)));
+    }
+    let (stdin_r, stdin_w) = pipe()?;
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (pid_r, pid_w) = pipe()?;
+    let CommandStrings {
+        argv,
+        envp,
+        cwd,
+        exec_candidates,
+    } = cmd;
+    let plan = SpawnPlan {
+        init_pidfd: inner.init_pidfd.as_raw_fd(),
+        err_pipe_w: err_w.as_raw_fd(),
+        pid_pipe_w: pid_w.as_raw_fd(),
+        stdio: [
+            stdin_r.as_raw_fd(),
+            stdout_w.as_raw_fd(),
+            stderr_w.as_raw_fd(),
+        ],
+        cwd,
+        landlock_fd: inner.landlock.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1),
+        seccomp: &inner.seccomp,
+        argv_ptrs: ptr_array(&argv),
+        argv,
+        envp_ptrs: ptr_array(&envp),
+        envp,
+        exec_candidates,
+    };
+    // SAFETY: the child runs only helper_main (allocation-free, never returns).
+    let helper = unsafe { child::clone3(0, libc::SIGCHLD as u64, None) };
+    if helper == 0 {
+        // SAFETY: we are the freshly forked child.
+        unsafe { child::helper_main(&plan) }
+    }
+    if helper < 0 {
+        return Err(last_err("forking the spawn helper"));
+    }
+    drop((stdin_r, stdout_w, stderr_w, err_w, pid_w));
+    let mut pid_buf = [0u8; 4];
+    let got = read_full(pid_r.as_raw_fd(), &mut pid_buf)
+        .map_err(|e| HiveError::io("reading the workload pid", e))?;
+    let mut status = 0;
+    // SAFETY: reaping our own helper.
+    unsafe { libc::waitpid(helper as libc::pid_t, &mut status, 0) };
+    let mut report = [0u8; 8];
+    if got != 4 {
+        let n = read_full(err_r.as_raw_fd(), &mut report).unwrap_or(0);
+        return Err(if n == 8 {
+            let (stage, errno) = child::decode_report(&report);
+            spawn_error(inner, p, stage, errno)
+        } else {
+            HiveError::Internal(format!("spawn helper failed (wait status {status:#x})"))
+        });
+    }
+    let host_pid = i32::from_le_bytes(pid_buf);
+    // SAFETY: plain syscall; the pid is our unreaped child, so it cannot be reused.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, host_pid, 0u32) };
+    if pidfd < 0 {
+        return Err(last_err("pidfd_open"));
+    }
+    // SAFETY: fresh fd.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    let inner_pid = sandbox_pid(host_pid).unwrap_or(0);
+    let state = Arc::new(ProcState {
+        pidfd,
+        status: Mutex::new(None),
+    });
+    let n = read_full(err_r.as_raw_fd(), &mut report)
+        .map_err(|e| HiveError::io("reading the exec status", e))?;
+    if n == 8 {
+        let _ = state.reap(libc::WEXITED);
+        let (stage, errno) = child::decode_report(&report);
+        return Err(spawn_error(inner, p, stage, errno));
+    }
+    inner
+        .state
+        .lock()
+        .map_err(|_| HiveError::Internal("host state poisoned".into()))?
+        .procs
+        .push(state.clone());
+    Ok(SandboxProcess {
+        pid: inner_pid,
+        stdin: Some(stdin_w),
+        stdout: stdout_r,
+        stderr: stderr_r,
+        state,
+    })
+}
+
+/// The pid inside the sandbox: the last `NSpid` entry of `/proc/<pid>/status`.
+fn sandbox_pid(host_pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+fn spawn_error(inner: &HostInner, p: &ProcessSpec, stage: Stage, errno: i32) -> HiveError {
+    let argv0 = p.argv.first().map(String::as_str).unwrap_or("");
+    match (stage, errno) {
+        (Stage::Exec, libc::ENOENT) => HiveError::SpawnFailed(format!(
+            "command not found in the sandbox: {argv0:?}{}",
+            if argv0.contains('/') {
+                String::new()
+            } else {
+                " (searched PATH)".into()
+            }
+        )),
+        (Stage::Exec, libc::EACCES) => HiveError::SpawnFailed(format!(
+            "permission denied executing {argv0:?} in the sandbox"
+        )),
+        (Stage::Chdir, _) => HiveError::SpawnFailed(format!(
+            "cannot change to the working directory {:?} in the sandbox: {}",
+            p.cwd.as_deref().unwrap_or("/"),
+            errno_text(errno)
+        )),
+        (Stage::Setns | Stage::Fork, libc::ENOMEM | libc::ESRCH | libc::EINVAL) => {
+            HiveError::SandboxClosed(inner.name.clone())
+        }
+        _ => HiveError::SpawnFailed(format!(
+            "starting {argv0:?} failed while {}: {}",
+            stage.describe(),
+            errno_text(errno)
+        )),
+    }
+}
+
+// ----- close -----
+
+fn close_on_launcher(inner: &HostInner) {
+    let procs = {
+        let Ok(mut st) = inner.state.lock() else {
+            return;
+        };
+        if st.closed {
+            return;
+        }
+        st.closed = true;
+        std::mem::take(&mut st.procs)
+    };
+    // init dies => the kernel SIGKILLs the whole PID namespace; init's exit then waits until
+    // the workloads (our children) are reaped, so reap them before init.
+    let _ = pidfd_send_signal(inner.init_pidfd.as_raw_fd(), libc::SIGKILL);
+    for p in procs {
+        let _ = p.reap(libc::WEXITED);
+    }
+    let _ = waitid_pidfd(inner.init_pidfd.as_raw_fd(), libc::WEXITED);
+}
+
+// ----- processes -----
+
+impl ProcState {
+    /// Reaps (`flags` = `WEXITED` [| `WNOHANG`]) unless already reaped; returns the status.
+    fn reap(&self, flags: libc::c_int) -> std::io::Result<Option<ExitStatus>> {
+        let mut st = self
+            .status
+            .lock()
+            .map_err(|_| std::io::Error::other("status poisoned"))?;
+        if let Some(s) = *st {
+            return Ok(Some(s));
+        }
+        let got = waitid_pidfd(self.pidfd.as_raw_fd(), flags | libc::WEXITED)?;
+        if got.is_some() {
+            *st = got;
+        }
+        Ok(got)
+    }
+}
+
+/// Keeps the pidfd open for as long as tokio watches it.
+struct WatchedPidfd(Arc<ProcState>);
+
+impl AsRawFd for WatchedPidfd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.pidfd.as_raw_fd()
+    }
+}
+
+impl SandboxProcess {
+    /// Waits for the process to end without blocking a tokio worker (pidfd + `AsyncFd`).
+    ///
+    /// # Errors
+    /// An I/O error if called outside a tokio runtime or if the kernel refuses `waitid`.
+    pub async fn wait(&self) -> Result<ExitStatus> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(HiveError::Internal(
+                "SandboxProcess::wait needs a tokio runtime".into(),
+            ));
+        }
+        // SAFETY: the pidfd is owned by the ProcState the AsyncFd holds, so it stays open and
+        // unchanged for the AsyncFd's lifetime.
+        let afd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(
+                WatchedPidfd(self.state.clone()),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| HiveError::io("watching the process", e.into()))?;
+        loop {
+            if let Some(s) = self
+                .state
+                .reap(libc::WNOHANG)
+                .map_err(|e| HiveError::io("waitid", e))?
+            {
+                return Ok(s);
+            }
+            let mut guard = afd
+                .readable()
+                .await
+                .map_err(|e| HiveError::io("watching the process", e))?;
+            if let Some(s) = self
+                .state
+                .reap(libc::WNOHANG)
+                .map_err(|e| HiveError::io("waitid", e))?
+            {
+                return Ok(s);
+            }
+            guard.clear_ready();
+        }
+    }
+
+    /// The status if the process has ended, without waiting.
+    pub fn try_wait(&self) -> Result<Option<ExitStatus>> {
+        self.state
+            .reap(libc::WNOHANG)
+            .map_err(|e| HiveError::io("waitid", e))
+    }
+
+    /// Sends `signal` to the process. A process that already ended is not an error.
+    pub fn kill(&self, signal: i32) -> Result<()> {
+        match pidfd_send_signal(self.state.pidfd.as_raw_fd(), signal) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+            Err(e) => Err(HiveError::io("sending a signal", e)),
+        }
+    }
+}
+
+/// The default environment inside a sandbox (SPEC §4): `PATH`, `HOME`, `LANG`, `TERM`, the
+/// proxy variables pointing at `127.0.0.1:<proxy_port>` (upper and lower case), `NO_PROXY` for
+/// loopback, and every CA variable pointing at [`CA_BUNDLE_PATH`].
+pub fn default_env(proxy_port: u16) -> Vec<(String, String)> {
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let no_proxy = "localhost,127.0.0.1,::1";
+    let mut env = vec![
+        ("PATH".to_string(), plan::DEFAULT_PATH.to_string()),
+        ("HOME".to_string(), SANDBOX_HOME.to_string()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+        ("TERM".to_string(), "dumb".to_string()),
+    ];
+    for key in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"] {
+        env.push((key.to_string(), proxy.clone()));
+        env.push((key.to_ascii_lowercase(), proxy.clone()));
+    }
+    env.push(("NO_PROXY".to_string(), no_proxy.to_string()));
+    env.push(("no_proxy".to_string(), no_proxy.to_string()));
+    for key in [
+        "SSL_CERT_FILE",
+        "NODE_EXTRA_CA_CERTS",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+        "PIP_CERT",
+        "CARGO_HTTP_CAINFO",
+        "DENO_CERT",
+        "AWS_CA_BUNDLE",
+    ] {
+        env.push((key.to_string(), CA_BUNDLE_PATH.to_string()));
+    }
+    env
+}

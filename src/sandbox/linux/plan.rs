@@ -1,0 +1,464 @@
+//! Plans: everything the children need, resolved and allocated in the parent before `clone`.
+//!
+//! A plan is plain data (C strings, pointer arrays, fds, byte buffers). The child only reads it,
+//! so it can run without allocating ([`super::child`]). Plans are built on the launcher thread
+//! and hold raw pointers, so they are neither `Send` nor `Sync` and never leave that thread.
+//!
+//! Two plans:
+//! 1. [`InitPlan`]: the sandbox's filesystem layout and network setup, built once per sandbox from
+//!    a [`LaunchSpec`] and a scan of the host (which system directories exist, which are
+//!    symlinks, which files under `/etc` are secrets).
+//! 2. [`SpawnPlan`]: one command: argv/envp arrays, the `execvp`-style candidate paths, the pipe
+//!    fds and the confinement programs.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+
+use super::seccomp::SeccompProgram;
+use super::{BindMount, LaunchSpec, ProcessSpec, CA_BUNDLE_PATH};
+use crate::error::{HiveError, Result};
+
+/// Namespaces every sandbox gets (and every spawn joins).
+pub(crate) const NS_FLAGS: libc::c_int = libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWCGROUP;
+
+/// Host system directories bound read-only (or recreated as symlinks) at the same path.
+pub(crate) const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+/// Device nodes bound from the host's `/dev`.
+pub(crate) const DEV_NODES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Distribution CA bundle paths the sandbox's bundle is bound over, where they exist inside.
+pub(crate) const CA_TARGETS: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+    "/etc/ssl/ca-bundle.pem",
+];
+
+/// Top-level names a configured mount may not use: the launcher owns them.
+const RESERVED_TOP: &[&str] = &[
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "dev", "run", "sys",
+];
+
+/// Relative (to the new root) path of the mode-000 file bound over secrets.
+pub(crate) const HIDDEN_FILE: &CStr = c"run/hive/.hidden";
+/// Relative path of the mode-000 directory bound over secret directories.
+pub(crate) const HIDDEN_DIR: &CStr = c"run/hive/.hidden.d";
+
+/// One top-level system entry.
+pub(crate) enum SystemEntry {
+    /// A directory bound read-only: (name relative to the new root, absolute host path).
+    Dir { name: CString, host: CString },
+    /// A symlink recreated as is: (name, target).
+    Symlink { name: CString, target: CString },
+}
+
+/// A configured mount, resolved.
+pub(crate) struct PlannedMount {
+    /// Host source, canonical.
+    pub source: CString,
+    /// Target relative to the new root, e.g. `workspace/src`.
+    pub target_rel: CString,
+    /// Directories to create (relative), parents first, ending with the target if a directory.
+    pub mkdirs: Vec<CString>,
+    /// The source is a regular file (the target is created as an empty file).
+    pub is_file: bool,
+    pub writable: bool,
+}
+
+/// A secret to hide: absolute path inside the sandbox and whether it is a directory.
+pub(crate) struct Hidden {
+    pub path: CString,
+    pub is_dir: bool,
+}
+
+/// Everything the sandbox init needs (see [`super::init`]).
+pub(crate) struct InitPlan {
+    pub hostname: Vec<u8>,
+    pub proxy_port: u16,
+    /// The init's end of the control socket.
+    pub ctrl: RawFd,
+    /// Landlock ruleset fd (shared object with the parent), or -1 without Landlock.
+    pub landlock_fd: RawFd,
+    /// Landlock fs rights the ruleset handles.
+    pub landlock_fs: u64,
+    pub system: Vec<SystemEntry>,
+    /// fds opened by init for each `system` Dir entry, `/etc`, dev nodes, configured mounts.
+    pub etc_host: CString,
+    pub dev_host: Vec<(CString, CString)>,
+    pub mounts: Vec<PlannedMount>,
+    pub hidden: Vec<Hidden>,
+    pub ca_bundle: Vec<u8>,
+    pub ca_targets: Vec<CString>,
+    /// Scratch space for source fds (filled by init, sized here so init never allocates).
+    pub source_fds: Vec<RawFd>,
+}
+
+fn cstring(bytes: &[u8]) -> Result<CString> {
+    CString::new(bytes).map_err(|_| HiveError::InvalidArgument("path contains a NUL byte".into()))
+}
+
+fn path_cstring(p: &Path) -> Result<CString> {
+    cstring(p.as_os_str().as_bytes())
+}
+
+impl InitPlan {
+    /// Resolves `spec` against the host.
+    pub(crate) fn build(
+        spec: &LaunchSpec,
+        ctrl: RawFd,
+        landlock_fd: RawFd,
+        landlock_fs: u64,
+    ) -> Result<InitPlan> {
+        let mut system = Vec::new();
+        for name in SYSTEM_DIRS {
+            let host = Path::new("/").join(name);
+            match std::fs::symlink_metadata(&host) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    let target = std::fs::read_link(&host).map_err(|e| {
+                        HiveError::io(format!("reading link {}", host.display()), e)
+                    })?;
+                    system.push(SystemEntry::Symlink {
+                        name: cstring(name.as_bytes())?,
+                        target: path_cstring(&target)?,
+                    });
+                }
+                Ok(m) if m.is_dir() => system.push(SystemEntry::Dir {
+                    name: cstring(name.as_bytes())?,
+                    host: path_cstring(&host)?,
+                }),
+                _ => {}
+            }
+        }
+        let mut dev_host = Vec::new();
+        for node in DEV_NODES {
+            let host = format!("/dev/{node}");
+            if std::fs::metadata(&host)
+                .map(|m| m.file_type().is_char_device())
+                .unwrap_or(false)
+            {
+                dev_host.push((
+                    cstring(host.as_bytes())?,
+                    cstring(format!("dev/{node}").as_bytes())?,
+                ));
+            }
+        }
+        let mut mounts = Vec::new();
+        for m in &spec.mounts {
+            mounts.push(plan_mount(m)?);
+        }
+        // Parents before children, so a nested target lands on top of its parent's bind.
+        mounts.sort_by_key(|m| {
+            m.target_rel
+                .as_bytes()
+                .iter()
+                .filter(|b| **b == b'/')
+                .count()
+        });
+        let mut hidden = Vec::new();
+        scan_secrets(Path::new("/etc"), 0, &mut hidden)?;
+        let mut hostname = spec.name.as_bytes().to_vec();
+        hostname.truncate(64);
+        let source_fds = vec![-1; system.len() + 1 + dev_host.len() + mounts.len()];
+        Ok(InitPlan {
+            hostname,
+            proxy_port: spec.proxy_port,
+            ctrl,
+            landlock_fd,
+            landlock_fs,
+            system,
+            etc_host: c"/etc".to_owned(),
+            dev_host,
+            mounts,
+            hidden,
+            ca_bundle: spec.ca_bundle_pem.clone(),
+            ca_targets: CA_TARGETS
+                .iter()
+                .map(|t| cstring(t.as_bytes()))
+                .collect::<Result<_>>()?,
+            source_fds,
+        })
+    }
+}
+
+/// Validates and resolves one configured mount.
+fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
+    let bad = |why: &str| HiveError::InvalidArgument(format!("mount target {:?}: {why}", m.target));
+    let rel = m
+        .target
+        .strip_prefix('/')
+        .ok_or_else(|| bad("must be an absolute path"))?;
+    let rel = rel.trim_end_matches('/');
+    if rel.is_empty() {
+        return Err(bad("cannot mount over /"));
+    }
+    let parts: Vec<&str> = rel.split('/').collect();
+    if parts
+        .iter()
+        .any(|p| p.is_empty() || *p == "." || *p == "..")
+    {
+        return Err(bad("must be a normalized path without '.', '..' or '//'"));
+    }
+    if parts.first().is_some_and(|p| RESERVED_TOP.contains(p)) {
+        return Err(bad("is inside a directory the sandbox provides itself"));
+    }
+    let source = std::fs::canonicalize(&m.source).map_err(|e| {
+        HiveError::io(
+            format!("mount source {} for {}", m.source.display(), m.target),
+            e,
+        )
+    })?;
+    let meta = std::fs::metadata(&source)
+        .map_err(|e| HiveError::io(format!("mount source {}", source.display()), e))?;
+    let is_file = meta.is_file();
+    if !is_file && !meta.is_dir() {
+        return Err(bad("source must be a directory or a regular file"));
+    }
+    let mut mkdirs = Vec::new();
+    let dirs = if is_file {
+        parts.len() - 1
+    } else {
+        parts.len()
+    };
+    for i in 1..=dirs {
+        mkdirs.push(cstring(parts[..i].join("/").as_bytes())?);
+    }
+    Ok(PlannedMount {
+        source: path_cstring(&source)?,
+        target_rel: cstring(rel.as_bytes())?,
+        mkdirs,
+        is_file,
+        writable: m.writable,
+    })
+}
+
+/// Collects files under `dir` that are not world-readable (shadow, gshadow, their `-` backups,
+/// ssh host keys, TLS private keys...) and directories not world-searchable, without following
+/// symlinks. As root the sandbox's uid 0 is the host's uid 0 and would read them as their owner.
+///
+/// # Security
+/// This is a snapshot at sandbox start; a secret created later under `/etc` is not hidden. As an
+/// unprivileged user the kernel's DAC checks already keep them out.
+fn scan_secrets(dir: &Path, depth: usize, out: &mut Vec<Hidden>) -> Result<()> {
+    const MAX_DEPTH: usize = 8;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        let path = entry.path();
+        if meta.is_file() && mode & 0o004 == 0 {
+            out.push(Hidden {
+                path: path_cstring(&path)?,
+                is_dir: false,
+            });
+        } else if meta.is_dir() {
+            if mode & 0o005 != 0o005 {
+                out.push(Hidden {
+                    path: path_cstring(&path)?,
+                    is_dir: true,
+                });
+            } else if depth < MAX_DEPTH {
+                scan_secrets(&path, depth + 1, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Everything a spawn needs (see [`super::child::helper_main`]).
+pub(crate) struct SpawnPlan<'a> {
+    pub init_pidfd: RawFd,
+    pub err_pipe_w: RawFd,
+    pub pid_pipe_w: RawFd,
+    /// Child ends: stdin read end, stdout and stderr write ends.
+    pub stdio: [RawFd; 3],
+    pub cwd: CString,
+    pub landlock_fd: RawFd,
+    pub seccomp: &'a SeccompProgram,
+    pub exec_candidates: Vec<CString>,
+    #[allow(dead_code)] // owns the strings argv_ptrs points into
+    pub argv: Vec<CString>,
+    pub argv_ptrs: Vec<*const libc::c_char>,
+    #[allow(dead_code)] // owns the strings envp_ptrs points into
+    pub envp: Vec<CString>,
+    pub envp_ptrs: Vec<*const libc::c_char>,
+}
+
+/// `PATH` used for the command lookup when the caller's env has none.
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// argv/envp/cwd/candidates for `p`; fds are filled in by the caller.
+pub(crate) struct CommandStrings {
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: CString,
+    pub exec_candidates: Vec<CString>,
+}
+
+impl CommandStrings {
+    /// Validates and converts a [`ProcessSpec`].
+    pub(crate) fn build(p: &ProcessSpec) -> Result<CommandStrings> {
+        let argv0 = p
+            .argv
+            .first()
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| HiveError::InvalidArgument("command must not be empty".into()))?;
+        let nul = |what: &str| HiveError::InvalidArgument(format!("{what} contains a NUL byte"));
+        let argv = p
+            .argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()).map_err(|_| nul("an argument")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut envp = Vec::with_capacity(p.env.len());
+        for (k, v) in &p.env {
+            if k.is_empty() || k.contains('=') {
+                return Err(HiveError::InvalidArgument(format!(
+                    "environment variable name {k:?} must be non-empty and contain no '='"
+                )));
+            }
+            envp.push(CString::new(format!("{k}={v}")).map_err(|_| nul("the environment"))?);
+        }
+        let cwd = match &p.cwd {
+            Some(c) if c.starts_with('/') => CString::new(c.as_bytes()).map_err(|_| nul("cwd"))?,
+            Some(c) => {
+                return Err(HiveError::InvalidArgument(format!(
+                    "cwd {c:?} must be an absolute path inside the sandbox"
+                )))
+            }
+            None => c"/".to_owned(),
+        };
+        let exec_candidates = if argv0.contains('/') {
+            vec![CString::new(argv0.as_bytes()).map_err(|_| nul("the command"))?]
+        } else {
+            let path = p
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "PATH")
+                .map(|(_, v)| v.as_str())
+                .unwrap_or(DEFAULT_PATH);
+            path.split(':')
+                .map(|d| if d.is_empty() { "." } else { d })
+                .map(|d| {
+                    let joined = Path::new(d).join(OsStr::new(argv0));
+                    CString::new(joined.as_os_str().as_bytes()).map_err(|_| nul("PATH"))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(CommandStrings {
+            argv,
+            envp,
+            cwd,
+            exec_candidates,
+        })
+    }
+}
+
+/// A NULL-terminated pointer array over `strings` (which must outlive it).
+pub(crate) fn ptr_array(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// The sandbox-side path of the CA bundle, relative to the new root.
+pub(crate) fn ca_bundle_rel() -> CString {
+    CString::new(CA_BUNDLE_PATH.trim_start_matches('/')).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn mount(target: &str) -> BindMount {
+        BindMount {
+            source: "/tmp".into(),
+            target: target.into(),
+            writable: false,
+        }
+    }
+
+    #[test]
+    fn mount_targets_are_validated() {
+        for (target, ok) in [
+            ("/workspace", true),
+            ("/data/sub", true),
+            ("/tmp/x", true),
+            ("workspace", false),   // relative
+            ("/", false),           // the root itself
+            ("/a/../etc", false),   // dot-dot
+            ("/a//b", false),       // empty component
+            ("/etc/passwd", false), // reserved: the sandbox provides /etc
+            ("/proc", false),       // reserved
+            ("/usr/local", false),  // reserved
+        ] {
+            assert_eq!(plan_mount(&mount(target)).is_ok(), ok, "{target}");
+        }
+    }
+
+    #[test]
+    fn nested_targets_create_their_parents() {
+        let m = plan_mount(&mount("/data/a/b")).expect("valid");
+        let dirs: Vec<_> = m
+            .mkdirs
+            .iter()
+            .map(|c| c.to_str().unwrap_or("").to_owned())
+            .collect();
+        assert_eq!(dirs, ["data", "data/a", "data/a/b"]);
+        assert_eq!(m.target_rel.to_str().ok(), Some("data/a/b"));
+    }
+
+    #[test]
+    fn command_lookup_follows_path_or_slash() {
+        let spec = |argv0: &str, path: Option<&str>| ProcessSpec {
+            argv: vec![argv0.into()],
+            env: path
+                .map(|p| vec![("PATH".to_string(), p.to_string())])
+                .unwrap_or_default(),
+            cwd: None,
+        };
+        let c = |s: &CommandStrings| {
+            s.exec_candidates
+                .iter()
+                .map(|c| c.to_str().unwrap_or("").to_owned())
+                .collect::<Vec<_>>()
+        };
+        let s = CommandStrings::build(&spec("/bin/true", None)).expect("valid");
+        assert_eq!(c(&s), ["/bin/true"]);
+        let s = CommandStrings::build(&spec("true", Some("/a:/b"))).expect("valid");
+        assert_eq!(c(&s), ["/a/true", "/b/true"]);
+        assert!(CommandStrings::build(&spec("", None)).is_err());
+    }
+
+    #[test]
+    fn bad_env_and_cwd_are_rejected() {
+        let mut p = ProcessSpec {
+            argv: vec!["true".into()],
+            env: vec![],
+            cwd: Some("rel".into()),
+        };
+        assert!(CommandStrings::build(&p).is_err());
+        p.cwd = None;
+        p.env = vec![("A=B".into(), "x".into())];
+        assert!(CommandStrings::build(&p).is_err());
+        p.env = vec![("A".into(), "x\0y".into())];
+        assert!(CommandStrings::build(&p).is_err());
+    }
+}

@@ -1,0 +1,688 @@
+//! Escape tests for the launcher, each named after the escape it checks (issue 4).
+//!
+//! They start real sandboxes, so they need user namespaces; they run as whoever runs `cargo test`.
+//! As root, [`unprivileged_run_passes_the_same_escape_tests`] re-executes this test binary as
+//! uid/gid 65534 (`setpriv`) with the same filter, so one `cargo test --lib sandbox::linux` run
+//! covers both. Commands inside use `/usr/bin/python3` and coreutils from the host's `/usr`.
+//!
+//! The benchmark ([`bench_spawn_true`]) is `#[ignore]`d: `cargo test --lib bench_spawn_true --
+//! --ignored --nocapture`.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const PORT: u16 = 3128;
+const PY: &str = "/usr/bin/python3";
+
+struct Sandbox {
+    host: SandboxHost,
+    listener: TcpListener,
+    rw: tempfile::TempDir,
+    ro: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+struct Output {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn ok(&self) -> bool {
+        self.status.code == Some(0)
+    }
+}
+
+fn start(name: &str) -> Sandbox {
+    let rw = tempfile::tempdir().expect("tempdir");
+    let ro = tempfile::tempdir().expect("tempdir");
+    std::fs::write(ro.path().join("data.txt"), "read-only data\n").expect("write");
+    let spec = LaunchSpec {
+        name: name.into(),
+        mounts: vec![
+            BindMount {
+                source: rw.path().into(),
+                target: "/workspace".into(),
+                writable: true,
+            },
+            BindMount {
+                source: ro.path().into(),
+                target: "/data".into(),
+                writable: false,
+            },
+        ],
+        ca_bundle_pem: b"-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n".to_vec(),
+        proxy_port: PORT,
+    };
+    let (host, listener) = SandboxHost::start(spec).expect("sandbox starts");
+    Sandbox {
+        host,
+        listener,
+        rw,
+        ro,
+    }
+}
+
+fn read_all(fd: OwnedFd) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = std::fs::File::from(fd).read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    })
+}
+
+async fn run_with(host: &SandboxHost, argv: &[&str], stdin: &[u8]) -> Output {
+    let p = ProcessSpec {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: default_env(PORT),
+        cwd: None,
+    };
+    let mut proc = host.spawn_async(p).await.expect("spawn");
+    let mut input = std::fs::File::from(proc.stdin.take().expect("stdin"));
+    let _ = input.write_all(stdin);
+    drop(input);
+    let out = read_all(proc.stdout.try_clone().expect("dup"));
+    let err = read_all(proc.stderr.try_clone().expect("dup"));
+    let status = proc.wait().await.expect("wait");
+    drop(proc);
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+async fn sh(host: &SandboxHost, script: &str) -> Output {
+    run_with(host, &["/bin/sh", "-c", script], b"").await
+}
+
+async fn py(host: &SandboxHost, code: &str) -> Output {
+    run_with(host, &[PY, "-c", code], b"").await
+}
+
+/// Connects to `addr:port` and prints "connected" or the errno name.
+fn py_connect(addr: &str, port: u16) -> String {
+    format!(
+        "import socket,errno\ns=socket.socket()\ns.settimeout(5)\ntry:\n s.connect(('{addr}',{port}))\n print('connected')\n print(s.recv(100).decode())\nexcept OSError as e:\n print(errno.errorcode.get(e.errno, e))"
+    )
+}
+
+// ----- network -----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_reach_192_0_2_1_without_the_proxy() {
+    let sb = start("net-direct");
+    let t = Instant::now();
+    let out = py(&sb.host, &py_connect("192.0.2.1", 80)).await;
+    assert_eq!(out.stdout.trim(), "ENETUNREACH", "{out:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "must fail fast, took {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_reach_a_service_on_the_host_loopback() {
+    let sb = start("net-host-lo");
+    let service = TcpListener::bind("127.0.0.1:0").expect("bind");
+    service.set_nonblocking(true).expect("nonblocking");
+    let port = service.local_addr().expect("addr").port();
+    let out = py(&sb.host, &py_connect("127.0.0.1", port)).await;
+    assert_eq!(out.stdout.trim(), "ECONNREFUSED", "{out:?}");
+    assert!(
+        service.accept().is_err(),
+        "the host service saw a connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_listener_receives_connections_made_inside() {
+    let sb = start("net-proxy");
+    let listener = sb.listener.try_clone().expect("clone");
+    let server = std::thread::spawn(move || {
+        let (mut c, peer) = listener.accept().expect("accept");
+        c.write_all(b"hello from the proxy").expect("write");
+        peer
+    });
+    let out = py(&sb.host, &py_connect("127.0.0.1", PORT)).await;
+    assert_eq!(out.stdout, "connected\nhello from the proxy\n", "{out:?}");
+    assert!(server.join().expect("server").ip().is_loopback());
+    // The port exists only inside the sandbox's network namespace.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", PORT)).is_err() || PORT_IN_USE_ON_HOST());
+}
+
+#[allow(non_snake_case)]
+fn PORT_IN_USE_ON_HOST() -> bool {
+    TcpListener::bind(("127.0.0.1", PORT)).is_err()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_of_one_sandbox_talk_over_loopback() {
+    let sb = start("net-peers");
+    let server = py(
+        &sb.host,
+        "import socket,os\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',8000))\ns.listen()\nopen('/tmp/ready','w').close()\nc,_=s.accept()\nprint(c.recv(100).decode())",
+    );
+    let client = async {
+        let wait = "import os,time\nfor _ in range(200):\n if os.path.exists('/tmp/ready'): break\n time.sleep(0.02)\n";
+        let code = format!(
+            "{wait}{}\ns.send(b'ping')",
+            py_connect("127.0.0.1", 8000).replace(" print(s.recv(100).decode())\n", "")
+        );
+        py(&sb.host, &code).await
+    };
+    let (server, client) = tokio::join!(server, client);
+    assert_eq!(client.stdout.trim(), "connected", "{client:?}");
+    assert_eq!(server.stdout.trim(), "ping", "{server:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_loopback_exists_inside() {
+    let sb = start("net-ifaces");
+    let out = sh(
+        &sb.host,
+        "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '",
+    )
+    .await;
+    assert_eq!(out.stdout.trim(), "lo", "{out:?}");
+}
+
+// ----- processes -----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_see_host_processes() {
+    let sb = start("proc-see");
+    let out = sh(&sb.host, "ls /proc | grep -E '^[0-9]+$'").await;
+    let pids: Vec<i32> = out.stdout.lines().filter_map(|l| l.parse().ok()).collect();
+    assert!(pids.contains(&1), "{out:?}");
+    assert!(
+        pids.len() <= 4,
+        "sees more than its own processes: {pids:?}"
+    );
+    let host_pid = std::process::id() as i32;
+    assert!(!pids.contains(&host_pid) || host_pid < 5, "{pids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_signal_or_ptrace_processes_outside_its_domain() {
+    let sb = start("proc-signal");
+    // PID 1 (init) stands for everything outside the workload: the host is not even visible.
+    let out = sh(&sb.host, "kill -9 1; echo rc=$?").await;
+    assert!(out.stdout.contains("rc=1"), "{out:?}");
+    let out = py(
+        &sb.host,
+        "import ctypes,os\nlibc=ctypes.CDLL(None,use_errno=True)\nr=libc.ptrace(16,1,0,0)\nprint(r, os.strerror(ctypes.get_errno()))",
+    )
+    .await;
+    assert!(out.stdout.starts_with("-1 "), "{out:?}");
+    let out = sh(&sb.host, "cat /proc/1/environ; echo rc=$?").await;
+    assert!(out.stdout.ends_with("rc=1\n"), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stdio_pipes_exit_codes_and_signals_are_reported() {
+    let sb = start("proc-stdio");
+    let out = run_with(&sb.host, &["/usr/bin/cat"], b"piped input").await;
+    assert_eq!(
+        (out.stdout.as_str(), out.status.code),
+        ("piped input", Some(0))
+    );
+    let out = sh(&sb.host, "echo out; echo err >&2; exit 7").await;
+    assert_eq!(
+        (out.stdout.as_str(), out.stderr.as_str()),
+        ("out\n", "err\n")
+    );
+    assert_eq!(
+        out.status,
+        ExitStatus {
+            code: Some(7),
+            signal: None
+        }
+    );
+    let out = sh(&sb.host, "kill -TERM $$").await;
+    assert_eq!(
+        out.status,
+        ExitStatus {
+            code: None,
+            signal: Some(libc::SIGTERM)
+        }
+    );
+    // SIGPIPE is back to default inside although the test harness ignores it.
+    let out = sh(&sb.host, "yes | head -n 1; echo ${PIPESTATUS:-done}").await;
+    assert!(out.ok(), "{out:?}");
+    let p = sb
+        .host
+        .spawn(ProcessSpec {
+            argv: vec!["sleep".into(), "100".into()],
+            env: default_env(PORT),
+            cwd: None,
+        })
+        .expect("spawn");
+    assert!(p.pid > 1, "pid inside the sandbox: {}", p.pid);
+    p.kill(libc::SIGKILL).expect("kill");
+    assert_eq!(p.wait().await.expect("wait").signal, Some(libc::SIGKILL));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_command_fails_clearly() {
+    let sb = start("proc-missing");
+    let err = sb
+        .host
+        .spawn(ProcessSpec {
+            argv: vec!["no-such-command-xyz".into()],
+            env: default_env(PORT),
+            cwd: None,
+        })
+        .expect_err("must fail");
+    assert_eq!(err.code(), crate::ErrorCode::SpawnFailed);
+    assert!(err.to_string().contains("no-such-command-xyz"), "{err}");
+    let err = sb
+        .host
+        .spawn(ProcessSpec {
+            argv: vec!["/bin/true".into()],
+            env: vec![],
+            cwd: Some("/nope".into()),
+        })
+        .expect_err("must fail");
+    assert_eq!(err.code(), crate::ErrorCode::SpawnFailed);
+    let out = sh(&sb.host, "no-such-command-xyz").await;
+    assert_eq!(out.status.code, Some(127));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_of_the_host_environment_leaks_in() {
+    let sb = start("proc-env");
+    let out = run_with(&sb.host, &["/usr/bin/env"], b"").await;
+    let mut got: Vec<String> = out.stdout.lines().map(String::from).collect();
+    let mut want: Vec<String> = default_env(PORT)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn close_leaves_no_process_behind() {
+    let sb = start("proc-close");
+    let _p = sb
+        .host
+        .spawn(ProcessSpec {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "sleep 1000 & sleep 1000".into(),
+            ],
+            env: default_env(PORT),
+            cwd: None,
+        })
+        .expect("spawn");
+    let orphan = sh(&sb.host, "sleep 1000 >/dev/null 2>&1 & echo $!").await;
+    assert!(orphan.ok(), "{orphan:?}");
+    let ns = std::fs::read_link(format!("/proc/{}/ns/pid", sb.host.init_host_pid())).expect("ns");
+    let members = || {
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+            .filter(|e| std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() == Some(&ns))
+            .count()
+    };
+    assert!(members() >= 4, "init, sh, 2 sleeps, orphan sleep");
+    sb.host.close();
+    sb.host.close(); // idempotent
+    assert_eq!(members(), 0);
+    let err = sb.host.spawn(ProcessSpec {
+        argv: vec!["/bin/true".into()],
+        env: vec![],
+        cwd: None,
+    });
+    assert_eq!(
+        err.expect_err("closed").code(),
+        crate::ErrorCode::SandboxClosed
+    );
+}
+
+#[test]
+fn killing_the_host_process_leaves_no_sandboxed_process() {
+    const CHILD: &str = "HIVE_TEST_DEATH_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        // The "host process" that gets SIGKILLed: a sandbox with a workload and an orphan.
+        let sb = start("host-death");
+        let spec = ProcessSpec {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "sleep 1000 & sleep 1000".into(),
+            ],
+            env: default_env(PORT),
+            cwd: None,
+        };
+        let _p = sb.host.spawn(spec).expect("spawn");
+        println!("ready {}", sb.host.init_host_pid());
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--exact",
+            "sandbox::linux::tests::killing_the_host_process_leaves_no_sandboxed_process",
+        ])
+        .args(["--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the host process");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let init_pid = loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+        assert!(n > 0, "host process exited before it was ready");
+        // libtest prints "test <name> ... " without a newline before our line.
+        if let Some(pid) = line
+            .trim()
+            .rsplit("ready ")
+            .next()
+            .filter(|_| line.contains("ready "))
+        {
+            break pid.parse::<i32>().expect("pid");
+        }
+    };
+    let ns = std::fs::read_link(format!("/proc/{init_pid}/ns/pid")).expect("ns");
+    let members = || {
+        std::fs::read_dir("/proc")
+            .expect("proc")
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path().join("ns/pid")).ok().as_ref() == Some(&ns))
+            .count()
+    };
+    assert!(members() >= 3, "init, sh and the sleeps are running");
+    child.kill().expect("SIGKILL the host process");
+    child.wait().expect("reap");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while members() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        members(),
+        0,
+        "sandboxed processes outlived the host process"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inherits_no_file_descriptor_of_the_host() {
+    let sb = start("proc-fds");
+    // A deliberately inheritable fd in the host process.
+    // SAFETY: plain open without O_CLOEXEC; closed below.
+    let leaky = unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+    assert!(leaky >= 0);
+    let out = sh(&sb.host, "ls /proc/self/fd").await;
+    // SAFETY: our own fd.
+    unsafe { libc::close(leaky) };
+    let fds: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        fds,
+        ["0", "1", "2", "3"],
+        "only stdio (and ls's own directory fd): {out:?}"
+    );
+    let init_fds =
+        std::fs::read_dir(format!("/proc/{}/fd", sb.host.init_host_pid())).expect("fd dir");
+    assert_eq!(init_fds.count(), 0, "init holds no fd of the host");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_inject_terminal_input_or_open_netlink_sockets() {
+    let sb = start("proc-seccomp");
+    let out = py(
+        &sb.host,
+        "import fcntl,termios,socket,errno\nfor req in (termios.TIOCSTI, termios.TIOCSTI | (1 << 32), 0x541C):\n try:\n  fcntl.ioctl(0, req, b'x')\n  print('ioctl ok')\n except OSError as e:\n  print(errno.errorcode[e.errno])\nfor fam in (socket.AF_NETLINK, socket.AF_PACKET):\n try:\n  socket.socket(fam, socket.SOCK_RAW, 0)\n  print('socket ok')\n except OSError as e:\n  print(errno.errorcode[e.errno])",
+    )
+    .await;
+    // 0x541C is TIOCLINUX. The second TIOCSTI sets a high bit: the masked compare still matches.
+    assert_eq!(out.stdout, "EPERM\nEPERM\nEPERM\nEPERM\nEPERM\n", "{out:?}");
+}
+
+// ----- filesystem -----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_read_etc_shadow_or_other_secrets() {
+    let sb = start("fs-shadow");
+    for f in ["/etc/shadow", "/etc/gshadow", "/etc/shadow-"] {
+        if std::path::Path::new(f).exists() {
+            let out = sh(&sb.host, &format!("cat {f}")).await;
+            assert!(!out.ok() && out.stdout.is_empty(), "{f}: {out:?}");
+        }
+    }
+    // The rest of /etc is there.
+    assert!(sh(&sb.host, "grep -q '^root:' /etc/passwd").await.ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_read_the_hosts_home_or_the_hive_home() {
+    let sb = start("fs-home");
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let out = sh(
+        &sb.host,
+        "ls -A /root; ls -d /home/* /work /farm 2>/dev/null; echo end",
+    )
+    .await;
+    assert_eq!(out.stdout, "end\n", "{out:?} (host HOME {home})");
+    // HOME is a private, writable tmpfs.
+    assert!(
+        sh(&sb.host, "echo x > $HOME/.profile && cat $HOME/.profile")
+            .await
+            .ok()
+    );
+    assert!(!std::path::Path::new("/root/.profile-hive-test").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_remount_unmount_or_create_namespaces() {
+    let sb = start("fs-remount");
+    for cmd in [
+        "mount -o remount,rw /data",
+        "mount -o remount,bind,rw /data",
+        "umount /data",
+        "umount -l /proc",
+        "mount -t tmpfs none /tmp",
+        "unshare -U true",
+        "unshare -r true",
+        "unshare -n true",
+    ] {
+        let out = sh(&sb.host, &format!("{cmd} 2>&1")).await;
+        assert!(!out.ok(), "{cmd}: {out:?}");
+    }
+    let out = sh(&sb.host, "echo x > /data/new.txt").await;
+    assert!(!out.ok(), "{out:?}");
+    assert!(!sb.ro.path().join("new.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_write_outside_the_writable_mounts() {
+    let sb = start("fs-write");
+    for path in [
+        "/x",
+        "/usr/x",
+        "/etc/x",
+        "/data/x",
+        "/proc/sys/kernel/hostname",
+        "/dev/x",
+        "/run/hive/x",
+    ] {
+        let out = sh(&sb.host, &format!("echo x > {path}")).await;
+        assert!(!out.ok(), "{path}: {out:?}");
+    }
+    assert!(sh(&sb.host, "echo x > /tmp/x && cat /tmp/x").await.ok());
+    assert!(sh(&sb.host, "cat /data/data.txt")
+        .await
+        .stdout
+        .contains("read-only data"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_to_a_writable_mount_land_in_the_host_source() {
+    let sb = start("fs-rw");
+    let out = sh(
+        &sb.host,
+        "mkdir -p /workspace/d && echo persisted > /workspace/d/out.txt",
+    )
+    .await;
+    assert!(out.ok(), "{out:?}");
+    let got = std::fs::read_to_string(sb.rw.path().join("d/out.txt")).expect("on the host");
+    assert_eq!(got, "persisted\n");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(sb.rw.path().join("d/out.txt")).expect("meta");
+    // SAFETY: trivial getter.
+    assert_eq!(
+        meta.uid(),
+        unsafe { libc::geteuid() },
+        "owned by the user running hive"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ca_bundle_is_bound_over_the_distribution_paths() {
+    let sb = start("fs-ca");
+    let out = sh(&sb.host, &format!("cat {CA_BUNDLE_PATH}")).await;
+    assert!(out.stdout.contains("BEGIN CERTIFICATE"), "{out:?}");
+    if std::path::Path::new("/etc/ssl/certs/ca-certificates.crt").exists() {
+        let out = sh(&sb.host, "cat /etc/ssl/certs/ca-certificates.crt").await;
+        assert_eq!(
+            out.stdout,
+            "-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n"
+        );
+    }
+}
+
+// ----- unprivileged -----
+
+/// As root: run this module's tests again as uid/gid 65534 without groups.
+#[test]
+fn unprivileged_run_passes_the_same_escape_tests() {
+    // SAFETY: trivial getter.
+    if unsafe { libc::geteuid() } != 0 || std::env::var_os("HIVE_TEST_UNPRIVILEGED").is_some() {
+        eprintln!("skipped: needs root to switch to an unprivileged user (or is that run)");
+        return;
+    }
+    if !std::path::Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipped: setpriv (util-linux) is not installed");
+        return;
+    }
+    let exe = std::env::current_exe().expect("exe");
+    let out = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&exe)
+        .args(["sandbox::linux::tests::", "--test-threads=2"])
+        .env("HIVE_TEST_UNPRIVILEGED", "1")
+        .env("HOME", "/nonexistent")
+        .current_dir("/")
+        .output()
+        .expect("run setpriv");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "unprivileged run failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("test result: ok"), "{stdout}");
+}
+
+// ----- benchmark -----
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+fn row(name: &str, mut samples: Vec<Duration>) {
+    samples.sort();
+    println!(
+        "| {name:<58} | {:>8.2} | {:>8.2} |",
+        percentile(&samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&samples, 0.9).as_secs_f64() * 1e3
+    );
+}
+
+/// Median/p90 of spawn+wait of `true`: sandbox vs plain spawn vs bwrap.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark: cargo test --lib bench_spawn_true -- --ignored --nocapture"]
+async fn bench_spawn_true() {
+    const RUNS: usize = 100;
+    let t = Instant::now();
+    let sb = start("bench");
+    let start_time = t.elapsed();
+    let spec = || ProcessSpec {
+        argv: vec!["/usr/bin/true".into()],
+        env: default_env(PORT),
+        cwd: None,
+    };
+    let mut hive = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        let p = sb.host.spawn_async(spec()).await.expect("spawn");
+        p.wait().await.expect("wait");
+        hive.push(t.elapsed());
+    }
+    let mut plain = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        std::process::Command::new("/usr/bin/true")
+            .status()
+            .expect("true");
+        plain.push(t.elapsed());
+    }
+    println!(
+        "\nsandbox start (namespaces + init + fs): {:.2} ms",
+        start_time.as_secs_f64() * 1e3
+    );
+    println!(
+        "| {:<58} | {:>8} | {:>8} |",
+        "spawn+wait `true`, 100 runs", "median ms", "p90 ms"
+    );
+    println!("|{}|{}|{}|", "-".repeat(60), "-".repeat(10), "-".repeat(10));
+    row("hive sandbox (shared namespaces, setns helper)", hive);
+    row("std::process::Command (no isolation)", plain);
+    if let Ok(bwrap) = which("bwrap") {
+        let mut b = Vec::new();
+        for _ in 0..RUNS {
+            let t = Instant::now();
+            std::process::Command::new(&bwrap)
+                .args([
+                    "--unshare-all",
+                    "--die-with-parent",
+                    "--ro-bind",
+                    "/",
+                    "/",
+                    "true",
+                ])
+                .status()
+                .expect("bwrap");
+            b.push(t.elapsed());
+        }
+        row(
+            "bwrap --unshare-all --die-with-parent --ro-bind / / true",
+            b,
+        );
+    } else {
+        println!("(bwrap not installed)");
+    }
+}
+
+fn which(name: &str) -> std::io::Result<std::path::PathBuf> {
+    for dir in ["/usr/bin", "/bin", "/usr/local/bin"] {
+        let p = std::path::Path::new(dir).join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(std::io::ErrorKind::NotFound.into())
+}
