@@ -658,7 +658,6 @@ impl Server {
         self.stat_entry(parent, name, &loc)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn do_rename(
         &self,
         parent: INodeNo,
@@ -671,6 +670,10 @@ impl Server {
         let to_dir = self.parent(newparent, op::RENAME)?;
         let from = self.child(&from_dir, name)?;
         let to = self.child(&to_dir, newname)?;
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            // An overlayfs whiteout is a device node; the sandbox gets none.
+            return Err(Errno::EINVAL);
+        }
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         self.check(&from, op::RENAME, Need::Write)?;
         self.check(
