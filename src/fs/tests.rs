@@ -825,6 +825,91 @@ fn files_show_the_presented_owner_and_chown_stays_refused() {
     assert_eq!(fs::metadata(m.s("f")).expect("source").uid(), 0);
 }
 
+#[test]
+fn passthrough_and_served_opens_of_one_file_never_conflict() {
+    // The kernel answers EIO to an open whose I/O mode (passthrough or served) differs from the
+    // inode's other open files; the server must keep one mode per inode.
+    let Some(m) = Mounted::new(None, false, true, |src| {
+        fs::write(src.join("big"), vec![1u8; 2 << 20]).expect("seed");
+        fs::write(src.join("small"), b"s").expect("seed");
+    }) else {
+        return;
+    };
+    // a served (small) open, then the file grows past the threshold, then more opens
+    let mut small = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.t("small"))
+        .expect("open small");
+    small.write_all(&vec![2u8; 2 << 20]).expect("grow");
+    let again = fs::File::open(m.t("small")).expect("second open while served");
+    drop((small, again));
+    // once closed, a new open may switch to passthrough
+    assert_eq!(fs::read(m.t("small")).expect("read").len(), 2 << 20);
+    // many concurrent opens of a passthrough inode, readers and writers
+    std::thread::scope(|scope| {
+        for i in 0..8 {
+            let path = m.t("big");
+            scope.spawn(move || {
+                for _ in 0..20 {
+                    if i % 2 == 0 {
+                        assert_eq!(fs::read(&path).expect("read big").len(), 2 << 20);
+                    } else {
+                        let mut f = fs::OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .expect("open big for writing");
+                        f.write_all(&[3u8; 4096]).expect("write big");
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(
+        &fs::read(m.s("big")).expect("source")[..4096],
+        &[3u8; 4096][..]
+    );
+}
+
+#[test]
+fn concurrent_creates_renames_and_deletes_stay_consistent() {
+    let Some(m) = Mounted::new(Some(ISSUE_ACLS), false, true, seed_issue_tree) else {
+        return;
+    };
+    std::thread::scope(|scope| {
+        for t in 0..6 {
+            let m = &m;
+            scope.spawn(move || {
+                let dir = m.t(&format!("t{t}"));
+                fs::create_dir(&dir).expect("mkdir");
+                for i in 0..50 {
+                    let a = dir.join(format!("f{i}"));
+                    fs::write(&a, format!("{t}-{i}")).expect("create");
+                    let b = dir.join(format!("g{i}"));
+                    fs::rename(&a, &b).expect("rename");
+                    assert_eq!(
+                        errno_of(fs::rename(&b, dir.join(format!("g{i}.env")))),
+                        Some(libc::EACCES)
+                    );
+                    if i % 2 == 0 {
+                        fs::remove_file(&b).expect("unlink");
+                    }
+                }
+                fs::rename(&dir, m.t(&format!("done{t}"))).expect("rename dir");
+            });
+        }
+    });
+    for t in 0..6 {
+        let left = names(&m.s(&format!("done{t}")));
+        assert_eq!(left.len(), 25, "t{t}: {left:?}");
+        assert_eq!(
+            fs::read_to_string(m.s(&format!("done{t}/g1"))).expect("content"),
+            format!("{t}-1")
+        );
+    }
+    assert_eq!(m.denied().len(), 6 * 50);
+}
+
 /// Times the four workloads of issue 6 under `root` (`big` is a 100 MiB file already there).
 fn workload(root: &Path, big: &Path, tarball: &Path) -> [std::time::Duration; 5] {
     use std::time::Instant;
