@@ -25,11 +25,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
-use rustix::fs::{FileType as RawType, Stat, Timespec, Timestamps};
+use rustix::fs::{AtFlags, FileType as RawType, Stat, Timespec, Timestamps};
 use serde_json::{Map, Value};
 
 use super::acl::{rank, Acl, Decision};
@@ -740,9 +740,13 @@ impl Filesystem for Server {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Lookups in one directory may run in parallel (the server's tables are locked), and
         // `open(O_TRUNC)` arrives as one request (decided as a write) instead of open + setattr.
+        // With READDIRPLUS (adaptive) a listing carries each entry's attributes, so `ls -l`,
+        // `find` or `git status` do not look every entry up again.
         for wanted in [
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
         ] {
             if config.capabilities().contains(wanted) {
                 let _ = config.add_capabilities(wanted);
@@ -1104,6 +1108,53 @@ impl Filesystem for Server {
                 entry.kind,
                 &entry.name,
             ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Dir(entries)) => entries.clone(),
+            _ => return reply.error(Errno::EBADF),
+        };
+        // The listing was decided at opendir: only visible entries are in it.
+        let dir = match self
+            .locate(ino)
+            .and_then(|dir| self.source.dir(&dir.rel).map_err(errno))
+        {
+            Ok(dir) => dir,
+            Err(err) => return reply.error(err),
+        };
+        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            let next = index as u64 + 1;
+            let dots = entry.name == "." || entry.name == "..";
+            let name: &OsStr = if dots { OsStr::new("") } else { &entry.name };
+            let Ok(st) =
+                rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW | AtFlags::EMPTY_PATH)
+            else {
+                continue; // gone since opendir
+            };
+            if dots {
+                // The kernel takes no reference for `.` and `..`.
+                let attr = self.attr(ino.0, &st);
+                if reply.add(ino, next, &entry.name, &TTL, &attr, Generation(0)) {
+                    break;
+                }
+                continue;
+            }
+            // Every other entry counts as a lookup of its node, unless it does not fit.
+            let attr = self.entry(ino, &entry.name, &st);
+            if reply.add(attr.ino, next, &entry.name, &TTL, &attr, Generation(0)) {
+                self.nodes.lock().forget(attr.ino.0, 1);
                 break;
             }
         }

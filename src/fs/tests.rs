@@ -259,6 +259,43 @@ fn cannot_read_a_env_file_that_existed_at_start() {
 }
 
 #[test]
+fn cannot_discover_hidden_files_by_listing() {
+    let Some(m) = Mounted::new(Some(ISSUE_ACLS), false, true, seed_issue_tree) else {
+        return;
+    };
+    let out = Command::new("find")
+        .args([".", "-printf", "%y %p\\n"])
+        .current_dir(m.t(""))
+        .output()
+        .expect("find");
+    assert!(out.status.success());
+    let mut found: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            "d .",
+            "d ./app",
+            "d ./app/config",
+            "d ./docs",
+            "d ./docs/guide",
+            "f ./docs/readme.md",
+            "f ./notes.txt",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+    );
+    let (ok, err) = m.sh("ls -la docs/guide app/config | grep -c env; test $? -eq 1");
+    assert!(ok, "{err}");
+    assert_eq!(fs::metadata(m.t("docs/readme.md")).expect("stat").len(), 7);
+    assert_eq!(m.denied(), vec![]);
+}
+
+#[test]
 fn cannot_read_a_env_file_the_host_creates_after_mount() {
     let Some(m) = Mounted::new(Some(ISSUE_ACLS), false, true, seed_issue_tree) else {
         return;
