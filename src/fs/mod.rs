@@ -47,8 +47,20 @@
 //! someone else mounted ([`fuser::Session::from_fd`]): the sandbox's init mounts, the host serves.
 //! The server runs on its own threads until the file system is unmounted (the sandbox's mount
 //! namespace goes away, or `umount`). Where the kernel offers FUSE passthrough and the server may
-//! use it (`CAP_SYS_ADMIN` in the initial user namespace, i.e. root), opened files are backed by
-//! the real file and reads and writes skip the server.
+//! use it (`CAP_SYS_ADMIN` in the initial user namespace, i.e. root), files of 1 MiB or more are
+//! backed by the real file once opened, and their reads and writes skip the server (the decision
+//! was made at open, as for any open file).
+//!
+//! The kernel caches entries and attributes for 1 s; no decision depends on that cache, since
+//! every request that reaches the server (open, readdir, readlink, create, …) is decided again on
+//! the node's current path. What the cache can show for up to 1 s is a `stat` of a node that a
+//! directory rename just moved under a hidden name. Lookups that fail are never cached, so files
+//! the host creates are seen (and decided) at once.
+//!
+//! For a sandbox, the launcher mounts `/dev/fuse` with
+//! `fd=N,rootmode=40000,user_id=0,group_id=0,allow_other` and `MS_NOSUID | MS_NODEV` (no
+//! `default_permissions`: the server decides), passes the fd to the host over `SCM_RIGHTS`, and
+//! serves it with [`AclFs::present_owner`]`(0, 0)` so the sandbox user owns what it sees.
 
 pub mod acl;
 mod ops;
