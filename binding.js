@@ -836,6 +836,8 @@ function __napiStampBindingTarget(exportsObject, target) {
 module.exports.__napiBindingTarget = __napiStampBindingTarget(nativeBinding, __napiLoadedBindingTarget)
 module.exports = nativeBinding
 module.exports.EventStream = nativeBinding.EventStream
+module.exports.HostProxy = nativeBinding.HostProxy
+module.exports.NativeProcess = nativeBinding.NativeProcess
 module.exports.Sandbox = nativeBinding.Sandbox
 module.exports.deleteSandbox = nativeBinding.deleteSandbox
 module.exports.getOrCreateSandbox = nativeBinding.getOrCreateSandbox

@@ -110,6 +110,56 @@ export interface Sandbox {
   [Symbol.asyncDispose](): Promise<void>
 }
 
+/** Options of `sandbox.exec` and `sandbox.spawn`. */
+export interface SpawnOptions {
+  /** Working directory inside the sandbox (absolute). Default `/`. */
+  cwd?: string
+  /** Added to the sandbox's default environment (which holds nothing of the host's). */
+  env?: Record<string, string>
+}
+
+export interface ExecOptions extends SpawnOptions {
+  /** Written to the process's stdin, which is then closed. */
+  stdin?: string | Uint8Array
+  /** Kill the process (SIGKILL) after this many milliseconds; the result has `timedOut: true`. */
+  timeoutMs?: number
+  /** Kill the process (SIGKILL) and reject with the signal's reason when aborted. */
+  signal?: AbortSignal
+  /** Largest stdout + stderr, in bytes, before the process is killed and the call rejects with `HIVE_MAX_BUFFER` (default 16 MiB). */
+  maxBuffer?: number
+}
+
+export interface ExecResult {
+  /** The exit code, or `null` when a signal ended the process. */
+  exitCode: number | null
+  /** The signal that ended the process (`"SIGKILL"`), or `null`. */
+  signal: string | null
+  stdout: string
+  stderr: string
+  /** Present (true) when `timeoutMs` ended the process. */
+  timedOut?: boolean
+}
+
+/** A process running in a sandbox. */
+export declare class SandboxProcess {
+  /** The pid inside the sandbox; `undefined` until the process has started. */
+  readonly pid: number | undefined
+  readonly stdin: import('node:stream').Writable
+  readonly stdout: import('node:stream').Readable
+  readonly stderr: import('node:stream').Readable
+  /** Resolves when the process has ended; rejects with `HIVE_SPAWN_FAILED` if it could not start. */
+  wait(): Promise<{ exitCode: number | null; signal: string | null }>
+  /** Sends a signal (default `"SIGTERM"`). */
+  kill(signal?: string): void
+}
+
+export interface Sandbox {
+  /** Runs a command inside the sandbox and collects its output. A string runs through `/bin/sh -c`. */
+  exec(command: string | string[], options?: ExecOptions): Promise<ExecResult>
+  /** Starts a command inside the sandbox with streaming stdio. */
+  spawn(command: string | string[], options?: SpawnOptions): SandboxProcess
+}
+
 /**
  * Which binding artifact the generated loader actually loaded: `'native'` for
  * a native addon, otherwise the `platformArchABI` of the WASI flavor. Every
@@ -140,6 +190,28 @@ export declare class EventStream {
   [globalThis.Symbol.asyncIterator](): globalThis.__NapiRsAsyncGenerator<EventStream, SandboxEvent, void, undefined>
 }
 
+/** The host-side proxy listener of `sandbox.proxy()`. */
+export declare class HostProxy {
+  /** `http://hive:<token>@127.0.0.1:<port>`: the credential keeps other local processes out. */
+  get url(): string
+  /** The sandbox CA certificate (PEM) that clients must trust for HTTPS. */
+  get ca(): string
+  /** Stops accepting and drains this listener's connections. Idempotent. */
+  close(): Promise<void>
+}
+
+/** A spawned process. Internal: use `sandbox.spawn()` / `sandbox.exec()`. */
+export declare class NativeProcess {
+  /** The pid inside the sandbox. */
+  get pid(): number
+  /** `[stdin, stdout, stderr]` fds, handed over once: the caller owns (and closes) them. */
+  takeStdio(): Array<number> | null
+  /** Resolves when the process has ended. */
+  wait(): Promise<NativeExit>
+  /** Sends a signal (`"SIGTERM"` by default); a process that already ended is not an error. */
+  kill(signal?: string | undefined | null): void
+}
+
 /** A sandbox: its policy, its event stream and (on Linux) its processes. */
 export declare class Sandbox {
   /** The sandbox's name. */
@@ -168,6 +240,11 @@ export declare class Sandbox {
    * first with `since`). Use it with `for await`; `break` unsubscribes.
    */
   getEventsStream(options?: EventsStreamOptions | undefined | null): EventStream
+  /**
+   * Opens a host-side loopback proxy listener for this sandbox's policy, for clients that run
+   * outside a hive sandbox. Its `url` carries a random credential; `ca` is the CA to trust.
+   */
+  proxy(): Promise<HostProxy>
   /** Stops the sandbox's processes and listeners and ends its event streams; its data stays. */
   close(): Promise<void>
 }
@@ -207,3 +284,15 @@ export interface EventsStreamOptions {
  * opens it: its data, CA and audit log persist under the hive home.
  */
 export declare function getOrCreateSandbox(name: string, config?: SandboxConfig): Promise<Sandbox>
+
+/** How a process ended. */
+export interface NativeExit {
+  exitCode: number | null
+  signal: string | null
+}
+
+/** Options the JS layer passes down. */
+export interface NativeSpawnOptions {
+  cwd?: string
+  env?: Record<string, string>
+}

@@ -4,6 +4,7 @@
 'use strict'
 
 const binding = require('./binding.js')
+const processes = require('./process.js')
 
 const MARKER = '\u0001hive-error:'
 
@@ -50,8 +51,9 @@ function wrapSync(fn) {
   }
 }
 
-const { Sandbox, EventStream } = binding
-for (const method of ['getConfig', 'applyConfig', 'close']) {
+const { Sandbox, EventStream, HostProxy } = binding
+HostProxy.prototype.close = wrapAsync(HostProxy.prototype.close)
+for (const method of ['getConfig', 'applyConfig', 'close', 'proxy']) {
   Sandbox.prototype[method] = wrapAsync(Sandbox.prototype[method])
 }
 Sandbox.prototype.getEventsStream = wrapSync(Sandbox.prototype.getEventsStream)
@@ -59,6 +61,16 @@ Sandbox.prototype.decide = wrapSync(Sandbox.prototype.decide)
 const asyncDispose = Symbol.asyncDispose ?? Symbol.for('nodejs.asyncDispose')
 Sandbox.prototype[asyncDispose] = function () {
   return this.close()
+}
+const nativeSpawn =
+  process.platform === 'linux'
+    ? wrapAsync(Sandbox.prototype.spawnNative)
+    : () => Promise.reject(hiveError('HIVE_UNSUPPORTED_PLATFORM', `exec and spawn need Linux; this is ${process.platform}`))
+Sandbox.prototype.spawn = function (command, options) {
+  return processes.spawn(this, nativeSpawn, command, options)
+}
+Sandbox.prototype.exec = function (command, options) {
+  return processes.exec(this, nativeSpawn, command, options)
 }
 const nativeClose = Sandbox.prototype.close
 Sandbox.prototype.close = async function () {
@@ -98,3 +110,4 @@ module.exports.getOrCreateSandbox = getOrCreateSandbox
 module.exports.deleteSandbox = deleteSandbox
 module.exports.Sandbox = Sandbox
 module.exports.EventStream = EventStream
+module.exports.SandboxProcess = processes.SandboxProcess

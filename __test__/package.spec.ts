@@ -60,7 +60,7 @@ describe('the packed package', () => {
     )
     writeFileSync(
       join(project, 'tsconfig.json'),
-      JSON.stringify({ compilerOptions: { strict: true, noEmit: true, module: 'nodenext', moduleResolution: 'nodenext', target: 'es2022', skipLibCheck: false, types: [] }, files: ['user.ts'] }),
+      JSON.stringify({ compilerOptions: { strict: true, noEmit: true, module: 'nodenext', moduleResolution: 'nodenext', target: 'es2022', skipLibCheck: false, types: ['node'], typeRoots: [join(root, 'node_modules', '@types')] }, files: ['user.ts'] }),
     )
     const tsc = join(root, 'node_modules', '.bin', 'tsc')
     expect(() => run(tsc, ['-p', 'tsconfig.json'])).not.toThrow()

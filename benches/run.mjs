@@ -14,6 +14,8 @@ function step(name, cmd, args) {
   if (result.status !== 0) process.exit(result.status ?? 1)
 }
 
+// The JS benchmarks load the addon: build it in release first (tests rebuild debug).
+if (!only || only !== 'policy') step('build (release)', 'npm', ['run', '--silent', 'build'])
 step('policy', 'cargo', ['bench', '--quiet', '--bench', 'policy'])
 for (const [name, file] of [
   ['proxy', 'benches/proxy.mjs'],

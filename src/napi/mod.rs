@@ -5,6 +5,8 @@
 
 mod error;
 mod events;
+#[cfg(target_os = "linux")]
+mod process;
 mod sandbox;
 
 use napi::bindgen_prelude::*;

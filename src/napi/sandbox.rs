@@ -8,6 +8,8 @@ use serde_json::Value;
 
 use super::error::{to_napi, IntoNapi};
 use super::events::{EventStream, EventsStreamOptions};
+#[cfg(target_os = "linux")]
+use super::process::{NativeProcess, NativeSpawnOptions};
 use crate::error::HiveError;
 use crate::policy::Scheme;
 use crate::sandbox as core;
@@ -148,7 +150,64 @@ impl Sandbox {
         EventStream::subscribe(&self.inner, options)
     }
 
+    /// Opens a host-side loopback proxy listener for this sandbox's policy, for clients that run
+    /// outside a hive sandbox. Its `url` carries a random credential; `ca` is the CA to trust.
+    #[napi]
+    pub async fn proxy(&self) -> Result<HostProxy> {
+        let listener = self.inner.open_proxy().await.napi()?;
+        Ok(HostProxy {
+            inner: Arc::new(listener),
+        })
+    }
+
+    /// Internal: starts a process (see `exec` / `spawn` in index.js).
+    #[cfg(target_os = "linux")]
+    #[napi(skip_typescript)]
+    pub async fn spawn_native(
+        &self,
+        argv: Vec<String>,
+        options: Option<NativeSpawnOptions>,
+    ) -> Result<NativeProcess> {
+        let (cwd, env) = match options {
+            Some(o) => (
+                o.cwd,
+                o.env.map(|e| e.into_iter().collect()).unwrap_or_default(),
+            ),
+            None => (None, Vec::new()),
+        };
+        let spawned = self.inner.spawn(argv, env, cwd).await.napi()?;
+        Ok(NativeProcess::new(spawned))
+    }
+
     /// Stops the sandbox's processes and listeners and ends its event streams; its data stays.
+    #[napi]
+    pub async fn close(&self) -> Result<()> {
+        self.inner.close().await;
+        Ok(())
+    }
+}
+
+/// The host-side proxy listener of `sandbox.proxy()`.
+#[napi]
+pub struct HostProxy {
+    inner: Arc<crate::proxy::HostListener>,
+}
+
+#[napi]
+impl HostProxy {
+    /// `http://hive:<token>@127.0.0.1:<port>`: the credential keeps other local processes out.
+    #[napi(getter)]
+    pub fn url(&self) -> String {
+        self.inner.url.clone()
+    }
+
+    /// The sandbox CA certificate (PEM) that clients must trust for HTTPS.
+    #[napi(getter)]
+    pub fn ca(&self) -> String {
+        self.inner.ca.clone()
+    }
+
+    /// Stops accepting and drains this listener's connections. Idempotent.
     #[napi]
     pub async fn close(&self) -> Result<()> {
         self.inner.close().await;

@@ -109,3 +109,53 @@ declare global {
 export interface Sandbox {
   [Symbol.asyncDispose](): Promise<void>
 }
+
+/** Options of `sandbox.exec` and `sandbox.spawn`. */
+export interface SpawnOptions {
+  /** Working directory inside the sandbox (absolute). Default `/`. */
+  cwd?: string
+  /** Added to the sandbox's default environment (which holds nothing of the host's). */
+  env?: Record<string, string>
+}
+
+export interface ExecOptions extends SpawnOptions {
+  /** Written to the process's stdin, which is then closed. */
+  stdin?: string | Uint8Array
+  /** Kill the process (SIGKILL) after this many milliseconds; the result has `timedOut: true`. */
+  timeoutMs?: number
+  /** Kill the process (SIGKILL) and reject with the signal's reason when aborted. */
+  signal?: AbortSignal
+  /** Largest stdout + stderr, in bytes, before the process is killed and the call rejects with `HIVE_MAX_BUFFER` (default 16 MiB). */
+  maxBuffer?: number
+}
+
+export interface ExecResult {
+  /** The exit code, or `null` when a signal ended the process. */
+  exitCode: number | null
+  /** The signal that ended the process (`"SIGKILL"`), or `null`. */
+  signal: string | null
+  stdout: string
+  stderr: string
+  /** Present (true) when `timeoutMs` ended the process. */
+  timedOut?: boolean
+}
+
+/** A process running in a sandbox. */
+export declare class SandboxProcess {
+  /** The pid inside the sandbox; `undefined` until the process has started. */
+  readonly pid: number | undefined
+  readonly stdin: import('node:stream').Writable
+  readonly stdout: import('node:stream').Readable
+  readonly stderr: import('node:stream').Readable
+  /** Resolves when the process has ended; rejects with `HIVE_SPAWN_FAILED` if it could not start. */
+  wait(): Promise<{ exitCode: number | null; signal: string | null }>
+  /** Sends a signal (default `"SIGTERM"`). */
+  kill(signal?: string): void
+}
+
+export interface Sandbox {
+  /** Runs a command inside the sandbox and collects its output. A string runs through `/bin/sh -c`. */
+  exec(command: string | string[], options?: ExecOptions): Promise<ExecResult>
+  /** Starts a command inside the sandbox with streaming stdio. */
+  spawn(command: string | string[], options?: SpawnOptions): SandboxProcess
+}

@@ -1,1 +1,288 @@
-//! The egress proxy (issue 3).
+//! The egress proxy (SPEC §2, §3, §5; issue 3): one [`Engine`] per sandbox decides every outbound
+//! request against the policy in force, injects the sandbox's credentials on allowed requests that
+//! leave over verified TLS, and records every decision as an audit event.
+//!
+//! How a connection flows:
+//! 1. A listener ([`Engine::serve_sandbox_listener`] or [`Engine::open_host_listener`]) accepts a
+//!    TCP connection (bounded by [`MAX_CONNECTIONS`]) and serves it with hyper (HTTP/1.1 and h2,
+//!    upgrades on) under a header-read timeout and a header-size limit ([`listener`]).
+//! 2. Each request is dispatched ([`http`]): on the host listener the per-listener credential is
+//!    checked first (`407` without it). Absolute-form requests are decided and forwarded; `CONNECT`
+//!    is decided for host:port before anything else ([`connect`]).
+//! 3. An accepted tunnel is sniffed: TLS is terminated with a leaf for the SNI signed by the
+//!    sandbox CA, and the decrypted requests are served again and decided one by one
+//!    ([`intercept`]); other bytes become a raw TCP tunnel only where the policy allows it.
+//! 4. Every decision goes through [`gate`]: policy first, then resolution (`upstream.resolve` or
+//!    DNS) with the private-address and proxy-loop guards; the checked addresses are pinned so the
+//!    upstream connector connects exactly there ([`upstream`]).
+//! 5. Allowed requests are rewritten ([`headers`]: hop-by-hop headers stripped, overrides set) and
+//!    sent through the pooled upstream client; bodies stream both ways and are counted, and the
+//!    `egress.response` event is emitted when the exchange ends ([`audit`]).
+//!
+//! Denials and failures are answered by [`deny`] with fixed text (no secrets, no internals).
+//!
+//! Event conventions beyond SPEC §3: a `CONNECT` refused before any TLS is recorded with method
+//! `CONNECT`, an empty path and scheme `https` for port 443 (else `tcp`); a raw tunnel is recorded
+//! with scheme `tcp`. `bytesOut` counts body bytes the sandbox sent upstream, `bytesIn` body bytes
+//! the upstream sent back (for tunnels and WebSockets: every byte each way).
+
+mod audit;
+mod connect;
+mod deny;
+mod gate;
+mod headers;
+mod http;
+mod intercept;
+mod listener;
+mod upstream;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+
+use crate::error::{HiveError, Result};
+use crate::events::EventBus;
+use crate::policy::PolicyCell;
+use crate::tls::CertificateAuthority;
+
+use listener::ListenerCtl;
+
+/// How long a client may take to send a complete request head (slowloris guard).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake may take, on either leg.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to an upstream may take (TCP connect plus TLS handshake).
+pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted (HTTP/1.1 read buffer; h2 header list size).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most connections one engine (all its listeners together) serves at once; further clients wait
+/// in the listen backlog until a connection closes.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long [`Engine::shutdown`] and [`HostListener::close`] let in-flight exchanges finish.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an accepted tunnel whose rule allows raw TCP waits for the client's first bytes before
+/// treating it as a server-speaks-first protocol (ssh, smtp) and opening a raw tunnel.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long pooled upstream connections stay idle before they are closed.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which listener a request came through, as recorded in events (`via`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The proxy listener inside the sandbox (`HTTP_PROXY`).
+    Proxy,
+    /// A transparent listener inside the sandbox (clients that ignore proxy variables).
+    Transparent,
+    /// The host-side listener of `sandbox.proxy()`.
+    Host,
+}
+
+impl Via {
+    /// `"proxy"`, `"transparent"` or `"host"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Via::Proxy => "proxy",
+            Via::Transparent => "transparent",
+            Via::Host => "host",
+        }
+    }
+}
+
+/// Maps a transparent connection, by the sandbox-local address it dialed, to the host name (as
+/// the sandbox asked DNS for it) and port the client meant; `None` closes the connection.
+pub type TransparentTarget = Arc<dyn Fn(SocketAddr) -> Option<(String, u16)> + Send + Sync>;
+
+/// The egress proxy of one sandbox: serves any number of listeners against the policy in the
+/// shared [`PolicyCell`].
+///
+/// # Security
+/// Every request is decided against `cell.load()` at the moment it arrives, so `applyConfig`
+/// takes effect on open keep-alive and intercepted connections too. Override header values are
+/// only read through [`crate::config::Secret::expose`] when writing the upstream request.
+pub struct Engine {
+    sandbox: String,
+    cell: Arc<PolicyCell>,
+    events: Arc<EventBus>,
+    ca: Arc<CertificateAuthority>,
+    /// Per-engine value of the loop-guard header; a request carrying it came back to us.
+    nonce: ::http::HeaderValue,
+    upstream: upstream::UpstreamCache,
+    listeners: Mutex<Vec<Arc<ListenerCtl>>>,
+    connections: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine for `sandbox`, deciding against `cell`, emitting into `events` and minting leaf
+    /// certificates from `ca`. Serves nothing until a listener is added.
+    pub fn new(
+        sandbox: String,
+        cell: Arc<PolicyCell>,
+        events: Arc<EventBus>,
+        ca: Arc<CertificateAuthority>,
+    ) -> Arc<Engine> {
+        let nonce =
+            ::http::HeaderValue::from_str(&random_hex(16).unwrap_or_else(|_| "hive".into()))
+                .unwrap_or_else(|_| ::http::HeaderValue::from_static("hive"));
+        Arc::new(Engine {
+            sandbox,
+            cell,
+            events,
+            ca,
+            nonce,
+            upstream: upstream::UpstreamCache::default(),
+            listeners: Mutex::new(Vec::new()),
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        })
+    }
+
+    /// The sandbox this engine serves.
+    pub fn sandbox(&self) -> &str {
+        &self.sandbox
+    }
+
+    /// Serves a listener the launcher created inside the sandbox's network namespace (no
+    /// credential; events say `via: "proxy"`). Must be called within a tokio runtime; returns at
+    /// once and accepts on a task until [`Engine::shutdown`].
+    pub fn serve_sandbox_listener(self: &Arc<Self>, listener: std::net::TcpListener) -> Result<()> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| HiveError::io("making the proxy listener non-blocking", e))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| HiveError::io("registering the proxy listener", e))?;
+        self.start_listener(listener, Via::Proxy, None, None)?;
+        Ok(())
+    }
+
+    /// Serves a transparent listener inside the sandbox (clients that ignore proxy variables,
+    /// SPEC §4): each connection is mapped to the name and port it meant by `target`, decided like
+    /// a `CONNECT` to that host:port, then intercepted (TLS), served as HTTP, or tunnelled raw
+    /// where the policy allows raw TCP. Events say `via: "transparent"`.
+    pub fn serve_transparent_listener(
+        self: &Arc<Self>,
+        listener: std::net::TcpListener,
+        target: TransparentTarget,
+    ) -> Result<()> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| HiveError::io("making a transparent listener non-blocking", e))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| HiveError::io("registering a transparent listener", e))?;
+        self.start_listener(listener, Via::Transparent, None, Some(target))?;
+        Ok(())
+    }
+
+    /// Opens the host-side listener of `sandbox.proxy()` on `127.0.0.1:0` with a fresh random
+    /// credential (128 bits).
+    ///
+    /// # Security
+    /// Any local process can connect to a loopback port; the credential in the returned URL keeps
+    /// the sandbox's injected credentials from being borrowed by them (`407` without it).
+    pub async fn open_host_listener(self: &Arc<Self>) -> Result<HostListener> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(|e| HiveError::io("binding the host proxy listener", e))?;
+        let token = random_hex(16)?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| HiveError::io("reading the host proxy listener address", e))?
+            .port();
+        let credential = Some(headers::basic_credential(&token));
+        let ctl = self.start_listener(listener, Via::Host, credential, None)?;
+        Ok(HostListener {
+            url: format!("http://{}:{token}@127.0.0.1:{port}", headers::PROXY_USER),
+            ca: self.ca.cert_pem().to_string(),
+            ctl,
+        })
+    }
+
+    /// Stops every listener and lets in-flight exchanges finish for up to [`DRAIN_TIMEOUT`], then
+    /// cuts what is left and returns.
+    pub async fn shutdown(&self) {
+        let listeners: Vec<_> = std::mem::take(&mut *self.listeners.lock());
+        let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+        for ctl in &listeners {
+            ctl.begin_close();
+        }
+        for ctl in &listeners {
+            ctl.finish_close(deadline).await;
+        }
+    }
+
+    fn start_listener(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        via: Via,
+        credential: Option<::http::HeaderValue>,
+        transparent: Option<TransparentTarget>,
+    ) -> Result<Arc<ListenerCtl>> {
+        let local = listener
+            .local_addr()
+            .map_err(|e| HiveError::io("reading the proxy listener address", e))?;
+        let ctl = ListenerCtl::new(local, via, credential);
+        self.listeners.lock().push(ctl.clone());
+        listener::spawn_accept_loop(self.clone(), listener, ctl.clone(), transparent);
+        Ok(ctl)
+    }
+
+    /// The addresses of every live listener (for the proxy-loop guard).
+    fn listener_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .lock()
+            .iter()
+            .filter(|l| !l.is_closed())
+            .map(|l| l.local)
+            .collect()
+    }
+}
+
+/// The host-side listener of `sandbox.proxy()`.
+pub struct HostListener {
+    /// `http://hive:<token>@127.0.0.1:<port>`.
+    pub url: String,
+    /// The sandbox CA certificate (PEM) clients must trust for HTTPS.
+    pub ca: String,
+    ctl: Arc<ListenerCtl>,
+}
+
+impl std::fmt::Debug for HostListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL carries the credential.
+        f.debug_struct("HostListener")
+            .field("addr", &self.ctl.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostListener {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.ctl.local
+    }
+
+    /// Stops accepting and drains this listener's connections (bounded by [`DRAIN_TIMEOUT`]).
+    /// Idempotent.
+    pub async fn close(&self) {
+        self.ctl.close().await;
+    }
+}
+
+/// `n` random bytes from the OS, hex-encoded.
+fn random_hex(n: usize) -> Result<String> {
+    let mut bytes = vec![0u8; n];
+    getrandom::fill(&mut bytes).map_err(|e| HiveError::Internal(format!("getrandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -13,9 +13,13 @@ mod home;
 #[cfg(target_os = "linux")]
 pub mod linux;
 mod name;
+#[cfg(target_os = "linux")]
+mod runtime;
 
 pub use home::hive_home;
 pub use name::validate_name;
+#[cfg(target_os = "linux")]
+pub use runtime::{signal_name, Spawned};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +34,7 @@ use crate::config::Config;
 use crate::error::{HiveError, Result};
 use crate::events::{kind, EventBus, Since, Subscription};
 use crate::policy::{Compiled, Decision, PolicyCell, Request, Scheme};
+use crate::proxy::{Engine, HostListener};
 use crate::tls::CertificateAuthority;
 
 /// One sandbox, shared by every handle to it within this process.
@@ -39,6 +44,10 @@ pub struct Sandbox {
     cell: Arc<PolicyCell>,
     events: Arc<EventBus>,
     ca: Arc<CertificateAuthority>,
+    engine: Arc<Engine>,
+    /// The namespaces and their processes, started by the first spawn.
+    #[cfg(target_os = "linux")]
+    runtime: tokio::sync::Mutex<Option<runtime::Runtime>>,
     /// Serializes `applyConfig` calls so `config.applied` events follow the order of the swaps.
     apply_lock: parking_lot::Mutex<()>,
     closed: AtomicBool,
@@ -135,8 +144,13 @@ impl Sandbox {
         home::create_private_dir(&dir)?;
         let events = EventBus::open(&name, &dir)?;
         let ca = Arc::new(CertificateAuthority::load_or_create(&dir, &name)?);
+        let cell = Arc::new(ArcSwap::from_pointee(Compiled::new(Config::default())));
+        let engine = Engine::new(name.clone(), cell.clone(), events.clone(), ca.clone());
         let sandbox = Arc::new(Sandbox {
-            cell: Arc::new(ArcSwap::from_pointee(Compiled::new(Config::default()))),
+            cell,
+            engine,
+            #[cfg(target_os = "linux")]
+            runtime: tokio::sync::Mutex::new(None),
             name,
             dir,
             events,
@@ -194,6 +208,8 @@ impl Sandbox {
     fn swap_config(&self, config: Config) -> Result<()> {
         self.ensure_open()?;
         let _order = self.apply_lock.lock();
+        #[cfg(target_os = "linux")]
+        self.stop_if_mounts_changed(&config.fs);
         let (egress_rules, fs_mounts) = (config.egress.len(), config.fs.len());
         self.cell.store(Arc::new(Compiled::new(config)));
         let mut fields = Map::new();
@@ -245,16 +261,102 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Runs a command in the sandbox, starting its namespaces on first use (SPEC §1, §4).
+    #[cfg(target_os = "linux")]
+    pub async fn spawn(
+        &self,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+    ) -> Result<Spawned> {
+        self.ensure_open()?;
+        let mut slot = self.runtime.lock().await;
+        self.ensure_open()?;
+        let fs = self.cell.load().config.fs.clone();
+        if slot.as_ref().is_some_and(|running| running.fs != fs) {
+            if let Some(stale) = slot.take() {
+                blocking(move || {
+                    stale.host.close();
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        let runtime = match slot.as_mut() {
+            Some(runtime) => runtime,
+            None => {
+                let (name, dir, ca_pem, mounts) = (
+                    self.name.clone(),
+                    self.dir.clone(),
+                    self.ca.cert_pem().to_owned(),
+                    fs.clone(),
+                );
+                let (host, listener) = blocking(move || {
+                    let spec = runtime::launch_spec(&name, &dir, &mounts, &ca_pem)?;
+                    linux::SandboxHost::start(spec)
+                })
+                .await?;
+                self.engine.serve_sandbox_listener(listener)?;
+                slot.insert(runtime::Runtime { host, fs })
+            }
+        };
+        let spec = linux::ProcessSpec {
+            argv: argv.clone(),
+            env: runtime::process_env(&env),
+            cwd,
+        };
+        let process = runtime::spawn(&runtime.host, &self.events, spec).await?;
+        Spawned::watch(process, argv, self.events.clone())
+    }
+
+    /// A config whose mounts differ from those the namespaces run with stops them, so looser
+    /// mounts never stay in force; the next spawn starts fresh ones. Called from blocking context.
+    #[cfg(target_os = "linux")]
+    fn stop_if_mounts_changed(&self, fs: &[crate::config::FsMount]) {
+        let mut slot = self.runtime.blocking_lock();
+        if slot.as_ref().is_some_and(|running| running.fs != fs) {
+            if let Some(stale) = slot.take() {
+                stale.host.close();
+            }
+        }
+    }
+
+    /// `sandbox.proxy()`: a host-side loopback listener for this sandbox's policy, with its own
+    /// credential (SPEC §2).
+    pub async fn open_proxy(&self) -> Result<HostListener> {
+        self.ensure_open()?;
+        self.engine.open_host_listener().await
+    }
+
     /// `close()`: stops the sandbox's processes and listeners and ends its event streams. Its data
     /// stays. Idempotent.
     pub async fn close(&self) {
-        self.close_now();
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(runtime) = self.runtime.lock().await.take() {
+            let _ = tokio::task::spawn_blocking(move || runtime.host.close()).await;
+        }
+        self.engine.shutdown().await;
+        self.finish_close();
     }
 
+    /// Closes without waiting (process exit): processes are killed, listeners dropped.
     fn close_now(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        #[cfg(target_os = "linux")]
+        if let Ok(mut runtime) = self.runtime.try_lock() {
+            if let Some(runtime) = runtime.take() {
+                runtime.host.close();
+            }
+        }
+        self.finish_close();
+    }
+
+    fn finish_close(&self) {
         self.emit(kind::SANDBOX_CLOSED, Map::new());
         self.events.close();
     }

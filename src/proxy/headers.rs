@@ -1,0 +1,255 @@
+//! Header rewriting between the sandbox and the upstream: hop-by-hop stripping (RFC 9110 §7.6.1),
+//! the loop guard, override injection (SPEC §2), and the host listener's proxy credential.
+//!
+//! # Security
+//! Injection happens after stripping, and replaces every header of that name the sandbox sent, so
+//! the sandbox can neither forge nor duplicate an injected credential. Secret values are cloned
+//! straight from [`crate::config::Secret::expose`] into the outgoing map and never formatted.
+
+use base64::Engine as _;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::Override;
+
+/// The user name in the host listener's URL (`http://hive:<token>@…`).
+pub const PROXY_USER: &str = "hive";
+
+/// The loop-guard header carrying the engine's nonce on every forwarded request.
+pub const LOOP_HEADER: &str = "x-hive-loop";
+
+/// Hop-by-hop headers always removed (besides those the `Connection` header names).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// Removes hop-by-hop headers in place. With `keep_upgrade`, `Upgrade` and `Connection: upgrade`
+/// survive so a WebSocket handshake can be carried to the upstream.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    for name in named {
+        if keep_upgrade && name == header::UPGRADE {
+            continue;
+        }
+        headers.remove(&name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a request asks for a protocol upgrade (WebSocket) that the proxy carries through.
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Sets each override header, replacing any value the sandbox sent; returns the names set.
+pub fn inject(headers: &mut HeaderMap, over: &Override) -> Vec<HeaderName> {
+    let mut names = Vec::with_capacity(over.headers.len());
+    for (name, secret) in &over.headers {
+        headers.insert(name.clone(), secret.expose().clone());
+        names.push(name.clone());
+    }
+    names
+}
+
+/// The `Proxy-Authorization` value a host listener expects for `token`.
+pub fn basic_credential(token: &str) -> HeaderValue {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{PROXY_USER}:{token}"));
+    let mut value = HeaderValue::from_str(&format!("Basic {encoded}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("Basic -"));
+    value.set_sensitive(true);
+    value
+}
+
+/// Whether `headers` carry the expected proxy credential (compared in constant time).
+pub fn has_credential(headers: &HeaderMap, expected: &HeaderValue) -> bool {
+    headers
+        .get_all(header::PROXY_AUTHORIZATION)
+        .iter()
+        .any(|got| {
+            let (a, b) = (normalize_basic(got.as_bytes()), expected.as_bytes());
+            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        })
+}
+
+/// Accepts the scheme name in any case (`basic`/`BASIC`), as RFC 9110 §11.1 allows.
+fn normalize_basic(value: &[u8]) -> Vec<u8> {
+    let mut v = value.to_vec();
+    if v.len() > 6 && v[..6].eq_ignore_ascii_case(b"basic ") {
+        v[..6].copy_from_slice(b"Basic ");
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn strip_hop_by_hop_cases() {
+        // (headers in, keep_upgrade, names that must remain, names that must be gone)
+        type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str], &'a [&'a str]);
+        let cases: [Case; 5] = [
+            // the fixed list
+            (
+                &[
+                    ("keep-alive", "5"),
+                    ("proxy-authorization", "Basic x"),
+                    ("accept", "*/*"),
+                ],
+                false,
+                &["accept"],
+                &["keep-alive", "proxy-authorization"],
+            ),
+            // names listed in Connection
+            (
+                &[
+                    ("connection", "close, x-foo"),
+                    ("x-foo", "1"),
+                    ("x-bar", "2"),
+                ],
+                false,
+                &["x-bar"],
+                &["x-foo", "connection"],
+            ),
+            // te: only trailers survives
+            (&[("te", "trailers")], false, &["te"], &[]),
+            (&[("te", "gzip")], false, &[], &["te"]),
+            // websocket handshake keeps upgrade
+            (
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                true,
+                &["upgrade", "connection"],
+                &[],
+            ),
+        ];
+        for (input, keep, remain, gone) in cases {
+            let mut h = map(input);
+            strip_hop_by_hop(&mut h, keep);
+            for n in remain {
+                assert!(h.contains_key(*n), "{n} should remain in {input:?}");
+            }
+            for n in gone {
+                assert!(!h.contains_key(*n), "{n} should be gone from {input:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn upgrade_without_keep_is_removed() {
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("upgrade"));
+    }
+
+    #[test]
+    fn is_upgrade_cases() {
+        let cases: [(&[(&str, &str)], bool); 4] = [
+            (&[("connection", "Upgrade"), ("upgrade", "websocket")], true),
+            (
+                &[
+                    ("connection", "keep-alive, upgrade"),
+                    ("upgrade", "websocket"),
+                ],
+                true,
+            ),
+            (&[("upgrade", "websocket")], false),
+            (&[("connection", "upgrade")], false),
+        ];
+        for (input, want) in cases {
+            assert_eq!(is_upgrade(&map(input)), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn inject_replaces_forged_values() {
+        let mut h = map(&[("authorization", "forged"), ("authorization", "forged2")]);
+        let over = Override {
+            headers: vec![(
+                HeaderName::from_static("authorization"),
+                Secret::new(HeaderValue::from_static("Bearer real")),
+            )],
+            allow_plaintext: false,
+        };
+        let names = inject(&mut h, &over);
+        assert_eq!(names, vec![HeaderName::from_static("authorization")]);
+        let all: Vec<_> = h.get_all("authorization").iter().collect();
+        assert_eq!(all, vec![HeaderValue::from_static("Bearer real")]);
+    }
+
+    #[test]
+    fn credential_cases() {
+        let want = basic_credential("abc");
+        let good = base64::engine::general_purpose::STANDARD.encode("hive:abc");
+        let cases = [
+            (format!("Basic {good}"), true),
+            (format!("basic {good}"), true),
+            (
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode("hive:abd")
+                ),
+                false,
+            ),
+            (
+                format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode("root:abc")
+                ),
+                false,
+            ),
+            ("Bearer abc".to_string(), false),
+            (String::new(), false),
+        ];
+        for (value, ok) in cases {
+            let h = map(&[("proxy-authorization", value.as_str())]);
+            assert_eq!(has_credential(&h, &want), ok, "{value}");
+        }
+        assert!(!has_credential(&HeaderMap::new(), &want));
+    }
+}

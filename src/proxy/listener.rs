@@ -1,0 +1,238 @@
+//! Listeners: the accept loop, per-connection serving with hyper (HTTP/1.1 + h2, upgrades), the
+//! connection limit, and graceful draining.
+//!
+//! 1. The accept loop takes a permit of the engine's connection semaphore before each accept, so
+//!    at most [`MAX_CONNECTIONS`](super::MAX_CONNECTIONS) are served at once.
+//! 2. Every connection and every tunnel spawned from it runs through [`ListenerCtl::spawn`], which
+//!    counts it as active and cuts it when the listener is killed.
+//! 3. [`ListenerCtl::close`]: stop accepting and ask connections to finish (hyper's graceful
+//!    shutdown: no new requests, in-flight ones complete); after
+//!    [`DRAIN_TIMEOUT`](super::DRAIN_TIMEOUT), or as soon as nothing is active, cut the rest.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+use super::{
+    connect, http, Engine, TransparentTarget, Via, DRAIN_TIMEOUT, HEADER_READ_TIMEOUT,
+    MAX_HEADER_BYTES,
+};
+
+/// Lifecycle of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running,
+    Draining,
+    Killed,
+}
+
+/// Shared control block of one listener and everything spawned from its connections.
+pub struct ListenerCtl {
+    pub local: SocketAddr,
+    pub via: Via,
+    /// The expected `Proxy-Authorization` value (host listener only).
+    pub credential: Option<::http::HeaderValue>,
+    phase: watch::Sender<Phase>,
+    active: AtomicUsize,
+    idle: Notify,
+    closed: AtomicBool,
+}
+
+impl ListenerCtl {
+    pub fn new(local: SocketAddr, via: Via, credential: Option<::http::HeaderValue>) -> Arc<Self> {
+        Arc::new(ListenerCtl {
+            local,
+            via,
+            credential,
+            phase: watch::channel(Phase::Running).0,
+            active: AtomicUsize::new(0),
+            idle: Notify::new(),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether close has begun.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the listener reaches `phase` (or later).
+    pub fn reached(&self, phase: Phase) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.phase.subscribe();
+        async move {
+            let _ = rx.wait_for(|p| *p >= phase).await;
+        }
+    }
+
+    /// Runs `fut` as an active task of this listener: counted for draining, cut when killed.
+    pub fn spawn<F>(self: &Arc<Self>, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        let guard = ActiveGuard(self.clone());
+        let killed = self.reached(Phase::Killed);
+        tokio::spawn(async move {
+            let _guard = guard;
+            tokio::select! {
+                _ = fut => {}
+                _ = killed => {}
+            }
+        });
+    }
+
+    /// Stops accepting and asks connections to finish. Idempotent.
+    pub fn begin_close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.phase.send_if_modified(|p| {
+            if *p == Phase::Running {
+                *p = Phase::Draining;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Waits until nothing is active or `deadline` passes, then cuts what is left.
+    pub async fn finish_close(&self, deadline: Instant) {
+        loop {
+            let notified = self.idle.notified();
+            if self.active.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        self.phase.send_replace(Phase::Killed);
+    }
+
+    /// [`begin_close`](Self::begin_close) then [`finish_close`](Self::finish_close) with the
+    /// default drain timeout.
+    pub async fn close(&self) {
+        self.begin_close();
+        self.finish_close(Instant::now() + DRAIN_TIMEOUT).await;
+    }
+}
+
+struct ActiveGuard(Arc<ListenerCtl>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// What a request handler knows about the connection it arrived on.
+#[derive(Clone)]
+pub struct Conn {
+    pub engine: Arc<Engine>,
+    pub ctl: Arc<ListenerCtl>,
+    /// The connection's slot in the engine's limit, held by every clone (so also by tunnels and
+    /// upgrades spawned from the connection).
+    pub _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl Conn {
+    pub fn via(&self) -> Via {
+        self.ctl.via
+    }
+}
+
+/// The hyper server settings shared by listeners and intercepted TLS connections.
+pub fn server_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true)
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .enable_connect_protocol();
+    builder
+}
+
+/// Serves one connection (a TCP stream, or decrypted TLS) until it ends, draining on close.
+pub async fn serve_connection<I>(io: I, conn: Conn, tunnel: Option<http::Tunnel>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let draining = conn.ctl.reached(Phase::Draining);
+    let service = service_fn(move |req| {
+        let conn = conn.clone();
+        let tunnel = tunnel.clone();
+        async move { Ok::<_, std::convert::Infallible>(http::handle(conn, tunnel, req).await) }
+    });
+    let builder = server_builder();
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(served);
+    tokio::select! {
+        _ = served.as_mut() => return,
+        _ = draining => {}
+    }
+    served.as_mut().graceful_shutdown();
+    let _ = served.await;
+}
+
+/// Accepts on `listener` until the listener is closed.
+pub fn spawn_accept_loop(
+    engine: Arc<Engine>,
+    listener: tokio::net::TcpListener,
+    ctl: Arc<ListenerCtl>,
+    transparent: Option<TransparentTarget>,
+) {
+    let draining = ctl.reached(Phase::Draining);
+    tokio::spawn(async move {
+        tokio::pin!(draining);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut draining => break,
+                permit = engine.connections.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                _ = &mut draining => break,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = Conn {
+                engine: engine.clone(),
+                ctl: ctl.clone(),
+                _permit: Arc::new(permit),
+            };
+            match &transparent {
+                None => ctl.spawn(serve_connection(stream, conn, None)),
+                Some(target) => {
+                    let target = stream.local_addr().ok().and_then(|local| target(local));
+                    if let Some((host, port)) = target {
+                        ctl.spawn(connect::transparent(conn, stream, host, port));
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,1203 @@
+//! End-to-end tests of the engine on loopback: real upstream servers (HTTP, and HTTPS with a test
+//! CA given through `upstream.ca`) reached under real-looking names through `upstream.resolve`,
+//! driven through a sandbox listener (and the host listener) with raw hyper clients and a
+//! tokio-rustls client that trusts the sandbox CA. Every denial asserts zero upstream hits.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+
+use crate::config::Config;
+use crate::events::{kind, Event, EventBus, Since, Subscription};
+use crate::policy::{Compiled, PolicyCell};
+use crate::tls::CertificateAuthority;
+
+use super::deny::{BoxError, ProxyBody, DENIED_HEADER};
+use super::Engine;
+
+// ---------------------------------------------------------------------------------------------
+// Upstream servers
+
+/// One request an upstream saw.
+#[derive(Debug, Clone)]
+struct Hit {
+    host: String,
+    method: String,
+    path: String,
+    headers: HeaderMap,
+    version: Version,
+}
+
+#[derive(Default)]
+struct Hits(Mutex<Vec<Hit>>);
+
+impl Hits {
+    fn count(&self) -> usize {
+        self.0.lock().len()
+    }
+    fn for_host(&self, host: &str) -> usize {
+        self.0.lock().iter().filter(|h| h.host == host).count()
+    }
+    fn last(&self) -> Hit {
+        self.0.lock().last().cloned().expect("no upstream hit")
+    }
+}
+
+/// A body fed from a channel (for streaming responses).
+struct ChanBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChanBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn full(text: impl Into<Bytes>) -> ProxyBody {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// The upstream handler: records the hit, then
+/// - `/stream`: sends `first\n`, waits for `release`, sends `second\n`;
+/// - `/ws` with `Upgrade`: answers 101 and echoes bytes;
+/// - anything else: `200 ok <path>`.
+async fn upstream_service(
+    req: Request<Incoming>,
+    hits: Arc<Hits>,
+    release: Arc<Notify>,
+) -> Response<ProxyBody> {
+    let host = req
+        .uri()
+        .host()
+        .map(str::to_string)
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(|h| h.split(':').next().unwrap_or(h).to_string())
+        })
+        .unwrap_or_default();
+    hits.0.lock().push(Hit {
+        host,
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        headers: req.headers().clone(),
+        version: req.version(),
+    });
+    match req.uri().path() {
+        "/stream" => {
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"first\n")).await;
+                release.notified().await;
+                let _ = tx.send(Bytes::from_static(b"second\n")).await;
+            });
+            Response::new(ChanBody(rx).boxed_unsync())
+        }
+        "/ws" if req.headers().contains_key("upgrade") => {
+            let mut req = req;
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let mut io = TokioIo::new(up);
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(full(""))
+                .unwrap()
+        }
+        path => Response::new(full(format!("ok {path}"))),
+    }
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    hits: Arc<Hits>,
+    release: Arc<Notify>,
+}
+
+/// An HTTP (tls: None) or HTTPS upstream on 127.0.0.1:0.
+async fn start_upstream(tls: Option<Arc<rustls::ServerConfig>>) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(Hits::default());
+    let release = Arc::new(Notify::new());
+    let (h, r) = (hits.clone(), release.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                break;
+            };
+            let (h, r, tls) = (h.clone(), r.clone(), tls.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let (h, r) = (h.clone(), r.clone());
+                    async move { Ok::<_, std::convert::Infallible>(upstream_service(req, h, r).await) }
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    Some(cfg) => {
+                        let Ok(tls) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
+                        else {
+                            return;
+                        };
+                        let _ = builder
+                            .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                            .await;
+                    }
+                    None => {
+                        let _ = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    Upstream {
+        addr,
+        hits,
+        release,
+    }
+}
+
+/// A TCP echo server (for raw tunnels).
+async fn start_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The upstreams' test CA (PEM) and the TLS config of the HTTPS upstream.
+fn upstream_tls() -> (String, Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "hive test upstream CA");
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let names: Vec<String> = [
+        "api.github.com",
+        "pypi.org",
+        "files.pypi.org",
+        "evilpypi.org",
+        "127.0.0.1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone(), ca_cert.der().clone()], key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca_cert.pem(), Arc::new(cfg))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The engine under test
+
+struct Harness {
+    engine: Arc<Engine>,
+    cell: Arc<PolicyCell>,
+    proxy: SocketAddr,
+    ca_pem: String,
+    http: Upstream,
+    https: Upstream,
+    events: Subscription,
+    upstream: Value,
+    _dir: tempfile::TempDir,
+}
+
+const NAMES: [&str; 4] = [
+    "api.github.com",
+    "pypi.org",
+    "files.pypi.org",
+    "evilpypi.org",
+];
+
+impl Harness {
+    /// An engine with `egress` rules; every test name resolves to the two upstreams.
+    async fn new(egress: Value) -> Harness {
+        let (upstream_ca, tls) = upstream_tls();
+        let http = start_upstream(None).await;
+        let https = start_upstream(Some(tls)).await;
+        let mut resolve = serde_json::Map::new();
+        for name in NAMES {
+            resolve.insert(format!("{name}:80"), http.addr.to_string().into());
+            resolve.insert(format!("{name}:443"), https.addr.to_string().into());
+        }
+        let upstream = json!({ "resolve": resolve, "ca": [upstream_ca] });
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventBus::open("proxy-test", dir.path()).unwrap();
+        let subscription = events.subscribe(Since::Now, 10_000).unwrap();
+        let ca = Arc::new(CertificateAuthority::load_or_create(dir.path(), "proxy-test").unwrap());
+        let ca_pem = ca.cert_pem().to_string();
+        let config = Config::from_json(&json!({ "egress": egress, "upstream": upstream })).unwrap();
+        let cell = Arc::new(PolicyCell::from_pointee(Compiled::new(config)));
+        let engine = Engine::new("proxy-test".into(), cell.clone(), events, ca);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = listener.local_addr().unwrap();
+        engine.serve_sandbox_listener(listener).unwrap();
+        Harness {
+            engine,
+            cell,
+            proxy,
+            ca_pem,
+            http,
+            https,
+            events: subscription,
+            upstream,
+            _dir: dir,
+        }
+    }
+
+    /// `applyConfig` with new egress rules (same upstream section).
+    fn apply(&self, egress: Value) {
+        let config =
+            Config::from_json(&json!({ "egress": egress, "upstream": self.upstream })).unwrap();
+        self.cell.store(Arc::new(Compiled::new(config)));
+    }
+
+    fn hits(&self) -> usize {
+        self.http.hits.count() + self.https.hits.count()
+    }
+
+    /// Every event emitted so far (waits briefly for stragglers).
+    async fn drain_events(&self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Ok(Some(e)) =
+            tokio::time::timeout(Duration::from_millis(200), self.events.next()).await
+        {
+            out.push(e);
+        }
+        out
+    }
+
+    /// A plain-HTTP client connection to the proxy (absolute-form requests).
+    async fn http_client(&self) -> hyper::client::conn::http1::SendRequest<ProxyBody> {
+        let stream = TcpStream::connect(self.proxy).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        send
+    }
+
+    /// `GET http://host/path` through the proxy on a fresh connection.
+    async fn get_http(&self, url: &str) -> (StatusCode, HeaderMap, String) {
+        let mut c = self.http_client().await;
+        send(&mut c, Request::get(url).body(empty()).unwrap()).await
+    }
+
+    /// CONNECT host:port, then TLS (trusting the sandbox CA, ALPN `alpn`) with `sni`.
+    async fn tunnel(
+        &self,
+        target: &str,
+        sni: &str,
+        alpn: &[&[u8]],
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, StatusCode> {
+        let mut stream = TcpStream::connect(self.proxy).await.unwrap();
+        let status = connect_head(&mut stream, target, None).await;
+        if status != StatusCode::OK {
+            return Err(status);
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut self.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, stream)
+            .await
+            .unwrap())
+    }
+
+    /// An HTTP/1.1 client over an intercepted tunnel to `host:443`.
+    async fn https_client(&self, host: &str) -> hyper::client::conn::http1::SendRequest<ProxyBody> {
+        let tls = self
+            .tunnel(&format!("{host}:443"), host, &[b"http/1.1"])
+            .await
+            .expect("CONNECT allowed");
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        send
+    }
+
+    /// `GET https://host/path` through an intercepted tunnel on a fresh connection.
+    async fn get_https(&self, host: &str, path: &str) -> (StatusCode, HeaderMap, String) {
+        match self
+            .tunnel(&format!("{host}:443"), host, &[b"http/1.1"])
+            .await
+        {
+            Err(status) => (status, HeaderMap::new(), String::new()),
+            Ok(tls) => {
+                let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                send(&mut c, get(host, path)).await
+            }
+        }
+    }
+}
+
+fn empty() -> ProxyBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// An origin-form request with a Host header.
+fn get(host: &str, path: &str) -> Request<ProxyBody> {
+    Request::get(path)
+        .header("host", host)
+        .body(empty())
+        .unwrap()
+}
+
+async fn send(
+    c: &mut hyper::client::conn::http1::SendRequest<ProxyBody>,
+    req: Request<ProxyBody>,
+) -> (StatusCode, HeaderMap, String) {
+    c.ready().await.expect("connection ready");
+    let res = c.send_request(req).await.expect("response");
+    let (parts, body) = res.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+/// Writes a CONNECT head and reads the status of the answer.
+async fn connect_head(stream: &mut TcpStream, target: &str, auth: Option<&str>) -> StatusCode {
+    let auth = auth
+        .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+fn egress_requests(events: &[Event]) -> Vec<&Event> {
+    events
+        .iter()
+        .filter(|e| e.kind == kind::EGRESS_REQUEST)
+        .collect()
+}
+
+fn field<'a>(e: &'a Event, name: &str) -> &'a Value {
+    e.fields.get(name).unwrap_or(&Value::Null)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decisions
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_deny_with_no_rules() {
+    let h = Harness::new(json!([])).await;
+    let (status, headers, body) = h.get_http("http://pypi.org/simple/").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[DENIED_HEADER], "no-rule");
+    assert!(
+        body.contains("pypi.org/simple/") && body.contains("GET"),
+        "{body}"
+    );
+    assert_eq!(
+        h.get_https("api.github.com", "/zen").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.hits(), 0);
+    let events = h.drain_events().await;
+    let reqs = egress_requests(&events);
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(field(reqs[0], "access"), "denied");
+    assert_eq!(field(reqs[0], "reason"), "no-rule");
+    assert_eq!(field(reqs[0], "rule"), &Value::Null);
+    assert_eq!(field(reqs[0], "via"), "proxy");
+    assert_eq!(field(reqs[0], "scheme"), "http");
+    assert_eq!(field(reqs[1], "method"), "CONNECT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_http_and_https_reach_the_upstream_with_events() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let (status, _, body) = h.get_http("http://pypi.org/simple/?token=abc").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /simple/"));
+    assert_eq!(h.http.hits.last().host, "pypi.org");
+    let (status, _, body) = h.get_https("pypi.org", "/simple/").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /simple/"));
+    assert_eq!(h.https.hits.for_host("pypi.org"), 1);
+    // The loop guard header reaches the upstream; proxy credentials never do.
+    assert!(h
+        .https
+        .hits
+        .last()
+        .headers
+        .contains_key(super::headers::LOOP_HEADER));
+
+    let events = h.drain_events().await;
+    let reqs = egress_requests(&events);
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(
+        field(reqs[0], "path"),
+        "/simple/",
+        "query string is not recorded"
+    );
+    assert_eq!(field(reqs[0], "access"), "allowed");
+    assert_eq!(field(reqs[0], "rule"), 0);
+    assert_eq!(field(reqs[0], "port"), 80);
+    assert_eq!(field(reqs[1], "scheme"), "https");
+    assert_eq!(field(reqs[1], "port"), 443);
+    let responses: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == kind::EGRESS_RESPONSE)
+        .collect();
+    assert_eq!(responses.len(), 2);
+    assert_eq!(
+        field(responses[0], "requestId"),
+        &Value::from(reqs[0].id.clone())
+    );
+    assert_eq!(field(responses[0], "status"), 200);
+    assert_eq!(field(responses[0], "bytesIn"), "ok /simple/".len());
+    assert!(field(responses[0], "durationMs").is_number());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn star_allows_every_host() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "*" }])).await;
+    for name in NAMES {
+        assert_eq!(h.get_https(name, "/zen").await.0, StatusCode::OK, "{name}");
+    }
+    assert_eq!(h.https.hits.count(), NAMES.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_covers_apex_and_subdomains_but_not_lookalikes() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "*.pypi.org" }])).await;
+    assert_eq!(h.get_https("pypi.org", "/simple/").await.0, StatusCode::OK);
+    assert_eq!(
+        h.get_https("files.pypi.org", "/packages/x.whl").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get_https("evilpypi.org", "/simple/").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        h.get_http("http://evilpypi.org/").await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        h.https.hits.for_host("evilpypi.org") + h.http.hits.for_host("evilpypi.org"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_restrict_the_allowed_ports() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org", "ports": [443] }])).await;
+    assert_eq!(h.get_https("pypi.org", "/").await.0, StatusCode::OK);
+    let (status, headers, _) = h.get_http("http://pypi.org/").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[DENIED_HEADER], "no-rule");
+    assert_eq!(h.http.hits.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_are_decided_inside_the_tunnel() {
+    let h =
+        Harness::new(json!([{ "access": "allow", "host": "api.github.com", "methods": ["GET"] }]))
+            .await;
+    let mut c = h.https_client("api.github.com").await;
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/zen")).await.0,
+        StatusCode::OK
+    );
+    let post = Request::post("/repos")
+        .header("host", "api.github.com")
+        .body(full("{}"))
+        .unwrap();
+    let (status, headers, body) = send(&mut c, post).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[DENIED_HEADER], "no-rule");
+    assert!(body.contains("POST api.github.com/repos"), "{body}");
+    assert_eq!(h.https.hits.count(), 1);
+    let hit = h.https.hits.last();
+    assert_eq!((hit.method.as_str(), hit.path.as_str()), ("GET", "/zen"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_match_after_normalization() {
+    let h =
+        Harness::new(json!([{ "access": "allow", "host": "api.github.com", "paths": ["/v1/*"] }]))
+            .await;
+    let mut c = h.https_client("api.github.com").await;
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/v1/models")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/v1/a/b")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/v1/../admin")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.https.hits.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_match_wins_with_deny_before_allow() {
+    let h = Harness::new(json!([
+        { "access": "deny", "host": "api.github.com", "paths": ["/admin/**"] },
+        { "access": "allow", "host": "*" },
+    ]))
+    .await;
+    let mut c = h.https_client("api.github.com").await;
+    let (status, headers, _) = send(&mut c, get("api.github.com", "/admin/users")).await;
+    assert_eq!(
+        (status, &headers[DENIED_HEADER]),
+        (
+            StatusCode::FORBIDDEN,
+            &"rule".parse::<http::HeaderValue>().unwrap()
+        )
+    );
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/zen")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(h.https.hits.count(), 1);
+    let events = h.drain_events().await;
+    let reqs = egress_requests(&events);
+    assert_eq!(
+        (field(reqs[0], "rule"), field(reqs[0], "reason")),
+        (&Value::from(0), &Value::from("rule"))
+    );
+    assert_eq!(field(reqs[1], "rule"), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials
+
+const SECRET: &str = "sk-live-0123456789abcdef";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injection_replaces_a_forged_header_and_never_leaks() {
+    let h = Harness::new(json!([{
+        "access": "allow", "host": "api.github.com",
+        "override": { "headers": { "Authorization": format!("Bearer {SECRET}") } },
+    }]))
+    .await;
+    let mut c = h.https_client("api.github.com").await;
+    let req = Request::get("/user")
+        .header("host", "api.github.com")
+        .header("authorization", "Bearer forged")
+        .header("authorization", "Bearer forged-2")
+        .body(empty())
+        .unwrap();
+    let (status, headers, body) = send(&mut c, req).await;
+    assert_eq!(status, StatusCode::OK);
+    let seen: Vec<_> = h
+        .https
+        .hits
+        .last()
+        .headers
+        .get_all("authorization")
+        .iter()
+        .cloned()
+        .collect();
+    assert_eq!(
+        seen,
+        vec![http::HeaderValue::from_str(&format!("Bearer {SECRET}")).unwrap()]
+    );
+    assert!(!body.contains(SECRET) && !format!("{headers:?}").contains(SECRET));
+    let events = h.drain_events().await;
+    let reqs = egress_requests(&events);
+    assert_eq!(field(reqs[0], "injectedHeaders"), &json!(["authorization"]));
+    for e in &events {
+        assert!(
+            !e.to_json().to_string().contains(SECRET),
+            "secret in event {e:?}"
+        );
+    }
+    assert!(!format!("{:?}", h.cell.load()).contains(SECRET));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_not_sent_over_plain_http() {
+    let h = Harness::new(json!([
+        { "access": "allow", "host": "pypi.org", "override": { "headers": { "X-Token": SECRET } } },
+        { "access": "allow", "host": "files.pypi.org",
+          "override": { "headers": { "X-Token": SECRET }, "allowPlaintext": true } },
+    ]))
+    .await;
+    let (status, headers, body) = h.get_http("http://pypi.org/simple/").await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[DENIED_HEADER], "plaintext-credentials");
+    assert!(!body.contains(SECRET));
+    assert_eq!(h.http.hits.count(), 0);
+    // allowPlaintext opts in.
+    assert_eq!(
+        h.get_http("http://files.pypi.org/x").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(h.http.hits.last().headers["x-token"], SECRET);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fronting, SSRF, loops
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_header_naming_another_host_is_refused() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }, { "access": "allow", "host": "evilpypi.org" }])).await;
+    let mut c = h.https_client("pypi.org").await;
+    let (status, headers, _) = send(&mut c, get("evilpypi.org", "/")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[DENIED_HEADER], "host-mismatch");
+    // Another port in Host is a mismatch too.
+    let (status, _, _) = send(&mut c, get("pypi.org:8443", "/")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(h.https.hits.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sni_naming_another_host_is_refused() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "*" }])).await;
+    let tls = h
+        .tunnel("pypi.org:443", "evilpypi.org", &[b"http/1.1"])
+        .await
+        .expect("CONNECT allowed");
+    let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for host in ["pypi.org", "evilpypi.org"] {
+        let (status, headers, _) = send(&mut c, get(host, "/")).await;
+        assert_eq!(
+            (status, headers[DENIED_HEADER].to_str().unwrap()),
+            (StatusCode::FORBIDDEN, "host-mismatch")
+        );
+    }
+    assert_eq!(h.https.hits.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_addresses_are_refused_unless_named() {
+    let echo = start_echo().await;
+    let h = Harness::new(json!([{ "access": "allow", "host": "*" }])).await;
+    // An IP literal on loopback, and a name the system resolves to loopback.
+    let (status, headers, _) = h.get_http(&format!("http://{}/", h.http.addr)).await;
+    assert_eq!(
+        (status, headers[DENIED_HEADER].to_str().unwrap()),
+        (StatusCode::FORBIDDEN, "private-address")
+    );
+    let (status, headers, _) = h
+        .get_http(&format!("http://localhost:{}/", h.http.addr.port()))
+        .await;
+    assert_eq!(
+        (status, headers[DENIED_HEADER].to_str().unwrap()),
+        (StatusCode::FORBIDDEN, "private-address")
+    );
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        connect_head(&mut s, &echo.to_string(), None).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.http.hits.count(), 0);
+    // A rule naming the address lifts the refusal.
+    h.apply(json!([{ "access": "allow", "host": "127.0.0.1" }]));
+    assert_eq!(
+        h.get_http(&format!("http://{}/", h.http.addr)).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(h.http.hits.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_the_proxy_itself_are_refused() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "127.0.0.0/8" }])).await;
+    let (status, headers, _) = h.get_http(&format!("http://{}/", h.proxy)).await;
+    assert_eq!(
+        (status, headers[DENIED_HEADER].to_str().unwrap()),
+        (StatusCode::FORBIDDEN, "proxy-loop")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// applyConfig
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_config_takes_effect_on_an_open_keep_alive_connection() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "api.github.com" }])).await;
+    let mut tls = h.https_client("api.github.com").await;
+    let mut plain = h.http_client().await;
+    assert_eq!(
+        send(&mut tls, get("api.github.com", "/zen")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(
+            &mut plain,
+            Request::get("http://api.github.com/zen")
+                .body(empty())
+                .unwrap()
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    h.apply(json!([]));
+    assert_eq!(
+        send(&mut tls, get("api.github.com", "/zen")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        send(
+            &mut plain,
+            Request::get("http://api.github.com/zen")
+                .body(empty())
+                .unwrap()
+        )
+        .await
+        .0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.hits(), 2);
+    h.apply(json!([{ "access": "allow", "host": "*" }]));
+    assert_eq!(
+        send(&mut tls, get("api.github.com", "/zen")).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_response_survives_apply_config() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "api.github.com" }])).await;
+    let mut c = h.https_client("api.github.com").await;
+    let res = c
+        .send_request(get("api.github.com", "/stream"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(&first[..], b"first\n");
+    h.apply(json!([]));
+    h.https.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"second\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocols
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_on_both_legs() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "api.github.com" }])).await;
+    let tls = h
+        .tunnel(
+            "api.github.com:443",
+            "api.github.com",
+            &[b"h2", b"http/1.1"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut c, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://api.github.com/zen")
+        .body(empty())
+        .unwrap();
+    let res = c.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        h.https.hits.last().version,
+        Version::HTTP_2,
+        "upstream leg negotiated h2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_through_the_intercepted_path() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "api.github.com" }])).await;
+    let mut c = h.https_client("api.github.com").await;
+    let req = Request::get("/ws")
+        .header("host", "api.github.com")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(empty())
+        .unwrap();
+    let res = c.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut io = TokioIo::new(hyper::upgrade::on(res).await.unwrap());
+    io.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    io.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tunnels_only_where_no_rule_inspects_http() {
+    let echo = start_echo().await;
+    let target = format!("pypi.org:{}", echo.port());
+    let upstream = json!({ "resolve": { target.clone(): echo.to_string() } });
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let apply = |egress: Value| {
+        let config = Config::from_json(&json!({ "egress": egress, "upstream": upstream })).unwrap();
+        h.cell.store(Arc::new(Compiled::new(config)));
+    };
+    apply(json!([{ "access": "allow", "host": "pypi.org" }]));
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(connect_head(&mut s, &target, None).await, StatusCode::OK);
+    s.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+    let mut buf = [0u8; 14];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"SSH-2.0-test\r\n");
+    drop(s);
+
+    apply(json!([{ "access": "allow", "host": "pypi.org", "methods": ["GET"] }]));
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(connect_head(&mut s, &target, None).await, StatusCode::OK);
+    s.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "tunnel closed without reaching the upstream");
+    let events = h.drain_events().await;
+    assert!(egress_requests(&events)
+        .iter()
+        .any(|e| field(e, "reason") == "not-http" && field(e, "scheme") == "tcp"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host listener and failures
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_listener_requires_its_credential() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let host = h.engine.open_host_listener().await.unwrap();
+    assert!(host.url.starts_with("http://hive:") && host.ca.contains("BEGIN CERTIFICATE"));
+    let url: http::Uri = host.url.parse().unwrap();
+    let userinfo = url
+        .authority()
+        .unwrap()
+        .as_str()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    let good = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(&userinfo)
+    );
+
+    let stream = TcpStream::connect(host.local_addr()).await.unwrap();
+    let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (status, headers, _) = send(
+        &mut c,
+        Request::get("http://pypi.org/").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::PROXY_AUTHENTICATION_REQUIRED);
+    assert!(headers.contains_key("proxy-authenticate"));
+    let wrong = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("hive:guess")
+    );
+    let req = Request::get("http://pypi.org/")
+        .header("proxy-authorization", wrong)
+        .body(empty())
+        .unwrap();
+    assert_eq!(
+        send(&mut c, req).await.0,
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED
+    );
+    let mut s = TcpStream::connect(host.local_addr()).await.unwrap();
+    assert_eq!(
+        connect_head(&mut s, "pypi.org:443", None).await,
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED
+    );
+    assert_eq!(h.hits(), 0);
+
+    let req = Request::get("http://pypi.org/")
+        .header("proxy-authorization", good.as_str())
+        .body(empty())
+        .unwrap();
+    assert_eq!(send(&mut c, req).await.0, StatusCode::OK);
+    assert_eq!(h.http.hits.count(), 1);
+    assert!(!h
+        .http
+        .hits
+        .last()
+        .headers
+        .contains_key("proxy-authorization"));
+    let events = h.drain_events().await;
+    assert!(egress_requests(&events)
+        .iter()
+        .all(|e| field(e, "via") == "host"));
+
+    host.close().await;
+    host.close().await;
+    assert!(
+        TcpStream::connect(host.local_addr()).await.is_err() || {
+            // The socket may still accept in the kernel backlog; the proxy must not answer.
+            let mut s = TcpStream::connect(host.local_addr()).await.unwrap();
+            let _ = s
+                .write_all(b"GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n")
+                .await;
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await,
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_)
+            )
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_are_502_with_the_cause() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let (_, tls) = upstream_tls();
+    let untrusted = start_upstream(Some(tls)).await;
+    let h = Harness::new(json!([{ "access": "allow", "host": "*" }])).await;
+    let mut upstream = h.upstream.clone();
+    upstream["resolve"]["pypi.org:80"] = closed.to_string().into();
+    upstream["resolve"]["evilpypi.org:443"] = untrusted.addr.to_string().into();
+    let config = Config::from_json(
+        &json!({ "egress": [{ "access": "allow", "host": "*" }], "upstream": upstream }),
+    )
+    .unwrap();
+    h.cell.store(Arc::new(Compiled::new(config)));
+
+    let (status, _, body) = h.get_http("http://pypi.org/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("refused"), "{body}");
+    let (status, _, body) = h.get_https("evilpypi.org", "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("could not be verified"), "{body}");
+    assert_eq!(untrusted.hits.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let cases: [&[u8]; 3] = [
+        b"GET / HTTP/1.1\r\nHost: pypi.org\r\n\r\n",
+        b"CONNECT pypi.org HTTP/1.1\r\nHost: pypi.org\r\n\r\n",
+        b"\x00\x01garbage\r\n\r\n",
+    ];
+    for raw in cases {
+        let mut s = TcpStream::connect(h.proxy).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut buf = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 400"), "{raw:?} -> {text}");
+    }
+    assert_eq!(h.get_http("http://pypi.org/").await.0, StatusCode::OK);
+    assert_eq!(h.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_and_stops_listening() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    assert_eq!(h.get_http("http://pypi.org/").await.0, StatusCode::OK);
+    let started = std::time::Instant::now();
+    h.engine.shutdown().await;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let refused = match TcpStream::connect(h.proxy).await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s
+                .write_all(b"GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n")
+                .await;
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await,
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_)
+            )
+        }
+    };
+    assert!(refused);
+    assert_eq!(h.hits(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain HTTP in a tunnel, transparent listeners
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_inside_a_connect_tunnel_is_decided_per_request() {
+    let h =
+        Harness::new(json!([{ "access": "allow", "host": "pypi.org", "methods": ["GET"] }])).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        connect_head(&mut s, "pypi.org:80", None).await,
+        StatusCode::OK
+    );
+    let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        send(&mut c, get("pypi.org", "/simple/")).await.0,
+        StatusCode::OK
+    );
+    let (status, headers, _) = send(&mut c, get("evilpypi.org", "/")).await;
+    assert_eq!(
+        (status, headers[DENIED_HEADER].to_str().unwrap()),
+        (StatusCode::FORBIDDEN, "host-mismatch")
+    );
+    assert_eq!(h.http.hits.count(), 1);
+    let events = h.drain_events().await;
+    assert_eq!(field(egress_requests(&events)[0], "scheme"), "http");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_connections_are_intercepted_and_decided() {
+    let h =
+        Harness::new(json!([{ "access": "allow", "host": "api.github.com", "paths": ["/zen"] }]))
+            .await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target: super::TransparentTarget = Arc::new(|_| Some(("api.github.com".to_string(), 443)));
+    h.engine
+        .serve_transparent_listener(listener, target)
+        .unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut h.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.github.com").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, stream)
+        .await
+        .unwrap();
+    let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/zen")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&mut c, get("api.github.com", "/admin")).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(h.https.hits.count(), 1);
+    let events = h.drain_events().await;
+    assert!(egress_requests(&events)
+        .iter()
+        .all(|e| field(e, "via") == "transparent"));
+}
