@@ -13,6 +13,13 @@
 //!
 //! Decisions are pure: no I/O, no state, so a decision made now for a path is the decision made
 //! for the same path at any other time (no snapshot of what exists).
+//!
+//! Globs keep their literal parts percent-normalized like request paths (`My Docs` is stored as
+//! `My%20Docs`, `é` as `%C3%A9`), so a file path is brought into the same form before matching
+//! ([`glob_form`]); otherwise a rule naming a file with a space or a non-ASCII letter would never
+//! match it, and a `none` rule would silently not apply.
+
+use std::borrow::Cow;
 
 use crate::config::{FsAccess, FsMount, PathGlob};
 
@@ -59,6 +66,8 @@ struct Rule {
 #[derive(Debug, Clone)]
 pub struct Acl {
     mount: String,
+    /// [`glob_form`] of the mount.
+    mount_form: String,
     /// `None`: no `acls`, the whole mount is `rw`.
     rules: Option<Vec<Rule>>,
 }
@@ -71,12 +80,13 @@ impl Acl {
                 .map(|acl| Rule {
                     glob: acl.path.clone(),
                     access: acl.access,
-                    prefix: literal_prefix(acl.path.as_str()),
+                    prefix: glob_form(literal_prefix(acl.path.as_str()).as_bytes()).into_owned(),
                 })
                 .collect()
         });
         Acl {
             mount: mount.mount.clone(),
+            mount_form: glob_form(mount.mount.as_bytes()).into_owned(),
             rules,
         }
     }
@@ -91,16 +101,23 @@ impl Acl {
         self.rules.is_some()
     }
 
-    /// Decides an absolute, normalized path inside the sandbox: first matching rule wins.
+    /// Decides an absolute path inside the sandbox (as the file system names it, not
+    /// percent-encoded): first matching rule wins.
     pub fn decide(&self, path: &str) -> Decision {
+        self.decide_raw(path.as_bytes())
+    }
+
+    /// [`decide`](Self::decide) for a path that need not be UTF-8 (file names are bytes).
+    pub fn decide_raw(&self, path: &[u8]) -> Decision {
         let Some(rules) = &self.rules else {
             return Decision {
                 access: FsAccess::Rw,
                 rule: None,
             };
         };
+        let form = glob_form(path);
         for (index, rule) in rules.iter().enumerate() {
-            if rule.glob.matches(path) {
+            if rule.glob.matches(&form) {
                 return Decision {
                     access: rule.access,
                     rule: Some(index),
@@ -116,7 +133,16 @@ impl Acl {
     /// Whether a directory whose decision is `decision` may be looked up and listed (the listing
     /// filtered to visible entries) although it may not be readable itself.
     pub fn traversable(&self, path: &str, decision: &Decision) -> bool {
-        if path == self.mount || decision.can_read() {
+        self.traversable_raw(path.as_bytes(), decision)
+    }
+
+    /// [`traversable`](Self::traversable) for a path that need not be UTF-8.
+    pub fn traversable_raw(&self, path: &[u8], decision: &Decision) -> bool {
+        if decision.can_read() {
+            return true;
+        }
+        let form = glob_form(path);
+        if form == self.mount_form {
             return true;
         }
         if decision.rule.is_some() {
@@ -127,15 +153,98 @@ impl Acl {
         };
         rules.iter().any(|rule| {
             rule.access != FsAccess::None
-                && rule.prefix.len() > path.len()
-                && rule.prefix.starts_with(path)
-                && rule.prefix.as_bytes()[path.len()] == b'/'
+                && rule.prefix.len() > form.len()
+                && rule.prefix.starts_with(form.as_ref())
+                && rule.prefix.as_bytes()[form.len()] == b'/'
         })
     }
 
     /// Whether `path` (decided as `decision`) shows up in lookups and listings.
     pub fn visible(&self, path: &str, decision: &Decision) -> bool {
-        decision.can_read() || self.traversable(path, decision)
+        self.visible_raw(path.as_bytes(), decision)
+    }
+
+    /// [`visible`](Self::visible) for a path that need not be UTF-8.
+    pub fn visible_raw(&self, path: &[u8], decision: &Decision) -> bool {
+        decision.can_read() || self.traversable_raw(path, decision)
+    }
+}
+
+/// `path` in the form glob literals are stored in: bytes outside RFC 3986 `pchar` (and `/`) are
+/// percent-encoded, escapes of unreserved characters decoded, other escapes upper-cased, exactly
+/// as `config::path_glob` normalizes glob literals. Unlike request-path normalization it keeps
+/// `?`, `#` and dot-like segments (`%2E%2E` is a file name here, never a step up).
+pub fn glob_form(path: &[u8]) -> Cow<'_, str> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let plain = |b: u8| b == b'/' || (pchar(b) && b != b'%');
+    if path.iter().all(|&b| plain(b)) {
+        // ASCII only, so valid UTF-8.
+        return Cow::Borrowed(std::str::from_utf8(path).unwrap_or_default());
+    }
+    let mut out = String::with_capacity(path.len() + 8);
+    let mut i = 0;
+    while i < path.len() {
+        let b = path[i];
+        if b == b'%' {
+            if let (Some(hi), Some(lo)) = (
+                path.get(i + 1).and_then(|&h| hex_value(h)),
+                path.get(i + 2).and_then(|&l| hex_value(l)),
+            ) {
+                let decoded = hi << 4 | lo;
+                if decoded.is_ascii_alphanumeric() || matches!(decoded, b'-' | b'.' | b'_' | b'~') {
+                    out.push(decoded as char);
+                } else {
+                    out.push('%');
+                    out.push(HEX[hi as usize] as char);
+                    out.push(HEX[lo as usize] as char);
+                }
+                i += 3;
+                continue;
+            }
+        } else if plain(b) {
+            out.push(b as char);
+            i += 1;
+            continue;
+        }
+        out.push('%');
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 0xF) as usize] as char);
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+/// RFC 3986 `pchar` (unreserved, sub-delims, `:`, `@`) plus `%`.
+fn pchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+                | b'%'
+        )
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
     }
 }
 
@@ -317,6 +426,59 @@ mod tests {
         for (path, traversable) in cases {
             let decision = acl.decide(path);
             assert_eq!(acl.traversable(path, &decision), *traversable, "{path}");
+        }
+    }
+
+    #[test]
+    fn names_match_rules_written_plainly() {
+        let acl = Acl::new(&mount(
+            Some(&[
+                ("/workspace/My Docs/**", FsAccess::None),
+                ("/workspace/données/*.txt", FsAccess::R),
+                ("/workspace/100%/**", FsAccess::None),
+                ("/workspace/docs/**", FsAccess::R),
+                ("/workspace/**/*.env", FsAccess::None),
+                ("/workspace/**", FsAccess::Rw),
+            ]),
+            false,
+        ));
+        let cases: &[(&[u8], Option<usize>)] = &[
+            // a space and a non-ASCII letter, as the file system names them
+            (b"/workspace/My Docs/x", Some(0)),
+            ("/workspace/données/a.txt".as_bytes(), Some(1)),
+            // a literal percent sign
+            (b"/workspace/100%/x", Some(2)),
+            // an escape in a name is not a step up: `%2E%2E` stays under docs
+            (b"/workspace/docs/%2E%2E/x", Some(3)),
+            // an escaped dot still makes a .env name
+            (b"/workspace/a%2Eenv", Some(4)),
+            // a name that is not UTF-8 is still a .env
+            (b"/workspace/x\xff.env", Some(4)),
+            // `?` and `#` are ordinary name characters
+            (b"/workspace/a?b#c", Some(5)),
+        ];
+        for (path, rule) in cases {
+            assert_eq!(
+                acl.decide_raw(path).rule,
+                *rule,
+                "{}",
+                String::from_utf8_lossy(path)
+            );
+        }
+    }
+
+    #[test]
+    fn glob_forms() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"/workspace/a.txt", "/workspace/a.txt"),
+            (b"/w/My Docs", "/w/My%20Docs"),
+            ("/w/é".as_bytes(), "/w/%C3%A9"),
+            (b"/w/%41%2f%2E", "/w/A%2F."),
+            (b"/w/100%", "/w/100%25"),
+            (b"/w/a?b#c", "/w/a%3Fb%23c"),
+        ];
+        for (path, form) in cases {
+            assert_eq!(glob_form(path), *form, "{}", String::from_utf8_lossy(path));
         }
     }
 

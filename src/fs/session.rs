@@ -196,6 +196,9 @@ impl Nodes {
 #[derive(Debug, Clone)]
 struct Located {
     rel: PathBuf,
+    /// Absolute path inside the sandbox, as decided.
+    raw: Vec<u8>,
+    /// The same, for events (not UTF-8 parts replaced).
     path: String,
 }
 
@@ -392,21 +395,28 @@ impl Server {
         self.passthrough_wanted = false;
     }
 
-    fn sandbox_path(&self, rel: &Path) -> String {
-        let mut path = self.acl.mount().to_owned();
+    /// The path inside the sandbox of `rel`, as bytes (file names need not be UTF-8).
+    fn sandbox_path(&self, rel: &Path) -> Vec<u8> {
+        let mut path = self.acl.mount().as_bytes().to_vec();
         for component in rel.iter() {
-            path.push('/');
-            path.push_str(&component.to_string_lossy());
+            path.push(b'/');
+            path.extend_from_slice(component.as_bytes());
         }
         path
     }
 
+    fn located(&self, rel: PathBuf) -> Located {
+        let raw = self.sandbox_path(&rel);
+        Located {
+            path: String::from_utf8_lossy(&raw).into_owned(),
+            raw,
+            rel,
+        }
+    }
+
     fn locate(&self, ino: INodeNo) -> Result<Located, Errno> {
         let rel = self.nodes.lock().rel(ino.0).ok_or(Errno::ENOENT)?;
-        Ok(Located {
-            path: self.sandbox_path(&rel),
-            rel,
-        })
+        Ok(self.located(rel))
     }
 
     fn child(&self, parent: &Located, name: &OsStr) -> Result<Located, Errno> {
@@ -414,11 +424,7 @@ impl Server {
         if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
             return Err(Errno::EINVAL);
         }
-        let rel = parent.rel.join(name);
-        Ok(Located {
-            path: self.sandbox_path(&rel),
-            rel,
-        })
+        Ok(self.located(parent.rel.join(name)))
     }
 
     fn emit(&self, kind: &str, path: &str, operation: &str, extra: Option<(&str, Value)>) {
@@ -446,8 +452,8 @@ impl Server {
 
     /// Decides `loc` for `need`; a refusal emits `fs.denied` for `operation`.
     fn check(&self, loc: &Located, operation: &str, need: Need) -> Result<Decision, Errno> {
-        let decision = self.acl.decide(&loc.path);
-        let visible = self.acl.visible(&loc.path, &decision);
+        let decision = self.acl.decide_raw(&loc.raw);
+        let visible = self.acl.visible_raw(&loc.raw, &decision);
         let refusal = match need {
             Need::See if visible => None,
             Need::Read if decision.can_read() => None,
@@ -569,14 +575,17 @@ impl Server {
             .walk(&from.rel, RENAME_WALK_LIMIT, |suffix| {
                 let old = self.sandbox_path(&from.rel.join(suffix));
                 let new = self.sandbox_path(&to.rel.join(suffix));
-                let before = self.acl.decide(&old);
-                let after = self.acl.decide(&new);
+                let before = self.acl.decide_raw(&old);
+                let after = self.acl.decide_raw(&new);
                 (rank(after.access) > rank(before.access)).then_some((old, before))
             })
             .map_err(errno)?;
         match offending {
             None => Ok(()),
-            Some((old, before)) => Err(self.deny(&old, op::RENAME, &before, Errno::EACCES)),
+            Some((old, before)) => {
+                let old = String::from_utf8_lossy(&old);
+                Err(self.deny(&old, op::RENAME, &before, Errno::EACCES))
+            }
         }
     }
 
@@ -723,8 +732,8 @@ impl Server {
         });
         for entry in raw {
             let path = self.sandbox_path(&loc.rel.join(&entry.name));
-            let decision = self.acl.decide(&path);
-            if self.acl.visible(&path, &decision) {
+            let decision = self.acl.decide_raw(&path);
+            if self.acl.visible_raw(&path, &decision) {
                 entries.push(DirEntryOut {
                     name: entry.name,
                     ino: entry.ino,

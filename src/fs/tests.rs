@@ -296,6 +296,40 @@ fn cannot_discover_hidden_files_by_listing() {
 }
 
 #[test]
+fn cannot_read_hidden_names_with_spaces_or_other_bytes() {
+    use std::os::unix::ffi::OsStrExt;
+    const ACLS: &[(&str, FsAccess)] = &[
+        ("/workspace/My Secrets/**", FsAccess::None),
+        ("/workspace/**/*.env", FsAccess::None),
+        ("/workspace/**", FsAccess::Rw),
+    ];
+    let odd = std::ffi::OsStr::from_bytes(b"x\xff.env");
+    let Some(m) = Mounted::new(Some(ACLS), false, true, |src| {
+        fs::create_dir(src.join("My Secrets")).expect("seed");
+        fs::write(src.join("My Secrets/key"), b"k").expect("seed");
+        fs::write(src.join(odd), b"k").expect("seed");
+        fs::write(src.join("a%2Eenv"), b"k").expect("seed");
+    }) else {
+        return;
+    };
+    assert_eq!(
+        errno_of(fs::read(m.t("My Secrets/key"))),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(errno_of(fs::read(m.t("").join(odd))), Some(libc::ENOENT));
+    assert_eq!(errno_of(fs::read(m.t("a%2Eenv"))), Some(libc::ENOENT));
+    assert_eq!(
+        m.denied(),
+        vec![
+            seen("/workspace/My Secrets", op::LOOKUP, Some(0)),
+            seen("/workspace/x\u{fffd}.env", op::LOOKUP, Some(1)),
+            seen("/workspace/a%2Eenv", op::LOOKUP, Some(1)),
+        ]
+    );
+    assert_eq!(names(&m.t("")), Vec::<String>::new());
+}
+
+#[test]
 fn cannot_read_a_env_file_the_host_creates_after_mount() {
     let Some(m) = Mounted::new(Some(ISSUE_ACLS), false, true, seed_issue_tree) else {
         return;
