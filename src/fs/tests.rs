@@ -1116,7 +1116,7 @@ fn bench_fuse_overhead_against_the_plain_source() {
     };
     let names = [
         "create 10 000 small files",
-        "stat 10 000 files (right after, kernel cache warm)",
+        "stat 10 000 files (right after creating them)",
         "stat 10 000 files (after the 1 s cache expired)",
         "read a 100 MiB file (1 MiB reads)",
         "unpack 2 000 dirs x 5 files (tar -x)",
