@@ -10,6 +10,7 @@ mod diagnostics;
 pub mod dns;
 pub mod error;
 pub mod events;
+pub mod fs;
 pub mod policy;
 pub mod proxy;
 pub mod sandbox;

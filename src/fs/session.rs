@@ -1,0 +1,1403 @@
+//! The FUSE server: answers the kernel's requests for one mount, deciding every request on the
+//! node's *current* path and doing the I/O through [`Source`].
+//!
+//! 1. Node ids name paths, not files: the table maps a node id to `(parent node, name)`, so a
+//!    node's path is rebuilt on every request and follows renames of any of its ancestors. A host
+//!    change behind the server's back (rename, replace) only makes a node name its old path, which
+//!    is decided and resolved again like any other path.
+//! 2. Every request decides the path it touches ([`Acl::decide`]) *before* any I/O and refuses
+//!    with `ENOENT` (hidden) or `EACCES` (present, not permitted), emitting `fs.denied`; with
+//!    `audit` every permitted mutation emits `fs.access`.
+//! 3. A directory rename walks the moved subtree first and is refused if any entry would gain
+//!    access under its new name (renames are serialized so two of them cannot interleave).
+//! 4. Open files keep their real fd (opened by path, decided at open, as POSIX does); with kernel
+//!    passthrough available (root only) reads and writes then bypass the server entirely.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use parking_lot::Mutex;
+use rustix::fs::{AtFlags, FileType as RawType, Stat, Timespec, Timestamps};
+use serde_json::{Map, Value};
+
+use super::acl::{rank, Acl, Decision};
+use super::ops::{split, Source};
+use super::{field, op, EventSink};
+use crate::events::kind;
+
+/// How long the kernel may cache entries and attributes. Decisions do not depend on it: every
+/// request on a cached node is decided again on the node's current path.
+const TTL: Duration = Duration::from_secs(1);
+
+/// Node id of a node whose path no longer exists (unlinked or replaced).
+const DETACHED: u64 = 0;
+
+/// Most entries a directory rename may move before it is refused with `EXDEV` (tools such as
+/// `mv` then copy file by file, each copy decided on its own).
+const RENAME_WALK_LIMIT: usize = 100_000;
+
+/// Open flags of regular files: no `FLUSH` on close (writes reach the source synchronously, so
+/// there is nothing to flush).
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
+/// Smallest file (at open) served by kernel passthrough: below it, registering a backing file
+/// costs more than the round trips it saves.
+const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
+
+#[derive(Debug)]
+struct Node {
+    parent: u64,
+    name: OsString,
+    lookups: u64,
+    kind: FileType,
+}
+
+/// Node id <-> path table.
+#[derive(Debug)]
+struct Nodes {
+    nodes: HashMap<u64, Node>,
+    children: HashMap<(u64, OsString), u64>,
+    next: u64,
+}
+
+impl Nodes {
+    fn new() -> Nodes {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            INodeNo::ROOT.0,
+            Node {
+                parent: DETACHED,
+                name: OsString::new(),
+                lookups: 1,
+                kind: FileType::Directory,
+            },
+        );
+        Nodes {
+            nodes,
+            children: HashMap::new(),
+            next: INodeNo::ROOT.0 + 1,
+        }
+    }
+
+    /// The path of `ino` relative to the source, or `None` once it is detached.
+    fn rel(&self, ino: u64) -> Option<PathBuf> {
+        let mut names = Vec::new();
+        let mut current = ino;
+        while current != INodeNo::ROOT.0 {
+            let node = self.nodes.get(&current)?;
+            if node.parent == DETACHED || names.len() > 4096 {
+                return None;
+            }
+            names.push(node.name.as_os_str());
+            current = node.parent;
+        }
+        Some(names.iter().rev().collect())
+    }
+
+    /// The node for `parent/name` after a successful lookup; a new id when the kind changed.
+    fn remember(&mut self, parent: u64, name: &OsStr, kind: FileType) -> u64 {
+        let key = (parent, name.to_owned());
+        if let Some(&ino) = self.children.get(&key) {
+            if let Some(node) = self.nodes.get_mut(&ino) {
+                if node.kind == kind {
+                    node.lookups += 1;
+                    return ino;
+                }
+            }
+            self.detach(ino);
+        }
+        let ino = self.next;
+        self.next += 1;
+        self.nodes.insert(
+            ino,
+            Node {
+                parent,
+                name: name.to_owned(),
+                lookups: 1,
+                kind,
+            },
+        );
+        self.children.insert(key, ino);
+        ino
+    }
+
+    fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        self.children.get(&(parent, name.to_owned())).copied()
+    }
+
+    fn detach(&mut self, ino: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            if node.parent != DETACHED {
+                self.children.remove(&(node.parent, node.name.clone()));
+                node.parent = DETACHED;
+            }
+        }
+    }
+
+    fn forget(&mut self, ino: u64, count: u64) {
+        if ino == INodeNo::ROOT.0 {
+            return;
+        }
+        let gone = match self.nodes.get_mut(&ino) {
+            Some(node) => {
+                node.lookups = node.lookups.saturating_sub(count);
+                node.lookups == 0
+            }
+            None => false,
+        };
+        if gone {
+            self.detach(ino);
+            self.nodes.remove(&ino);
+        }
+    }
+
+    /// Records a rename that succeeded on disk.
+    fn renamed(&mut self, from: (u64, &OsStr), to: (u64, &OsStr), exchange: bool) {
+        let moving = self.child(from.0, from.1);
+        let target = self.child(to.0, to.1);
+        if let Some(ino) = target {
+            self.children.remove(&(to.0, to.1.to_owned()));
+            if exchange {
+                if let Some(node) = self.nodes.get_mut(&ino) {
+                    node.parent = from.0;
+                    node.name = from.1.to_owned();
+                }
+            } else if let Some(node) = self.nodes.get_mut(&ino) {
+                node.parent = DETACHED;
+            }
+        }
+        if let Some(ino) = moving {
+            self.children.remove(&(from.0, from.1.to_owned()));
+            if let Some(node) = self.nodes.get_mut(&ino) {
+                node.parent = to.0;
+                node.name = to.1.to_owned();
+            }
+            self.children.insert((to.0, to.1.to_owned()), ino);
+        }
+        if let (true, Some(ino)) = (exchange, target) {
+            self.children.insert((from.0, from.1.to_owned()), ino);
+        }
+    }
+}
+
+/// A path both ways: relative to the source, and absolute inside the sandbox.
+#[derive(Debug, Clone)]
+struct Located {
+    rel: PathBuf,
+    /// Absolute path inside the sandbox, as decided.
+    raw: Vec<u8>,
+    /// The same, for events (not UTF-8 parts replaced).
+    path: String,
+}
+
+/// What a request needs from the path it touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Visible: lookup, getattr, listing (a traversable directory suffices).
+    See,
+    /// Readable: open for reading, readlink.
+    Read,
+    /// Writable, on an existing node: hidden -> `ENOENT`, visible -> `EACCES`.
+    Write,
+    /// Writable, for a name being created: always `EACCES`, so a refusal never tells whether a
+    /// hidden file of that name exists.
+    Create,
+}
+
+/// What a `setattr` asks to change.
+#[derive(Debug)]
+struct AttrChange {
+    mode: Option<u32>,
+    /// `chown`: only to the current owner (what `tar`, `cp -p` as root ask); anything else is
+    /// refused with `EPERM`.
+    uid: Option<u32>,
+    gid: Option<u32>,
+    size: Option<u64>,
+    atime: Option<TimeOrNow>,
+    mtime: Option<TimeOrNow>,
+    fh: Option<FileHandle>,
+}
+
+#[derive(Debug)]
+struct OpenFile {
+    fd: OwnedFd,
+    ino: u64,
+    /// Keeps the kernel's passthrough backing alive while the file is open; `None`: reads and
+    /// writes come through the server.
+    backing: Option<Arc<BackingId>>,
+}
+
+/// The I/O mode of one inode's open files.
+#[derive(Debug, Default)]
+struct InodeIo {
+    /// Opens served through the server.
+    cached: usize,
+    /// The passthrough backing shared by the inode's passthrough opens.
+    backing: Weak<BackingId>,
+}
+
+#[derive(Debug)]
+struct DirEntryOut {
+    name: OsString,
+    ino: u64,
+    kind: FileType,
+}
+
+#[derive(Debug)]
+enum Handle {
+    File(Arc<OpenFile>),
+    Dir(Arc<Vec<DirEntryOut>>),
+}
+
+/// The FUSE file system of one mount.
+pub(crate) struct Server {
+    acl: Acl,
+    source: Source,
+    events: Arc<dyn EventSink>,
+    audit: bool,
+    nodes: Mutex<Nodes>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    rename_lock: Mutex<()>,
+    passthrough_wanted: bool,
+    passthrough: Arc<AtomicBool>,
+    io: Mutex<HashMap<u64, InodeIo>>,
+    /// `(uid, gid)` every file is shown as owned by (in the mount's user namespace).
+    owner: Option<(u32, u32)>,
+}
+
+fn errno(err: rustix::io::Errno) -> Errno {
+    Errno::from_i32(err.raw_os_error())
+}
+
+fn file_type(kind: RawType) -> FileType {
+    match kind {
+        RawType::Directory => FileType::Directory,
+        RawType::Symlink => FileType::Symlink,
+        RawType::Fifo => FileType::NamedPipe,
+        RawType::Socket => FileType::Socket,
+        RawType::CharacterDevice => FileType::CharDevice,
+        RawType::BlockDevice => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time(secs: i64, nsecs: i64) -> SystemTime {
+    let nanos = u32::try_from(nsecs).unwrap_or(0);
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nanos.into())
+    }
+}
+
+fn attr(ino: u64, st: &Stat) -> FileAttr {
+    let mtime = time(st.st_mtime, st.st_mtime_nsec as i64);
+    FileAttr {
+        ino: INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: time(st.st_atime, st.st_atime_nsec as i64),
+        mtime,
+        ctime: time(st.st_ctime, st.st_ctime_nsec as i64),
+        crtime: mtime,
+        kind: file_type(RawType::from_raw_mode(st.st_mode)),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+fn timespec(time: Option<TimeOrNow>) -> Timespec {
+    match time {
+        None => Timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => Timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: i64::from(d.subsec_nanos()),
+            },
+            Err(before) => Timespec {
+                tv_sec: -(before.duration().as_secs() as i64),
+                tv_nsec: 0,
+            },
+        },
+    }
+}
+
+impl Server {
+    pub(crate) fn new(
+        acl: Acl,
+        source: Source,
+        events: Arc<dyn EventSink>,
+        audit: bool,
+        passthrough: bool,
+    ) -> Server {
+        Server {
+            acl,
+            source,
+            events,
+            audit,
+            nodes: Mutex::new(Nodes::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            rename_lock: Mutex::new(()),
+            passthrough_wanted: passthrough,
+            passthrough: Arc::new(AtomicBool::new(false)),
+            io: Mutex::new(HashMap::new()),
+            owner: None,
+        }
+    }
+
+    /// Shows every file as owned by `uid:gid` (ids as the mount's user namespace sees them).
+    pub(crate) fn present_owner(&mut self, uid: u32, gid: u32) {
+        self.owner = Some((uid, gid));
+    }
+
+    /// The attributes of `st` under node id `ino`, with the presented owner.
+    fn attr(&self, ino: u64, st: &Stat) -> FileAttr {
+        let mut attr = attr(ino, st);
+        if let Some((uid, gid)) = self.owner {
+            attr.uid = uid;
+            attr.gid = gid;
+        }
+        attr
+    }
+
+    /// Set once the kernel accepted passthrough; cleared if registering a backing file fails.
+    pub(crate) fn passthrough_flag(&self) -> Arc<AtomicBool> {
+        self.passthrough.clone()
+    }
+
+    pub(crate) fn disable_passthrough(&mut self) {
+        self.passthrough_wanted = false;
+    }
+
+    /// The path inside the sandbox of `rel`, as bytes (file names need not be UTF-8).
+    fn sandbox_path(&self, rel: &Path) -> Vec<u8> {
+        let mut path = self.acl.mount().as_bytes().to_vec();
+        for component in rel.iter() {
+            path.push(b'/');
+            path.extend_from_slice(component.as_bytes());
+        }
+        path
+    }
+
+    fn located(&self, rel: PathBuf) -> Located {
+        let raw = self.sandbox_path(&rel);
+        Located {
+            path: String::from_utf8_lossy(&raw).into_owned(),
+            raw,
+            rel,
+        }
+    }
+
+    fn locate(&self, ino: INodeNo) -> Result<Located, Errno> {
+        let rel = self.nodes.lock().rel(ino.0).ok_or(Errno::ENOENT)?;
+        Ok(self.located(rel))
+    }
+
+    fn child(&self, parent: &Located, name: &OsStr) -> Result<Located, Errno> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self.located(parent.rel.join(name)))
+    }
+
+    fn emit(&self, kind: &str, path: &str, operation: &str, extra: Option<(&str, Value)>) {
+        let mut fields = Map::new();
+        fields.insert(field::PATH.into(), Value::String(path.to_owned()));
+        fields.insert(field::OPERATION.into(), Value::String(operation.to_owned()));
+        if let Some((name, value)) = extra {
+            fields.insert(name.into(), value);
+        }
+        self.events.emit(kind, fields);
+    }
+
+    fn deny(&self, path: &str, operation: &str, decision: &Decision, err: Errno) -> Errno {
+        let rule = decision.rule.map_or(Value::Null, Value::from);
+        self.emit(kind::FS_DENIED, path, operation, Some((field::RULE, rule)));
+        err
+    }
+
+    fn audit(&self, path: &str, operation: &str, new_path: Option<&str>) {
+        if self.audit {
+            let extra = new_path.map(|p| (field::NEW_PATH, Value::String(p.to_owned())));
+            self.emit(kind::FS_ACCESS, path, operation, extra);
+        }
+    }
+
+    /// Decides `loc` for `need`; a refusal emits `fs.denied` for `operation`.
+    fn check(&self, loc: &Located, operation: &str, need: Need) -> Result<Decision, Errno> {
+        let decision = self.acl.decide_raw(&loc.raw);
+        let visible = self.acl.visible_raw(&loc.raw, &decision);
+        let refusal = match need {
+            Need::See if visible => None,
+            Need::Read if decision.can_read() => None,
+            Need::Write | Need::Create if decision.can_write() => None,
+            Need::Create => Some(Errno::EACCES),
+            _ if visible => Some(Errno::EACCES),
+            _ => Some(Errno::ENOENT),
+        };
+        match refusal {
+            None => Ok(decision),
+            // Creating over an existing hidden name: the kernel's lookup of that name, which
+            // always comes first (a refused lookup leaves no cached entry), already reported it;
+            // one refused system call, one event.
+            Some(err)
+                if need == Need::Create && !visible && self.source.lstat(&loc.rel).is_ok() =>
+            {
+                Err(err)
+            }
+            Some(err) => Err(self.deny(&loc.path, operation, &decision, err)),
+        }
+    }
+
+    /// The parent directory of a request, which must be visible.
+    fn parent(&self, ino: INodeNo, operation: &str) -> Result<Located, Errno> {
+        let loc = self.locate(ino)?;
+        if !loc.rel.as_os_str().is_empty() {
+            self.check(&loc, operation, Need::See)?;
+        }
+        Ok(loc)
+    }
+
+    fn stat_entry(&self, parent: INodeNo, name: &OsStr, loc: &Located) -> Result<FileAttr, Errno> {
+        let st = self.source.lstat(&loc.rel).map_err(errno)?;
+        Ok(self.entry(parent, name, &st))
+    }
+
+    /// Remembers `parent/name` (stat `st`) and returns its attributes under its node id.
+    fn entry(&self, parent: INodeNo, name: &OsStr, st: &Stat) -> FileAttr {
+        let kind = file_type(RawType::from_raw_mode(st.st_mode));
+        let ino = self.nodes.lock().remember(parent.0, name, kind);
+        self.attr(ino, st)
+    }
+
+    fn file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
+        match self.handles.lock().get(&fh.0) {
+            Some(Handle::File(file)) => Ok(file.clone()),
+            _ => Err(Errno::EBADF),
+        }
+    }
+
+    fn insert_handle(&self, handle: Handle) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, handle);
+        FileHandle(fh)
+    }
+
+    /// Chooses the I/O mode of a new open of `ino` (size `size`): kernel passthrough for files of
+    /// at least [`PASSTHROUGH_MIN_SIZE`] where available, else reads and writes through the
+    /// server. The kernel refuses (`EIO`) to mix both modes on one inode, so an inode keeps the
+    /// mode of its open files: every open of a passthrough inode shares its backing, and an inode
+    /// with cached opens is not switched.
+    fn open_mode(
+        &self,
+        ino: u64,
+        size: u64,
+        fd: &OwnedFd,
+        open_backing: impl FnOnce(&OwnedFd) -> std::io::Result<BackingId>,
+    ) -> Option<Arc<BackingId>> {
+        let mut io = self.io.lock();
+        let entry = io.entry(ino).or_default();
+        if let Some(existing) = entry.backing.upgrade() {
+            return Some(existing);
+        }
+        if entry.cached == 0
+            && size >= PASSTHROUGH_MIN_SIZE
+            && self.passthrough.load(Ordering::Relaxed)
+        {
+            match open_backing(fd) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    entry.backing = Arc::downgrade(&id);
+                    return Some(id);
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "FUSE passthrough unavailable; serving reads and writes");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        entry.cached += 1;
+        None
+    }
+
+    /// Forgets an open of `ino` that was `cached` (after its handle is dropped).
+    fn closed(&self, ino: u64, cached: bool) {
+        let mut io = self.io.lock();
+        if let Some(entry) = io.get_mut(&ino) {
+            if cached {
+                entry.cached = entry.cached.saturating_sub(1);
+            }
+            if entry.cached == 0 && entry.backing.strong_count() == 0 {
+                io.remove(&ino);
+            }
+        }
+    }
+
+    fn open_handle(&self, ino: u64, fd: OwnedFd, backing: Option<Arc<BackingId>>) -> FileHandle {
+        self.insert_handle(Handle::File(Arc::new(OpenFile { fd, ino, backing })))
+    }
+
+    /// Refuses a directory rename that would give any entry below it more access under its new
+    /// name than it has now (`mv a b` must not expose `a/private/**` as `b/private/**`).
+    fn check_subtree_move(&self, from: &Located, to: &Located) -> Result<(), Errno> {
+        if !self.acl.has_rules() {
+            return Ok(());
+        }
+        let offending = self
+            .source
+            .walk(&from.rel, RENAME_WALK_LIMIT, |suffix| {
+                let old = self.sandbox_path(&from.rel.join(suffix));
+                let new = self.sandbox_path(&to.rel.join(suffix));
+                let before = self.acl.decide_raw(&old);
+                let after = self.acl.decide_raw(&new);
+                (rank(after.access) > rank(before.access)).then_some((old, before))
+            })
+            .map_err(errno)?;
+        match offending {
+            None => Ok(()),
+            Some((old, before)) => {
+                let old = String::from_utf8_lossy(&old);
+                Err(self.deny(&old, op::RENAME, &before, Errno::EACCES))
+            }
+        }
+    }
+
+    fn reply_open(&self, ino: INodeNo, fd: OwnedFd, reply: ReplyOpen) {
+        let size = rustix::fs::fstat(&fd).map_or(0, |st| st.st_size as u64);
+        let backing = self.open_mode(ino.0, size, &fd, |fd| reply.open_backing(fd));
+        let fh = self.open_handle(ino.0, fd, backing.clone());
+        match backing {
+            Some(id) => reply.opened_passthrough(fh, FILE_OPEN_FLAGS, &id),
+            None => reply.opened(fh, FILE_OPEN_FLAGS),
+        }
+    }
+
+    fn do_setattr(&self, ino: INodeNo, change: AttrChange) -> Result<FileAttr, Errno> {
+        let AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh,
+        } = change;
+        let owner = uid.is_some() || gid.is_some();
+        let loc = self.locate(ino)?;
+        let operation = if size.is_some() {
+            op::TRUNCATE
+        } else if mode.is_some() {
+            op::CHMOD
+        } else if owner {
+            op::CHOWN
+        } else {
+            op::UTIMENS
+        };
+        self.check(&loc, operation, Need::Write)?;
+        if owner {
+            // The server writes as the host program; ownership stays the host's.
+            let st = self.source.lstat(&loc.rel).map_err(errno)?;
+            let current = self.attr(ino.0, &st);
+            if uid.is_some_and(|uid| uid != current.uid)
+                || gid.is_some_and(|gid| gid != current.gid)
+            {
+                return Err(Errno::EPERM);
+            }
+        }
+        if let Some(size) = size {
+            match fh.map(|fh| self.file(fh)).transpose()? {
+                Some(file) => rustix::fs::ftruncate(&file.fd, size).map_err(errno)?,
+                None => self.source.truncate(&loc.rel, size).map_err(errno)?,
+            }
+        }
+        if let Some(mode) = mode {
+            self.source.chmod(&loc.rel, mode).map_err(errno)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let times = Timestamps {
+                last_access: timespec(atime),
+                last_modification: timespec(mtime),
+            };
+            self.source.utimens(&loc.rel, &times).map_err(errno)?;
+        }
+        self.audit(&loc.path, operation, None);
+        let st = self.source.lstat(&loc.rel).map_err(errno)?;
+        Ok(self.attr(ino.0, &st))
+    }
+
+    fn do_create_node(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        operation: &str,
+        make: impl FnOnce(&Path) -> Result<(), rustix::io::Errno>,
+    ) -> Result<FileAttr, Errno> {
+        let dir = self.parent(parent, operation)?;
+        let loc = self.child(&dir, name)?;
+        self.check(&loc, operation, Need::Create)?;
+        make(&dir.rel).map_err(errno)?;
+        self.audit(&loc.path, operation, None);
+        self.stat_entry(parent, name, &loc)
+    }
+
+    fn do_rename(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        let from_dir = self.parent(parent, op::RENAME)?;
+        let to_dir = self.parent(newparent, op::RENAME)?;
+        let from = self.child(&from_dir, name)?;
+        let to = self.child(&to_dir, newname)?;
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            // An overlayfs whiteout is a device node; the sandbox gets none.
+            return Err(Errno::EINVAL);
+        }
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        self.check(&from, op::RENAME, Need::Write)?;
+        self.check(
+            &to,
+            op::RENAME,
+            if exchange { Need::Write } else { Need::Create },
+        )?;
+        let _serialized = self.rename_lock.lock();
+        let from_is_dir =
+            self.source.lstat(&from.rel).map_err(errno)?.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if from_is_dir {
+            self.check_subtree_move(&from, &to)?;
+        }
+        if exchange {
+            let to_is_dir =
+                self.source.lstat(&to.rel).map_err(errno)?.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            if to_is_dir {
+                self.check_subtree_move(&to, &from)?;
+            }
+        }
+        self.source
+            .rename(&from_dir.rel, name, &to_dir.rel, newname, flags.bits())
+            .map_err(errno)?;
+        self.nodes
+            .lock()
+            .renamed((parent.0, name), (newparent.0, newname), exchange);
+        self.audit(&from.path, op::RENAME, Some(&to.path));
+        Ok(())
+    }
+
+    fn do_opendir(&self, ino: INodeNo) -> Result<FileHandle, Errno> {
+        let loc = self.locate(ino)?;
+        if !loc.rel.as_os_str().is_empty() {
+            self.check(&loc, op::READDIR, Need::See)?;
+        }
+        let raw = self.source.list(&loc.rel).map_err(errno)?;
+        let mut entries = Vec::with_capacity(raw.len() + 2);
+        entries.push(DirEntryOut {
+            name: ".".into(),
+            ino: ino.0,
+            kind: FileType::Directory,
+        });
+        entries.push(DirEntryOut {
+            name: "..".into(),
+            ino: ino.0,
+            kind: FileType::Directory,
+        });
+        for entry in raw {
+            let path = self.sandbox_path(&loc.rel.join(&entry.name));
+            let decision = self.acl.decide_raw(&path);
+            if self.acl.visible_raw(&path, &decision) {
+                entries.push(DirEntryOut {
+                    name: entry.name,
+                    ino: entry.ino,
+                    kind: file_type(entry.kind),
+                });
+            }
+        }
+        Ok(self.insert_handle(Handle::Dir(Arc::new(entries))))
+    }
+}
+
+impl Filesystem for Server {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Lookups in one directory may run in parallel (the server's tables are locked), and
+        // `open(O_TRUNC)` arrives as one request (decided as a write) instead of open + setattr.
+        // With READDIRPLUS (adaptive) a listing carries each entry's attributes, so `ls -l`,
+        // `find` or `git status` do not look every entry up again.
+        for wanted in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+        ] {
+            if config.capabilities().contains(wanted) {
+                let _ = config.add_capabilities(wanted);
+            }
+        }
+        if self.passthrough_wanted && config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH) {
+            let stacked = config
+                .set_max_stack_depth(2)
+                .or_else(|nearest| config.set_max_stack_depth(nearest));
+            if stacked.is_ok() && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
+                self.passthrough.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let result = (|| {
+            let dir = self.parent(parent, op::LOOKUP)?;
+            let loc = self.child(&dir, name)?;
+            // Stat first: a name that does not exist is a plain ENOENT, not a refusal.
+            let st = self.source.lstat(&loc.rel).map_err(errno)?;
+            self.check(&loc, op::LOOKUP, Need::See)?;
+            Ok(self.entry(parent, name, &st))
+        })();
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.nodes.lock().forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        let result = (|| {
+            if let Some(fh) = fh {
+                if let Ok(file) = self.file(fh) {
+                    let st = rustix::fs::fstat(&file.fd).map_err(errno)?;
+                    return Ok(self.attr(ino.0, &st));
+                }
+            }
+            let loc = self.locate(ino)?;
+            if !loc.rel.as_os_str().is_empty() {
+                self.check(&loc, op::GETATTR, Need::See)?;
+            }
+            let st = self.source.lstat(&loc.rel).map_err(errno)?;
+            Ok(self.attr(ino.0, &st))
+        })();
+        match result {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let change = AttrChange {
+            mode,
+            uid,
+            gid,
+            size,
+            atime,
+            mtime,
+            fh,
+        };
+        match self.do_setattr(ino, change) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let result = (|| {
+            let loc = self.locate(ino)?;
+            self.check(&loc, op::READLINK, Need::Read)?;
+            self.source.readlink(&loc.rel).map_err(errno)
+        })();
+        match result {
+            Ok(target) => reply.data(&target),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self.do_create_node(parent, name, op::MKNOD, |dir| {
+            self.source.mknod(dir, name, mode & !umask)
+        });
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self.do_create_node(parent, name, op::MKDIR, |dir| {
+            self.source.mkdir(dir, name, mode & !umask)
+        });
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.remove(parent, name, false), reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(self.remove(parent, name, true), reply);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = self.do_create_node(parent, link_name, op::SYMLINK, |dir| {
+            self.source.symlink(target, dir, link_name)
+        });
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(
+            self.do_rename(parent, name, newparent, newname, flags),
+            reply,
+        );
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let result = (|| {
+            let from = self.locate(ino)?;
+            // Linking gives the file a second name with that name's access, so the file itself
+            // must already be writable (a read-only file must not gain a writable name).
+            self.check(&from, op::LINK, Need::Write)?;
+            let (from_parent, from_name) = split(&from.rel).map_err(errno)?;
+            let attr = self.do_create_node(newparent, newname, op::LINK, |dir| {
+                self.source.link(from_parent, from_name, dir, newname)
+            })?;
+            Ok(attr)
+        })();
+        match result {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let result = (|| {
+            let loc = self.locate(ino)?;
+            let writes =
+                (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+            let need = if writes { Need::Write } else { Need::Read };
+            self.check(&loc, op::OPEN, need)?;
+            let fd = self.source.open_file(&loc.rel, flags.0).map_err(errno)?;
+            if writes {
+                self.audit(&loc.path, op::WRITE, None);
+            }
+            Ok(fd)
+        })();
+        match result {
+            Ok(fd) => self.reply_open(ino, fd, reply),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let result = (|| {
+            let file = self.file(fh)?;
+            let mut buf = vec![0u8; size as usize];
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = rustix::io::pread(&file.fd, &mut buf[filled..], offset + filled as u64)
+                    .map_err(errno)?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            buf.truncate(filled);
+            Ok(buf)
+        })();
+        match result {
+            Ok(data) => reply.data(&data),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // Only files opened for writing (decided rw at open) hold a writable fd.
+        let result = (|| {
+            let file = self.file(fh)?;
+            let mut written = 0;
+            while written < data.len() {
+                let n = rustix::io::pwrite(&file.fd, &data[written..], offset + written as u64)
+                    .map_err(errno)?;
+                if n == 0 {
+                    break;
+                }
+                written += n;
+            }
+            Ok(written as u32)
+        })();
+        match result {
+            Ok(n) => reply.written(n),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let handle = self.handles.lock().remove(&fh.0);
+        if let Some(Handle::File(file)) = handle {
+            let (ino, cached) = (file.ino, file.backing.is_none());
+            drop(file);
+            self.closed(ino, cached);
+        }
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.file(fh).and_then(|file| {
+            if datasync {
+                rustix::fs::fdatasync(&file.fd).map_err(errno)
+            } else {
+                rustix::fs::fsync(&file.fd).map_err(errno)
+            }
+        });
+        reply_empty(result, reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.do_opendir(ino) {
+            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Dir(entries)) => entries.clone(),
+            _ => return reply.error(Errno::EBADF),
+        };
+        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(
+                INodeNo(entry.ino),
+                index as u64 + 1,
+                entry.kind,
+                &entry.name,
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Dir(entries)) => entries.clone(),
+            _ => return reply.error(Errno::EBADF),
+        };
+        // The listing was decided at opendir: only visible entries are in it.
+        let dir = match self
+            .locate(ino)
+            .and_then(|dir| self.source.dir(&dir.rel).map_err(errno))
+        {
+            Ok(dir) => dir,
+            Err(err) => return reply.error(err),
+        };
+        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
+            let next = index as u64 + 1;
+            let dots = entry.name == "." || entry.name == "..";
+            let name: &OsStr = if dots { OsStr::new("") } else { &entry.name };
+            let Ok(st) =
+                rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW | AtFlags::EMPTY_PATH)
+            else {
+                continue; // gone since opendir
+            };
+            if dots {
+                // The kernel takes no reference for `.` and `..`.
+                let attr = self.attr(ino.0, &st);
+                if reply.add(ino, next, &entry.name, &TTL, &attr, Generation(0)) {
+                    break;
+                }
+                continue;
+            }
+            // Every other entry counts as a lookup of its node, unless it does not fit.
+            let attr = self.entry(ino, &entry.name, &st);
+            if reply.add(attr.ino, next, &entry.name, &TTL, &attr, Generation(0)) {
+                self.nodes.lock().forget(attr.ino.0, 1);
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.handles.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.source.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(err) => reply.error(errno(err)),
+        }
+    }
+
+    // Extended attributes are not served. `ENOSYS` makes the kernel stop asking for the whole
+    // connection (and answer `EOPNOTSUPP` itself), which also spares a round trip per write for
+    // `security.capability`.
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let result = (|| {
+            let loc = self.locate(ino)?;
+            if loc.rel.as_os_str().is_empty() && !mask.contains(AccessFlags::W_OK) {
+                return Ok(());
+            }
+            let need = if mask.contains(AccessFlags::W_OK) {
+                Need::Write
+            } else if mask.contains(AccessFlags::R_OK) {
+                Need::Read
+            } else {
+                Need::See
+            };
+            self.check(&loc, op::ACCESS, need).map(|_| ())
+        })();
+        reply_empty(result, reply);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = (|| {
+            let dir = self.parent(parent, op::CREATE)?;
+            let loc = self.child(&dir, name)?;
+            self.check(&loc, op::CREATE, Need::Create)?;
+            let fd = self
+                .source
+                .create(&dir.rel, name, flags, mode & !umask)
+                .map_err(errno)?;
+            self.audit(&loc.path, op::CREATE, None);
+            let st = rustix::fs::fstat(&fd).map_err(errno)?;
+            Ok((self.entry(parent, name, &st), fd))
+        })();
+        match result {
+            Ok((attr, fd)) => {
+                let backing =
+                    self.open_mode(attr.ino.0, attr.size, &fd, |fd| reply.open_backing(fd));
+                let fh = self.open_handle(attr.ino.0, fd, backing.clone());
+                match backing {
+                    Some(id) => reply.created_passthrough(
+                        &TTL,
+                        &attr,
+                        Generation(0),
+                        fh,
+                        FILE_OPEN_FLAGS,
+                        &id,
+                    ),
+                    None => reply.created(&TTL, &attr, Generation(0), fh, FILE_OPEN_FLAGS),
+                }
+            }
+            Err(err) => reply.error(err),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.file(fh).and_then(|file| {
+            let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+            rustix::fs::fallocate(&file.fd, flags, offset, length).map_err(errno)
+        });
+        reply_empty(result, reply);
+    }
+}
+
+impl Server {
+    fn remove(&self, parent: INodeNo, name: &OsStr, dir: bool) -> Result<(), Errno> {
+        let operation = if dir { op::RMDIR } else { op::UNLINK };
+        let parent_loc = self.parent(parent, operation)?;
+        let loc = self.child(&parent_loc, name)?;
+        self.check(&loc, operation, Need::Write)?;
+        self.source
+            .remove(&parent_loc.rel, name, dir)
+            .map_err(errno)?;
+        let mut nodes = self.nodes.lock();
+        if let Some(ino) = nodes.child(parent.0, name) {
+            nodes.detach(ino);
+        }
+        drop(nodes);
+        self.audit(&loc.path, operation, None);
+        Ok(())
+    }
+}
+
+fn reply_empty(result: Result<(), Errno>, reply: ReplyEmpty) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(err) => reply.error(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_paths_follow_renames() {
+        let mut nodes = Nodes::new();
+        let a = nodes.remember(1, OsStr::new("a"), FileType::Directory);
+        let f = nodes.remember(a, OsStr::new("f"), FileType::RegularFile);
+        type Step<'a> = &'a dyn Fn(&mut Nodes);
+        let cases: &[(&str, Step, u64, Option<&str>)] = &[
+            ("initial", &|_| {}, f, Some("a/f")),
+            // the parent directory moves: the child's path follows
+            (
+                "dir renamed",
+                &|n| n.renamed((1, OsStr::new("a")), (1, OsStr::new("b")), false),
+                f,
+                Some("b/f"),
+            ),
+            // a rename over the file detaches it
+            (
+                "overwritten",
+                &|n| {
+                    let g = n.remember(1, OsStr::new("g"), FileType::RegularFile);
+                    n.renamed((1, OsStr::new("g")), (a, OsStr::new("f")), false);
+                    assert_eq!(n.rel(g).as_deref(), Some(Path::new("b/f")));
+                },
+                f,
+                None,
+            ),
+        ];
+        for (name, step, ino, rel) in cases {
+            step(&mut nodes);
+            assert_eq!(nodes.rel(*ino).as_deref(), rel.map(Path::new), "{name}");
+        }
+    }
+
+    #[test]
+    fn node_ids_are_stable_per_path_and_kind() {
+        let mut nodes = Nodes::new();
+        let a = nodes.remember(1, OsStr::new("a"), FileType::RegularFile);
+        assert_eq!(nodes.remember(1, OsStr::new("a"), FileType::RegularFile), a);
+        // replaced by a directory on the host: a new id, the old one detached
+        let b = nodes.remember(1, OsStr::new("a"), FileType::Directory);
+        assert_ne!(a, b);
+        assert_eq!(nodes.rel(a), None);
+        // forgetting every lookup drops the node
+        nodes.forget(b, 1);
+        assert_eq!(nodes.rel(b), None);
+        assert_eq!(nodes.child(1, OsStr::new("a")), None);
+    }
+}
