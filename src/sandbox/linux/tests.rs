@@ -820,21 +820,6 @@ async fn bench_spawn_true() {
         "\nsandbox start (namespaces + init + fs): {:.2} ms",
         start_time.as_secs_f64() * 1e3
     );
-    // Idle memory of the sandbox: init only (a copy-on-write copy of this process).
-    match std::fs::read_to_string(format!("/proc/{}/smaps_rollup", sb.host.init_host_pid())) {
-        Ok(rollup) => {
-            let pick = |k: &str| {
-                let line = rollup.lines().find(|l| l.starts_with(k));
-                line.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-                    .unwrap_or_default()
-            };
-            let keys = ["Rss:", "Pss:", "Private_Clean:", "Private_Dirty:"];
-            println!("idle sandbox (init): {}", keys.map(pick).join(", "));
-        }
-        Err(e) => {
-            println!("idle sandbox memory: unreadable ({e}); init is not dumpable, run as root")
-        }
-    }
     println!(
         "| {:<58} | {:>8} | {:>8} |",
         "spawn+wait `true`, 100 runs", "median ms", "p90 ms"
@@ -865,6 +850,21 @@ async fn bench_spawn_true() {
         );
     } else {
         println!("(bwrap not installed)");
+    }
+    // Idle memory of the sandbox, after the runs so that init has settled: init only.
+    match std::fs::read_to_string(format!("/proc/{}/smaps_rollup", sb.host.init_host_pid())) {
+        Ok(rollup) => {
+            let pick = |k: &str| {
+                let line = rollup.lines().find(|l| l.starts_with(k));
+                line.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default()
+            };
+            let keys = ["Rss:", "Pss:", "Private_Clean:", "Private_Dirty:"];
+            println!("idle sandbox (init): {}", keys.map(pick).join(", "));
+        }
+        Err(e) => {
+            println!("idle sandbox memory: unreadable ({e}); init is not dumpable, run as root")
+        }
     }
     drop(heap);
 }
