@@ -10,10 +10,17 @@
 //! 3. No code path returns into the caller's frames: every entry point ends in `_exit` or `execve`.
 //!
 //! # Security
-//! The order in [`workload_main`] is what makes the confinement hold: the capability drop,
-//! `no_new_privs`, Landlock and seccomp all happen after the last step that needs a capability and
+//! The order in [`workload_main`] is what makes the confinement hold: `no_new_privs`, Landlock,
+//! the capability drop and seccomp all happen after the last step that needs a capability and
 //! before `execve`, so the program the caller named never runs with any privilege in the sandbox's
 //! user namespace (isolation.md §3c: a capable process can remount a read-only bind read-write).
+//!
+//! The helper and the workload share the host's memory until `execve` (`CLONE_VM`, like
+//! `posix_spawn`). Other processes of the sandbox cannot read it meanwhile: ptrace access
+//! (`/proc/<pid>/mem`, `process_vm_readv`) needs a superset of the target's capabilities until the
+//! drop, and Landlock (entered before the drop) denies it across domains after. On a kernel
+//! without Landlock and with Yama's `ptrace_scope` at 0, the few syscalls between the drop and
+//! `execve` remain a window.
 
 use std::ffi::CStr;
 use std::os::fd::RawFd;
@@ -366,17 +373,21 @@ unsafe fn confine(plan: &SpawnPlan) -> CResult {
     check_i(libc::chdir(plan.cwd.as_ptr()), Stage::Chdir)?;
     // 5. Identity: uid/gid 0 of the sandbox (setns keeps the host ids, which may be unmapped).
     become_sandbox_root()?;
-    // 6. Capabilities: lock root's special treatment off, empty every set.
-    drop_capabilities()?;
-    // 7. no_new_privs: required for unprivileged Landlock and seccomp; no setuid gains.
+    // 6. no_new_privs: no setuid gains; required for seccomp.
     check_i(
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
         Stage::NoNewPrivs,
     )?;
-    // 8. Landlock (ruleset completed by init with the sandbox-side paths).
+    // 7. Landlock (ruleset completed by init with the sandbox-side paths), *before* the
+    //    capability drop: until exec this process shares the host's memory, and another sandboxed
+    //    process may only ptrace-access it (/proc/<pid>/mem) if its capabilities are a superset
+    //    (false while we still hold ours) and Landlock allows it (never, once we are in our own
+    //    domain). This order leaves no window between the two.
     if plan.landlock_fd >= 0 {
         landlock::restrict_self(plan.landlock_fd)?;
     }
+    // 8. Capabilities: lock root's special treatment off, empty every set.
+    drop_capabilities()?;
     // 9. Every inherited fd above 2 is closed at exec (CLOEXEC keeps the error pipe until then).
     let ret = libc::syscall(
         libc::SYS_close_range,

@@ -450,7 +450,9 @@ fn killing_the_host_process_leaves_no_sandboxed_process() {
         std::thread::sleep(Duration::from_secs(60));
         return;
     }
-    let mut child = std::process::Command::new(std::env::current_exe().expect("exe"))
+    // /proc/self/exe, not current_exe(): the path may meanwhile hold another build (a target
+    // directory shared between worktrees), the inode we run from cannot.
+    let mut child = std::process::Command::new("/proc/self/exe")
         .args([
             "--exact",
             "sandbox::linux::tests::killing_the_host_process_leaves_no_sandboxed_process",
@@ -736,7 +738,12 @@ fn unprivileged_run_passes_the_same_escape_tests() {
         eprintln!("skipped: setpriv (util-linux) is not installed");
         return;
     }
-    let exe = std::env::current_exe().expect("exe");
+    // The running binary's inode, passed as an inherited fd: the path may meanwhile hold another
+    // build (a shared target directory), and setpriv would resolve /proc/self/exe to itself.
+    // SAFETY: plain open without O_CLOEXEC so that setpriv inherits it; closed below.
+    let exe_fd = unsafe { libc::open(c"/proc/self/exe".as_ptr(), libc::O_RDONLY) };
+    assert!(exe_fd >= 0, "open /proc/self/exe");
+    let exe = format!("/proc/self/fd/{exe_fd}");
     let out = std::process::Command::new("/usr/bin/setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&exe)
@@ -746,6 +753,8 @@ fn unprivileged_run_passes_the_same_escape_tests() {
         .current_dir("/")
         .output()
         .expect("run setpriv");
+    // SAFETY: our fd.
+    unsafe { libc::close(exe_fd) };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -811,21 +820,6 @@ async fn bench_spawn_true() {
         "\nsandbox start (namespaces + init + fs): {:.2} ms",
         start_time.as_secs_f64() * 1e3
     );
-    // Idle memory of the sandbox: init only (a copy-on-write copy of this process).
-    match std::fs::read_to_string(format!("/proc/{}/smaps_rollup", sb.host.init_host_pid())) {
-        Ok(rollup) => {
-            let pick = |k: &str| {
-                let line = rollup.lines().find(|l| l.starts_with(k));
-                line.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-                    .unwrap_or_default()
-            };
-            let keys = ["Rss:", "Pss:", "Private_Clean:", "Private_Dirty:"];
-            println!("idle sandbox (init): {}", keys.map(pick).join(", "));
-        }
-        Err(e) => {
-            println!("idle sandbox memory: unreadable ({e}); init is not dumpable, run as root")
-        }
-    }
     println!(
         "| {:<58} | {:>8} | {:>8} |",
         "spawn+wait `true`, 100 runs", "median ms", "p90 ms"
@@ -856,6 +850,21 @@ async fn bench_spawn_true() {
         );
     } else {
         println!("(bwrap not installed)");
+    }
+    // Idle memory of the sandbox, after the runs so that init has settled: init only.
+    match std::fs::read_to_string(format!("/proc/{}/smaps_rollup", sb.host.init_host_pid())) {
+        Ok(rollup) => {
+            let pick = |k: &str| {
+                let line = rollup.lines().find(|l| l.starts_with(k));
+                line.map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default()
+            };
+            let keys = ["Rss:", "Pss:", "Private_Clean:", "Private_Dirty:"];
+            println!("idle sandbox (init): {}", keys.map(pick).join(", "));
+        }
+        Err(e) => {
+            println!("idle sandbox memory: unreadable ({e}); init is not dumpable, run as root")
+        }
     }
     drop(heap);
 }
