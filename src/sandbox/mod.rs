@@ -291,12 +291,12 @@ impl Sandbox {
                     self.ca.cert_pem().to_owned(),
                     fs.clone(),
                 );
-                let (host, listener) = blocking(move || {
+                let (host, handover) = blocking(move || {
                     let spec = runtime::launch_spec(&name, &dir, &mounts, &ca_pem)?;
                     linux::SandboxHost::start(spec)
                 })
                 .await?;
-                self.engine.serve_sandbox_listener(listener)?;
+                self.engine.serve_sandbox_listener(handover.proxy)?;
                 slot.insert(runtime::Runtime { host, fs })
             }
         };

@@ -159,6 +159,14 @@ pub struct ExitStatus {
     pub signal: Option<i32>,
 }
 
+/// What a sandbox's init created inside its namespaces and handed to the host over `SCM_RIGHTS`,
+/// for the host to serve.
+#[derive(Debug)]
+pub struct Handover {
+    /// The proxy listener on `127.0.0.1:<proxy_port>` inside (blocking mode).
+    pub proxy: std::net::TcpListener,
+}
+
 /// One sandbox's namespaces and init (PID 1).
 ///
 /// Dropping it closes it ([`SandboxHost::close`]).
@@ -370,8 +378,8 @@ fn errno_text(errno: i32) -> String {
 // ----- start -----
 
 impl SandboxHost {
-    /// Creates the sandbox's namespaces and init; returns the proxy listener created inside its
-    /// network namespace (blocking mode; call `set_nonblocking(true)` before handing it to tokio).
+    /// Creates the sandbox's namespaces and init; returns what init created inside for the host
+    /// to serve ([`Handover`]: the proxy listener, blocking mode).
     ///
     /// Blocks for the setup (a few milliseconds); call it from `spawn_blocking` in async code.
     ///
@@ -379,7 +387,7 @@ impl SandboxHost {
     /// `HIVE_USERNS_UNAVAILABLE` (with [`USERNS_HINT`]) when the kernel refuses the namespaces
     /// or their setup; `HIVE_INVALID_ARGUMENT` for a bad mount target; I/O errors for a missing
     /// mount source.
-    pub fn start(spec: LaunchSpec) -> Result<(SandboxHost, std::net::TcpListener)> {
+    pub fn start(spec: LaunchSpec) -> Result<(SandboxHost, Handover)> {
         on_launcher(move || start_on_launcher(&spec))
     }
 
@@ -449,7 +457,7 @@ impl Drop for SandboxHost {
     }
 }
 
-fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpListener)> {
+fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     let ruleset = landlock::create_ruleset()
         .map_err(|e| HiveError::io("creating the Landlock ruleset", e))?;
     if ruleset.is_none() {
@@ -578,7 +586,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, std::net::TcpLis
         SandboxHost {
             inner: Arc::new(inner),
         },
-        listener,
+        Handover { proxy: listener },
     ))
 }
 

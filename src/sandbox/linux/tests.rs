@@ -59,7 +59,8 @@ fn start(name: &str) -> Sandbox {
         ca_bundle_pem: b"-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n".to_vec(),
         proxy_port: PORT,
     };
-    let (host, listener) = SandboxHost::start(spec).expect("sandbox starts");
+    let (host, handover) = SandboxHost::start(spec).expect("sandbox starts");
+    let listener = handover.proxy;
     Sandbox {
         host,
         listener,
