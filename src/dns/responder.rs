@@ -10,7 +10,8 @@
 //!    PTR with the name mapped to that address, while the policy could still allow that name.
 //! 3. `localhost` and its subdomains answer `127.0.0.1` / `::1` (RFC 6761 §6.3).
 //! 4. Any other name is normalized and, if some allow rule of the policy in force *now* could
-//!    match it ([`crate::policy::Policy::could_allow_host`], the policy loaded from the cell for
+//!    match it through a host-name rule ([`crate::policy::Policy::could_resolve_name`]: an
+//!    IP/CIDR rule never makes a name resolvable), the policy loaded from the cell for
 //!    each query, so `applyConfig` takes effect at once), A gets its mapped address from the
 //!    [`NameTable`] with a TTL of [`ANSWER_TTL`] seconds, AAAA an empty answer (or the mapped IPv6
 //!    address, see [`DnsResponder::with_ipv6_answers`]), every other type an empty answer.
@@ -254,7 +255,7 @@ impl DnsResponder {
             return Outcome::answer(answers, None);
         }
         let compiled = self.cell.load();
-        if !compiled.policy.could_allow_host(&host) {
+        if !compiled.policy.could_resolve_name(&host) {
             return Outcome::denied(rcode::NXDOMAIN, host);
         }
         let mapped = match question.qtype {
@@ -291,7 +292,7 @@ impl DnsResponder {
         } else {
             self.names
                 .name_for(ip)
-                .filter(|name| self.cell.load().policy.could_allow_host(name))
+                .filter(|name| self.cell.load().policy.could_resolve_name(name))
         };
         let Some(target) = target else {
             return Outcome::denied(rcode::NXDOMAIN, reverse_name);

@@ -241,14 +241,30 @@ impl Policy {
     /// rule with no `ports`, `methods` or `paths` names the host before any such allow rule, so
     /// denied names get NXDOMAIN.
     pub fn could_allow_host(&self, host: &str) -> bool {
+        self.could_allow(host, true)
+    }
+
+    /// Whether a *name* should resolve in the sandbox's DNS responder: like
+    /// [`Policy::could_allow_host`], but only host-name rules (exact, `*.suffix`, `*`) count.
+    ///
+    /// # Security
+    /// A name reachable only through an IP/CIDR allow rule does not resolve: resolving it would
+    /// make the proxy look up attacker-chosen names (`<secret>.attacker.example`) on the host's
+    /// resolver, which is DNS exfiltration. An IP literal asked as a name still counts when an
+    /// IP/CIDR rule names it (nothing is looked up for it).
+    pub fn could_resolve_name(&self, host: &str) -> bool {
+        self.could_allow(host, false)
+    }
+
+    fn could_allow(&self, host: &str, nets_match_names: bool) -> bool {
         let Some(host) = normalized(host) else {
             return false;
         };
         let literal = host_ip(&host);
         // A name may resolve into any block, so an IP/CIDR allow rule could allow it.
         let mut first_allow = match literal {
-            None => self.index.first_net_allow().unwrap_or(NONE),
-            Some(_) => NONE,
+            None if nets_match_names => self.index.first_net_allow().unwrap_or(NONE),
+            _ => NONE,
         };
         let mut first_deny = NONE;
         self.index
@@ -813,6 +829,16 @@ mod tests {
             (json!([{ "access": "allow", "host": "a.com" }]), "b.com", false),
             (json!([{ "access": "allow", "host": "*" }]), "bad host", false),
         ];
+        for (rules, host, want) in cases {
+            // Names resolve through host-name rules only (issue 5: no DNS exfiltration).
+            let name_rule = !(rules.to_string().contains("10.0.0.0/8"));
+            let p = policy(rules.clone());
+            assert_eq!(
+                p.could_resolve_name(host),
+                *want && (name_rule || host.parse::<std::net::IpAddr>().is_ok()),
+                "could_resolve_name {rules} {host}"
+            );
+        }
         for (egress, host, want) in cases {
             assert_eq!(
                 policy(egress.clone()).could_allow_host(host),

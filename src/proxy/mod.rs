@@ -171,18 +171,21 @@ impl Engine {
     /// SPEC §4): each connection is mapped to the name and port it meant by `target`, decided like
     /// a `CONNECT` to that host:port, then intercepted (TLS), served as HTTP, or tunnelled raw
     /// where the policy allows raw TCP. Events say `via: "transparent"`.
+    ///
+    /// The returned handle stops this listener alone ([`ListenerHandle::stop`]), e.g. when
+    /// `applyConfig` removes the last rule naming its port; [`Engine::shutdown`] stops it too.
     pub fn serve_transparent_listener(
         self: &Arc<Self>,
         listener: std::net::TcpListener,
         target: TransparentTarget,
-    ) -> Result<()> {
+    ) -> Result<ListenerHandle> {
         listener
             .set_nonblocking(true)
             .map_err(|e| HiveError::io("making a transparent listener non-blocking", e))?;
         let listener = tokio::net::TcpListener::from_std(listener)
             .map_err(|e| HiveError::io("registering a transparent listener", e))?;
-        self.start_listener(listener, Via::Transparent, None, Some(target))?;
-        Ok(())
+        let ctl = self.start_listener(listener, Via::Transparent, None, Some(target))?;
+        Ok(ListenerHandle(ctl))
     }
 
     /// Opens the host-side listener of `sandbox.proxy()` on `127.0.0.1:0` with a fresh random
@@ -246,6 +249,30 @@ impl Engine {
             .filter(|l| !l.is_closed())
             .map(|l| l.local)
             .collect()
+    }
+}
+
+/// One listener served by an [`Engine`] (see [`Engine::serve_transparent_listener`]).
+pub struct ListenerHandle(Arc<ListenerCtl>);
+
+impl std::fmt::Debug for ListenerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerHandle")
+            .field("addr", &self.0.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ListenerHandle {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.0.local
+    }
+
+    /// Stops accepting at once (the socket closes, so new connections are refused); connections
+    /// already accepted finish their current exchange. Idempotent.
+    pub fn stop(&self) {
+        self.0.begin_close();
     }
 }
 

@@ -211,7 +211,11 @@ impl Sandbox {
         #[cfg(target_os = "linux")]
         self.stop_if_mounts_changed(&config.fs);
         let (egress_rules, fs_mounts) = (config.egress.len(), config.fs.len());
+        #[cfg(target_os = "linux")]
+        let capture_ports = runtime::capture_ports(&config);
         self.cell.store(Arc::new(Compiled::new(config)));
+        #[cfg(target_os = "linux")]
+        self.sync_capture_ports(&capture_ports);
         let mut fields = Map::new();
         fields.insert("egressRules".into(), json!(egress_rules));
         fields.insert("fsMounts".into(), json!(fs_mounts));
@@ -291,13 +295,23 @@ impl Sandbox {
                     self.ca.cert_pem().to_owned(),
                     fs.clone(),
                 );
+                let ports = runtime::capture_ports(&self.cell.load().config);
+                let wanted = ports.clone();
                 let (host, handover) = blocking(move || {
-                    let spec = runtime::launch_spec(&name, &dir, &mounts, &ca_pem)?;
+                    let spec = runtime::launch_spec(&name, &dir, &mounts, &ca_pem, ports)?;
                     linux::SandboxHost::start(spec)
                 })
                 .await?;
                 self.engine.serve_sandbox_listener(handover.proxy)?;
-                slot.insert(runtime::Runtime { host, fs })
+                let net = runtime::Transparent::start(
+                    &self.name,
+                    &self.cell,
+                    &self.events,
+                    &self.engine,
+                    (handover.dns_udp, handover.dns_tcp, handover.transparent),
+                    &wanted,
+                )?;
+                slot.insert(runtime::Runtime { host, fs, net })
             }
         };
         let spec = linux::ProcessSpec {
@@ -318,6 +332,15 @@ impl Sandbox {
             if let Some(stale) = slot.take() {
                 stale.host.close();
             }
+        }
+    }
+
+    /// Captured ports follow the rules in force (called from blocking context, after the swap).
+    #[cfg(target_os = "linux")]
+    fn sync_capture_ports(&self, ports: &[u16]) {
+        let mut slot = self.runtime.blocking_lock();
+        if let Some(running) = slot.as_mut() {
+            running.net.sync_ports(&running.host, &self.engine, ports);
         }
     }
 

@@ -6,19 +6,30 @@
 //!    CA) and the proxy listener, which the engine then serves.
 //! 2. Every spawn gets a fresh environment: [`linux::default_env`] plus what the caller adds;
 //!    nothing of the host program's environment.
-//! 3. A config whose `fs` differs from the one the namespaces were started with stops them (their
+//! 3. The transparent path ([`Transparent`]): the DNS responder on the DNS sockets init made, and
+//!    the capture listeners (80, 443 and every allow rule's ports, [`capture_ports`]) served by
+//!    the engine with [`transparent_target`]; `applyConfig` adds and stops capture listeners as
+//!    the rules' ports change.
+//! 4. A config whose `fs` differs from the one the namespaces were started with stops them (their
 //!    processes are killed): the next spawn starts new ones, so looser mounts never stay in force.
 
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::{json, Map};
 
+use super::linux::capture::{self, CaptureListeners};
 use super::linux::{
     self, BindMount, ExitStatus, LaunchSpec, ProcessSpec, SandboxHost, SandboxProcess,
 };
-use crate::config::{FsAccess, FsMount};
+use crate::config::{Config, FsAccess, FsMount, RuleAccess};
+use crate::dns::{self, DnsResponder, NameTable};
 use crate::error::{HiveError, Result};
 use crate::events::{kind, EventBus};
+use crate::policy::PolicyCell;
+use crate::proxy::{Engine, ListenerHandle, TransparentTarget};
 
 /// Where the proxy listens inside every sandbox.
 pub const PROXY_PORT: u16 = 3128;
@@ -35,10 +46,169 @@ const SYSTEM_BUNDLES: &[&str] = &[
 pub struct Runtime {
     pub host: SandboxHost,
     pub fs: Vec<FsMount>,
+    /// The transparent path: DNS responder and capture listeners.
+    pub net: Transparent,
+}
+
+/// Ports captured whatever the rules say: plain HTTP and HTTPS.
+pub const ALWAYS_CAPTURED: [u16; 2] = [80, 443];
+
+/// The ports whose connections to any address are captured inside: 80, 443 and every port an
+/// allow rule names, sorted, without the proxy's and the DNS responder's own ports.
+pub fn capture_ports(config: &Config) -> Vec<u16> {
+    let mut ports: Vec<u16> = ALWAYS_CAPTURED.to_vec();
+    for rule in &config.egress {
+        if rule.access == RuleAccess::Allow {
+            ports.extend(rule.ports.iter().flatten().copied());
+        }
+    }
+    ports.retain(|p| *p != PROXY_PORT && *p != capture::DNS_PORT);
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Maps the local address a captured connection dialled to the host and port it meant: a
+/// sandbox-local address from the DNS responder to its name (an unknown one to `None`, which
+/// closes the connection), the sandbox's own loopback to `None`, any other address to its IP
+/// literal, decided like a CONNECT to that address.
+///
+/// # Security
+/// The sandbox's loopback (`127.0.0.0/8`, `::1`) is its own: mapping it to the host's loopback
+/// would let a sandbox reach host services by dialling `127.0.0.1:<captured port>`.
+pub fn transparent_target(names: Arc<NameTable>) -> TransparentTarget {
+    Arc::new(move |local: SocketAddr| {
+        let ip = match local.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        if dns::names::is_mapped_range(ip) {
+            return names.name_for(ip).map(|name| (name, local.port()));
+        }
+        if ip.is_loopback() || ip.is_unspecified() {
+            return None;
+        }
+        Some((ip.to_string(), local.port()))
+    })
+}
+
+/// One sandbox's transparent path (SPEC §4 "Network"): its [`NameTable`], the [`DnsResponder`]
+/// serving the DNS sockets, and the capture listeners the engine serves, by port. Dropping it
+/// stops the responder and the listeners.
+pub struct Transparent {
+    names: Arc<NameTable>,
+    dns: Arc<DnsResponder>,
+    listeners: BTreeMap<u16, Vec<ListenerHandle>>,
+}
+
+impl Transparent {
+    /// Serves what init handed over ([`linux::Handover`]): the DNS sockets with a new responder, the capture listeners
+    /// with `engine`. Must run within a tokio runtime.
+    pub fn start(
+        name: &str,
+        cell: &Arc<PolicyCell>,
+        events: &Arc<EventBus>,
+        engine: &Arc<Engine>,
+        (dns_udp, dns_tcp, captured): (
+            Option<std::net::UdpSocket>,
+            Option<std::net::TcpListener>,
+            CaptureListeners,
+        ),
+        wanted: &[u16],
+    ) -> Result<Transparent> {
+        let names = Arc::new(NameTable::new());
+        let dns = Arc::new(DnsResponder::new(
+            name.to_owned(),
+            cell.clone(),
+            events.clone(),
+            names.clone(),
+        ));
+        let mut net = Transparent {
+            names,
+            dns,
+            listeners: BTreeMap::new(),
+        };
+        if let Some(udp) = dns_udp {
+            net.dns.serve_udp(udp)?;
+        }
+        if let Some(tcp) = dns_tcp {
+            net.dns.serve_tcp(tcp)?;
+        }
+        net.serve(engine, captured)?;
+        net.warn_missing(name, wanted);
+        Ok(net)
+    }
+
+    /// Makes the captured ports follow `wanted` (after `applyConfig`): a new port gets listeners
+    /// made inside the running sandbox, a port no longer wanted stops accepting. Blocking (the
+    /// launcher thread creates the sockets); must run within a tokio runtime.
+    pub fn sync_ports(&mut self, host: &SandboxHost, engine: &Arc<Engine>, wanted: &[u16]) {
+        let removed: Vec<u16> = self
+            .listeners
+            .keys()
+            .copied()
+            .filter(|p| !wanted.contains(p))
+            .collect();
+        for port in removed {
+            for handle in self.listeners.remove(&port).into_iter().flatten() {
+                handle.stop();
+            }
+        }
+        let added: Vec<u16> = wanted
+            .iter()
+            .copied()
+            .filter(|p| !self.listeners.contains_key(p))
+            .collect();
+        if added.is_empty() {
+            return;
+        }
+        let opened = host
+            .open_capture_listeners(added.clone())
+            .and_then(|listeners| self.serve(engine, listeners));
+        if let Err(e) = opened {
+            tracing::warn!(sandbox = %host.name(), error = %e, ports = ?added, "opening capture listeners");
+        }
+        self.warn_missing(host.name(), &added);
+    }
+
+    fn serve(&mut self, engine: &Arc<Engine>, listeners: CaptureListeners) -> Result<()> {
+        for (port, listener) in listeners {
+            let handle = engine
+                .serve_transparent_listener(listener, transparent_target(self.names.clone()))?;
+            self.listeners.entry(port).or_default().push(handle);
+        }
+        Ok(())
+    }
+
+    fn warn_missing(&self, sandbox: &str, wanted: &[u16]) {
+        let missing: Vec<u16> = wanted
+            .iter()
+            .copied()
+            .filter(|p| !self.listeners.contains_key(p))
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(sandbox = %sandbox, ports = ?missing, "these ports could not be captured (in use inside the sandbox?)");
+        }
+    }
+}
+
+impl Drop for Transparent {
+    fn drop(&mut self) {
+        self.dns.shutdown();
+        for handle in self.listeners.values().flatten() {
+            handle.stop();
+        }
+    }
 }
 
 /// Builds the launch spec for a sandbox from its `fs` config. Blocking (creates folders).
-pub fn launch_spec(name: &str, dir: &Path, fs: &[FsMount], ca_pem: &str) -> Result<LaunchSpec> {
+pub fn launch_spec(
+    name: &str,
+    dir: &Path,
+    fs: &[FsMount],
+    ca_pem: &str,
+    capture_ports: Vec<u16>,
+) -> Result<LaunchSpec> {
     let mut mounts = Vec::with_capacity(fs.len());
     for mount in fs {
         let writable = mount_access(mount)?;
@@ -69,6 +239,7 @@ pub fn launch_spec(name: &str, dir: &Path, fs: &[FsMount], ca_pem: &str) -> Resu
         mounts,
         ca_bundle_pem: bundle,
         proxy_port: PROXY_PORT,
+        capture_ports,
     })
 }
 

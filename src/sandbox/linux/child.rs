@@ -73,13 +73,15 @@ pub(crate) enum Stage {
     Exec = 30,
     Setsid = 31,
     Identity = 32,
+    Routes = 33,
+    DnsSocket = 34,
     Unknown = 255,
 }
 
 impl Stage {
     /// Decodes a stage code received from a child.
     pub(crate) fn from_u32(v: u32) -> Stage {
-        const ALL: [Stage; 33] = [
+        const ALL: [Stage; 35] = [
             Stage::Ok,
             Stage::Handshake,
             Stage::Hostname,
@@ -113,6 +115,8 @@ impl Stage {
             Stage::Exec,
             Stage::Setsid,
             Stage::Identity,
+            Stage::Routes,
+            Stage::DnsSocket,
         ];
         ALL.iter()
             .copied()
@@ -156,6 +160,8 @@ impl Stage {
             Stage::Exec => "executing the command",
             Stage::Setsid => "starting a new session",
             Stage::Identity => "switching to the sandbox's uid/gid 0",
+            Stage::Routes => "adding the capture routes",
+            Stage::DnsSocket => "creating the DNS sockets",
             Stage::Unknown => "an unknown step",
         }
     }

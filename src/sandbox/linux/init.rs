@@ -7,8 +7,10 @@
 //!    parent died before step 1 took effect: exit. Switches to the sandbox's uid/gid 0 (which
 //!    clears PDEATHSIG, so it is set again) and makes itself non-dumpable: its memory is a copy of
 //!    the host's.
-//! 3. Hostname, `lo` up, the proxy listener ([`super::netns`]); the filesystem
-//!    ([`super::mounts`]); the Landlock rules.
+//! 3. Hostname, `lo` up, the proxy listener ([`super::netns`]); the capture routes, DNS sockets
+//!    and capture listeners ([`super::capture`], each fd sent at once); the filesystem
+//!    ([`super::mounts`]) with the generated `/etc/resolv.conf` and `/etc/hosts`; the Landlock
+//!    rules.
 //! 4. Reports success with the listener attached, closes every fd it holds, and becomes a
 //!    reaper: orphans of the sandbox are re-parented to it and must not stay zombies. On x86_64
 //!    it first unmaps the host's memory it was cloned with ([`reap_forever`]).
@@ -16,6 +18,7 @@
 //! init never execs: it is a copy of the host process with a tiny, allocation-free loop. The
 //! workloads are not its children (see [`super`] for why); it only reaps orphans.
 
+use super::capture;
 use super::child::{check, CResult, Fail, Stage};
 use super::mounts;
 use super::netns;
@@ -86,9 +89,13 @@ unsafe fn setup(plan: &mut InitPlan) -> CResult<libc::c_int> {
         libc::sethostname(plan.hostname.as_ptr().cast(), plan.hostname.len()) as libc::c_long,
         Stage::Hostname,
     )?;
-    netns::loopback_up()?;
+    let lo = netns::loopback_up()?;
     let listener = netns::proxy_listener(plan.proxy_port)?;
+    capture::local_routes(lo)?;
+    capture::dns_sockets(plan.ctrl)?;
+    capture::capture_listeners(plan.ctrl, &plan.capture_ports)?;
     mounts::build_root(plan)?;
+    mounts::etc_files(plan)?;
     mounts::landlock_rules(plan)?;
     mounts::root_read_only()?;
     Ok(listener)

@@ -66,6 +66,7 @@
 //! See [`child`] for the confinement order. init is a copy of the host's memory and is made
 //! non-dumpable; spawns join the namespaces through fds the parent opened before that.
 
+pub mod capture;
 pub(crate) mod child;
 pub(crate) mod idmap;
 pub(crate) mod init;
@@ -111,6 +112,9 @@ pub struct LaunchSpec {
     pub ca_bundle_pem: Vec<u8>,
     /// Port of the proxy listener created on 127.0.0.1 inside the sandbox (3128).
     pub proxy_port: u16,
+    /// Ports whose connections to any address are captured ([`capture`]): 80, 443 and every
+    /// port an allow rule names. Empty: nothing captured (a connection anywhere is refused).
+    pub capture_ports: Vec<u16>,
 }
 
 impl fmt::Debug for LaunchSpec {
@@ -123,6 +127,7 @@ impl fmt::Debug for LaunchSpec {
                 &format_args!("{} bytes", self.ca_bundle_pem.len()),
             )
             .field("proxy_port", &self.proxy_port)
+            .field("capture_ports", &self.capture_ports)
             .finish()
     }
 }
@@ -165,6 +170,13 @@ pub struct ExitStatus {
 pub struct Handover {
     /// The proxy listener on `127.0.0.1:<proxy_port>` inside (blocking mode).
     pub proxy: std::net::TcpListener,
+    /// The DNS responder's UDP socket on `127.0.0.1:53` inside (blocking mode).
+    pub dns_udp: Option<std::net::UdpSocket>,
+    /// The DNS responder's TCP listener on `127.0.0.1:53` inside (blocking mode).
+    pub dns_tcp: Option<std::net::TcpListener>,
+    /// Capture listeners on `0.0.0.0` and `[::]`, by port (blocking mode); ports that could not
+    /// be bound are missing.
+    pub transparent: capture::CaptureListeners,
 }
 
 /// One sandbox's namespaces and init (PID 1).
@@ -434,6 +446,24 @@ impl SandboxHost {
         }
     }
 
+    /// Creates capture listeners (`0.0.0.0` and `[::]`) for `ports` inside the running sandbox,
+    /// through a short-lived helper that joins its user and network namespaces
+    /// ([`capture::open_capture_listeners`]); ports that cannot be bound are missing from the
+    /// result. Blocks for a millisecond or so.
+    ///
+    /// # Errors
+    /// `HIVE_SANDBOX_CLOSED` after [`SandboxHost::close`]; an internal error if the helper fails.
+    pub fn open_capture_listeners(&self, ports: Vec<u16>) -> Result<capture::CaptureListeners> {
+        let inner = self.inner.clone();
+        on_launcher(move || {
+            if inner.state.lock().map(|s| s.closed).unwrap_or(true) {
+                return Err(HiveError::SandboxClosed(inner.name.clone()));
+            }
+            let fd = |i: usize| inner.ns_fds.get(i).map(|f| f.as_raw_fd()).unwrap_or(-1);
+            capture::open_capture_listeners(fd(0), fd(2), &ports)
+        })
+    }
+
     /// The sandbox name.
     pub fn name(&self) -> &str {
         &self.inner.name
@@ -548,26 +578,32 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if unsafe { libc::write(ours.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
         return Err(fail(last_err("starting the sandbox init")));
     }
-    let report = match netns::recv_report(ours.as_raw_fd()) {
-        Ok(r) => r,
-        Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
-    };
-    let listener = match report {
-        None => {
+    let mut handed = Handed::default();
+    let listener = loop {
+        let report = match netns::recv_report(ours.as_raw_fd()) {
+            Ok(r) => r,
+            Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
+        };
+        let Some((buf, fd)) = report else {
             let status = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED)
                 .ok()
                 .flatten();
             return Err(HiveError::Internal(format!(
                 "sandbox init exited during setup: {status:?}"
             )));
+        };
+        if handed.take(&buf, fd) {
+            continue;
         }
-        Some((buf, fd)) => {
-            let (stage, errno) = child::decode_report(&buf);
-            match (stage, fd) {
-                (Stage::Ok, Some(fd)) => std::net::TcpListener::from(fd),
-                _ => return Err(fail(init_error(stage, errno))),
-            }
+        let (stage, errno) = child::decode_report(&buf);
+        match stage {
+            Stage::Ok => {}
+            _ => return Err(fail(init_error(stage, errno))),
         }
+        let Some(fd) = handed.last_fd.take() else {
+            return Err(fail(init_error(stage, errno)));
+        };
+        break std::net::TcpListener::from(fd);
     };
     let inner = HostInner {
         name: spec.name.clone(),
@@ -586,8 +622,45 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         SandboxHost {
             inner: Arc::new(inner),
         },
-        Handover { proxy: listener },
+        Handover {
+            proxy: listener,
+            dns_udp: handed.dns_udp,
+            dns_tcp: handed.dns_tcp,
+            transparent: handed.transparent,
+        },
     ))
+}
+
+/// The fds init sends before its final report ([`capture::FdKind`]).
+#[derive(Default)]
+struct Handed {
+    dns_udp: Option<std::net::UdpSocket>,
+    dns_tcp: Option<std::net::TcpListener>,
+    transparent: capture::CaptureListeners,
+    /// The fd attached to the final report (the proxy listener).
+    last_fd: Option<OwnedFd>,
+}
+
+impl Handed {
+    /// Keeps an fd message's fd; `false` (keeping a report's fd in `last_fd`) for a report.
+    fn take(&mut self, buf: &[u8; 8], fd: Option<OwnedFd>) -> bool {
+        let word = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let port = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as u16;
+        let Some(kind) = capture::FdKind::from_word(word) else {
+            self.last_fd = fd;
+            return false;
+        };
+        if let Some(fd) = fd {
+            match kind {
+                capture::FdKind::DnsUdp => self.dns_udp = Some(fd.into()),
+                capture::FdKind::DnsTcp => self.dns_tcp = Some(fd.into()),
+                capture::FdKind::CaptureV4 | capture::FdKind::CaptureV6 => {
+                    self.transparent.push((port, fd.into()))
+                }
+            }
+        }
+        true
+    }
 }
 
 /// Opens init's namespaces in [`plan::NS_ORDER`].

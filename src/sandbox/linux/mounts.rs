@@ -13,7 +13,8 @@
 //! 4. `pivot_root(".", ".")`, detach the old root.
 //! 5. With the new root in place (so absolute symlinks resolve inside): hide the `/etc` secrets
 //!    the parent found, bind the CA bundle over the distribution bundle paths that exist.
-//! 6. init then adds the Landlock rules ([`landlock_rules`]) and makes `/` read-only
+//! 6. [`etc_files`]: the generated `/etc/resolv.conf` and `/etc/hosts` (transparent networking).
+//! 7. init then adds the Landlock rules ([`landlock_rules`]) and makes `/` read-only
 //!    ([`root_read_only`]).
 //!
 //! Binds use the new mount API: `open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)` makes a detached
@@ -25,7 +26,7 @@ use std::ffi::CStr;
 
 use super::child::{check, check_i, errno, write_file, CResult, Fail, Stage};
 use super::landlock::{self, ALL, IOCTL_DEV, READ_DIR, READ_EXEC, READ_FILE, WRITE_FILE};
-use super::plan::{InitPlan, SystemEntry, HIDDEN_DIR, HIDDEN_FILE};
+use super::plan::{EtcTarget, InitPlan, SystemEntry, HIDDEN_DIR, HIDDEN_FILE};
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const AT_EMPTY_PATH: libc::c_uint = 0x1000;
@@ -407,6 +408,44 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
                 true,
                 Stage::BindCaBundle,
             )?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the generated `/etc/resolv.conf` and `/etc/hosts` under `/run/hive` and shows them at
+/// their `/etc` paths (cwd is the new `/`, not yet read-only): bound over the host's file, or,
+/// where the host's entry is a symlink into `/run`, as a symlink created at its target.
+pub(crate) unsafe fn etc_files(plan: &InitPlan) -> CResult {
+    for file in plan.etc_files.iter() {
+        write_file(&file.staged, &file.data, 0o444)?;
+        match &file.target {
+            EtcTarget::Bind(target) => {
+                let mut st: libc::stat = std::mem::zeroed();
+                if libc::stat(target.as_ptr(), &mut st) == 0
+                    && st.st_mode & libc::S_IFMT == libc::S_IFREG
+                {
+                    bind(
+                        libc::AT_FDCWD,
+                        &file.staged,
+                        target,
+                        false,
+                        RO | MOUNT_ATTR_NOEXEC,
+                        true,
+                        Stage::WriteFile,
+                    )?;
+                }
+            }
+            EtcTarget::Symlink { mkdirs, link } => {
+                for d in mkdirs.iter() {
+                    mkdir(d, 0o755, Stage::WriteFile)?;
+                }
+                check_i(
+                    libc::symlink(file.staged_abs.as_ptr(), link.as_ptr()),
+                    Stage::WriteFile,
+                )?;
+            }
+            EtcTarget::Skip => {}
         }
     }
     Ok(())

@@ -7,6 +7,9 @@
 //!    over the control socket (`SCM_RIGHTS`) together with its status report.
 //! 3. The parent receives it ([`recv_report`]) and hands it to the proxy; the listener a
 //!    connection arrives on identifies the sandbox.
+//! 4. The transparent path ([`super::capture`]) adds local routes, the DNS sockets and the capture
+//!    listeners; each of their fds travels in its own message ([`send_fd`]) before the final
+//!    status report.
 //!
 //! # Security
 //! `lo` up returning `EPERM` is how Ubuntu's AppArmor user-namespace restriction shows (the userns
@@ -14,10 +17,11 @@
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+use super::capture::{FdKind, FD_MESSAGE};
 use super::child::{check_i, encode_report, errno, CResult, Fail, Stage};
 
-/// Brings the loopback interface up (child side).
-pub(crate) unsafe fn loopback_up() -> CResult {
+/// Brings the loopback interface up (child side); returns its interface index.
+pub(crate) unsafe fn loopback_up() -> CResult<u32> {
     let sock = check_i(
         libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0),
         Stage::LoopbackUp,
@@ -36,7 +40,11 @@ pub(crate) unsafe fn loopback_up() -> CResult {
             libc::ioctl(sock, libc::SIOCSIFFLAGS, &req),
             Stage::LoopbackUp,
         )?;
-        Ok(())
+        check_i(
+            libc::ioctl(sock, libc::SIOCGIFINDEX, &mut req),
+            Stage::LoopbackUp,
+        )?;
+        Ok(req.ifr_ifru.ifru_ifindex as u32)
     })();
     libc::close(sock);
     r
@@ -86,7 +94,21 @@ pub(crate) unsafe fn send_report(
     err: i32,
     fd: Option<RawFd>,
 ) -> CResult {
-    let payload = encode_report(stage, err);
+    send_message(sock, encode_report(stage, err), fd)
+}
+
+/// Sends one fd created for the capture path, tagged with its kind and port (see
+/// [`super::capture`]; child side, no allocation).
+pub(crate) unsafe fn send_fd(sock: RawFd, kind: FdKind, port: u16, fd: RawFd) -> CResult {
+    let word = (FD_MESSAGE + kind as u32).to_le_bytes();
+    let port = u32::from(port).to_le_bytes();
+    let payload = [
+        word[0], word[1], word[2], word[3], port[0], port[1], port[2], port[3],
+    ];
+    send_message(sock, payload, Some(fd))
+}
+
+unsafe fn send_message(sock: RawFd, payload: [u8; 8], fd: Option<RawFd>) -> CResult {
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr() as *mut libc::c_void,
         iov_len: payload.len(),

@@ -118,6 +118,93 @@ pub(crate) struct InitPlan {
     pub ca_targets: Vec<CString>,
     /// Scratch space for source fds (filled by init, sized here so init never allocates).
     pub source_fds: Vec<RawFd>,
+    /// Ports captured on `0.0.0.0` and `[::]` ([`super::capture`]).
+    pub capture_ports: Vec<u16>,
+    /// Generated `/etc/resolv.conf` and `/etc/hosts`.
+    pub etc_files: Vec<EtcFile>,
+}
+
+/// `/etc/resolv.conf` inside: hive's DNS responder only, one try, one second.
+pub(crate) const RESOLV_CONF: &[u8] = b"nameserver 127.0.0.1\noptions attempts:1 timeout:1\n";
+/// `/etc/hosts` inside: loopback names only.
+pub(crate) const HOSTS: &[u8] =
+    b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+
+/// A file generated under `/run/hive` and shown at an `/etc` path.
+pub(crate) struct EtcFile {
+    /// Where it is written, relative to the new root (`run/hive/resolv.conf`).
+    pub staged: CString,
+    /// The same, absolute (a symlink target).
+    pub staged_abs: CString,
+    pub data: Vec<u8>,
+    pub target: EtcTarget,
+}
+
+/// How an [`EtcFile`] is shown (decided from the host's `/etc`, which is bound read-only).
+pub(crate) enum EtcTarget {
+    /// Bound over this absolute path (a regular file inside, symlinks followed).
+    Bind(CString),
+    /// The `/etc` entry is a symlink into `/run` (systemd-resolved's stub): create the parents
+    /// (absolute) and a symlink at `link` pointing at the staged file.
+    Symlink { mkdirs: Vec<CString>, link: CString },
+    /// Not shown (no such entry on the host, or a link to somewhere hive does not provide).
+    Skip,
+}
+
+/// Resolves `/etc/<name>` on the host into where the generated file must go inside.
+fn etc_target(name: &str) -> Result<EtcTarget> {
+    let path = Path::new("/etc").join(name);
+    let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        return Ok(EtcTarget::Skip);
+    };
+    if meta.is_file() {
+        return Ok(EtcTarget::Bind(path_cstring(&path)?));
+    }
+    if !meta.file_type().is_symlink() {
+        return Ok(EtcTarget::Skip);
+    }
+    let Ok(link) = std::fs::read_link(&path) else {
+        return Ok(EtcTarget::Skip);
+    };
+    let mut resolved = std::path::PathBuf::from("/");
+    for part in Path::new("/etc").join(link).components() {
+        match part {
+            std::path::Component::ParentDir => {
+                resolved.pop();
+            }
+            std::path::Component::Normal(p) => resolved.push(p),
+            _ => {}
+        }
+    }
+    let mut parts = resolved.components().skip(1);
+    match parts.next().and_then(|c| c.as_os_str().to_str()) {
+        Some("run") if !resolved.starts_with("/run/hive") => {
+            let mut mkdirs = Vec::new();
+            let mut dir = std::path::PathBuf::from("/run");
+            let rest: Vec<_> = parts.collect();
+            for part in rest.iter().take(rest.len().saturating_sub(1)) {
+                dir.push(part);
+                mkdirs.push(path_cstring(&dir)?);
+            }
+            Ok(EtcTarget::Symlink {
+                mkdirs,
+                link: path_cstring(&resolved)?,
+            })
+        }
+        Some(top) if SYSTEM_DIRS.contains(&top) || top == "etc" => {
+            Ok(EtcTarget::Bind(path_cstring(&resolved)?))
+        }
+        _ => Ok(EtcTarget::Skip),
+    }
+}
+
+fn etc_file(name: &str, data: &[u8]) -> Result<EtcFile> {
+    Ok(EtcFile {
+        staged: cstring(format!("run/hive/{name}").as_bytes())?,
+        staged_abs: cstring(format!("/run/hive/{name}").as_bytes())?,
+        data: data.to_vec(),
+        target: etc_target(name)?,
+    })
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString> {
@@ -214,6 +301,11 @@ impl InitPlan {
                 .map(|t| cstring(t.as_bytes()))
                 .collect::<Result<_>>()?,
             source_fds,
+            capture_ports: spec.capture_ports.clone(),
+            etc_files: vec![
+                etc_file("resolv.conf", RESOLV_CONF)?,
+                etc_file("hosts", HOSTS)?,
+            ],
         })
     }
 }
@@ -449,6 +541,7 @@ mod unit {
             mounts: vec![mount("/w"), mount("/w/")],
             ca_bundle_pem: vec![],
             proxy_port: 3128,
+            capture_ports: Vec::new(),
         };
         assert!(InitPlan::build(&spec, -1, -1, 0).is_err());
     }

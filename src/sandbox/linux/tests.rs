@@ -58,6 +58,7 @@ fn start(name: &str) -> Sandbox {
         ],
         ca_bundle_pem: b"-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n".to_vec(),
         proxy_port: PORT,
+        capture_ports: vec![80, 443],
     };
     let (host, handover) = SandboxHost::start(spec).expect("sandbox starts");
     let listener = handover.proxy;
@@ -119,8 +120,9 @@ fn py_connect(addr: &str, port: u16) -> String {
 async fn cannot_reach_192_0_2_1_without_the_proxy() {
     let sb = start("net-direct");
     let t = Instant::now();
-    let out = py(&sb.host, &py_connect("192.0.2.1", 80)).await;
-    assert_eq!(out.stdout.trim(), "ENETUNREACH", "{out:?}");
+    // Every address is local inside (capture routes): a port nothing listens on refuses at once.
+    let out = py(&sb.host, &py_connect("192.0.2.1", 9)).await;
+    assert_eq!(out.stdout.trim(), "ECONNREFUSED", "{out:?}");
     assert!(
         t.elapsed() < Duration::from_secs(3),
         "must fail fast, took {:?}",
