@@ -21,6 +21,8 @@ const PY: &str = "/usr/bin/python3";
 struct Sandbox {
     host: SandboxHost,
     listener: TcpListener,
+    captured: capture::CaptureListeners,
+    dns_udp: Option<std::net::UdpSocket>,
     rw: tempfile::TempDir,
     ro: tempfile::TempDir,
 }
@@ -65,6 +67,8 @@ fn start(name: &str) -> Sandbox {
     Sandbox {
         host,
         listener,
+        captured: handover.transparent,
+        dns_udp: handover.dns_udp,
         rw,
         ro,
     }
@@ -158,6 +162,92 @@ async fn the_proxy_listener_receives_connections_made_inside() {
     assert!(server.join().expect("server").ip().is_loopback());
     // The port exists only inside the sandbox's network namespace.
     assert!(std::net::TcpStream::connect(("127.0.0.1", PORT)).is_err() || PORT_IN_USE_ON_HOST());
+}
+
+/// Accepts one connection on the capture listener of `port` for `v6` and answers with the local
+/// address the sandbox dialled.
+fn answer_captured(
+    listeners: &capture::CaptureListeners,
+    port: u16,
+    v6: bool,
+) -> std::thread::JoinHandle<()> {
+    let listener = listeners
+        .iter()
+        .find(|(p, l)| *p == port && l.local_addr().map(|a| a.is_ipv6()).unwrap_or(false) == v6)
+        .map(|(_, l)| l.try_clone().expect("clone"))
+        .expect("capture listener for the port");
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().expect("accept");
+        let local = c.local_addr().expect("local addr");
+        c.write_all(format!("captured {}", local.ip()).as_bytes())
+            .expect("write");
+    })
+}
+
+fn py_dial(addr: &str, port: u16) -> String {
+    format!(
+        "import socket,errno\ntry:\n s=socket.create_connection(('{addr}',{port}),5)\n print(s.recv(100).decode())\nexcept OSError as e:\n print(errno.errorcode.get(e.errno, e))"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_to_any_address_on_a_captured_port_lands_on_its_capture_listener() {
+    let sb = start("net-capture");
+    let v4 = answer_captured(&sb.captured, 443, false);
+    let out = py(&sb.host, &py_dial("192.0.2.1", 443)).await;
+    assert_eq!(out.stdout.trim(), "captured 192.0.2.1", "{out:?}");
+    v4.join().expect("v4");
+    let v6 = answer_captured(&sb.captured, 80, true);
+    let out = py(&sb.host, &py_dial("2001:db8::1", 80)).await;
+    assert_eq!(out.stdout.trim(), "captured 2001:db8::1", "{out:?}");
+    v6.join().expect("v6");
+    // A port nothing captures is refused at once, IPv6 too.
+    let t = Instant::now();
+    let out = py(&sb.host, &py_dial("2001:db8::1", 9)).await;
+    assert_eq!(out.stdout.trim(), "ECONNREFUSED", "{out:?}");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_added_later_gets_listeners_from_the_setns_helper() {
+    let sb = start("net-capture-later");
+    let added = sb
+        .host
+        .open_capture_listeners(vec![7443, 80])
+        .expect("helper");
+    // 80 is already bound by init: only 7443 comes back, on IPv4 and IPv6.
+    let ports: Vec<u16> = added.iter().map(|(p, _)| *p).collect();
+    assert_eq!(ports, vec![7443, 7443], "{added:?}");
+    let server = answer_captured(&added, 7443, false);
+    let out = py(&sb.host, &py_dial("198.51.100.7", 7443)).await;
+    assert_eq!(out.stdout.trim(), "captured 198.51.100.7", "{out:?}");
+    server.join().expect("server");
+    sb.host.close();
+    assert!(sb.host.open_capture_listeners(vec![7444]).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resolv_conf_and_hosts_point_at_the_sandbox_dns() {
+    let sb = start("net-dns");
+    let out = sh(&sb.host, "cat /etc/resolv.conf; cat /etc/hosts").await;
+    let want = format!(
+        "{}{}",
+        String::from_utf8_lossy(plan::RESOLV_CONF),
+        String::from_utf8_lossy(plan::HOSTS)
+    );
+    assert_eq!(out.stdout, want, "{out:?}");
+    let dns = sb.dns_udp.as_ref().expect("dns socket");
+    dns.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let out = py(
+        &sb.host,
+        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.sendto(b'query',('127.0.0.1',53))\nprint('sent')",
+    )
+    .await;
+    assert_eq!(out.stdout.trim(), "sent", "{out:?}");
+    let mut buf = [0u8; 16];
+    let (n, _) = dns.recv_from(&mut buf).expect("the DNS socket receives");
+    assert_eq!(&buf[..n], b"query");
 }
 
 #[allow(non_snake_case)]
