@@ -126,9 +126,21 @@ pub(crate) struct InitPlan {
 
 /// `/etc/resolv.conf` inside: hive's DNS responder only, one try, one second.
 pub(crate) const RESOLV_CONF: &[u8] = b"nameserver 127.0.0.1\noptions attempts:1 timeout:1\n";
-/// `/etc/hosts` inside: loopback names only.
-pub(crate) const HOSTS: &[u8] =
-    b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n";
+/// `/etc/hosts` inside: the localhost lines, and the sandbox's hostname on loopback (so looking up
+/// one's own hostname does not become a denied DNS query).
+pub(crate) fn hosts_file(hostname: &[u8]) -> Vec<u8> {
+    let mut hosts = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec();
+    if !hostname.is_empty()
+        && hostname
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+    {
+        hosts.extend_from_slice(b"127.0.1.1\t");
+        hosts.extend_from_slice(hostname);
+        hosts.push(b'\n');
+    }
+    hosts
+}
 
 /// A file generated under `/run/hive` and shown at an `/etc` path.
 pub(crate) struct EtcFile {
@@ -166,8 +178,13 @@ fn etc_target(name: &str) -> Result<EtcTarget> {
     let Ok(link) = std::fs::read_link(&path) else {
         return Ok(EtcTarget::Skip);
     };
+    link_target(&resolve_link(Path::new("/etc"), &link))
+}
+
+/// `dir/link`, with `.` and `..` resolved lexically (the target may not exist on the host).
+fn resolve_link(dir: &Path, link: &Path) -> std::path::PathBuf {
     let mut resolved = std::path::PathBuf::from("/");
-    for part in Path::new("/etc").join(link).components() {
+    for part in dir.join(link).components() {
         match part {
             std::path::Component::ParentDir => {
                 resolved.pop();
@@ -176,6 +193,11 @@ fn etc_target(name: &str) -> Result<EtcTarget> {
             _ => {}
         }
     }
+    resolved
+}
+
+/// Where an `/etc` symlink resolving to `resolved` gets its generated file.
+fn link_target(resolved: &Path) -> Result<EtcTarget> {
     let mut parts = resolved.components().skip(1);
     match parts.next().and_then(|c| c.as_os_str().to_str()) {
         Some("run") if !resolved.starts_with("/run/hive") => {
@@ -188,11 +210,11 @@ fn etc_target(name: &str) -> Result<EtcTarget> {
             }
             Ok(EtcTarget::Symlink {
                 mkdirs,
-                link: path_cstring(&resolved)?,
+                link: path_cstring(resolved)?,
             })
         }
         Some(top) if SYSTEM_DIRS.contains(&top) || top == "etc" => {
-            Ok(EtcTarget::Bind(path_cstring(&resolved)?))
+            Ok(EtcTarget::Bind(path_cstring(resolved)?))
         }
         _ => Ok(EtcTarget::Skip),
     }
@@ -283,6 +305,7 @@ impl InitPlan {
         let mut hostname = spec.name.as_bytes().to_vec();
         hostname.truncate(64);
         let source_fds = vec![-1; system.len() + 1 + dev_host.len() + mounts.len()];
+        let hosts = hosts_file(&hostname);
         Ok(InitPlan {
             hostname,
             proxy_port: spec.proxy_port,
@@ -304,7 +327,7 @@ impl InitPlan {
             capture_ports: spec.capture_ports.clone(),
             etc_files: vec![
                 etc_file("resolv.conf", RESOLV_CONF)?,
-                etc_file("hosts", HOSTS)?,
+                etc_file("hosts", &hosts)?,
             ],
         })
     }
@@ -593,5 +616,43 @@ mod unit {
         assert!(CommandStrings::build(&p).is_err());
         p.env = vec![("A".into(), "x\0y".into())];
         assert!(CommandStrings::build(&p).is_err());
+    }
+
+    #[test]
+    fn etc_symlinks_resolve_to_where_the_generated_file_goes() {
+        let show = |t: EtcTarget| match t {
+            EtcTarget::Bind(p) => format!("bind {}", p.to_string_lossy()),
+            EtcTarget::Symlink { mkdirs, link } => format!(
+                "symlink {} after {:?}",
+                link.to_string_lossy(),
+                mkdirs
+                    .iter()
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            ),
+            EtcTarget::Skip => "skip".into(),
+        };
+        for (link, want) in [
+            (
+                "../run/systemd/resolve/stub-resolv.conf",
+                r#"symlink /run/systemd/resolve/stub-resolv.conf after ["/run/systemd", "/run/systemd/resolve"]"#,
+            ),
+            ("/run/resolv.conf", "symlink /run/resolv.conf after []"),
+            ("../run/hive/resolv.conf", "skip"),
+            ("../usr/lib/resolv.conf", "bind /usr/lib/resolv.conf"),
+            (
+                "resolvconf/run/resolv.conf",
+                "bind /etc/resolvconf/run/resolv.conf",
+            ),
+            ("../../../home/user/resolv.conf", "skip"),
+            ("/var/run/resolv.conf", "skip"),
+        ] {
+            let resolved = resolve_link(Path::new("/etc"), Path::new(link));
+            assert_eq!(
+                show(link_target(&resolved).expect("target")),
+                want,
+                "{link}"
+            );
+        }
     }
 }

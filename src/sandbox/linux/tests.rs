@@ -233,7 +233,7 @@ async fn resolv_conf_and_hosts_point_at_the_sandbox_dns() {
     let want = format!(
         "{}{}",
         String::from_utf8_lossy(plan::RESOLV_CONF),
-        String::from_utf8_lossy(plan::HOSTS)
+        String::from_utf8_lossy(&plan::hosts_file(b"net-dns"))
     );
     assert_eq!(out.stdout, want, "{out:?}");
     let dns = sb.dns_udp.as_ref().expect("dns socket");
