@@ -22,12 +22,15 @@ let ca: TestCA
 let api: Upstream
 let echo: Server
 let echoAddr: string
+let echoPort: number
 let sandbox: Sandbox
 
 const config = (extra: object[] = []) => ({
   egress: [
     { access: 'allow', host: 'api.github.com', override: { headers: { Authorization: `Bearer ${SECRET}` } } },
     { access: 'allow', host: 'echo.example', ports: [ECHO_PORT] },
+    // Captures the echo server's own port inside, to show the sandbox's loopback is its own.
+    { access: 'allow', host: 'echo.example', ports: [echoPort] },
     ...extra,
   ],
   upstream: {
@@ -64,7 +67,8 @@ beforeAll(async () => {
   api = await httpsUpstream(ca)
   echo = createServer((s) => s.pipe(s))
   await new Promise<void>((resolve) => echo.listen(0, '127.0.0.1', resolve))
-  echoAddr = `127.0.0.1:${(echo.address() as AddressInfo).port}`
+  echoPort = (echo.address() as AddressInfo).port
+  echoAddr = `127.0.0.1:${echoPort}`
   sandbox = await getOrCreateSandbox('transparent', config())
 })
 
@@ -157,6 +161,16 @@ for addr in ["192.0.2.1","10.1.2.3","127.1.0.1"]:
       expect(code).toBe('ECONNREFUSED')
       expect(Number(ms)).toBeLessThan(100)
     }
+  })
+
+  it("a captured port on the sandbox's loopback never reaches the host's loopback", async () => {
+    let hostSaw = 0
+    const count = () => hostSaw++
+    echo.on('connection', count)
+    const r = await py(`import socket\ntry:\n s=socket.create_connection(("127.0.0.1",${echoPort}),2)\n s.settimeout(2)\n s.sendall(b"x")\n print(s.recv(10) or b"closed")\nexcept OSError as e:\n print(type(e).__name__)`)
+    echo.off('connection', count)
+    expect(r.stdout.trim()).not.toContain('x')
+    expect(hostSaw).toBe(0)
   })
 
   it('a TLS connection whose SNI names a denied host is refused, whatever address was dialled', async () => {

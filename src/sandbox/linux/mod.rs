@@ -15,8 +15,11 @@
 //! 2. `clone3` init with every namespace and `CLONE_PIDFD`. The parent opens init's namespace
 //!    fds, writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when
 //!    unprivileged) and sends "go".
-//! 3. init sets up `lo`, the proxy listener, the filesystem and the Landlock rules
-//!    ([`init`], [`netns`], [`mounts`]) and sends the listener back over `SCM_RIGHTS`.
+//! 3. init sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
+//!    listeners of the transparent path, the filesystem and the Landlock rules ([`init`],
+//!    [`netns`], [`capture`], [`mounts`]) and sends the sockets back over `SCM_RIGHTS`
+//!    ([`Handover`]). Ports added later get capture listeners from a setns helper
+//!    ([`SandboxHost::open_capture_listeners`]).
 //!
 //! # How a process is spawned ([`SandboxHost::spawn`])
 //! 1. On the launcher thread: argv/envp/candidate paths ([`plan::SpawnPlan`]), stdio pipes, an
