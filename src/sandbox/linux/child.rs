@@ -73,13 +73,17 @@ pub(crate) enum Stage {
     Exec = 30,
     Setsid = 31,
     Identity = 32,
+    OpenFuse = 33,
+    MountFuse = 34,
+    /// Not a failure: one FUSE fd handed over before the final report (errno field: mount index).
+    FuseHandover = 35,
     Unknown = 255,
 }
 
 impl Stage {
     /// Decodes a stage code received from a child.
     pub(crate) fn from_u32(v: u32) -> Stage {
-        const ALL: [Stage; 33] = [
+        const ALL: [Stage; 36] = [
             Stage::Ok,
             Stage::Handshake,
             Stage::Hostname,
@@ -113,6 +117,9 @@ impl Stage {
             Stage::Exec,
             Stage::Setsid,
             Stage::Identity,
+            Stage::OpenFuse,
+            Stage::MountFuse,
+            Stage::FuseHandover,
         ];
         ALL.iter()
             .copied()
@@ -156,6 +163,9 @@ impl Stage {
             Stage::Exec => "executing the command",
             Stage::Setsid => "starting a new session",
             Stage::Identity => "switching to the sandbox's uid/gid 0",
+            Stage::OpenFuse => "opening /dev/fuse",
+            Stage::MountFuse => "mounting a FUSE file system",
+            Stage::FuseHandover => "handing over a FUSE connection",
             Stage::Unknown => "an unknown step",
         }
     }

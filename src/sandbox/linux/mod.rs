@@ -67,6 +67,8 @@
 //! non-dumpable; spawns join the namespaces through fds the parent opened before that.
 
 pub(crate) mod child;
+#[cfg(test)]
+mod fuse_tests;
 pub(crate) mod idmap;
 pub(crate) mod init;
 pub(crate) mod landlock;
@@ -127,14 +129,32 @@ impl fmt::Debug for LaunchSpec {
     }
 }
 
-/// One host directory (or file) bound into the sandbox.
-#[derive(Debug, Clone)]
+/// One host directory (or file) bound into the sandbox, or served into it over FUSE.
+#[derive(Debug, Clone, Default)]
 pub struct BindMount {
     /// Host path (must exist).
     pub source: PathBuf,
     /// Absolute path inside the sandbox, e.g. `/workspace`; not inside `/usr`, `/etc`, `/proc`,
     /// `/dev`, `/run` or the other directories the sandbox provides.
     pub target: String,
+    /// Read-write if true, else read-only.
+    pub writable: bool,
+    /// Landlock narrowing below `target` (issue 6): `None` gives the whole mount `writable`
+    /// access; `Some` gives access only beneath these subtrees (each must lie under `target`);
+    /// everything else in the mount can be traversed but not read or written.
+    pub subtrees: Option<Vec<Subtree>>,
+    /// Per-file enforcement: init mounts a FUSE file system at `target` instead of binding
+    /// `source`, and hands its `/dev/fuse` fd over ([`Handover::fuse`]) for the host to serve
+    /// (`crate::fs::AclFs`) over `source`. `writable` and `subtrees` are then ignored: the server
+    /// decides every access.
+    pub fuse: bool,
+}
+
+/// A subtree of a bind mount the workload may access ([`BindMount::subtrees`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subtree {
+    /// Absolute path inside the sandbox, under the mount's target.
+    pub path: String,
     /// Read-write if true, else read-only.
     pub writable: bool,
 }
@@ -165,6 +185,9 @@ pub struct ExitStatus {
 pub struct Handover {
     /// The proxy listener on `127.0.0.1:<proxy_port>` inside (blocking mode).
     pub proxy: std::net::TcpListener,
+    /// One `/dev/fuse` fd per [`BindMount::fuse`] mount, with its target: mounted inside, not yet
+    /// served. Until the host serves it, any access to that mount inside blocks.
+    pub fuse: Vec<(String, OwnedFd)>,
 }
 
 /// One sandbox's namespaces and init (PID 1).
@@ -491,7 +514,8 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if uid == 0 {
         match idmapped_trees(&plan) {
             Ok(t) => {
-                for (m, tree) in plan.mounts.iter_mut().zip(&t) {
+                let bound = plan.mounts.iter_mut().filter(|m| !m.fuse);
+                for (m, tree) in bound.zip(&t) {
                     m.tree = tree.as_raw_fd();
                 }
                 _trees = t;
@@ -548,10 +572,31 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if unsafe { libc::write(ours.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
         return Err(fail(last_err("starting the sandbox init")));
     }
-    let report = match netns::recv_report(ours.as_raw_fd()) {
-        Ok(r) => r,
-        Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
+    let mut fuse = Vec::new();
+    let report = loop {
+        match netns::recv_report(ours.as_raw_fd()) {
+            Ok(Some((buf, Some(fd)))) if child::decode_report(&buf).0 == Stage::FuseHandover => {
+                let index = child::decode_report(&buf).1;
+                match usize::try_from(index).ok().and_then(|i| plan.mounts.get(i)) {
+                    Some(m) if m.fuse => {
+                        fuse.push((format!("/{}", m.target_rel.to_string_lossy()), fd));
+                    }
+                    _ => {
+                        return Err(fail(HiveError::Internal(format!(
+                            "sandbox init handed over a FUSE connection for mount {index}"
+                        ))))
+                    }
+                }
+            }
+            Ok(r) => break r,
+            Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
+        }
     };
+    if fuse.len() != plan.mounts.iter().filter(|m| m.fuse).count() && report.is_some() {
+        return Err(fail(HiveError::Internal(
+            "sandbox init did not hand over every FUSE connection".into(),
+        )));
+    }
     let listener = match report {
         None => {
             let status = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED)
@@ -586,7 +631,10 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         SandboxHost {
             inner: Arc::new(inner),
         },
-        Handover { proxy: listener },
+        Handover {
+            proxy: listener,
+            fuse,
+        },
     ))
 }
 
@@ -605,12 +653,13 @@ fn open_namespaces(pid: i32) -> Result<Vec<OwnedFd>> {
 
 /// One idmapped tree per configured mount (root only), all or nothing.
 fn idmapped_trees(plan: &InitPlan) -> std::io::Result<Vec<OwnedFd>> {
-    if plan.mounts.is_empty() {
+    if plan.mounts.iter().all(|m| m.fuse) {
         return Ok(Vec::new());
     }
     let userns = idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?;
     plan.mounts
         .iter()
+        .filter(|m| !m.fuse)
         .map(|m| idmap::idmapped_tree(&m.source, &userns, m.writable))
         .collect()
 }
@@ -644,6 +693,13 @@ fn init_error(stage: Stage, errno: i32) -> HiveError {
         stage.describe(),
         errno_text(errno)
     );
+    if matches!(stage, Stage::OpenFuse | Stage::MountFuse) {
+        return HiveError::FsUnenforceable(format!(
+            "{detail}; a mount needs per-file enforcement through FUSE and the sandbox cannot \
+             mount it: make /dev/fuse usable (many hosts ship it 0666), run as root, or use only \
+             plain \"<dir>/**\" rules without audit"
+        ));
+    }
     let privileged = matches!(errno, libc::EPERM | libc::EACCES);
     let setup = (stage as u32) <= (Stage::PivotRoot as u32);
     if privileged && setup {
