@@ -451,3 +451,101 @@ fn plain_subtree_rules_hold_with_landlock_alone() {
     }
     assert!(!src.path().join("private/new").exists());
 }
+
+/// The whole path `exec` takes: config -> launch spec -> FUSE mount -> served with the sandbox's
+/// event bus; refusals arrive as `fs.denied` events; close() stops the servers and the data stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_reach_the_sandbox_event_bus_through_the_engine() {
+    if !crate::fs::fuse_available() {
+        eprintln!("skipped: this process cannot open /dev/fuse");
+        return;
+    }
+    let home = tempfile::tempdir().expect("home");
+    let src = tempfile::tempdir().expect("source");
+    seed_issue_tree(src.path());
+    // Only this test reads HIVE_HOME in this binary.
+    std::env::set_var("HIVE_HOME", home.path());
+    let config = serde_json::json!({
+        "fs": [
+            {
+                "backend": "local",
+                "mount": "/workspace",
+                "source": src.path(),
+                "acls": [
+                    { "path": "/workspace/**/*.env", "access": "none" },
+                    { "path": "/workspace/docs/**", "access": "r" },
+                    { "path": "/workspace/**", "access": "rw" }
+                ]
+            },
+            { "backend": "local", "mount": "/scratch" }
+        ]
+    });
+    let sandbox = crate::sandbox::get_or_create("fuse-engine".into(), Some(config))
+        .await
+        .expect("sandbox");
+    let events = sandbox
+        .subscribe(crate::events::Since::Now, 1000)
+        .expect("subscribe");
+    let run = |script: &'static str| {
+        let sandbox = sandbox.clone();
+        async move {
+            let spawned = sandbox
+                .spawn(
+                    vec![
+                        "/bin/sh".into(),
+                        "-c".into(),
+                        format!("exec 2>&1; {script}"),
+                    ],
+                    vec![],
+                    None,
+                )
+                .await
+                .expect("spawn");
+            let [stdin, stdout, _stderr] = spawned.take_stdio().expect("stdio");
+            drop(stdin);
+            let reader = std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = std::io::Read::read_to_string(&mut std::fs::File::from(stdout), &mut s);
+                s
+            });
+            let status = spawned.wait().await.expect("wait");
+            (status.code, reader.join().unwrap_or_default())
+        }
+    };
+    let (code, out) = run("cat /workspace/secret.env; echo x > /workspace/docs/new.md").await;
+    assert_ne!(code, Some(0), "{out}");
+    let (code, out) = run(
+        "echo kept > /workspace/src/kept.txt && echo s > /scratch/s.txt && cat /workspace/docs/guide.md",
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (Some(0), "# guide\n"));
+    let mut denied = Vec::new();
+    while denied.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event in time")
+            .expect("stream open");
+        if event.kind == "fs.denied" {
+            denied.push((
+                event.fields["path"].as_str().unwrap_or("").to_owned(),
+                event.fields["rule"].as_u64(),
+            ));
+        }
+    }
+    assert_eq!(
+        denied,
+        [
+            ("/workspace/secret.env".to_owned(), Some(0)),
+            ("/workspace/docs/new.md".to_owned(), Some(1)),
+        ]
+    );
+    sandbox.close().await;
+    assert_eq!(
+        std::fs::read_to_string(src.path().join("src/kept.txt")).expect("persisted"),
+        "kept\n"
+    );
+    assert!(home
+        .path()
+        .join("sandboxes/fuse-engine/fs/scratch/s.txt")
+        .exists());
+}
