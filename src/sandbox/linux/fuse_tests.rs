@@ -549,3 +549,144 @@ async fn refusals_reach_the_sandbox_event_bus_through_the_engine() {
         .join("sandboxes/fuse-engine/fs/scratch/s.txt")
         .exists());
 }
+
+/// The workload script shared with `benches/fs.mjs`.
+const WORKLOAD: &str = include_str!("../../../benches/fs_workload.py");
+
+/// Writes the inputs of the workload into `dir`: the script, a `node_modules`-shaped tarball
+/// (2 000 packages x 5 files), and returns the tarball's name.
+fn bench_inputs(dir: &Path) {
+    std::fs::write(dir.join("fs_workload.py"), WORKLOAD).expect("script");
+    let pack = tempfile::tempdir().expect("tempdir");
+    for p in 0..2000 {
+        let lib = pack.path().join(format!("node_modules/pkg{p}/lib"));
+        std::fs::create_dir_all(&lib).expect("mkdir");
+        for name in ["package.json", "README.md", "a.js"] {
+            std::fs::write(lib.parent().expect("pkg").join(name), [b'y'; 700]).expect("write");
+        }
+        std::fs::write(lib.join("index.js"), [b'y'; 700]).expect("write");
+        std::fs::write(lib.join("b.js"), [b'z'; 300]).expect("write");
+    }
+    let ok = std::process::Command::new("tar")
+        .arg("-cf")
+        .arg(dir.join("nm.tar"))
+        .arg("-C")
+        .arg(pack.path())
+        .arg("node_modules")
+        .status()
+        .expect("tar")
+        .success();
+    assert!(ok);
+}
+
+fn write_big(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("big");
+    let chunk = vec![0xabu8; 1 << 20];
+    for _ in 0..100 {
+        f.write_all(&chunk).expect("write big");
+    }
+}
+
+/// `npm run bench fs` runs this: the issue's workloads in a sandbox on a FUSE mount with the
+/// issue's ACLs vs on a plain bind mount, same sandbox, interleaved rounds, medians.
+#[test]
+#[ignore = "benchmark; run: cargo test --lib bench_sandboxed_fs -- --ignored --nocapture"]
+fn bench_sandboxed_fs_fuse_against_a_bind_mount() {
+    if !crate::fs::fuse_available() {
+        eprintln!("skipped: this process cannot open /dev/fuse");
+        return;
+    }
+    let rounds: usize = std::env::var("HIVE_FS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let input = tempfile::tempdir().expect("input");
+    bench_inputs(input.path());
+    let names = ["create", "stat_warm", "stat", "read", "unpack"];
+    let mut runs: [Vec<Vec<f64>>; 2] = Default::default();
+    let mut passthrough = false;
+    for _ in 0..rounds {
+        let fuse_src = tempfile::tempdir().expect("src");
+        let bind_src = tempfile::tempdir().expect("src");
+        write_big(&fuse_src.path().join("big.bin"));
+        write_big(&bind_src.path().join("big.bin"));
+        let mount = |target: &str, source: &Path, fuse: bool| BindMount {
+            source: source.into(),
+            target: target.into(),
+            writable: true,
+            fuse,
+            ..Default::default()
+        };
+        let spec = LaunchSpec {
+            name: "fs-bench".into(),
+            mounts: vec![
+                mount("/fuse", fuse_src.path(), true),
+                mount("/bind", bind_src.path(), false),
+                BindMount {
+                    writable: false,
+                    ..mount("/input", input.path(), false)
+                },
+            ],
+            ca_bundle_pem: Vec::new(),
+            proxy_port: PORT,
+        };
+        let (host, handover) = SandboxHost::start(spec).expect("starts");
+        let acls = [
+            ("/fuse/**/*.env", FsAccess::None),
+            ("/fuse/docs/**", FsAccess::R),
+            ("/fuse/**", FsAccess::Rw),
+        ];
+        let fs_mount = FsMount {
+            mount: "/fuse".into(),
+            ..fs_mount(&acls)
+        };
+        let events = Arc::new(Collected::default());
+        let mut servers = Vec::new();
+        for (_, fd) in handover.fuse {
+            let dir = std::fs::File::open(fuse_src.path()).expect("source");
+            let server = AclFs::with_sink(&fs_mount, OwnedFd::from(dir), events.clone())
+                .expect("server")
+                .present_owner(0, 0)
+                .serve(fd)
+                .expect("serves");
+            servers.push(server);
+        }
+        for (slot, dir) in [(0, "/bind"), (1, "/fuse")] {
+            let (code, out) = sh(
+                &host,
+                &format!("python3 /input/fs_workload.py {dir} {dir}/big.bin /input/nm.tar"),
+            );
+            assert_eq!(code, 0, "{out}");
+            let ms: Value = serde_json::from_str(out.trim()).expect("json");
+            runs[slot].push(
+                names
+                    .iter()
+                    .map(|n| ms[n].as_f64().unwrap_or(0.0))
+                    .collect(),
+            );
+        }
+        passthrough |= servers.iter().any(FsHandle::passthrough);
+        assert_eq!(events.denied(), vec![]);
+        host.close();
+    }
+    let median = |slot: usize, i: usize| {
+        let mut v: Vec<f64> = runs[slot].iter().map(|r| r[i]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let labels = [
+        "create 10 000 small files",
+        "stat 10 000 files (right after creating them)",
+        "stat 10 000 files (after the 1 s cache expired)",
+        "read a 100 MiB file (1 MiB reads)",
+        "unpack a node_modules tree (2 000 packages x 5 files, tar -x)",
+    ];
+    println!("| workload (inside a sandbox) | bind mount | FUSE mount with ACLs | ratio |");
+    println!("|---|---|---|---|");
+    for (i, label) in labels.iter().enumerate() {
+        let (b, f) = (median(0, i), median(1, i));
+        println!("| {label} | {b:.0} ms | {f:.0} ms | {:.2}x |", f / b);
+    }
+    println!("median of {rounds} interleaved rounds; kernel passthrough used: {passthrough}");
+}
