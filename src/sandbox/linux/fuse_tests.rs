@@ -690,3 +690,48 @@ fn bench_sandboxed_fs_fuse_against_a_bind_mount() {
     }
     println!("median of {rounds} interleaved rounds; kernel passthrough used: {passthrough}");
 }
+
+/// As root, runs these tests and the refusal test again as uid/gid 65534, where `/dev/fuse`
+/// (mode 0600 here) cannot be opened: the FUSE tests must skip, the Landlock ones pass, and a
+/// per-file config must be refused with `HIVE_FS_UNENFORCEABLE`.
+#[test]
+fn unprivileged_run_refuses_per_file_rules_it_cannot_enforce() {
+    // SAFETY: trivial getter.
+    if unsafe { libc::geteuid() } != 0 || std::env::var_os("HIVE_TEST_UNPRIVILEGED").is_some() {
+        eprintln!("skipped: needs root to switch to an unprivileged user (or is that run)");
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipped: setpriv (util-linux) is not installed");
+        return;
+    }
+    // SAFETY: plain open without O_CLOEXEC so that setpriv inherits it; closed below.
+    let exe_fd = unsafe { libc::open(c"/proc/self/exe".as_ptr(), libc::O_RDONLY) };
+    assert!(exe_fd >= 0, "open /proc/self/exe");
+    let out = std::process::Command::new("/usr/bin/setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(format!("/proc/self/fd/{exe_fd}"))
+        .args([
+            "sandbox::linux::fuse_tests::",
+            "sandbox::runtime::tests::per_file_mounts_are_refused",
+            "--test-threads=2",
+        ])
+        .env("HIVE_TEST_UNPRIVILEGED", "1")
+        .env("HOME", "/nonexistent")
+        .current_dir("/")
+        .output()
+        .expect("run setpriv");
+    // SAFETY: our fd.
+    unsafe { libc::close(exe_fd) };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "unprivileged run failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("per_file_mounts_are_refused_without_fuse_and_planned_with_it ... ok"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("test result: ok"), "{stdout}");
+}
