@@ -70,7 +70,7 @@ async function attempt(sandbox: Sandbox, script: string): Promise<{ exitCode: nu
   return { exitCode: r.exitCode, out: r.stdout, denied }
 }
 
-describe.skipIf(fuse)(`file ACLs without a usable /dev/fuse (${whoami})`, () => {
+describe.skipIf(fuse)(`file ACLs without a usable /dev/fuse (${whoami})${fuse ? ' (skipped: /dev/fuse is usable here)' : ''}`, () => {
   it('refuses to run a sandbox whose ACLs need per-file enforcement: HIVE_FS_UNENFORCEABLE', async () => {
     const sandbox = await getOrCreateSandbox('files-unenforceable', config())
     await expect(sandbox.exec(['true'])).rejects.toMatchObject({ code: 'HIVE_FS_UNENFORCEABLE' })
@@ -88,7 +88,7 @@ describe.skipIf(fuse)(`file ACLs without a usable /dev/fuse (${whoami})`, () => 
   })
 })
 
-describe.skipIf(!fuse)(`file ACLs (${whoami})`, () => {
+describe.skipIf(!fuse)(`file ACLs (${whoami})${fuse ? '' : ` (${NO_FUSE})`}`, () => {
   let sandbox: Sandbox
   beforeAll(async () => {
     sandbox = await getOrCreateSandbox('files', config())
