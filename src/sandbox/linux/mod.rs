@@ -592,11 +592,6 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
         }
     };
-    if fuse.len() != plan.mounts.iter().filter(|m| m.fuse).count() && report.is_some() {
-        return Err(fail(HiveError::Internal(
-            "sandbox init did not hand over every FUSE connection".into(),
-        )));
-    }
     let listener = match report {
         None => {
             let status = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED)
@@ -609,6 +604,13 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         Some((buf, fd)) => {
             let (stage, errno) = child::decode_report(&buf);
             match (stage, fd) {
+                (Stage::Ok, Some(_))
+                    if fuse.len() != plan.mounts.iter().filter(|m| m.fuse).count() =>
+                {
+                    return Err(fail(HiveError::Internal(
+                        "sandbox init did not hand over every FUSE connection".into(),
+                    )))
+                }
                 (Stage::Ok, Some(fd)) => std::net::TcpListener::from(fd),
                 _ => return Err(fail(init_error(stage, errno))),
             }
@@ -1038,6 +1040,9 @@ mod unit {
             (Stage::Listener, libc::EADDRINUSE, ErrorCode::Internal),
             (Stage::LandlockRule, libc::EPERM, ErrorCode::Internal),
             (Stage::WriteFile, libc::ENOSPC, ErrorCode::Internal),
+            // Per-file enforcement the sandbox cannot set up is never silently dropped.
+            (Stage::OpenFuse, libc::EACCES, ErrorCode::FsUnenforceable),
+            (Stage::MountFuse, libc::EPERM, ErrorCode::FsUnenforceable),
         ] {
             assert_eq!(init_error(stage, errno).code(), code, "{stage:?} {errno}");
         }
