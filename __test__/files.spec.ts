@@ -154,7 +154,7 @@ describe.skipIf(!fuse)(`file ACLs (${whoami})${fuse ? '' : ` (${NO_FUSE})`}`, ()
   it('can do everything elsewhere under /workspace, and the data persists across close()', async () => {
     const r = await attempt(
       sandbox,
-      'cd /workspace && mkdir -p out/deep && echo one > out/deep/a.txt && mv out/deep/a.txt out/b.txt && ln out/b.txt out/c.txt && echo two >> out/b.txt && chmod 600 out/b.txt && rm src/main.rs && cat out/b.txt',
+      'cd /workspace && mkdir -p out/deep && echo one > out/deep/a.txt && mv out/deep/a.txt out/b.txt && ln out/b.txt out/c.txt && echo two >> out/b.txt && chmod 600 out/b.txt && rm src/main.rs && cat out/c.txt',
     )
     expect(r).toMatchObject({ exitCode: 0, out: 'one\ntwo\n', denied: [] })
     await sandbox.close()

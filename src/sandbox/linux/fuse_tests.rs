@@ -348,7 +348,7 @@ fn everything_else_is_writable_lands_in_the_source_and_outlives_the_sandbox() {
     };
     let script = "cd /workspace && mkdir -p out/deep && echo one > out/deep/a.txt \
                   && mv out/deep/a.txt out/b.txt && ln out/b.txt out/c.txt && rm src/main.rs \
-                  && echo two >> out/b.txt && chmod 600 out/b.txt && cat out/b.txt";
+                  && echo two >> out/b.txt && chmod 600 out/b.txt && cat out/c.txt";
     let (code, out) = sh(f.host(), script);
     assert_eq!((code, out.as_str()), (0, "one\ntwo\n"));
     assert_eq!(f.events.denied(), vec![]);
