@@ -16,7 +16,9 @@
 //!    fds, writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when
 //!    unprivileged) and sends "go".
 //! 3. init sets up `lo`, the proxy listener, the filesystem and the Landlock rules
-//!    ([`init`], [`netns`], [`mounts`]) and sends the listener back over `SCM_RIGHTS`.
+//!    ([`init`], [`netns`], [`mounts`]) and sends the listener back over `SCM_RIGHTS`, after the
+//!    `/dev/fuse` fd of each mount that needs per-file ACLs ([`BindMount::fuse`]): the host
+//!    serves those ([`Handover::fuse`]; nothing inside may touch them before).
 //!
 //! # How a process is spawned ([`SandboxHost::spawn`])
 //! 1. On the launcher thread: argv/envp/candidate paths ([`plan::SpawnPlan`]), stdio pipes, an
