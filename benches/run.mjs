@@ -15,8 +15,13 @@ function step(name, cmd, args) {
 }
 
 // The JS benchmarks load the addon: build it in release first (tests rebuild debug).
-if (!only || only !== 'policy') step('build (release)', 'npm', ['run', '--silent', 'build'])
+if (!only || (only !== 'policy' && only !== 'fs')) step('build (release)', 'npm', ['run', '--silent', 'build'])
 step('policy', 'cargo', ['bench', '--quiet', '--bench', 'policy'])
+// File ACL overhead (issue 6): the same workloads in one sandbox on a FUSE mount with ACLs and on
+// a plain bind mount (an ignored Rust test, optimized; needs a usable /dev/fuse, else it says so).
+step('fs', 'cargo', [
+  'test', '--quiet', '--profile', 'bench', '--lib', 'bench_sandboxed_fs', '--', '--ignored', '--nocapture',
+])
 for (const [name, file] of [
   ['proxy', 'benches/proxy.mjs'],
   ['sandbox', 'benches/sandbox.mjs'],

@@ -19,6 +19,7 @@ mod validate;
 
 pub use host::{normalize_host, HostPattern};
 pub use path_glob::{normalize_path, PathGlob};
+pub(crate) use path_glob::{plain_glob_form, push_normalized as push_glob_form};
 pub use secret::Secret;
 
 pub(crate) use host::{host_ip, is_normalized_host};

@@ -292,8 +292,21 @@ fn is_pchar(b: u8) -> bool {
         )
 }
 
-/// Appends `bytes` with percent-escapes normalized (step 2 of [`normalize_path`]).
-fn push_normalized(bytes: &[u8], out: &mut String) {
+/// `bytes` as they are, when they are already in normalized form (only `/` and `pchar` bytes
+/// other than `%`), so no copy is needed.
+pub(crate) fn plain_glob_form(bytes: &[u8]) -> Option<&str> {
+    let plain = |b: u8| b == b'/' || (is_pchar(b) && b != b'%');
+    if bytes.iter().all(|&b| plain(b)) {
+        // ASCII only, so valid UTF-8.
+        std::str::from_utf8(bytes).ok()
+    } else {
+        None
+    }
+}
+
+/// Appends `bytes` with percent-escapes normalized (step 2 of [`normalize_path`]); also the form
+/// in which glob literals are stored, which file-system paths are converted to before matching.
+pub(crate) fn push_normalized(bytes: &[u8], out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut i = 0;
     while i < bytes.len() {

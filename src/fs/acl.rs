@@ -175,77 +175,12 @@ impl Acl {
 /// as `config::path_glob` normalizes glob literals. Unlike request-path normalization it keeps
 /// `?`, `#` and dot-like segments (`%2E%2E` is a file name here, never a step up).
 pub fn glob_form(path: &[u8]) -> Cow<'_, str> {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let plain = |b: u8| b == b'/' || (pchar(b) && b != b'%');
-    if path.iter().all(|&b| plain(b)) {
-        // ASCII only, so valid UTF-8.
-        return Cow::Borrowed(std::str::from_utf8(path).unwrap_or_default());
+    if let Some(plain) = crate::config::plain_glob_form(path) {
+        return Cow::Borrowed(plain);
     }
     let mut out = String::with_capacity(path.len() + 8);
-    let mut i = 0;
-    while i < path.len() {
-        let b = path[i];
-        if b == b'%' {
-            if let (Some(hi), Some(lo)) = (
-                path.get(i + 1).and_then(|&h| hex_value(h)),
-                path.get(i + 2).and_then(|&l| hex_value(l)),
-            ) {
-                let decoded = hi << 4 | lo;
-                if decoded.is_ascii_alphanumeric() || matches!(decoded, b'-' | b'.' | b'_' | b'~') {
-                    out.push(decoded as char);
-                } else {
-                    out.push('%');
-                    out.push(HEX[hi as usize] as char);
-                    out.push(HEX[lo as usize] as char);
-                }
-                i += 3;
-                continue;
-            }
-        } else if plain(b) {
-            out.push(b as char);
-            i += 1;
-            continue;
-        }
-        out.push('%');
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 0xF) as usize] as char);
-        i += 1;
-    }
+    crate::config::push_glob_form(path, &mut out);
     Cow::Owned(out)
-}
-
-/// RFC 3986 `pchar` (unreserved, sub-delims, `:`, `@`) plus `%`.
-fn pchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b':'
-                | b'@'
-                | b'%'
-        )
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// The segments of `glob` before the first one holding a wildcard, without a trailing `/`.

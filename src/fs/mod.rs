@@ -51,7 +51,9 @@
 //! backed by the real file once opened, and their reads and writes skip the server (the decision
 //! was made at open, as for any open file).
 //!
-//! The kernel caches entries and attributes for 1 s; no decision depends on that cache, since
+//! The kernel caches entries and attributes for 1 s (not at all for a file with several hard
+//! links: each name is its own node here, and a write through one must show through the others
+//! at once); no decision depends on that cache, since
 //! every request that reaches the server (open, readdir, readlink, create, …) is decided again on
 //! the node's current path. What the cache can show for up to 1 s is a `stat` of a node that a
 //! directory rename just moved under a hidden name. Lookups that fail are never cached, so files

@@ -41,6 +41,18 @@ use crate::events::kind;
 /// request on a cached node is decided again on the node's current path.
 const TTL: Duration = Duration::from_secs(1);
 
+/// The cache time of `attr`: [`TTL`], except for a file with several names (hard links), each
+/// of which is its own node here: a write through one name must show in a `stat` or read through
+/// another at once, so their entries and attributes are not cached.
+fn ttl(attr: &FileAttr) -> &'static Duration {
+    static NONE: Duration = Duration::ZERO;
+    if attr.kind == FileType::RegularFile && attr.nlink > 1 {
+        &NONE
+    } else {
+        &TTL
+    }
+}
+
 /// Node id of a node whose path no longer exists (unlinked or replaced).
 const DETACHED: u64 = 0;
 
@@ -782,7 +794,7 @@ impl Filesystem for Server {
             Ok(self.entry(parent, name, &st))
         })();
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
             Err(err) => reply.error(err),
         }
     }
@@ -807,7 +819,7 @@ impl Filesystem for Server {
             Ok(self.attr(ino.0, &st))
         })();
         match result {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(ttl(&attr), &attr),
             Err(err) => reply.error(err),
         }
     }
@@ -840,7 +852,7 @@ impl Filesystem for Server {
             fh,
         };
         match self.do_setattr(ino, change) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+            Ok(attr) => reply.attr(ttl(&attr), &attr),
             Err(err) => reply.error(err),
         }
     }
@@ -871,7 +883,7 @@ impl Filesystem for Server {
             self.source.mknod(dir, name, mode & !umask)
         });
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
             Err(err) => reply.error(err),
         }
     }
@@ -889,7 +901,7 @@ impl Filesystem for Server {
             self.source.mkdir(dir, name, mode & !umask)
         });
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
             Err(err) => reply.error(err),
         }
     }
@@ -914,7 +926,7 @@ impl Filesystem for Server {
             self.source.symlink(target, dir, link_name)
         });
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
             Err(err) => reply.error(err),
         }
     }
@@ -955,7 +967,7 @@ impl Filesystem for Server {
             Ok(attr)
         })();
         match result {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
             Err(err) => reply.error(err),
         }
     }
@@ -1155,14 +1167,21 @@ impl Filesystem for Server {
             if dots {
                 // The kernel takes no reference for `.` and `..`.
                 let attr = self.attr(ino.0, &st);
-                if reply.add(ino, next, &entry.name, &TTL, &attr, Generation(0)) {
+                if reply.add(ino, next, &entry.name, ttl(&attr), &attr, Generation(0)) {
                     break;
                 }
                 continue;
             }
             // Every other entry counts as a lookup of its node, unless it does not fit.
             let attr = self.entry(ino, &entry.name, &st);
-            if reply.add(attr.ino, next, &entry.name, &TTL, &attr, Generation(0)) {
+            if reply.add(
+                attr.ino,
+                next,
+                &entry.name,
+                ttl(&attr),
+                &attr,
+                Generation(0),
+            ) {
                 self.nodes.lock().forget(attr.ino.0, 1);
                 break;
             }
@@ -1291,14 +1310,14 @@ impl Filesystem for Server {
                 let fh = self.open_handle(attr.ino.0, fd, backing.clone());
                 match backing {
                     Some(id) => reply.created_passthrough(
-                        &TTL,
+                        ttl(&attr),
                         &attr,
                         Generation(0),
                         fh,
                         FILE_OPEN_FLAGS,
                         &id,
                     ),
-                    None => reply.created(&TTL, &attr, Generation(0), fh, FILE_OPEN_FLAGS),
+                    None => reply.created(ttl(&attr), &attr, Generation(0), fh, FILE_OPEN_FLAGS),
                 }
             }
             Err(err) => reply.error(err),

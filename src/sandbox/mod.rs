@@ -280,7 +280,7 @@ impl Sandbox {
         if slot.as_ref().is_some_and(|running| running.fs != fs) {
             if let Some(stale) = slot.take() {
                 blocking(move || {
-                    stale.host.close();
+                    stale.stop();
                     Ok(())
                 })
                 .await?;
@@ -297,9 +297,18 @@ impl Sandbox {
                 );
                 let ports = runtime::capture_ports(&self.cell.load().config);
                 let wanted = ports.clone();
-                let (host, handover) = blocking(move || {
+                let events = self.events.clone();
+                let (host, handover, servers) = blocking(move || {
                     let spec = runtime::launch_spec(&name, &dir, &mounts, &ca_pem, ports)?;
-                    linux::SandboxHost::start(spec)
+                    let (host, mut handover) = linux::SandboxHost::start(spec)?;
+                    let fuse = std::mem::take(&mut handover.fuse);
+                    match runtime::serve_fuse(&dir, &mounts, fuse, &events) {
+                        Ok(servers) => Ok((host, handover, servers)),
+                        Err(e) => {
+                            host.close();
+                            Err(e)
+                        }
+                    }
                 })
                 .await?;
                 self.engine.serve_sandbox_listener(handover.proxy)?;
@@ -311,7 +320,12 @@ impl Sandbox {
                     (handover.dns_udp, handover.dns_tcp, handover.transparent),
                     &wanted,
                 )?;
-                slot.insert(runtime::Runtime { host, fs, net })
+                slot.insert(runtime::Runtime {
+                    host,
+                    fs,
+                    net,
+                    servers,
+                })
             }
         };
         let spec = linux::ProcessSpec {
@@ -330,7 +344,7 @@ impl Sandbox {
         let mut slot = self.runtime.blocking_lock();
         if slot.as_ref().is_some_and(|running| running.fs != fs) {
             if let Some(stale) = slot.take() {
-                stale.host.close();
+                stale.stop();
             }
         }
     }
@@ -359,7 +373,7 @@ impl Sandbox {
         }
         #[cfg(target_os = "linux")]
         if let Some(runtime) = self.runtime.lock().await.take() {
-            let _ = tokio::task::spawn_blocking(move || runtime.host.close()).await;
+            let _ = tokio::task::spawn_blocking(move || runtime.stop()).await;
         }
         self.engine.shutdown().await;
         self.finish_close();
@@ -373,7 +387,7 @@ impl Sandbox {
         #[cfg(target_os = "linux")]
         if let Ok(mut runtime) = self.runtime.try_lock() {
             if let Some(runtime) = runtime.take() {
-                runtime.host.close();
+                runtime.stop();
             }
         }
         self.finish_close();

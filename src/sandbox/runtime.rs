@@ -1,9 +1,11 @@
 //! The running part of a sandbox on Linux: its namespaces (started on first use), the processes
 //! in them, and the `process.start` / `process.exit` events (SPEC §1 exec/spawn, §4).
 //!
-//! 1. The first spawn starts the namespaces from the config in force: one bind per `local` mount
-//!    (data in `source` or `<sandbox dir>/fs/<mount>`), the CA bundle (system roots + the sandbox
-//!    CA) and the proxy listener, which the engine then serves.
+//! 1. The first spawn starts the namespaces from the config in force: one mount per `local`
+//!    mount (data in `source` or `<sandbox dir>/fs/<mount>`), the CA bundle (system roots + the
+//!    sandbox CA) and the proxy listener, which the engine then serves. A mount whose ACLs are
+//!    plain `<dir>/**` trees is a bind plus Landlock rules; one that needs per-file decisions is a
+//!    FUSE mount the launcher hands over and [`serve_fuse`] serves with its ACLs (issue 6).
 //! 2. Every spawn gets a fresh environment: [`linux::default_env`] plus what the caller adds;
 //!    nothing of the host program's environment.
 //! 3. The transparent path ([`Transparent`]): the DNS responder on the DNS sockets init made, and
@@ -15,19 +17,23 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map};
 
 use super::linux::capture::{self, CaptureListeners};
 use super::linux::{
-    self, BindMount, ExitStatus, LaunchSpec, ProcessSpec, SandboxHost, SandboxProcess,
+    self, BindMount, ExitStatus, LaunchSpec, ProcessSpec, SandboxHost, SandboxProcess, Subtree,
 };
 use crate::config::{Config, FsAccess, FsMount, RuleAccess};
 use crate::dns::{self, DnsResponder, NameTable};
 use crate::error::{HiveError, Result};
 use crate::events::{kind, EventBus};
+use crate::fs::{AclFs, FsHandle};
 use crate::policy::PolicyCell;
 use crate::proxy::{Engine, ListenerHandle, TransparentTarget};
 
@@ -42,12 +48,14 @@ const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/ca-bundle.pem",
 ];
 
-/// Running namespaces and the `fs` config they were started with.
+/// Running namespaces, the `fs` config they were started with and the FUSE servers of its
+/// per-file mounts.
 pub struct Runtime {
     pub host: SandboxHost,
     pub fs: Vec<FsMount>,
     /// The transparent path: DNS responder and capture listeners.
     pub net: Transparent,
+    pub servers: Vec<FsHandle>,
 }
 
 /// Ports captured whatever the rules say: plain HTTP and HTTPS.
@@ -201,7 +209,38 @@ impl Drop for Transparent {
     }
 }
 
+/// How long [`Runtime::stop`] waits for a FUSE server to notice its mount is gone.
+const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Runtime {
+    /// Kills the sandbox's processes, releases its namespaces (which unmounts its FUSE mounts)
+    /// and waits for the FUSE servers to end. Blocking.
+    pub fn stop(self) {
+        let Runtime { host, servers, .. } = self;
+        host.close();
+        // The host's namespace fds keep the mount namespace, and with it the FUSE mounts, alive.
+        drop(host);
+        let deadline = Instant::now() + SERVER_STOP_TIMEOUT;
+        for server in servers {
+            while !server.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if server.is_finished() {
+                if let Err(e) = server.join() {
+                    tracing::warn!(error = %e, "a FUSE server ended with an error");
+                }
+            } else {
+                tracing::warn!("a FUSE server did not stop after its sandbox closed");
+            }
+        }
+    }
+}
+
 /// Builds the launch spec for a sandbox from its `fs` config. Blocking (creates folders).
+///
+/// # Errors
+/// `HIVE_FS_UNENFORCEABLE` (with a hint) when a mount needs per-file enforcement and this
+/// process cannot open `/dev/fuse` (SPEC §4: never silently enforce less).
 pub fn launch_spec(
     name: &str,
     dir: &Path,
@@ -209,21 +248,30 @@ pub fn launch_spec(
     ca_pem: &str,
     capture_ports: Vec<u16>,
 ) -> Result<LaunchSpec> {
+    crate::fs::require_enforceable(fs)?;
     let mut mounts = Vec::with_capacity(fs.len());
     for mount in fs {
-        let writable = mount_access(mount)?;
-        let source = match &mount.source {
-            Some(source) => source.clone(),
-            None => default_source(dir, &mount.mount),
-        };
+        let access = mount_access(mount);
+        let source = source_of(dir, mount);
         if mount.source.is_none() {
             std::fs::create_dir_all(&source)
                 .map_err(|e| HiveError::io(format!("creating {}", source.display()), e))?;
         }
+        let (writable, subtrees, fuse) = match access {
+            MountAccess::PerFile => (true, None, true),
+            MountAccess::Bind { writable, subtrees } => {
+                for tree in subtrees.iter().flatten() {
+                    create_subtree(&source, &mount.mount, &tree.path);
+                }
+                (writable, subtrees, false)
+            }
+        };
         mounts.push(BindMount {
             source,
             target: mount.mount.clone(),
             writable,
+            subtrees,
+            fuse,
         });
     }
     let mut bundle = SYSTEM_BUNDLES
@@ -243,28 +291,114 @@ pub fn launch_spec(
     })
 }
 
+/// Serves every FUSE connection the launcher handed over with the ACLs of its mount (SPEC §4):
+/// refusals (and, with `audit`, accesses) go to `events`. Files show as owned by the sandbox's
+/// root. Blocking (opens the sources).
+pub fn serve_fuse(
+    dir: &Path,
+    fs: &[FsMount],
+    fuse: Vec<(String, OwnedFd)>,
+    events: &Arc<EventBus>,
+) -> Result<Vec<FsHandle>> {
+    let mut servers = Vec::with_capacity(fuse.len());
+    for (target, fd) in fuse {
+        let mount = fs.iter().find(|m| m.mount == target).ok_or_else(|| {
+            HiveError::Internal(format!(
+                "a FUSE connection for {target}, which is no fs mount"
+            ))
+        })?;
+        let source = source_of(dir, mount);
+        let source_dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&source)
+            .map_err(|e| HiveError::io(format!("opening {}", source.display()), e))?;
+        let server = AclFs::new(mount, OwnedFd::from(source_dir), events.clone())?
+            .present_owner(0, 0)
+            .serve(fd)?;
+        servers.push(server);
+    }
+    Ok(servers)
+}
+
+/// The host directory holding a mount's data: `source`, or `<sandbox dir>/fs/<mount>`.
+fn source_of(dir: &Path, mount: &FsMount) -> PathBuf {
+    match &mount.source {
+        Some(source) => source.clone(),
+        None => default_source(dir, &mount.mount),
+    }
+}
+
 /// `<sandbox dir>/fs/<mount without its leading slash>`.
 fn default_source(dir: &Path, mount: &str) -> PathBuf {
     dir.join("fs").join(mount.trim_start_matches('/'))
 }
 
-/// Whether a mount is writable, from its ACLs. Mount-level enforcement only covers ACLs that are
-/// the whole mount (`<mount>/**` or the mount itself) with one access; anything finer needs the
-/// per-file layer, and hive never silently enforces less (SPEC §4).
-fn mount_access(mount: &FsMount) -> Result<bool> {
+/// How a mount's ACLs are enforced (issue 6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MountAccess {
+    /// A bind, read-write if any rule grants `rw`, and Landlock: `None` for the whole mount,
+    /// `Some` for only these subtrees (no `acls`, or plain `<dir>/**` rules that never nest with
+    /// different accesses, so first-match equals Landlock's union of rules).
+    Bind {
+        writable: bool,
+        subtrees: Option<Vec<Subtree>>,
+    },
+    /// Served over FUSE by the host, deciding every request.
+    PerFile,
+}
+
+/// Which layer enforces a mount's ACLs: per-file where [`crate::fs::needs_per_file_enforcement`]
+/// says so, else a bind plus Landlock rules for the granted subtrees.
+fn mount_access(mount: &FsMount) -> MountAccess {
+    if crate::fs::needs_per_file_enforcement(mount) {
+        return MountAccess::PerFile;
+    }
     let Some(acls) = &mount.acls else {
-        return Ok(true);
+        return MountAccess::Bind {
+            writable: true,
+            subtrees: None,
+        };
     };
-    let whole = format!("{}/**", mount.mount);
-    let first = acls.first().map(|acl| (acl.path.as_str(), acl.access));
-    match first {
-        Some((path, FsAccess::Rw)) if path == whole || path == mount.mount => Ok(true),
-        Some((path, FsAccess::R)) if path == whole || path == mount.mount => Ok(false),
-        _ => Err(HiveError::FsUnenforceable(format!(
-            "fs mount {}: these acls need per-file enforcement, which this version of hive cannot \
-             provide yet; use a single {{ path: \"{whole}\", access: \"rw\" | \"r\" }} per mount",
-            mount.mount
-        ))),
+    let subtrees: Vec<Subtree> = acls
+        .iter()
+        .filter(|acl| acl.access != FsAccess::None)
+        .map(|acl| Subtree {
+            path: acl
+                .path
+                .as_str()
+                .strip_suffix("/**")
+                .unwrap_or(acl.path.as_str())
+                .to_owned(),
+            writable: acl.access == FsAccess::Rw,
+        })
+        .collect();
+    MountAccess::Bind {
+        writable: subtrees.iter().any(|t| t.writable),
+        subtrees: Some(subtrees),
+    }
+}
+
+/// Creates a granted subtree that does not exist yet in the source, so its Landlock rule has an
+/// inode to attach to. Nothing is created through a symlink or over a file (the sandbox may have
+/// planted them); the subtree then simply grants nothing.
+fn create_subtree(source: &Path, mount: &str, path: &str) {
+    let Some(rel) = path.strip_prefix(mount) else {
+        return;
+    };
+    let mut at = source.to_path_buf();
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.is_dir() => continue,
+            Ok(_) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if std::fs::create_dir(&at).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
     }
 }
 
@@ -457,6 +591,115 @@ mod tests {
         assert_eq!(parse_signal("9").unwrap(), 9);
         assert!(parse_signal("SIGNOPE").is_err());
         assert!(parse_signal("0").is_err());
+    }
+
+    fn mount(acls: Option<&[(&str, FsAccess)]>, audit: bool) -> FsMount {
+        FsMount {
+            backend: crate::config::FsBackend::Local,
+            mount: "/workspace".into(),
+            source: None,
+            acls: acls.map(|acls| {
+                acls.iter()
+                    .map(|(path, access)| crate::config::FsAcl {
+                        path: crate::config::PathGlob::parse(path).expect("valid glob"),
+                        access: *access,
+                    })
+                    .collect()
+            }),
+            audit,
+        }
+    }
+
+    fn bind(writable: bool, subtrees: Option<&[(&str, bool)]>) -> MountAccess {
+        MountAccess::Bind {
+            writable,
+            subtrees: subtrees.map(|s| {
+                s.iter()
+                    .map(|(path, writable)| Subtree {
+                        path: (*path).into(),
+                        writable: *writable,
+                    })
+                    .collect()
+            }),
+        }
+    }
+
+    #[test]
+    fn each_mount_gets_the_cheapest_layer_that_enforces_its_acls_exactly() {
+        use FsAccess::{None as Hidden, Rw, R};
+        type Acls<'a> = Option<&'a [(&'a str, FsAccess)]>;
+        let cases: &[(Acls, bool, MountAccess)] = &[
+            // no acls: the whole mount, read-write
+            (None, false, bind(true, None)),
+            // one whole-mount rule
+            (
+                Some(&[("/workspace/**", Rw)]),
+                false,
+                bind(true, Some(&[("/workspace", true)])),
+            ),
+            (
+                Some(&[("/workspace/**", R)]),
+                false,
+                bind(false, Some(&[("/workspace", false)])),
+            ),
+            // disjoint subtrees: Landlock per subtree, `none` grants nothing
+            (
+                Some(&[
+                    ("/workspace/a/**", R),
+                    ("/workspace/b/**", Rw),
+                    ("/workspace/c/**", Hidden),
+                ]),
+                false,
+                bind(
+                    true,
+                    Some(&[("/workspace/a", false), ("/workspace/b", true)]),
+                ),
+            ),
+            // per-file: globs that are not subtrees, nesting with different accesses, audit
+            (
+                Some(&[("/workspace/**/*.env", Hidden), ("/workspace/**", Rw)]),
+                false,
+                MountAccess::PerFile,
+            ),
+            (
+                Some(&[("/workspace/docs/**", R), ("/workspace/**", Rw)]),
+                false,
+                MountAccess::PerFile,
+            ),
+            (None, true, MountAccess::PerFile),
+        ];
+        for (acls, audit, want) in cases {
+            assert_eq!(
+                &mount_access(&mount(*acls, *audit)),
+                want,
+                "{acls:?} audit={audit}"
+            );
+        }
+    }
+
+    #[test]
+    fn per_file_mounts_are_refused_without_fuse_and_planned_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env: &[(&str, FsAccess)] = &[("/workspace/**/*.env", FsAccess::None)];
+        let got = launch_spec("t", dir.path(), &[mount(Some(env), false)], "", Vec::new());
+        if crate::fs::fuse_available() {
+            let spec = got.expect("planned");
+            assert!(spec.mounts[0].fuse);
+        } else {
+            let err = got.expect_err("refused");
+            assert_eq!(err.code(), crate::ErrorCode::FsUnenforceable);
+        }
+    }
+
+    #[test]
+    fn granted_subtrees_are_created_but_never_through_a_symlink() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink(outside.path(), src.path().join("link")).expect("link");
+        create_subtree(src.path(), "/workspace", "/workspace/a/b");
+        create_subtree(src.path(), "/workspace", "/workspace/link/x");
+        assert!(src.path().join("a/b").is_dir());
+        assert!(!outside.path().join("x").exists());
     }
 
     #[test]

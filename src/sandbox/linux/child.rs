@@ -73,15 +73,19 @@ pub(crate) enum Stage {
     Exec = 30,
     Setsid = 31,
     Identity = 32,
-    Routes = 33,
-    DnsSocket = 34,
+    OpenFuse = 33,
+    MountFuse = 34,
+    /// Not a failure: one FUSE fd handed over before the final report (errno field: mount index).
+    FuseHandover = 35,
+    Routes = 36,
+    DnsSocket = 37,
     Unknown = 255,
 }
 
 impl Stage {
     /// Decodes a stage code received from a child.
     pub(crate) fn from_u32(v: u32) -> Stage {
-        const ALL: [Stage; 35] = [
+        const ALL: [Stage; 38] = [
             Stage::Ok,
             Stage::Handshake,
             Stage::Hostname,
@@ -115,6 +119,9 @@ impl Stage {
             Stage::Exec,
             Stage::Setsid,
             Stage::Identity,
+            Stage::OpenFuse,
+            Stage::MountFuse,
+            Stage::FuseHandover,
             Stage::Routes,
             Stage::DnsSocket,
         ];
@@ -160,6 +167,9 @@ impl Stage {
             Stage::Exec => "executing the command",
             Stage::Setsid => "starting a new session",
             Stage::Identity => "switching to the sandbox's uid/gid 0",
+            Stage::OpenFuse => "opening /dev/fuse",
+            Stage::MountFuse => "mounting a FUSE file system",
+            Stage::FuseHandover => "handing over a FUSE connection",
             Stage::Routes => "adding the capture routes",
             Stage::DnsSocket => "creating the DNS sockets",
             Stage::Unknown => "an unknown step",

@@ -11,7 +11,9 @@
 //!    and capture listeners ([`super::capture`], each fd sent at once); the filesystem
 //!    ([`super::mounts`]) with the generated `/etc/resolv.conf` and `/etc/hosts`; the Landlock
 //!    rules.
-//! 4. Reports success with the listener attached, closes every fd it holds, and becomes a
+//! 4. Hands over each FUSE connection it mounted (one `FuseHandover` message per mount, see
+//!    [`super::mounts`]), reports success with the listener attached, closes every fd it holds,
+//!    and becomes a
 //!    reaper: orphans of the sandbox are re-parented to it and must not stay zombies. On x86_64
 //!    it first unmaps the host's memory it was cloned with ([`reap_forever`]).
 //!
@@ -47,6 +49,11 @@ pub(crate) unsafe fn init_main(plan: &mut InitPlan) -> ! {
     if n != 1 {
         libc::_exit(1);
     }
+    // Still the host's uid: the only moment init can open a root-only /dev/fuse (see
+    // mounts::open_fuse).
+    if let Err(f) = mounts::open_fuse(plan) {
+        report_and_exit(ctrl, f);
+    }
     if let Err(f) = super::child::become_sandbox_root() {
         report_and_exit(ctrl, f);
     }
@@ -67,6 +74,13 @@ pub(crate) unsafe fn init_main(plan: &mut InitPlan) -> ! {
     libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
     match setup(plan) {
         Ok(listener) => {
+            // FUSE connections first, one message each; the final report ends the handover.
+            for (i, m) in plan.mounts.iter().enumerate().filter(|(_, m)| m.fuse) {
+                let sent = netns::send_report(ctrl, Stage::FuseHandover, i as i32, Some(m.fuse_fd));
+                if let Err(f) = sent {
+                    report_and_exit(ctrl, f);
+                }
+            }
             if let Err(f) = netns::send_report(ctrl, Stage::Ok, 0, Some(listener)) {
                 report_and_exit(ctrl, f);
             }

@@ -128,16 +128,75 @@ pub(crate) unsafe fn add_rule(
     path: &std::ffi::CStr,
     access: u64,
 ) -> CResult {
-    let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+    add_rule_inner(ruleset, handled, path, access, false, false)
+}
+
+/// [`add_rule`] for a path whose components the sandbox may have written (a subtree of a
+/// writable mount): no component may be a symlink (`RESOLVE_NO_SYMLINKS`), else a planted
+/// `/workspace/docs -> /other/mount` would carry the rule elsewhere. Such a path gets no rule.
+pub(crate) unsafe fn add_rule_no_symlinks(
+    ruleset: RawFd,
+    handled: u64,
+    path: &std::ffi::CStr,
+    access: u64,
+) -> CResult {
+    add_rule_inner(ruleset, handled, path, access, false, true)
+}
+
+/// [`add_rule`] for a path known to be a directory, without `stat`ing it: the root of a FUSE
+/// mount the host does not serve yet, where a `stat` would wait for the server forever (opening
+/// with `O_PATH` sends no request).
+pub(crate) unsafe fn add_dir_rule(
+    ruleset: RawFd,
+    handled: u64,
+    path: &std::ffi::CStr,
+    access: u64,
+) -> CResult {
+    add_rule_inner(ruleset, handled, path, access, true, false)
+}
+
+unsafe fn add_rule_inner(
+    ruleset: RawFd,
+    handled: u64,
+    path: &std::ffi::CStr,
+    access: u64,
+    known_dir: bool,
+    no_symlinks: bool,
+) -> CResult {
+    let fd = if no_symlinks {
+        #[repr(C)]
+        struct OpenHow {
+            flags: u64,
+            mode: u64,
+            resolve: u64,
+        }
+        const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+        let how = OpenHow {
+            flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+            mode: 0,
+            resolve: RESOLVE_NO_SYMLINKS,
+        };
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        ) as libc::c_int
+    } else {
+        libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)
+    };
     if fd < 0 {
         return Ok(());
     }
     let mut st: libc::stat = std::mem::zeroed();
     let r = (|| {
-        check_i(libc::fstat(fd, &mut st), Stage::LandlockRule)?;
         let mut allowed = access & handled;
-        if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-            allowed &= FILE_RIGHTS;
+        if !known_dir {
+            check_i(libc::fstat(fd, &mut st), Stage::LandlockRule)?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                allowed &= FILE_RIGHTS;
+            }
         }
         #[repr(C, packed)]
         struct PathBeneath {

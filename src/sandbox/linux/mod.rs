@@ -18,7 +18,9 @@
 //! 3. init sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
 //!    listeners of the transparent path, the filesystem and the Landlock rules ([`init`],
 //!    [`netns`], [`capture`], [`mounts`]) and sends the sockets back over `SCM_RIGHTS`
-//!    ([`Handover`]). Ports added later get capture listeners from a setns helper
+//!    ([`Handover`]), after the `/dev/fuse` fd of each mount that needs per-file ACLs
+//!    ([`BindMount::fuse`]): the host serves those ([`Handover::fuse`]; nothing inside may touch
+//!    them before). Ports added later get capture listeners from a setns helper
 //!    ([`SandboxHost::open_capture_listeners`]).
 //!
 //! # How a process is spawned ([`SandboxHost::spawn`])
@@ -71,6 +73,8 @@
 
 pub mod capture;
 pub(crate) mod child;
+#[cfg(test)]
+mod fuse_tests;
 pub(crate) mod idmap;
 pub(crate) mod init;
 pub(crate) mod landlock;
@@ -135,14 +139,32 @@ impl fmt::Debug for LaunchSpec {
     }
 }
 
-/// One host directory (or file) bound into the sandbox.
-#[derive(Debug, Clone)]
+/// One host directory (or file) bound into the sandbox, or served into it over FUSE.
+#[derive(Debug, Clone, Default)]
 pub struct BindMount {
     /// Host path (must exist).
     pub source: PathBuf,
     /// Absolute path inside the sandbox, e.g. `/workspace`; not inside `/usr`, `/etc`, `/proc`,
     /// `/dev`, `/run` or the other directories the sandbox provides.
     pub target: String,
+    /// Read-write if true, else read-only.
+    pub writable: bool,
+    /// Landlock narrowing below `target` (issue 6): `None` gives the whole mount `writable`
+    /// access; `Some` gives access only beneath these subtrees (each must lie under `target`);
+    /// everything else in the mount can be traversed but not read or written.
+    pub subtrees: Option<Vec<Subtree>>,
+    /// Per-file enforcement: init mounts a FUSE file system at `target` instead of binding
+    /// `source`, and hands its `/dev/fuse` fd over ([`Handover::fuse`]) for the host to serve
+    /// (`crate::fs::AclFs`) over `source`. `writable` and `subtrees` are then ignored: the server
+    /// decides every access.
+    pub fuse: bool,
+}
+
+/// A subtree of a bind mount the workload may access ([`BindMount::subtrees`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subtree {
+    /// Absolute path inside the sandbox, under the mount's target.
+    pub path: String,
     /// Read-write if true, else read-only.
     pub writable: bool,
 }
@@ -180,6 +202,9 @@ pub struct Handover {
     /// Capture listeners on `0.0.0.0` and `[::]`, by port (blocking mode); ports that could not
     /// be bound are missing.
     pub transparent: capture::CaptureListeners,
+    /// One `/dev/fuse` fd per [`BindMount::fuse`] mount, with its target: mounted inside, not yet
+    /// served. Until the host serves it, any access to that mount inside blocks.
+    pub fuse: Vec<(String, OwnedFd)>,
 }
 
 /// One sandbox's namespaces and init (PID 1).
@@ -524,7 +549,8 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if uid == 0 {
         match idmapped_trees(&plan) {
             Ok(t) => {
-                for (m, tree) in plan.mounts.iter_mut().zip(&t) {
+                let bound = plan.mounts.iter_mut().filter(|m| !m.fuse);
+                for (m, tree) in bound.zip(&t) {
                     m.tree = tree.as_raw_fd();
                 }
                 _trees = t;
@@ -582,6 +608,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         return Err(fail(last_err("starting the sandbox init")));
     }
     let mut handed = Handed::default();
+    let mut fuse = Vec::new();
     let listener = loop {
         let report = match netns::recv_report(ours.as_raw_fd()) {
             Ok(r) => r,
@@ -599,14 +626,27 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             continue;
         }
         let (stage, errno) = child::decode_report(&buf);
-        match stage {
-            Stage::Ok => {}
+        match (stage, handed.last_fd.take()) {
+            (Stage::FuseHandover, Some(fd)) => {
+                match usize::try_from(errno).ok().and_then(|i| plan.mounts.get(i)) {
+                    Some(m) if m.fuse => {
+                        fuse.push((format!("/{}", m.target_rel.to_string_lossy()), fd));
+                    }
+                    _ => {
+                        return Err(fail(HiveError::Internal(format!(
+                            "sandbox init handed over a FUSE connection for mount {errno}"
+                        ))))
+                    }
+                }
+            }
+            (Stage::Ok, Some(_)) if fuse.len() != plan.mounts.iter().filter(|m| m.fuse).count() => {
+                return Err(fail(HiveError::Internal(
+                    "sandbox init did not hand over every FUSE connection".into(),
+                )))
+            }
+            (Stage::Ok, Some(fd)) => break std::net::TcpListener::from(fd),
             _ => return Err(fail(init_error(stage, errno))),
         }
-        let Some(fd) = handed.last_fd.take() else {
-            return Err(fail(init_error(stage, errno)));
-        };
-        break std::net::TcpListener::from(fd);
     };
     let inner = HostInner {
         name: spec.name.clone(),
@@ -630,6 +670,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             dns_udp: handed.dns_udp,
             dns_tcp: handed.dns_tcp,
             transparent: handed.transparent,
+            fuse,
         },
     ))
 }
@@ -681,12 +722,13 @@ fn open_namespaces(pid: i32) -> Result<Vec<OwnedFd>> {
 
 /// One idmapped tree per configured mount (root only), all or nothing.
 fn idmapped_trees(plan: &InitPlan) -> std::io::Result<Vec<OwnedFd>> {
-    if plan.mounts.is_empty() {
+    if plan.mounts.iter().all(|m| m.fuse) {
         return Ok(Vec::new());
     }
     let userns = idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?;
     plan.mounts
         .iter()
+        .filter(|m| !m.fuse)
         .map(|m| idmap::idmapped_tree(&m.source, &userns, m.writable))
         .collect()
 }
@@ -720,6 +762,13 @@ fn init_error(stage: Stage, errno: i32) -> HiveError {
         stage.describe(),
         errno_text(errno)
     );
+    if matches!(stage, Stage::OpenFuse | Stage::MountFuse) {
+        return HiveError::FsUnenforceable(format!(
+            "{detail}; a mount needs per-file enforcement through FUSE and the sandbox cannot \
+             mount it: make /dev/fuse usable (many hosts ship it 0666), run as root, or use only \
+             plain \"<dir>/**\" rules without audit"
+        ));
+    }
     let privileged = matches!(errno, libc::EPERM | libc::EACCES);
     let setup = (stage as u32) <= (Stage::PivotRoot as u32);
     if privileged && setup {
@@ -1058,6 +1107,9 @@ mod unit {
             (Stage::Listener, libc::EADDRINUSE, ErrorCode::Internal),
             (Stage::LandlockRule, libc::EPERM, ErrorCode::Internal),
             (Stage::WriteFile, libc::ENOSPC, ErrorCode::Internal),
+            // Per-file enforcement the sandbox cannot set up is never silently dropped.
+            (Stage::OpenFuse, libc::EACCES, ErrorCode::FsUnenforceable),
+            (Stage::MountFuse, libc::EPERM, ErrorCode::FsUnenforceable),
         ] {
             assert_eq!(init_error(stage, errno).code(), code, "{stage:?} {errno}");
         }

@@ -17,6 +17,12 @@
 //! 7. init then adds the Landlock rules ([`landlock_rules`]) and makes `/` read-only
 //!    ([`root_read_only`]).
 //!
+//! A mount with per-file ACLs (issue 6) is not bound: init opens `/dev/fuse` before it drops the
+//! host's uid ([`open_fuse`]), mounts it at the target in step 3 and hands the fd to the host,
+//! which serves it (`crate::fs::AclFs`) over the source. The host does not serve it before init
+//! has finished, so no setup step may touch the mount: its Landlock rule is added without a
+//! `stat`, and no other mount may be nested in it (the plan refuses).
+//!
 //! Binds use the new mount API: `open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)` makes a detached
 //! copy, `mount_setattr` sets read-only/nosuid/nodev on the whole copy *before* it is attached
 //! (no window where it is writable, and unlike `MS_REMOUNT` it leaves the flags the kernel locks in
@@ -196,7 +202,7 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         *slot = open_path(host)?;
     }
     for (m, slot) in plan.mounts.iter().zip(&mut fds) {
-        if m.tree < 0 {
+        if m.tree < 0 && !m.fuse {
             *slot = open_path(&m.source)?;
         }
     }
@@ -338,7 +344,9 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         if m.is_file {
             touch(&m.target_rel, 0o644, Stage::BindConfigured)?;
         }
-        if m.tree >= 0 {
+        if m.fuse {
+            mount_fuse(m.fuse_fd, &m.target_rel)?;
+        } else if m.tree >= 0 {
             // Idmapped by the parent, flags already set: attach as is.
             check(
                 libc::syscall(
@@ -476,10 +484,98 @@ pub(crate) unsafe fn landlock_rules(plan: &InitPlan) -> CResult {
     }
     landlock::add_rule(fd, handled, c"dev/pts", dev_rw | READ_DIR)?;
     for m in plan.mounts.iter() {
-        let access = if m.writable { ALL } else { READ_EXEC };
-        landlock::add_rule(fd, handled, &m.target_rel, access)?;
+        match (&m.landlock, m.fuse) {
+            // The server decides every access; Landlock only keeps the mount itself usable.
+            (_, true) => landlock::add_dir_rule(fd, handled, &m.target_rel, ALL)?,
+            (Some(subtrees), false) => {
+                for (rel, rights) in subtrees {
+                    landlock::add_rule_no_symlinks(fd, handled, rel, *rights)?;
+                }
+            }
+            (None, false) => {
+                let access = if m.writable { ALL } else { READ_EXEC };
+                landlock::add_rule(fd, handled, &m.target_rel, access)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// Opens `/dev/fuse` once per FUSE mount (init, *before* it switches to the sandbox's uid 0).
+///
+/// The kernel only mounts a FUSE fd opened in the mount's own user namespace, and `/dev/fuse` is
+/// often `0600 root`: as root, init still holds the host's uid here (owner match, no capability
+/// needed); unprivileged, this works where `/dev/fuse` is usable by the caller. The parent checked
+/// [`crate::fs::fuse_available`] first, so a failure here is reported as unenforceable.
+pub(crate) unsafe fn open_fuse(plan: &mut InitPlan) -> CResult {
+    for m in plan.mounts.iter_mut().filter(|m| m.fuse) {
+        m.fuse_fd = check_i(
+            libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC),
+            Stage::OpenFuse,
+        )?;
+    }
+    Ok(())
+}
+
+/// Options of a sandbox FUSE mount after `fd=<n>`: the sandbox's root owns the connection and
+/// every process of the sandbox may use it; no `default_permissions` (the server decides).
+const FUSE_OPTIONS_TAIL: &[u8] = b",rootmode=40000,user_id=0,group_id=0,allow_other\0";
+
+/// Mounts the FUSE connection `fuse_fd` at `target` (relative to the cwd), `nosuid,nodev`.
+/// Nothing may touch the mount afterwards until the host serves it: any request would wait.
+unsafe fn mount_fuse(fuse_fd: libc::c_int, target: &CStr) -> CResult {
+    let mut data = [0u8; 96];
+    let len = fuse_options(fuse_fd, &mut data).ok_or(Fail {
+        stage: Stage::MountFuse,
+        errno: libc::EINVAL,
+    })?;
+    let data = CStr::from_bytes_with_nul(data.get(..len).unwrap_or(&[])).map_err(|_| Fail {
+        stage: Stage::MountFuse,
+        errno: libc::EINVAL,
+    })?;
+    check_i(
+        libc::mount(
+            c"hive".as_ptr(),
+            target.as_ptr(),
+            c"fuse.hive".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            data.as_ptr().cast(),
+        ),
+        Stage::MountFuse,
+    )?;
+    Ok(())
+}
+
+/// Writes `fd=<fd>` + [`FUSE_OPTIONS_TAIL`] into `out` without allocating; the length with the
+/// NUL, or `None` if it does not fit or `fd` is negative.
+fn fuse_options(fd: libc::c_int, out: &mut [u8]) -> Option<usize> {
+    let mut digits = [0u8; 10];
+    let mut n = u32::try_from(fd).ok()?;
+    let mut count = 0;
+    loop {
+        *digits.get_mut(count)? = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let mut len = 0;
+    let mut push = |b: u8| -> Option<()> {
+        *out.get_mut(len)? = b;
+        len += 1;
+        Some(())
+    };
+    for b in b"fd=" {
+        push(*b)?;
+    }
+    for i in (0..count).rev() {
+        push(*digits.get(i)?)?;
+    }
+    for b in FUSE_OPTIONS_TAIL {
+        push(*b)?;
+    }
+    Some(len)
 }
 
 /// Makes the root tmpfs read-only (the submounts keep their own flags).
@@ -489,4 +585,40 @@ pub(crate) unsafe fn root_read_only() -> CResult {
         Stage::RemountRootRo,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn fuse_options_are_written_without_allocating() {
+        for (fd, want) in [
+            (
+                0,
+                Some("fd=0,rootmode=40000,user_id=0,group_id=0,allow_other"),
+            ),
+            (
+                7,
+                Some("fd=7,rootmode=40000,user_id=0,group_id=0,allow_other"),
+            ),
+            (
+                1234,
+                Some("fd=1234,rootmode=40000,user_id=0,group_id=0,allow_other"),
+            ),
+            (-1, None),
+        ] {
+            let mut buf = [0u8; 96];
+            let got = fuse_options(fd, &mut buf).map(|len| {
+                CStr::from_bytes_with_nul(&buf[..len])
+                    .expect("NUL-terminated")
+                    .to_str()
+                    .expect("ascii")
+                    .to_owned()
+            });
+            assert_eq!(got.as_deref(), want, "{fd}");
+        }
+        let mut small = [0u8; 8];
+        assert_eq!(fuse_options(1, &mut small), None);
+    }
 }

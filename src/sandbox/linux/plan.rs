@@ -17,6 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
+use super::landlock::{ALL, READ_EXEC};
 use super::seccomp::SeccompProgram;
 use super::{BindMount, LaunchSpec, ProcessSpec, CA_BUNDLE_PATH};
 use crate::error::{HiveError, Result};
@@ -88,6 +89,13 @@ pub(crate) struct PlannedMount {
     pub writable: bool,
     /// A detached idmapped tree of `source` made by the parent ([`super::idmap`]), or -1.
     pub tree: RawFd,
+    /// Landlock rules `(path relative to the new root, rights)` when the mount is narrowed to
+    /// subtrees ([`BindMount::subtrees`]); `None`: the whole mount per `writable`.
+    pub landlock: Option<Vec<(CString, u64)>>,
+    /// Served over FUSE by the host ([`BindMount::fuse`]): nothing is bound.
+    pub fuse: bool,
+    /// The `/dev/fuse` fd init opened for this mount (init fills it), or -1.
+    pub fuse_fd: RawFd,
 }
 
 /// A secret to hide: absolute path inside the sandbox and whether it is a directory.
@@ -292,6 +300,20 @@ impl InitPlan {
             }
             mounts.push(planned);
         }
+        // A FUSE mount is served only after init is done: init cannot create mount points in it.
+        for outer in mounts.iter().filter(|m| m.fuse) {
+            if let Some(inner) = mounts
+                .iter()
+                .find(|m| nested(&outer.target_rel, &m.target_rel))
+            {
+                return Err(HiveError::InvalidArgument(format!(
+                    "mount target /{} is inside /{}, which is served with per-file enforcement; \
+                     mount it elsewhere",
+                    inner.target_rel.to_string_lossy(),
+                    outer.target_rel.to_string_lossy()
+                )));
+            }
+        }
         // Parents before children, so a nested target lands on top of its parent's bind.
         mounts.sort_by_key(|m| {
             m.target_rel
@@ -333,6 +355,12 @@ impl InitPlan {
     }
 }
 
+/// Whether `inner` lies strictly below `outer` (both relative, normalized).
+fn nested(outer: &CStr, inner: &CStr) -> bool {
+    let (outer, inner) = (outer.to_bytes(), inner.to_bytes());
+    inner.len() > outer.len() && inner.starts_with(outer) && inner.get(outer.len()) == Some(&b'/')
+}
+
 /// Validates and resolves one configured mount.
 fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
     let bad = |why: &str| HiveError::InvalidArgument(format!("mount target {:?}: {why}", m.target));
@@ -366,6 +394,28 @@ fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
     if !is_file && !meta.is_dir() {
         return Err(bad("source must be a directory or a regular file"));
     }
+    if m.fuse && is_file {
+        return Err(bad(
+            "a mount served with per-file enforcement needs a directory source",
+        ));
+    }
+    let landlock = match (&m.subtrees, m.fuse) {
+        (Some(subtrees), false) => Some(
+            subtrees
+                .iter()
+                .map(|t| {
+                    let below = t
+                        .path
+                        .strip_prefix(m.target.trim_end_matches('/'))
+                        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+                        .ok_or_else(|| bad(&format!("subtree {:?} is not under it", t.path)))?;
+                    let rights = if t.writable { ALL } else { READ_EXEC };
+                    Ok((cstring(format!("{rel}{below}").as_bytes())?, rights))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        _ => None,
+    };
     let mut mkdirs = Vec::new();
     let dirs = if is_file {
         parts.len() - 1
@@ -380,8 +430,11 @@ fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
         target_rel: cstring(rel.as_bytes())?,
         mkdirs,
         is_file,
-        writable: m.writable,
+        writable: m.writable || m.fuse,
         tree: -1,
+        landlock,
+        fuse: m.fuse,
+        fuse_fd: -1,
     })
 }
 
@@ -535,7 +588,7 @@ mod unit {
         BindMount {
             source: "/tmp".into(),
             target: target.into(),
-            writable: false,
+            ..Default::default()
         }
     }
 

@@ -51,11 +51,13 @@ fn start(name: &str) -> Sandbox {
                 source: rw.path().into(),
                 target: "/workspace".into(),
                 writable: true,
+                ..Default::default()
             },
             BindMount {
                 source: ro.path().into(),
                 target: "/data".into(),
                 writable: false,
+                ..Default::default()
             },
         ],
         ca_bundle_pem: b"-----BEGIN CERTIFICATE-----\ntest\n-----END CERTIFICATE-----\n".to_vec(),
