@@ -105,7 +105,8 @@ fn ack_errno(buf: &[u8]) -> Option<i32> {
 }
 
 /// Adds `local 0.0.0.0/0 dev lo` and `local ::/0 dev lo` (child side, needs `CAP_NET_ADMIN` in
-/// the namespace's user namespace). The IPv6 route is skipped where IPv6 is unavailable.
+/// the namespace's user namespace). A failing IPv6 route is ignored (IPv6 then has no route at
+/// all and fails closed).
 pub(crate) unsafe fn local_routes(lo_index: u32) -> CResult {
     let sock = check_i(
         libc::socket(
@@ -135,8 +136,9 @@ pub(crate) unsafe fn local_routes(lo_index: u32) -> CResult {
             let got = buf.get(..n as usize).unwrap_or(&[]);
             match ack_errno(got) {
                 Some(0) => {}
-                // No IPv6 in this kernel or namespace: IPv4 capture still holds.
-                Some(libc::EAFNOSUPPORT | libc::EOPNOTSUPP) if family == libc::AF_INET6 as u8 => {}
+                // IPv6 disabled (boot parameter, sysctl): IPv4 capture still holds, and IPv6
+                // stays without any route, so it fails closed (`ENETUNREACH`).
+                Some(_) if family == libc::AF_INET6 as u8 => {}
                 Some(e) => {
                     return Err(Fail {
                         stage: Stage::Routes,
