@@ -38,6 +38,23 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// The `method` recorded for tunnel-level decisions.
 const CONNECT: &str = "CONNECT";
 
+/// How a tunnel request is recorded: method `CONNECT`, no path, scheme `https` on 443, else `tcp`.
+fn tunnel_subject(host: &str, port: u16, via: crate::proxy::Via) -> Subject<'_> {
+    let scheme = if port == 443 {
+        Scheme::Https
+    } else {
+        Scheme::Tcp
+    };
+    Subject {
+        host,
+        port,
+        method: CONNECT,
+        path: "",
+        scheme,
+        via,
+    }
+}
+
 /// Handles a `CONNECT` request on a proxy connection.
 pub async fn handle(conn: Conn, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(authority) = req.uri().authority().map(|a| a.as_str().to_string()) else {
@@ -48,19 +65,7 @@ pub async fn handle(conn: Conn, mut req: Request<Incoming>) -> Response<ProxyBod
     };
     let engine = &conn.engine;
     let compiled = engine.cell.load_full();
-    let scheme = if port == 443 {
-        Scheme::Https
-    } else {
-        Scheme::Tcp
-    };
-    let subject = Subject {
-        host: &host,
-        port,
-        method: CONNECT,
-        path: "",
-        scheme,
-        via: conn.via(),
-    };
+    let subject = tunnel_subject(&host, port, conn.via());
     match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
         Outcome::Denied(decision) => {
             Auditor::new(engine.events.clone()).request(&subject, &decision, &[]);
@@ -94,19 +99,7 @@ pub async fn transparent(conn: Conn, stream: TcpStream, host: String, port: u16)
     };
     let engine = &conn.engine;
     let compiled = engine.cell.load_full();
-    let scheme = if port == 443 {
-        Scheme::Https
-    } else {
-        Scheme::Tcp
-    };
-    let subject = Subject {
-        host: &host,
-        port,
-        method: CONNECT,
-        path: "",
-        scheme,
-        via: conn.via(),
-    };
+    let subject = tunnel_subject(&host, port, conn.via());
     match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
         Outcome::Allowed { raw_tunnel, .. } => tunnel(conn, stream, host, port, raw_tunnel).await,
         Outcome::Denied(decision) => {
