@@ -87,7 +87,7 @@ function checkName(name) {
 const nativeGetOrCreate = wrapAsync(binding.getOrCreateSandbox)
 const nativeDelete = wrapAsync(binding.deleteSandbox)
 
-// The same live sandbox object per name within a process (SPEC §1): the native call returns a new
+// The same live sandbox object per name within a process (README.md#api): the native call returns a new
 // wrapper each time, so keep the first wrapper of each live engine-side sandbox.
 const live = new Map()
 

@@ -1,4 +1,4 @@
-// sandbox.spawn / sandbox.exec (SPEC §1) over the native process: stdio fds become Node streams on
+// sandbox.spawn / sandbox.exec (README.md#api) over the native process: stdio fds become Node streams on
 // libuv (net.Socket over a pipe fd), so nothing here blocks the main thread.
 'use strict'
 

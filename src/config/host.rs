@@ -2,7 +2,7 @@
 //! normalization (case, trailing dot, IDN to punycode).
 //!
 //! Rule hosts and request hosts go through the same normalization ([`normalize_host`]) so that a
-//! comparison is always between two canonical forms (SPEC §2):
+//! comparison is always between two canonical forms (docs/network-access.md):
 //! 1. one trailing dot is removed (`API.GITHUB.COM.` is `api.github.com`);
 //! 2. IP literals (IPv6 with or without brackets) become their canonical text (`::1`);
 //! 3. names go through UTS #46 (lowercase, IDN to punycode) and must then be LDH labels of at most

@@ -1,6 +1,6 @@
 //! The sandbox config: JSON input from JS -> validated [`Config`], and back (normalized, redacted).
 //!
-//! This module is the single place where untrusted input becomes typed values (SPEC §1, §2, §4, §5):
+//! This module is the single place where untrusted input becomes typed values (README.md#api and docs/):
 //! 1. [`Config::from_json`] walks the raw `serde_json::Value` by hand so that it can report *every*
 //!    problem at once, each with its field path (`egress[2].ports[0]`) and a hint, and reject unknown
 //!    keys (a typo must not silently widen or drop a rule).
@@ -31,7 +31,7 @@ use std::path::PathBuf;
 
 use crate::error::Result;
 
-/// What `getConfig()` shows in place of a secret; `applyConfig` rejects it (SPEC §1).
+/// What `getConfig()` shows in place of a secret; `applyConfig` rejects it (README.md#api).
 pub const REDACTED: &str = "[redacted]";
 
 /// A validated sandbox config.
@@ -39,7 +39,7 @@ pub const REDACTED: &str = "[redacted]";
 pub struct Config {
     /// File system mounts, in the order given.
     pub fs: Vec<FsMount>,
-    /// Egress rules, in order; the first match decides (SPEC §2).
+    /// Egress rules, in order; the first match decides (docs/network-access.md).
     pub egress: Vec<EgressRule>,
     /// How the proxy reaches upstreams (never changes a decision).
     pub upstream: Upstream,

@@ -195,7 +195,7 @@ fn wildcard_match(pat: &[u8], text: &[u8]) -> bool {
     pat[p..].iter().all(|&b| b == b'*')
 }
 
-/// Normalizes a request path for matching (SPEC §2): drops the query string, percent-decodes
+/// Normalizes a request path for matching (docs/network-access.md): drops the query string, percent-decodes
 /// unreserved characters, removes dot segments (`/v1/../admin` is `/admin`).
 ///
 /// Step by step:

@@ -5,7 +5,7 @@
 //!
 //! # Security
 //! Override header values are rendered as [`REDACTED`]; `from_json` rejects that marker, so a round
-//! trip through JS can never replace a secret with the marker by accident (SPEC §1).
+//! trip through JS can never replace a secret with the marker by accident (README.md#api).
 
 use serde_json::{json, Map, Value};
 

@@ -5,7 +5,7 @@ use std::fmt;
 /// An override header value. `Debug` and `Display` print `[redacted]`.
 ///
 /// # Security
-/// Secrets must never reach logs, events, errors or disk (SPEC §2). The only way to the bytes is
+/// Secrets must never reach logs, events, errors or disk (docs/network-access.md). The only way to the bytes is
 /// [`Secret::expose`], used where the header is written to the upstream request.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(http::HeaderValue);

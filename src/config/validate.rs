@@ -56,7 +56,7 @@ const FORBIDDEN_HEADERS: &[&str] = &[
 ];
 
 /// First path segments a mount may not use: the read-only system view and the sandbox's own
-/// `/proc`, `/dev`, `/sys` (SPEC §4). `lib*` is checked by prefix.
+/// `/proc`, `/dev`, `/sys` (docs/security.md). `lib*` is checked by prefix.
 const RESERVED_MOUNT_ROOTS: &[&str] = &["proc", "dev", "sys", "usr", "bin", "sbin", "etc"];
 
 /// Validates a whole config (see [`Config::from_json`]).

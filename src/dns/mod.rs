@@ -1,4 +1,4 @@
-//! The policy-aware DNS responder served inside each sandbox (SPEC §4 "Network", issue 5).
+//! The policy-aware DNS responder served inside each sandbox (docs/network-access.md#dns-and-transparent-capture).
 //!
 //! Clients that ignore proxy variables (Node's `fetch`, Go, raw sockets) resolve names through
 //! `/etc/resolv.conf`, which points at this responder on port 53 inside the sandbox's network
@@ -24,7 +24,7 @@ pub use responder::{DnsResponder, Transport};
 /// not used from a cache for long (the proxy still decides every connection).
 pub const ANSWER_TTL: u32 = 5;
 
-/// Field names of the `dns.query` event (SPEC §3).
+/// Field names of the `dns.query` event (docs/audit-log.md).
 pub mod field {
     /// The queried name, normalized; names that are no hostname in presentation form (`\DDD`).
     pub const NAME: &str = "name";

@@ -1,5 +1,4 @@
-//! The per-sandbox name table: which sandbox-local address stands for which hostname (SPEC §4,
-//! issue 5).
+//! The per-sandbox name table: which sandbox-local address stands for which hostname (docs/network-access.md#dns-and-transparent-capture).
 //!
 //! 1. The DNS responder asks [`NameTable::address_for`] for a name some rule could allow; the first
 //!    time, the name gets the next free index, which never changes for the life of the sandbox.

@@ -1,5 +1,5 @@
 //! The DNS responder of one sandbox: UDP and TCP port 53 inside its network namespace, answered
-//! from the policy alone (SPEC §4, issue 5).
+//! from the policy alone (docs/network-access.md#dns-and-transparent-capture).
 //!
 //! For each packet:
 //! 1. [`wire::parse_query`] reads it: a short packet or a response is dropped, anything malformed

@@ -1,4 +1,4 @@
-//! The JSON Lines audit log on disk: `<dir>/audit.jsonl`, rotated to `audit.jsonl.1` (SPEC §3).
+//! The JSON Lines audit log on disk: `<dir>/audit.jsonl`, rotated to `audit.jsonl.1` (docs/audit-log.md).
 //!
 //! How it works:
 //! 1. [`AuditLog::open`] opens `audit.jsonl` with `O_APPEND`, reads only the tail of the file (or
@@ -23,7 +23,7 @@ use crate::error::{HiveError, Result};
 pub const LOG_FILE: &str = "audit.jsonl";
 /// File name of the previous (rotated) audit log.
 pub const ROTATED_FILE: &str = "audit.jsonl.1";
-/// Rotation threshold (SPEC §3).
+/// Rotation threshold (docs/audit-log.md).
 pub const ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// How much of a file's end is read at first to find its last id; doubled until a line is found.

@@ -1,5 +1,5 @@
 //! Audit events: the [`Event`] shape, the per-sandbox [`EventBus`] that fans them out to
-//! subscribers, and the JSON Lines audit log that persists and replays them (SPEC §3).
+//! subscribers, and the JSON Lines audit log that persists and replays them (docs/audit-log.md).
 //!
 //! How [`EventBus::emit`] works, all under one short lock so the log is strictly ordered:
 //! 1. take the next id: a `u64` sequence rendered as 16 zero-padded digits, so string order is
@@ -11,7 +11,7 @@
 //!    `subscription.rs`).
 //!
 //! # Security
-//! Events carry only what SPEC §3 lists: header *names*, never values, and never query strings.
+//! Events carry only the fields docs/audit-log.md lists: header *names*, never values, and never query strings.
 //! The callers build the fields; this module adds nothing but id, type, time and sandbox.
 
 mod log;
@@ -31,7 +31,7 @@ use subscription::Live;
 pub use log::{LOG_FILE, ROTATED_FILE, ROTATE_BYTES};
 pub use subscription::Subscription;
 
-/// The event id field (SPEC §3).
+/// The event id field (docs/audit-log.md).
 pub const FIELD_ID: &str = "id";
 /// The event type field (`kind` in Rust).
 pub const FIELD_TYPE: &str = "type";
@@ -42,7 +42,7 @@ pub const FIELD_SANDBOX: &str = "sandbox";
 /// The `events.dropped` field with the number of events lost.
 pub const FIELD_COUNT: &str = "count";
 
-/// Event type names (SPEC §3).
+/// Event type names (docs/audit-log.md).
 pub mod kind {
     pub const EGRESS_REQUEST: &str = "egress.request";
     pub const EGRESS_RESPONSE: &str = "egress.response";
@@ -57,7 +57,7 @@ pub mod kind {
     pub const EVENTS_DROPPED: &str = "events.dropped";
 }
 
-/// Default per-subscriber buffer (SPEC §1).
+/// Default per-subscriber buffer (README.md#api).
 pub const DEFAULT_BUFFER: usize = 10_000;
 
 /// One audit event. Serialized flat: `{ id, type, time, sandbox, ...fields }`.

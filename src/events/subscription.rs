@@ -204,7 +204,7 @@ struct Reader {
     last_id: Option<String>,
 }
 
-/// One subscriber's stream of events (SPEC §1 `getEventsStream`). Dropping it unsubscribes.
+/// One subscriber's stream of events (docs/audit-log.md#streaming). Dropping it unsubscribes.
 pub struct Subscription {
     bus: Arc<EventBus>,
     key: u64,

@@ -1,5 +1,5 @@
 //! ACL decisions for one mount: a path inside the sandbox -> [`FsAccess`] and the index of the
-//! rule that decided it (SPEC §4, issue 6).
+//! rule that decided it (docs/file-access.md).
 //!
 //! 1. [`Acl::new`] keeps the mount's rules in order and, for each, the literal directory prefix
 //!    of its glob (the segments before the first one with a `*`).

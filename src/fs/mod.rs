@@ -1,4 +1,4 @@
-//! Mounts and per-file ACL enforcement (SPEC §4 "Filesystem", issue 6): a FUSE file system served
+//! Mounts and per-file ACL enforcement (docs/file-access.md): a FUSE file system served
 //! by the host process that decides every request on its path and does the real I/O itself below
 //! a directory fd of the mount's source.
 //!
@@ -239,7 +239,7 @@ impl AclFs {
 }
 
 /// Refuses (`HIVE_FS_UNENFORCEABLE`, with a hint) when some mount needs per-file enforcement and
-/// this process cannot open `/dev/fuse` (SPEC §4: never silently enforce less).
+/// this process cannot open `/dev/fuse` (docs/file-access.md: never silently enforce less).
 pub fn require_enforceable(mounts: &[FsMount]) -> Result<()> {
     match unenforceable(mounts, fuse_available()) {
         Some(err) => Err(err),

@@ -981,7 +981,7 @@ fn concurrent_creates_renames_and_deletes_stay_consistent() {
     assert_eq!(m.denied().len(), 6 * 50);
 }
 
-/// Times the four workloads of issue 6 under `root` (`big` is a 100 MiB file already there).
+/// Times the four workloads of the file-ACL benchmark under `root` (`big` is a 100 MiB file already there).
 fn workload(root: &Path, big: &Path, tarball: &Path) -> [std::time::Duration; 5] {
     use std::time::Instant;
     let start = Instant::now();

@@ -11,7 +11,7 @@
 //!    to one network bucket per prefix length in use, and the `*` list. Every bucket is in rule
 //!    order, and every rule in a bucket matches the host by construction;
 //! 3. the caller takes the first match of each bucket and keeps the smallest index, which is the
-//!    first match over all rules: "first match wins" (SPEC §2) without merging.
+//!    first match over all rules: "first match wins" (docs/network-access.md) without merging.
 //!
 //! A decision therefore costs a handful of hash lookups plus the rules naming that host, however
 //! many rules there are for other hosts.

@@ -1,4 +1,4 @@
-//! The compiled egress policy: `decide(&Request) -> Decision` (SPEC §2). Pure: no I/O, no clock.
+//! The compiled egress policy: `decide(&Request) -> Decision` (docs/network-access.md). Pure: no I/O, no clock.
 //!
 //! A [`Policy`] is compiled once per applied config and shared read-only by every connection.
 //!
@@ -225,7 +225,7 @@ impl Policy {
     /// private-address refusal for that address). IPv4-mapped IPv6 addresses count as IPv4.
     ///
     /// # Security
-    /// Only `Net` hosts count: `*` does not name private addresses (SPEC §2, SSRF). A deny rule
+    /// Only `Net` hosts count: `*` does not name private addresses (docs/network-access.md#private-addresses, SSRF). A deny rule
     /// naming the address also counts; the decision that follows is then that deny.
     pub fn names_address(&self, ip: IpAddr) -> bool {
         let mut named = false;
@@ -437,7 +437,7 @@ fn inspects_http(rule: &EgressRule) -> bool {
 }
 
 /// A config together with its compiled policy: what is in force, swapped atomically as a whole
-/// by `applyConfig` (SPEC §1) and read by every decision.
+/// by `applyConfig` (README.md#api) and read by every decision.
 #[derive(Debug)]
 pub struct Compiled {
     pub config: std::sync::Arc<Config>,
@@ -512,7 +512,7 @@ mod tests {
         }
     }
 
-    // SPEC §2: the example config of the SPEC, request by request.
+    // The README's example config, request by request.
     #[test]
     fn spec_example() {
         check(
@@ -551,7 +551,7 @@ mod tests {
         );
     }
 
-    // SPEC §2: empty egress denies everything.
+    // Empty egress denies everything.
     #[test]
     fn empty_denies_all() {
         check(
@@ -830,7 +830,7 @@ mod tests {
             (json!([{ "access": "allow", "host": "*" }]), "bad host", false),
         ];
         for (rules, host, want) in cases {
-            // Names resolve through host-name rules only (issue 5: no DNS exfiltration).
+            // Names resolve through host-name rules only (no DNS exfiltration: docs/network-access.md#dns-and-transparent-capture).
             let name_rule = !(rules.to_string().contains("10.0.0.0/8"));
             let p = policy(rules.clone());
             assert_eq!(

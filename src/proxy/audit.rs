@@ -1,4 +1,4 @@
-//! The proxy's audit events (SPEC §3): field names in one place, `egress.request` at decision time
+//! The proxy's audit events (docs/audit-log.md): field names in one place, `egress.request` at decision time
 //! and `egress.response` when an allowed exchange ends.
 //!
 //! 1. [`Auditor::request`] emits `egress.request` for every decision and, for allowed ones,
@@ -238,7 +238,7 @@ where
     }
 }
 
-/// The path without its query string (queries may carry tokens; SPEC §3 does not record them).
+/// The path without its query string (queries may carry tokens, so events never record them).
 pub fn strip_query(path: &str) -> &str {
     path.split_once('?').map_or(path, |(p, _)| p)
 }

@@ -1,4 +1,4 @@
-//! `CONNECT` tunnels (SPEC §2): decide host:port first (`403` before any TLS), answer `200`, take
+//! `CONNECT` tunnels (docs/network-access.md): decide host:port first (`403` before any TLS), answer `200`, take
 //! the upgraded stream and sniff its first bytes:
 //!
 //! 1. A TLS ClientHello (`0x16`) is intercepted ([`intercept`](super::intercept)): every request

@@ -1,5 +1,5 @@
 //! The answers the proxy writes itself: `403` policy denials, `400` malformed requests, `407`
-//! missing proxy credentials and `502` upstream failures (SPEC §2, §5).
+//! missing proxy credentials and `502` upstream failures (docs/network-access.md).
 //!
 //! # Security
 //! Every body here is fixed text plus the host, method and path the client itself sent: no

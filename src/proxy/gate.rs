@@ -1,4 +1,4 @@
-//! The decision pipeline every request and tunnel goes through (SPEC §2):
+//! The decision pipeline every request and tunnel goes through (docs/network-access.md):
 //!
 //! 1. Policy first: `decide` (or `decide_connect`) with the address when it is already known (an IP
 //!    literal, an `upstream.resolve` entry, or — only when some rule is an IP/CIDR rule

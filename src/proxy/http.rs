@@ -4,7 +4,7 @@
 //! carried through).
 //!
 //! # Security
-//! Every request is decided against the policy loaded at the moment it arrives (SPEC §1
+//! Every request is decided against the policy loaded at the moment it arrives (README.md#api
 //! `applyConfig`). Inside a tunnel the `Host` / `:authority` must name the tunnel's host and port
 //! (`host-mismatch`, no domain fronting). Override headers are set only after the decision, after
 //! hop-by-hop stripping, and only for HTTPS upstream legs or rules with `allowPlaintext`.

@@ -1,4 +1,4 @@
-//! TLS interception of an accepted tunnel (SPEC §2 "HTTPS"):
+//! TLS interception of an accepted tunnel (docs/network-access.md#https):
 //!
 //! 1. Read the ClientHello (bounded by [`TLS_HANDSHAKE_TIMEOUT`]) for its SNI and ALPN offer.
 //! 2. Terminate TLS with the sandbox CA's leaf for the SNI (or the CONNECT host when there is no

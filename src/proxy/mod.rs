@@ -1,4 +1,4 @@
-//! The egress proxy (SPEC §2, §3, §5; issue 3): one [`Engine`] per sandbox decides every outbound
+//! The egress proxy (docs/network-access.md, docs/audit-log.md): one [`Engine`] per sandbox decides every outbound
 //! request against the policy in force, injects the sandbox's credentials on allowed requests that
 //! leave over verified TLS, and records every decision as an audit event.
 //!
@@ -21,7 +21,7 @@
 //!
 //! Denials and failures are answered by [`deny`] with fixed text (no secrets, no internals).
 //!
-//! Event conventions beyond SPEC §3: a `CONNECT` refused before any TLS is recorded with method
+//! Event conventions (docs/audit-log.md): a `CONNECT` refused before any TLS is recorded with method
 //! `CONNECT`, an empty path and scheme `https` for port 443 (else `tcp`); a raw tunnel is recorded
 //! with scheme `tcp`. `bytesOut` counts body bytes the sandbox sent upstream, `bytesIn` body bytes
 //! the upstream sent back (for tunnels and WebSockets: every byte each way).
@@ -168,7 +168,7 @@ impl Engine {
     }
 
     /// Serves a transparent listener inside the sandbox (clients that ignore proxy variables,
-    /// SPEC §4): each connection is mapped to the name and port it meant by `target`, decided like
+    /// docs/security.md): each connection is mapped to the name and port it meant by `target`, decided like
     /// a `CONNECT` to that host:port, then intercepted (TLS), served as HTTP, or tunnelled raw
     /// where the policy allows raw TCP. Events say `via: "transparent"`.
     ///

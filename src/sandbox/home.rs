@@ -1,4 +1,4 @@
-//! The hive home: `HIVE_HOME`, else `$XDG_DATA_HOME/hive`, else `~/.local/share/hive` (SPEC §1).
+//! The hive home: `HIVE_HOME`, else `$XDG_DATA_HOME/hive`, else `~/.local/share/hive` (README.md#api).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};

@@ -80,7 +80,7 @@ pub struct DryRunRequest {
 static REGISTRY: LazyLock<tokio::sync::Mutex<HashMap<String, Arc<Sandbox>>>> =
     LazyLock::new(Default::default);
 
-/// `getOrCreateSandbox(name, config?)` (SPEC §1). Blocking file work runs off the async workers.
+/// `getOrCreateSandbox(name, config?)` (README.md#api). Blocking file work runs off the async workers.
 pub async fn get_or_create(name: String, config: Option<Value>) -> Result<Arc<Sandbox>> {
     validate_name(&name)?;
     let config = config.map(|value| Config::from_json(&value)).transpose()?;
@@ -265,7 +265,7 @@ impl Sandbox {
         Ok(())
     }
 
-    /// Runs a command in the sandbox, starting its namespaces on first use (SPEC §1, §4).
+    /// Runs a command in the sandbox, starting its namespaces on first use (docs/processes.md).
     #[cfg(target_os = "linux")]
     pub async fn spawn(
         &self,
@@ -359,7 +359,7 @@ impl Sandbox {
     }
 
     /// `sandbox.proxy()`: a host-side loopback listener for this sandbox's policy, with its own
-    /// credential (SPEC §2).
+    /// credential (docs/network-access.md).
     pub async fn open_proxy(&self) -> Result<HostListener> {
         self.ensure_open()?;
         self.engine.open_host_listener().await

@@ -1,4 +1,4 @@
-//! Sandbox name validation (SPEC §1): 1–63 characters of `[A-Za-z0-9._-]`, not starting with `.`
+//! Sandbox name validation (README.md#api): 1–63 characters of `[A-Za-z0-9._-]`, not starting with `.`
 //! or `-`. The name becomes a folder name, so this is also what keeps it from escaping the hive home.
 
 use crate::error::{HiveError, Result};

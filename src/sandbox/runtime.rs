@@ -1,11 +1,11 @@
 //! The running part of a sandbox on Linux: its namespaces (started on first use), the processes
-//! in them, and the `process.start` / `process.exit` events (SPEC §1 exec/spawn, §4).
+//! in them, and the `process.start` / `process.exit` events (docs/processes.md).
 //!
 //! 1. The first spawn starts the namespaces from the config in force: one mount per `local`
 //!    mount (data in `source` or `<sandbox dir>/fs/<mount>`), the CA bundle (system roots + the
 //!    sandbox CA) and the proxy listener, which the engine then serves. A mount whose ACLs are
 //!    plain `<dir>/**` trees is a bind plus Landlock rules; one that needs per-file decisions is a
-//!    FUSE mount the launcher hands over and [`serve_fuse`] serves with its ACLs (issue 6).
+//!    FUSE mount the launcher hands over and [`serve_fuse`] serves with its ACLs.
 //! 2. Every spawn gets a fresh environment: [`linux::default_env`] plus what the caller adds;
 //!    nothing of the host program's environment.
 //! 3. The transparent path ([`Transparent`]): the DNS responder on the DNS sockets init made, and
@@ -100,7 +100,7 @@ pub fn transparent_target(names: Arc<NameTable>) -> TransparentTarget {
     })
 }
 
-/// One sandbox's transparent path (SPEC §4 "Network"): its [`NameTable`], the [`DnsResponder`]
+/// One sandbox's transparent path (docs/network-access.md#dns-and-transparent-capture): its [`NameTable`], the [`DnsResponder`]
 /// serving the DNS sockets, and the capture listeners the engine serves, by port. Dropping it
 /// stops the responder and the listeners.
 pub struct Transparent {
@@ -240,7 +240,7 @@ impl Runtime {
 ///
 /// # Errors
 /// `HIVE_FS_UNENFORCEABLE` (with a hint) when a mount needs per-file enforcement and this
-/// process cannot open `/dev/fuse` (SPEC §4: never silently enforce less).
+/// process cannot open `/dev/fuse` (docs/file-access.md: never silently enforce less).
 pub fn launch_spec(
     name: &str,
     dir: &Path,
@@ -291,7 +291,7 @@ pub fn launch_spec(
     })
 }
 
-/// Serves every FUSE connection the launcher handed over with the ACLs of its mount (SPEC §4):
+/// Serves every FUSE connection the launcher handed over with the ACLs of its mount (docs/security.md):
 /// refusals (and, with `audit`, accesses) go to `events`. Files show as owned by the sandbox's
 /// root. Blocking (opens the sources).
 pub fn serve_fuse(
@@ -334,7 +334,7 @@ fn default_source(dir: &Path, mount: &str) -> PathBuf {
     dir.join("fs").join(mount.trim_start_matches('/'))
 }
 
-/// How a mount's ACLs are enforced (issue 6).
+/// How a mount's ACLs are enforced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum MountAccess {
     /// A bind, read-write if any rule grants `rw`, and Landlock: `None` for the whole mount,

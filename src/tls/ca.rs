@@ -46,7 +46,7 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 /// File name of the CA private key (PKCS#8 PEM, mode 0600) in the sandbox folder.
 pub const CA_KEY_FILE: &str = "ca.key";
 
-/// Leaves kept per CA (SPEC: bounded per-host cache).
+/// Leaves kept per CA (a bounded per-host cache).
 const LEAF_CACHE_CAPACITY: u64 = 1024;
 /// A cached leaf is re-minted after this long, well inside its validity.
 const LEAF_CACHE_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);

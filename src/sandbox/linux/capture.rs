@@ -1,4 +1,4 @@
-//! Transparent capture inside the sandbox's network namespace (SPEC §4 "Network", issue 5).
+//! Transparent capture inside the sandbox's network namespace (docs/network-access.md#dns-and-transparent-capture).
 //!
 //! Clients that ignore proxy variables (Node's `fetch`, Go, raw sockets) still reach the policy:
 //! 1. init adds two local routes in the namespace's `local` table, `local 0.0.0.0/0 dev lo` and

@@ -1,4 +1,4 @@
-//! File ACLs end to end in real sandboxes (issue 6): a FUSE mount made by the sandbox's init and
+//! File ACLs end to end in real sandboxes: a FUSE mount made by the sandbox's init and
 //! served by this process with [`crate::fs::AclFs`], attacked from inside with coreutils; and the
 //! bind + Landlock layer for plain subtree rules. Named after the escape each checks; the FUSE
 //! tests skip, saying why, where this process cannot open `/dev/fuse` (unprivileged here).

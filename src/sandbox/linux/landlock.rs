@@ -16,7 +16,7 @@
 //! # Security
 //! TCP port rules (ABI ≥ 4) are deliberately not used: the network namespace already has no route
 //! anywhere, and a connect-port allow list cannot tell loopback peers apart, so it would only break
-//! processes of one sandbox talking to each other over loopback (issue 4). Scoping means
+//! processes of one sandbox talking to each other over loopback. Scoping means
 //! processes spawned separately into one sandbox cannot signal each other or connect to each
 //! other's abstract unix sockets (each spawn is its own Landlock domain); pathname sockets in `/tmp`
 //! work.

@@ -1,5 +1,5 @@
 //! The Linux launcher: runs commands inside a sandbox's own namespaces, confined, with the network
-//! failing closed (SPEC §4, issue 4, notes/isolation.md §4).
+//! failing closed (docs/security.md).
 //!
 //! # Shape
 //! ```text
@@ -149,7 +149,7 @@ pub struct BindMount {
     pub target: String,
     /// Read-write if true, else read-only.
     pub writable: bool,
-    /// Landlock narrowing below `target` (issue 6): `None` gives the whole mount `writable`
+    /// Landlock narrowing below `target`: `None` gives the whole mount `writable`
     /// access; `Some` gives access only beneath these subtrees (each must lie under `target`);
     /// everything else in the mount can be traversed but not read or written.
     pub subtrees: Option<Vec<Subtree>>,
@@ -1052,7 +1052,7 @@ impl SandboxProcess {
     }
 }
 
-/// The default environment inside a sandbox (SPEC §4): `PATH`, `HOME`, `LANG`, `TERM`, the
+/// The default environment inside a sandbox (docs/security.md): `PATH`, `HOME`, `LANG`, `TERM`, the
 /// proxy variables pointing at `127.0.0.1:<proxy_port>` (upper and lower case), `NO_PROXY` for
 /// loopback, and every CA variable pointing at [`CA_BUNDLE_PATH`].
 pub fn default_env(proxy_port: u16) -> Vec<(String, String)> {

@@ -17,7 +17,7 @@
 //! 7. init then adds the Landlock rules ([`landlock_rules`]) and makes `/` read-only
 //!    ([`root_read_only`]).
 //!
-//! A mount with per-file ACLs (issue 6) is not bound: init opens `/dev/fuse` before it drops the
+//! A mount with per-file ACLs is not bound: init opens `/dev/fuse` before it drops the
 //! host's uid ([`open_fuse`]), mounts it at the target in step 3 and hands the fd to the host,
 //! which serves it (`crate::fs::AclFs`) over the source. The host does not serve it before init
 //! has finished, so no setup step may touch the mount: its Landlock rule is added without a

@@ -1,4 +1,4 @@
-//! Escape tests for the launcher, each named after the escape it checks (issue 4).
+//! Escape tests for the launcher, each named after the escape it checks.
 //!
 //! They start real sandboxes, so they need user namespaces; they run as whoever runs `cargo test`.
 //! As root, [`unprivileged_run_passes_the_same_escape_tests`] re-executes this test binary as
