@@ -2,7 +2,7 @@
 // process would try to reach a file it must not. Run by CI as root and again as an unprivileged
 // user: where this process cannot open /dev/fuse, per-file rules cannot be enforced and the
 // sandbox must refuse to run (HIVE_FS_UNENFORCEABLE), never enforce less.
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { closeSync, existsSync, lstatSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -175,3 +175,166 @@ describe.skipIf(!fuse)(`file ACLs (${whoami})${fuse ? '' : ` (${NO_FUSE})`}`, ()
     expect(r.stderr).not.toContain('hunter2')
   })
 })
+
+// Every operation the docs list for an access level, attempted on each level in each enforcement
+// mode: bind mounts (with Landlock, with Landlock disabled, with only Landlock ABI 1) and FUSE.
+// One sandbox and one exec per mode: a Python script inside tries everything and reports errnos.
+const LEVEL_DIRS = { rw: '/ws/a', r: '/ws/b', none: '/ws/c', unmatched: '/ws' } as const
+type Level = keyof typeof LEVEL_DIRS
+/** The rules of the table: `a` writable, `b` read-only, `c` hidden, the rest (the mount root's files) unmatched. */
+const TABLE_ACLS = [
+  { path: '/ws/a/**', access: 'rw' },
+  { path: '/ws/b/**', access: 'r' },
+  { path: '/ws/c/**', access: 'none' },
+] as const
+/** Forces the FUSE layer without changing any decision: a glob rule no file matches. */
+const FORCE_FUSE = { path: '/ws/**/*.never-matches', access: 'none' } as const
+
+/** [attack, the Python statement run with `d` = the level's directory]. */
+const ATTACKS: [string, string][] = [
+  ['read a file', "open(d + '/f.txt').read()"],
+  ['list the directory', 'os.listdir(d)'],
+  ['append to a file', "os.write(os.open(d + '/f.txt', os.O_WRONLY | os.O_APPEND), b'x')"],
+  ['create a file', "open(d + '/new.txt', 'x').close()"],
+  ['unlink a file', "os.unlink(d + '/gone.txt')"],
+  ['rename a file', "os.rename(d + '/moved.txt', d + '/moved2.txt')"],
+  ['chmod 666 a file', "os.chmod(d + '/f.txt', 0o666)"],
+  ['chmod 777 the directory', 'os.chmod(d, 0o777)'],
+  ['chown a file to its owner', "os.chown(d + '/f.txt', 0, 0)"],
+  ['touch -d 2001-01-01 a file (utime)', "os.utime(d + '/f.txt', (978307200, 978307200))"],
+  ['utime the directory', 'os.utime(d, (978307200, 978307200))'],
+  ['setxattr user.* on a file', "os.setxattr(d + '/f.txt', 'user.hive', b'1')"],
+  ['truncate a file', "os.truncate(d + '/f.txt', 0)"],
+  ['mkdir', "os.mkdir(d + '/newdir')"],
+  ['rmdir', "os.rmdir(d + '/sub')"],
+  ['symlink', "os.symlink('f.txt', d + '/newlink')"],
+  ['hard link', "os.link(d + '/f.txt', d + '/newhard')"],
+]
+/** Attacks that create a name: refused (EACCES, EROFS) in a visible directory that is not writable. */
+const CREATES = new Set(['create a file', 'mkdir', 'symlink'])
+/** Attacks that remove a name: in a read-only directory the kernel answers EROFS before it looks the name up. */
+const REMOVES = new Set(['unlink a file', 'rename a file', 'rmdir'])
+
+const ATTACK_SCRIPT = `
+import ctypes, errno, json, os, sys
+def attempt(fn):
+    try:
+        fn()
+        return 'ok'
+    except OSError as e:
+        return 'EOPNOTSUPP' if e.errno == errno.EOPNOTSUPP else errno.errorcode.get(e.errno, str(e.errno))
+levels, attacks = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+out = {level: {attack: attempt(lambda: exec(stmt, {'os': os, 'd': d})) for attack, stmt in attacks} for level, d in levels.items()}
+def reparent():
+    os.makedirs('/tmp/p/x', exist_ok=True)
+    os.makedirs('/tmp/p/y', exist_ok=True)
+    open('/tmp/p/x/f', 'w').close()
+    os.rename('/tmp/p/x/f', '/tmp/p/y/f')
+out['probes'] = {
+    # landlock_create_ruleset(NULL, 0, VERSION): the kernel's ABI, whatever the launcher used
+    'kernelAbi': max(ctypes.CDLL(None).syscall(444, None, 0, 1), 0),
+    # only Landlock refuses this (procfs is mounted read-write and the file is our own)
+    'procComm': attempt(lambda: open('/proc/self/comm', 'w').write('x')),
+    # Landlock ABI 1 refuses every rename into another directory
+    'reparent': attempt(reparent),
+    'rootListing': sorted(os.listdir('/ws')),
+}
+print(json.dumps(out))
+`
+
+type Snapshot = Map<string, string>
+/** Type, mode, size, owner, mtime and content of everything under `dir` (xattrs: see the setxattr errno). */
+function snapshot(dir: string, rel = ''): Snapshot {
+  const out: Snapshot = new Map()
+  const st = lstatSync(join(dir, rel))
+  const content = st.isFile() ? readFileSync(join(dir, rel), 'utf8') : st.isSymbolicLink() ? readlinkSync(join(dir, rel)) : ''
+  out.set(rel || '.', JSON.stringify([st.mode, st.size, st.uid, st.gid, Number(st.mtimeMs), content]))
+  if (st.isDirectory()) {
+    for (const name of readdirSync(join(dir, rel)).sort()) {
+      for (const [k, v] of snapshot(dir, rel ? `${rel}/${name}` : name)) out.set(k, v)
+    }
+  }
+  return out
+}
+
+function seedTable(dir: string): void {
+  for (const sub of ['a', 'b', 'c', '.']) {
+    mkdirSync(join(dir, sub, 'sub'), { recursive: true })
+    writeFileSync(join(dir, sub, 'f.txt'), `${sub} original\n`)
+    writeFileSync(join(dir, sub, 'gone.txt'), 'x\n')
+    writeFileSync(join(dir, sub, 'moved.txt'), 'x\n')
+  }
+}
+
+const VARIANTS = [
+  { mode: 'bind + Landlock', env: {}, perFile: false },
+  { mode: 'bind, Landlock disabled (HIVE_TEST_DISABLE_LANDLOCK=1)', env: { HIVE_TEST_DISABLE_LANDLOCK: '1' }, perFile: false },
+  { mode: 'bind, Landlock ABI 1 (HIVE_TEST_LANDLOCK_ABI=1: no truncate or refer right)', env: { HIVE_TEST_LANDLOCK_ABI: '1' }, perFile: false },
+  { mode: 'FUSE', env: {}, perFile: true },
+] as const
+
+for (const variant of VARIANTS) {
+  const skip = variant.perFile && !fuse
+  describe.skipIf(skip)(`every operation on every access level: ${variant.mode} (${whoami})${skip ? ` (${NO_FUSE})` : ''}`, () => {
+    let dir: string
+    let before: Snapshot
+    let after: Snapshot
+    let results: Record<Level, Record<string, string>> & { probes: { kernelAbi: number; procComm: string; reparent: string; rootListing: string[] } }
+    beforeAll(async () => {
+      dir = mkdtempSync(join(tmpdir(), 'hive-table-'))
+      seedTable(dir)
+      before = snapshot(dir)
+      const acls = variant.perFile ? [FORCE_FUSE, ...TABLE_ACLS] : [...TABLE_ACLS]
+      const name = `files-table-${VARIANTS.indexOf(variant)}`
+      const sandbox = await getOrCreateSandbox(name, { fs: [{ backend: 'local', mount: '/ws', source: dir, acls }] })
+      // The switches are read when the sandbox's namespaces start: at its first exec.
+      Object.assign(process.env, variant.env)
+      try {
+        const r = await sandbox.exec(['python3', '-c', ATTACK_SCRIPT, JSON.stringify(LEVEL_DIRS), JSON.stringify(ATTACKS)])
+        expect(r.stderr).toBe('')
+        results = JSON.parse(r.stdout)
+      } finally {
+        for (const key of Object.keys(variant.env)) delete process.env[key]
+        await sandbox.close()
+      }
+      after = snapshot(dir)
+    })
+    afterAll(() => {
+      if (dir) rmSync(dir, { recursive: true, force: true })
+    })
+
+    it.each(ATTACKS.map(([attack]) => attack))('%s: allowed on rw; refused on r; hidden on none and unmatched', (attack) => {
+      const got = (level: Level) => results[level][attack]
+      const refused = attack.startsWith('setxattr') ? ['EACCES', 'EROFS', 'EPERM', 'EOPNOTSUPP'] : ['EACCES', 'EROFS', 'EPERM']
+      // rw: everything (extended attributes are not served over FUSE, and some host filesystems lack them)
+      expect(got('rw'), 'rw').toBe(attack.startsWith('setxattr') && (variant.perFile || got('rw') === 'EOPNOTSUPP') ? 'EOPNOTSUPP' : 'ok')
+      // r: reads only
+      if (attack === 'read a file' || attack === 'list the directory') expect(got('r'), 'r').toBe('ok')
+      else expect(refused, `r: ${got('r')}`).toContain(got('r'))
+      // none: the directory and everything in it do not exist
+      expect(got('none'), 'none').toBe('ENOENT')
+      // unmatched: the mount root is traversable and lists only what is visible; its files do not
+      // exist (over bind mounts the root is a read-only directory of the sandbox's own)
+      if (attack === 'list the directory') expect(got('unmatched'), 'unmatched').toBe('ok')
+      else if (CREATES.has(attack) || attack.endsWith('the directory')) expect(refused, `unmatched: ${got('unmatched')}`).toContain(got('unmatched'))
+      else expect(got('unmatched'), 'unmatched').toBe(REMOVES.has(attack) && !variant.perFile ? 'EROFS' : 'ENOENT')
+    })
+
+    it('left everything but the rw subtree untouched on the host', () => {
+      const outside = (snap: Snapshot) => [...snap].filter(([path]) => path !== 'a' && !path.startsWith('a/'))
+      expect(outside(after)).toEqual(outside(before))
+      expect(after.get('a/new.txt')).toBeDefined()
+    })
+
+    it('the mount root lists only the visible names', () => {
+      expect(results.probes.rootListing).toEqual(['a', 'b'])
+    })
+
+    it.skipIf(variant.perFile)('the Landlock switch took effect', () => {
+      const { kernelAbi, procComm, reparent } = results.probes
+      const landlock = kernelAbi > 0 && !('HIVE_TEST_DISABLE_LANDLOCK' in variant.env)
+      expect(procComm, 'only Landlock refuses writing /proc/self/comm').toBe(landlock ? 'EACCES' : 'ok')
+      expect(reparent, 'Landlock ABI 1 refuses renames into another directory').toBe(landlock && 'HIVE_TEST_LANDLOCK_ABI' in variant.env ? 'EXDEV' : 'ok')
+    })
+  })
+}

@@ -1,6 +1,6 @@
 //! File ACLs end to end in real sandboxes: a FUSE mount made by the sandbox's init and
 //! served by this process with [`crate::fs::AclFs`], attacked from inside with coreutils; and the
-//! bind + Landlock layer for plain subtree rules. Named after the escape each checks; the FUSE
+//! bind layer for plain subtree rules. Named after the escape each checks; the FUSE
 //! tests skip, saying why, where this process cannot open `/dev/fuse` (unprivileged here).
 
 use std::os::fd::OwnedFd;
@@ -407,12 +407,20 @@ fn a_nested_mount_under_a_fuse_mount_is_refused() {
     assert_eq!(err.code(), crate::ErrorCode::InvalidArgument, "{err}");
 }
 
+/// Subtree rules without FUSE: only the subtrees are mounted (read-only unless writable), so
+/// what no rule grants does not exist inside, and attribute changes, which Landlock has no
+/// right for, are refused like writes.
 #[test]
-fn plain_subtree_rules_hold_with_landlock_alone() {
+fn plain_subtree_rules_hold_by_the_mount_layout() {
     let src = tempfile::tempdir().expect("tempdir");
     for dir in ["pub", "rw", "private"] {
         std::fs::create_dir(src.path().join(dir)).expect("seed");
         std::fs::write(src.path().join(dir).join("f.txt"), dir).expect("seed");
+        std::fs::set_permissions(
+            src.path().join(dir).join("f.txt"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .expect("seed");
     }
     // A planted symlink must not carry a subtree's rule out of its tree.
     std::os::unix::fs::symlink("private", src.path().join("linked")).expect("seed");
@@ -448,11 +456,31 @@ fn plain_subtree_rules_hold_with_landlock_alone() {
         ("echo x > /data/linked/new", false),
         ("touch /data/new", false),
         ("mv /data/rw /data/moved", false),
+        ("chmod 666 /data/pub/f.txt", false),
+        ("touch -d 2001-01-01 /data/pub/f.txt", false),
+        ("chmod 666 /data/private/f.txt", false),
+        ("touch -d 2001-01-01 /data/private/f.txt", false),
+        ("chmod 777 /data", false),
+        (
+            "chmod 666 /data/rw/f.txt && touch -d 2001-01-01 /data/rw/f.txt",
+            true,
+        ),
+        ("mv /data/rw/f.txt /data/pub/", false),
     ] {
         let (code, out) = sh(&host, script);
         assert_eq!(code == 0, ok, "{script}: {out}");
     }
+    assert_eq!(sh(&host, "ls -a /data"), (0, ".\n..\npub\nrw\n".into()));
     assert!(!src.path().join("private/new").exists());
+    use std::os::unix::fs::PermissionsExt;
+    for (file, mode) in [
+        ("pub/f.txt", 0o644),
+        ("private/f.txt", 0o644),
+        ("rw/f.txt", 0o666),
+    ] {
+        let meta = std::fs::metadata(src.path().join(file)).expect("kept");
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
+    }
 }
 
 /// The whole path `exec` takes: config -> launch spec -> FUSE mount -> served with the sandbox's

@@ -73,16 +73,24 @@ pub(crate) fn mapping_userns(id: u32) -> std::io::Result<OwnedFd> {
     result
 }
 
-/// A detached, idmapped copy of the mount tree at `source`.
+/// A detached, idmapped copy of the mount tree at `source` (a canonical path: a symlink on the
+/// way, swapped in since it was planned, fails it).
 pub(crate) fn idmapped_tree(
     source: &CStr,
     userns: &OwnedFd,
     writable: bool,
 ) -> std::io::Result<OwnedFd> {
-    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE;
-    // SAFETY: plain syscall with a valid C string.
-    let tree =
-        unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, source.as_ptr(), flags) };
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+    let at = openat2(
+        rustix::fs::CWD,
+        source,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS,
+    )?;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE | AT_EMPTY_PATH;
+    // SAFETY: plain syscall on a valid fd with an empty path.
+    let tree = unsafe { libc::syscall(libc::SYS_open_tree, at.as_raw_fd(), c"".as_ptr(), flags) };
     if tree < 0 {
         return Err(std::io::Error::last_os_error());
     }

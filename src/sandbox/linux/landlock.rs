@@ -79,9 +79,31 @@ pub(crate) fn fs_rights(abi: i32) -> u64 {
     r
 }
 
-/// Creates the ruleset (parent side). `Ok(None)` when the kernel has no Landlock.
+/// Makes the launcher behave as on a kernel without Landlock (tests of the fail-closed path).
+pub(crate) const DISABLE_ENV: &str = "HIVE_TEST_DISABLE_LANDLOCK";
+/// Makes the launcher use at most this Landlock ABI (tests of older kernels, e.g. `1`: no
+/// truncate and no refer right).
+pub(crate) const ABI_ENV: &str = "HIVE_TEST_LANDLOCK_ABI";
+
+/// The ABI the launcher uses: the kernel's, unless [`DISABLE_ENV`] is `1` (none) or [`ABI_ENV`]
+/// asks for a lower one. Neither can give more than the kernel has, and nothing the file ACLs
+/// promise depends on Landlock (docs/isolation.md), so a switch left set only costs the scoping.
+fn launcher_abi() -> Option<i32> {
+    if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "1") {
+        return None;
+    }
+    let kernel = abi_version()?;
+    let wanted = std::env::var(ABI_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        .filter(|abi| *abi >= 1);
+    Some(wanted.map_or(kernel, |abi| abi.min(kernel)))
+}
+
+/// Creates the ruleset (parent side). `Ok(None)` when the kernel has no Landlock (or
+/// [`DISABLE_ENV`] says to behave so).
 pub(crate) fn create_ruleset() -> std::io::Result<Option<Ruleset>> {
-    let Some(abi) = abi_version() else {
+    let Some(abi) = launcher_abi() else {
         return Ok(None);
     };
     #[repr(C)]
@@ -128,19 +150,7 @@ pub(crate) unsafe fn add_rule(
     path: &std::ffi::CStr,
     access: u64,
 ) -> CResult {
-    add_rule_inner(ruleset, handled, path, access, false, false)
-}
-
-/// [`add_rule`] for a path whose components the sandbox may have written (a subtree of a
-/// writable mount): no component may be a symlink (`RESOLVE_NO_SYMLINKS`), else a planted
-/// `/workspace/docs -> /other/mount` would carry the rule elsewhere. Such a path gets no rule.
-pub(crate) unsafe fn add_rule_no_symlinks(
-    ruleset: RawFd,
-    handled: u64,
-    path: &std::ffi::CStr,
-    access: u64,
-) -> CResult {
-    add_rule_inner(ruleset, handled, path, access, false, true)
+    add_rule_inner(ruleset, handled, path, access, false)
 }
 
 /// [`add_rule`] for a path known to be a directory, without `stat`ing it: the root of a FUSE
@@ -152,7 +162,7 @@ pub(crate) unsafe fn add_dir_rule(
     path: &std::ffi::CStr,
     access: u64,
 ) -> CResult {
-    add_rule_inner(ruleset, handled, path, access, true, false)
+    add_rule_inner(ruleset, handled, path, access, true)
 }
 
 unsafe fn add_rule_inner(
@@ -161,31 +171,8 @@ unsafe fn add_rule_inner(
     path: &std::ffi::CStr,
     access: u64,
     known_dir: bool,
-    no_symlinks: bool,
 ) -> CResult {
-    let fd = if no_symlinks {
-        #[repr(C)]
-        struct OpenHow {
-            flags: u64,
-            mode: u64,
-            resolve: u64,
-        }
-        const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-        let how = OpenHow {
-            flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
-            mode: 0,
-            resolve: RESOLVE_NO_SYMLINKS,
-        };
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        ) as libc::c_int
-    } else {
-        libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)
-    };
+    let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
     if fd < 0 {
         return Ok(());
     }

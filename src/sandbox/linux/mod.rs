@@ -149,9 +149,10 @@ pub struct BindMount {
     pub target: String,
     /// Read-write if true, else read-only.
     pub writable: bool,
-    /// Landlock narrowing below `target`: `None` gives the whole mount `writable`
-    /// access; `Some` gives access only beneath these subtrees (each must lie under `target`);
-    /// everything else in the mount can be traversed but not read or written.
+    /// `None`: the whole mount, with `writable` access. `Some`: only these subtrees (each under
+    /// `target`) are shown, each bound read-only unless it is writable; everything else in the
+    /// mount does not exist inside (the directories on the way to a subtree are empty
+    /// directories of the read-only root). `writable` is then ignored.
     pub subtrees: Option<Vec<Subtree>>,
     /// Per-file enforcement: init mounts a FUSE file system at `target` instead of binding
     /// `source`, and hands its `/dev/fuse` fd over ([`Handover::fuse`]) for the host to serve
@@ -519,7 +520,9 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     let ruleset = landlock::create_ruleset()
         .map_err(|e| HiveError::io("creating the Landlock ruleset", e))?;
     if ruleset.is_none() {
-        tracing::warn!(sandbox = %spec.name, "Landlock is unavailable: relying on mounts, capability drop and seccomp");
+        // File ACLs hold without it (binds and FUSE enforce them); what is lost is the
+        // scoping between separate execs (docs/isolation.md "Honest limits").
+        tracing::warn!(sandbox = %spec.name, "Landlock is unavailable: processes of separate execs can signal each other and reach each other's abstract unix sockets");
     }
     let seccomp = SeccompProgram::build()?;
     let mut pair = [-1; 2];
@@ -549,7 +552,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if uid == 0 {
         match idmapped_trees(&plan) {
             Ok(t) => {
-                let bound = plan.mounts.iter_mut().filter(|m| !m.fuse);
+                let bound = plan.mounts.iter_mut().filter(|m| m.binds_source());
                 for (m, tree) in bound.zip(&t) {
                     m.tree = tree.as_raw_fd();
                 }
@@ -722,13 +725,13 @@ fn open_namespaces(pid: i32) -> Result<Vec<OwnedFd>> {
 
 /// One idmapped tree per configured mount (root only), all or nothing.
 fn idmapped_trees(plan: &InitPlan) -> std::io::Result<Vec<OwnedFd>> {
-    if plan.mounts.iter().all(|m| m.fuse) {
+    if !plan.mounts.iter().any(|m| m.binds_source()) {
         return Ok(Vec::new());
     }
     let userns = idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?;
     plan.mounts
         .iter()
-        .filter(|m| !m.fuse)
+        .filter(|m| m.binds_source())
         .map(|m| idmap::idmapped_tree(&m.source, &userns, m.writable))
         .collect()
 }

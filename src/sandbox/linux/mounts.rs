@@ -168,6 +168,34 @@ unsafe fn mount_fs(
     Ok(())
 }
 
+/// `open(path, O_PATH)` with `RESOLVE_NO_SYMLINKS`: a configured source's path is canonical
+/// when planned, so a symlink found on the way now was swapped in since, and the start fails.
+unsafe fn open_no_symlinks(path: &CStr) -> CResult<libc::c_int> {
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_NO_SYMLINKS,
+    };
+    check(
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        ),
+        Stage::OpenSource,
+    )
+    .map(|fd| fd as libc::c_int)
+}
+
 unsafe fn open_path(path: &CStr) -> CResult<libc::c_int> {
     check_i(
         libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC),
@@ -202,8 +230,8 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         *slot = open_path(host)?;
     }
     for (m, slot) in plan.mounts.iter().zip(&mut fds) {
-        if m.tree < 0 && !m.fuse {
-            *slot = open_path(&m.source)?;
+        if m.tree < 0 && m.binds_source() {
+            *slot = open_no_symlinks(&m.source)?;
         }
     }
     // 3. Staging root.
@@ -346,6 +374,8 @@ pub(crate) unsafe fn build_root(plan: &mut InitPlan) -> CResult {
         }
         if m.fuse {
             mount_fuse(m.fuse_fd, &m.target_rel)?;
+        } else if m.placeholder {
+            // Only the mount point: nothing of the source is shown there.
         } else if m.tree >= 0 {
             // Idmapped by the parent, flags already set: attach as is.
             check(
@@ -484,18 +514,12 @@ pub(crate) unsafe fn landlock_rules(plan: &InitPlan) -> CResult {
     }
     landlock::add_rule(fd, handled, c"dev/pts", dev_rw | READ_DIR)?;
     for m in plan.mounts.iter() {
-        match (&m.landlock, m.fuse) {
+        if m.fuse {
             // The server decides every access; Landlock only keeps the mount itself usable.
-            (_, true) => landlock::add_dir_rule(fd, handled, &m.target_rel, ALL)?,
-            (Some(subtrees), false) => {
-                for (rel, rights) in subtrees {
-                    landlock::add_rule_no_symlinks(fd, handled, rel, *rights)?;
-                }
-            }
-            (None, false) => {
-                let access = if m.writable { ALL } else { READ_EXEC };
-                landlock::add_rule(fd, handled, &m.target_rel, access)?;
-            }
+            landlock::add_dir_rule(fd, handled, &m.target_rel, ALL)?;
+        } else if m.binds_source() {
+            let access = if m.writable { ALL } else { READ_EXEC };
+            landlock::add_rule(fd, handled, &m.target_rel, access)?;
         }
     }
     Ok(())

@@ -17,7 +17,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
-use super::landlock::{ALL, READ_EXEC};
 use super::seccomp::SeccompProgram;
 use super::{BindMount, LaunchSpec, ProcessSpec, CA_BUNDLE_PATH};
 use crate::error::{HiveError, Result};
@@ -76,9 +75,12 @@ pub(crate) enum SystemEntry {
     Symlink { name: CString, target: CString },
 }
 
-/// A configured mount, resolved.
+/// One mount init makes for a configured mount: the whole source, one subtree of it, or only
+/// a mount point ([`plan_mount`]).
 pub(crate) struct PlannedMount {
-    /// Host source, canonical.
+    /// Host path, canonical (no component is a symlink; init opens it with
+    /// `RESOLVE_NO_SYMLINKS`, so a symlink swapped in since fails the start): the source, or a
+    /// subtree of it.
     pub source: CString,
     /// Target relative to the new root, e.g. `workspace/src`.
     pub target_rel: CString,
@@ -89,13 +91,20 @@ pub(crate) struct PlannedMount {
     pub writable: bool,
     /// A detached idmapped tree of `source` made by the parent ([`super::idmap`]), or -1.
     pub tree: RawFd,
-    /// Landlock rules `(path relative to the new root, rights)` when the mount is narrowed to
-    /// subtrees ([`BindMount::subtrees`]); `None`: the whole mount per `writable`.
-    pub landlock: Option<Vec<(CString, u64)>>,
+    /// Only the mount point is made, on the sandbox's read-only root: an empty directory (or
+    /// file) where no rule grants anything at the mount's root.
+    pub placeholder: bool,
     /// Served over FUSE by the host ([`BindMount::fuse`]): nothing is bound.
     pub fuse: bool,
     /// The `/dev/fuse` fd init opened for this mount (init fills it), or -1.
     pub fuse_fd: RawFd,
+}
+
+impl PlannedMount {
+    /// Whether init binds `source` (or the parent's idmapped tree of it) at the target.
+    pub(crate) fn binds_source(&self) -> bool {
+        !self.fuse && !self.placeholder
+    }
 }
 
 /// A secret to hide: absolute path inside the sandbox and whether it is a directory.
@@ -286,20 +295,33 @@ impl InitPlan {
                 ));
             }
         }
-        let mut mounts = Vec::new();
+        let mut targets: Vec<String> = Vec::new();
+        let mut planned = Vec::new();
         for m in &spec.mounts {
-            let planned = plan_mount(m)?;
-            if mounts
-                .iter()
-                .any(|p: &PlannedMount| p.target_rel == planned.target_rel)
-            {
+            let rel = target_rel(m)?;
+            if targets.contains(&rel) {
                 return Err(HiveError::InvalidArgument(format!(
                     "mount target {:?} is used twice",
                     m.target
                 )));
             }
-            mounts.push(planned);
+            let depth = rel.matches('/').count();
+            planned.extend(plan_mount(m)?.into_iter().map(|p| (depth, p)));
+            targets.push(rel);
         }
+        // Configured mounts parents first, so a nested target lands on top of its parent; the
+        // binds of one mount's subtrees right after its own mount point, parents first too.
+        planned.sort_by_key(|(depth, m)| {
+            (
+                *depth,
+                m.target_rel
+                    .as_bytes()
+                    .iter()
+                    .filter(|b| **b == b'/')
+                    .count(),
+            )
+        });
+        let mounts: Vec<PlannedMount> = planned.into_iter().map(|(_, m)| m).collect();
         // A FUSE mount is served only after init is done: init cannot create mount points in it.
         for outer in mounts.iter().filter(|m| m.fuse) {
             if let Some(inner) = mounts
@@ -314,14 +336,6 @@ impl InitPlan {
                 )));
             }
         }
-        // Parents before children, so a nested target lands on top of its parent's bind.
-        mounts.sort_by_key(|m| {
-            m.target_rel
-                .as_bytes()
-                .iter()
-                .filter(|b| **b == b'/')
-                .count()
-        });
         let mut hidden = Vec::new();
         scan_secrets(Path::new("/etc"), 0, &mut hidden)?;
         let mut hostname = spec.name.as_bytes().to_vec();
@@ -361,14 +375,15 @@ fn nested(outer: &CStr, inner: &CStr) -> bool {
     inner.len() > outer.len() && inner.starts_with(outer) && inner.get(outer.len()) == Some(&b'/')
 }
 
-/// Validates and resolves one configured mount.
-fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
+/// A configured mount's target relative to the new root, validated: absolute, normalized, not
+/// `/` and not inside a directory the launcher provides.
+fn target_rel(m: &BindMount) -> Result<String> {
     let bad = |why: &str| HiveError::InvalidArgument(format!("mount target {:?}: {why}", m.target));
     let rel = m
         .target
         .strip_prefix('/')
-        .ok_or_else(|| bad("must be an absolute path"))?;
-    let rel = rel.trim_end_matches('/');
+        .ok_or_else(|| bad("must be an absolute path"))?
+        .trim_end_matches('/');
     if rel.is_empty() {
         return Err(bad("cannot mount over /"));
     }
@@ -382,6 +397,20 @@ fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
     if parts.first().is_some_and(|p| RESERVED_TOP.contains(p)) {
         return Err(bad("is inside a directory the sandbox provides itself"));
     }
+    Ok(rel.to_owned())
+}
+
+/// Validates and resolves one configured mount into what init mounts for it.
+///
+/// Without subtrees (or served over FUSE): the whole source at the target. With subtrees
+/// ([`BindMount::subtrees`]), only they are shown: one bind per subtree, read-only unless it is
+/// writable, on directories made in the sandbox's read-only root (docs/isolation.md). A path
+/// no subtree covers does not exist inside: it cannot be read, listed, written, `chmod`ed or
+/// `utime`d, whether or not Landlock is there. A name on the way to a subtree is an empty
+/// directory of that root; creating anything there answers `EROFS`.
+fn plan_mount(m: &BindMount) -> Result<Vec<PlannedMount>> {
+    let bad = |why: &str| HiveError::InvalidArgument(format!("mount target {:?}: {why}", m.target));
+    let rel = target_rel(m)?;
     let source = std::fs::canonicalize(&m.source).map_err(|e| {
         HiveError::io(
             format!("mount source {} for {}", m.source.display(), m.target),
@@ -399,43 +428,128 @@ fn plan_mount(m: &BindMount) -> Result<PlannedMount> {
             "a mount served with per-file enforcement needs a directory source",
         ));
     }
-    let landlock = match (&m.subtrees, m.fuse) {
-        (Some(subtrees), false) => Some(
-            subtrees
-                .iter()
-                .map(|t| {
-                    let below = t
-                        .path
-                        .strip_prefix(m.target.trim_end_matches('/'))
-                        .filter(|rest| rest.is_empty() || rest.starts_with('/'))
-                        .ok_or_else(|| bad(&format!("subtree {:?} is not under it", t.path)))?;
-                    let rights = if t.writable { ALL } else { READ_EXEC };
-                    Ok((cstring(format!("{rel}{below}").as_bytes())?, rights))
-                })
-                .collect::<Result<Vec<_>>>()?,
-        ),
-        _ => None,
+    let mount = |below: &str, is_file: bool, writable: bool, placeholder: bool| -> Result<_> {
+        let host = match below.trim_start_matches('/') {
+            "" => source.clone(),
+            rest => source.join(rest),
+        };
+        Ok(PlannedMount {
+            source: path_cstring(&host)?,
+            target_rel: cstring(format!("{rel}{below}").as_bytes())?,
+            mkdirs: mount_point_dirs(&format!("{rel}{below}"), is_file)?,
+            is_file,
+            writable,
+            tree: -1,
+            placeholder,
+            fuse: m.fuse,
+            fuse_fd: -1,
+        })
     };
-    let mut mkdirs = Vec::new();
+    let subtrees = match (&m.subtrees, m.fuse) {
+        (Some(subtrees), false) => subtrees,
+        (_, true) => return Ok(vec![mount("", false, true, false)?]),
+        (None, false) => return Ok(vec![mount("", is_file, m.writable, false)?]),
+    };
+    let mut below = subtrees
+        .iter()
+        .map(|t| {
+            let rest = t
+                .path
+                .trim_end_matches('/')
+                .strip_prefix(m.target.trim_end_matches('/'))
+                .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+                .ok_or_else(|| bad(&format!("subtree {:?} is not under it", t.path)))?;
+            if rest
+                .split('/')
+                .skip(1)
+                .any(|p| p.is_empty() || p == "." || p == "..")
+            {
+                return Err(bad(&format!(
+                    "subtree {:?} is not a normalized path",
+                    t.path
+                )));
+            }
+            Ok((rest, t.writable))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    below.sort();
+    below.dedup();
+    // A subtree inside another of the same access adds nothing (and its own bind would make a
+    // rename between the two cross mounts).
+    let kept: Vec<(&str, bool)> = below
+        .iter()
+        .filter(|(path, writable)| {
+            !below
+                .iter()
+                .any(|(outer, w)| w == writable && nested_path(outer, path))
+        })
+        .copied()
+        .collect();
+    let mut planned = Vec::with_capacity(kept.len() + 1);
+    if !kept.iter().any(|(path, _)| path.is_empty()) {
+        planned.push(mount("", is_file, false, true)?);
+    }
+    for (path, writable) in kept {
+        // Missing, a symlink on the way, or neither a directory nor a file: nothing is shown
+        // there (it grants nothing).
+        if let Some(file) = subtree_kind(&source, path) {
+            planned.push(mount(path, file, writable, false)?);
+        }
+    }
+    Ok(planned)
+}
+
+/// Whether `inner` lies strictly below `outer` (`""` is the mount's root; others start with `/`).
+fn nested_path(outer: &str, inner: &str) -> bool {
+    inner.len() > outer.len()
+        && inner.starts_with(outer)
+        && inner.as_bytes().get(outer.len()) == Some(&b'/')
+}
+
+/// `Some(is_file)` when `below` (`""` or `/a/b`) names a directory or a regular file under
+/// `source` with no symlink on the way (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: a subtree's
+/// components are never the sandbox's to write, but the host's or another sandbox's may be).
+fn subtree_kind(source: &Path, below: &str) -> Option<bool> {
+    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
+    let root = openat2(
+        rustix::fs::CWD,
+        source,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::NO_SYMLINKS,
+    )
+    .ok()?;
+    let fd = match below.trim_start_matches('/') {
+        "" => root,
+        rel => openat2(
+            &root,
+            rel,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS,
+        )
+        .ok()?,
+    };
+    let st = rustix::fs::fstat(&fd).ok()?;
+    match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+        rustix::fs::FileType::Directory => Some(false),
+        rustix::fs::FileType::RegularFile => Some(true),
+        _ => None,
+    }
+}
+
+/// The directories to create for a mount point at `rel`, parents first: every prefix, the
+/// last one too unless the mount point is a file.
+fn mount_point_dirs(rel: &str, is_file: bool) -> Result<Vec<CString>> {
+    let parts: Vec<&str> = rel.split('/').collect();
     let dirs = if is_file {
         parts.len() - 1
     } else {
         parts.len()
     };
-    for i in 1..=dirs {
-        mkdirs.push(cstring(parts[..i].join("/").as_bytes())?);
-    }
-    Ok(PlannedMount {
-        source: path_cstring(&source)?,
-        target_rel: cstring(rel.as_bytes())?,
-        mkdirs,
-        is_file,
-        writable: m.writable || m.fuse,
-        tree: -1,
-        landlock,
-        fuse: m.fuse,
-        fuse_fd: -1,
-    })
+    (1..=dirs)
+        .map(|i| cstring(parts[..i].join("/").as_bytes()))
+        .collect()
 }
 
 /// Collects files under `dir` that are not world-readable (shadow, gshadow, their `-` backups,
@@ -582,6 +696,7 @@ pub(crate) fn ptr_array(strings: &[CString]) -> Vec<*const libc::c_char> {
 
 #[cfg(test)]
 mod unit {
+    use super::super::Subtree;
     use super::*;
 
     fn mount(target: &str) -> BindMount {
@@ -624,7 +739,10 @@ mod unit {
 
     #[test]
     fn nested_targets_create_their_parents() {
-        let m = plan_mount(&mount("/data/a/b")).expect("valid");
+        let planned = plan_mount(&mount("/data/a/b")).expect("valid");
+        let [m] = planned.as_slice() else {
+            panic!("one mount")
+        };
         let dirs: Vec<_> = m
             .mkdirs
             .iter()
@@ -632,6 +750,92 @@ mod unit {
             .collect();
         assert_eq!(dirs, ["data", "data/a", "data/a/b"]);
         assert_eq!(m.target_rel.to_str().ok(), Some("data/a/b"));
+    }
+
+    #[test]
+    fn subtrees_become_binds_on_a_placeholder_and_nothing_else_of_the_source_is_mounted() {
+        let src = tempfile::tempdir().expect("tempdir");
+        for dir in ["a/in", "b", "c", "private"] {
+            std::fs::create_dir_all(src.path().join(dir)).expect("seed");
+        }
+        std::fs::write(src.path().join("f.txt"), "f").expect("seed");
+        // A planted symlink must not carry a subtree to somewhere else.
+        std::os::unix::fs::symlink("private", src.path().join("linked")).expect("seed");
+        let sub = |path: &str, writable| Subtree {
+            path: path.into(),
+            writable,
+        };
+        let m = BindMount {
+            source: src.path().into(),
+            target: "/ws".into(),
+            writable: true,
+            subtrees: Some(vec![
+                sub("/ws/a", true),
+                sub("/ws/a/in", true), // inside a subtree of the same access: adds nothing
+                sub("/ws/b", false),
+                sub("/ws/linked", true),  // a symlink: shown nowhere
+                sub("/ws/missing", true), // does not exist: shown nowhere
+                sub("/ws/f.txt", false),  // a file
+            ]),
+            fuse: false,
+        };
+        let show = |p: &PlannedMount| {
+            format!(
+                "{} {}{}{}",
+                p.target_rel.to_string_lossy(),
+                if p.placeholder {
+                    "placeholder"
+                } else if p.writable {
+                    "rw"
+                } else {
+                    "ro"
+                },
+                if p.is_file { " file" } else { "" },
+                if p.placeholder {
+                    String::new()
+                } else {
+                    format!(
+                        " from {}",
+                        p.source
+                            .to_string_lossy()
+                            .strip_prefix(&*src.path().to_string_lossy())
+                            .unwrap_or("?")
+                    )
+                },
+            )
+        };
+        let planned: Vec<String> = plan_mount(&m).expect("valid").iter().map(show).collect();
+        assert_eq!(
+            planned,
+            [
+                "ws placeholder",
+                "ws/a rw from /a",
+                "ws/b ro from /b",
+                "ws/f.txt ro file from /f.txt",
+            ]
+        );
+        // A subtree at the mount's root: the whole source, no placeholder.
+        let whole = BindMount {
+            subtrees: Some(vec![sub("/ws", false), sub("/ws/b", false)]),
+            ..m.clone()
+        };
+        let planned: Vec<String> = plan_mount(&whole)
+            .expect("valid")
+            .iter()
+            .map(show)
+            .collect();
+        assert_eq!(planned, ["ws ro from "]);
+        // No subtree at all (every rule is `none`): only the empty mount point.
+        let nothing = BindMount {
+            subtrees: Some(vec![]),
+            ..m
+        };
+        let planned: Vec<String> = plan_mount(&nothing)
+            .expect("valid")
+            .iter()
+            .map(show)
+            .collect();
+        assert_eq!(planned, ["ws placeholder"]);
     }
 
     #[test]
