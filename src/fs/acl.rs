@@ -203,13 +203,14 @@ fn plain_subtree(glob: &str) -> Option<&str> {
 }
 
 /// Whether `mount` needs the per-file FUSE layer: `audit` is on, or some rule is not a plain
-/// `prefix/**` subtree, or two plain subtrees nest with different accesses (first-match order
-/// cannot be expressed by Landlock, whose rules only ever add access).
+/// `prefix/**` subtree, or two plain subtrees nest with different accesses (the bind layer mounts
+/// whole subtrees: it cannot hide a name inside a shown one).
 ///
 /// # Security
 ///
-/// A `false` answer promises that mount-level binds plus Landlock enforce the rules exactly; when
-/// in doubt the answer is `true` (the caller then refuses to start without `/dev/fuse`).
+/// A `false` answer promises that binding only the granted subtrees (read-only for `r`) enforces
+/// the rules exactly; when in doubt the answer is `true` (the caller then refuses to start
+/// without `/dev/fuse`).
 pub fn needs_per_file_enforcement(mount: &FsMount) -> bool {
     per_file_reason(mount).is_some()
 }
@@ -461,7 +462,7 @@ mod tests {
             ),
             // a single file
             (Some(&[("/workspace/a.txt", FsAccess::R)]), false, true),
-            // nested subtrees with different accesses (first match beats Landlock's union)
+            // nested subtrees with different accesses (first match decides inside a subtree)
             (
                 Some(&[
                     ("/workspace/docs/**", FsAccess::R),

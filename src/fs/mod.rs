@@ -37,7 +37,8 @@
 //! # Layers
 //!
 //! [`needs_per_file_enforcement`] says whether a mount needs this FUSE layer at all: plain
-//! `prefix/**` rules are enforced by the launcher's binds and Landlock at no runtime cost. Where
+//! `prefix/**` rules are enforced by the launcher's binds (only the granted subtrees are mounted,
+//! read-only for `r`) at no runtime cost. Where
 //! the layer is needed and [`fuse_available`] is false, the sandbox must refuse to start
 //! (`HIVE_FS_UNENFORCEABLE`); it never silently enforces less.
 //!

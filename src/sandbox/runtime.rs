@@ -4,7 +4,7 @@
 //! 1. The first spawn starts the namespaces from the config in force: one mount per `local`
 //!    mount (data in `source` or `<sandbox dir>/fs/<mount>`), the CA bundle (system roots + the
 //!    sandbox CA) and the proxy listener, which the engine then serves. A mount whose ACLs are
-//!    plain `<dir>/**` trees is a bind plus Landlock rules; one that needs per-file decisions is a
+//!    plain `<dir>/**` trees is one bind per granted subtree; one that needs per-file decisions is a
 //!    FUSE mount the launcher hands over and [`serve_fuse`] serves with its ACLs.
 //! 2. Every spawn gets a fresh environment: [`linux::default_env`] plus what the caller adds;
 //!    nothing of the host program's environment.
@@ -337,9 +337,9 @@ fn default_source(dir: &Path, mount: &str) -> PathBuf {
 /// How a mount's ACLs are enforced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum MountAccess {
-    /// A bind, read-write if any rule grants `rw`, and Landlock: `None` for the whole mount,
-    /// `Some` for only these subtrees (no `acls`, or plain `<dir>/**` rules that never nest with
-    /// different accesses, so first-match equals Landlock's union of rules).
+    /// Binds: `None`, the whole mount, read-write (no `acls`); `Some`, only these subtrees, each
+    /// read-only unless `rw` (plain `<dir>/**` rules that never nest with different accesses, so
+    /// first-match equals the union of the subtrees; `writable` is then unused).
     Bind {
         writable: bool,
         subtrees: Option<Vec<Subtree>>,
@@ -349,7 +349,7 @@ enum MountAccess {
 }
 
 /// Which layer enforces a mount's ACLs: per-file where [`crate::fs::needs_per_file_enforcement`]
-/// says so, else a bind plus Landlock rules for the granted subtrees.
+/// says so, else binds of the granted subtrees.
 fn mount_access(mount: &FsMount) -> MountAccess {
     if crate::fs::needs_per_file_enforcement(mount) {
         return MountAccess::PerFile;
@@ -379,8 +379,7 @@ fn mount_access(mount: &FsMount) -> MountAccess {
     }
 }
 
-/// Creates a granted subtree that does not exist yet in the source, so its Landlock rule has an
-/// inode to attach to. Nothing is created through a symlink or over a file (the sandbox may have
+/// Creates a granted subtree that does not exist yet in the source, so it can be bound. Nothing is created through a symlink or over a file (the sandbox may have
 /// planted them); the subtree then simply grants nothing.
 fn create_subtree(source: &Path, mount: &str, path: &str) {
     let Some(rel) = path.strip_prefix(mount) else {
@@ -642,7 +641,7 @@ mod tests {
                 false,
                 bind(false, Some(&[("/workspace", false)])),
             ),
-            // disjoint subtrees: Landlock per subtree, `none` grants nothing
+            // disjoint subtrees: a bind per subtree, `none` grants nothing
             (
                 Some(&[
                     ("/workspace/a/**", R),

@@ -9,7 +9,8 @@
 //!    read-only binds of `/usr /bin /sbin /lib*` (symlinks such as `/bin -> usr/bin` recreated as
 //!    symlinks) and `/etc`; tmpfs `/tmp` and `/root` (the sandbox's `HOME`); a minimal `/dev`;
 //!    a fresh `/proc` with `/proc/sys` and friends read-only; `/run/hive` with the CA bundle; the
-//!    configured mounts.
+//!    configured mounts as the parent planned them ([`super::plan::PlannedMount`]: a whole
+//!    source, one subtree of a source, or only a mount point).
 //! 4. `pivot_root(".", ".")`, detach the old root.
 //! 5. With the new root in place (so absolute symlinks resolve inside): hide the `/etc` secrets
 //!    the parent found, bind the CA bundle over the distribution bundle paths that exist.
