@@ -422,6 +422,7 @@ fn plain_subtree_rules_hold_by_the_mount_layout() {
         )
         .expect("seed");
     }
+    std::fs::write(src.path().join("single.txt"), "single\n").expect("seed");
     // A planted symlink must not carry a subtree's rule out of its tree.
     std::os::unix::fs::symlink("private", src.path().join("linked")).expect("seed");
     let sub = |path: &str, writable| Subtree {
@@ -438,6 +439,7 @@ fn plain_subtree_rules_hold_by_the_mount_layout() {
                 sub("/data/pub", false),
                 sub("/data/rw", true),
                 sub("/data/linked", true),
+                sub("/data/single.txt", false),
             ]),
             fuse: false,
         }],
@@ -466,11 +468,17 @@ fn plain_subtree_rules_hold_by_the_mount_layout() {
             true,
         ),
         ("mv /data/rw/f.txt /data/pub/", false),
+        ("cat /data/single.txt", true),
+        ("echo x >> /data/single.txt", false),
+        ("rm /data/single.txt", false),
     ] {
         let (code, out) = sh(&host, script);
         assert_eq!(code == 0, ok, "{script}: {out}");
     }
-    assert_eq!(sh(&host, "ls -a /data"), (0, ".\n..\npub\nrw\n".into()));
+    assert_eq!(
+        sh(&host, "ls -a /data"),
+        (0, ".\n..\npub\nrw\nsingle.txt\n".into())
+    );
     assert!(!src.path().join("private/new").exists());
     use std::os::unix::fs::PermissionsExt;
     for (file, mode) in [
