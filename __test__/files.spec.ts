@@ -1,4 +1,4 @@
-// File ACLs in real sandboxes (SPEC §4 "Filesystem", issue 6), attacked from inside the way a
+// File ACLs in real sandboxes (README "File access", docs/isolation.md), attacked from inside the way a
 // process would try to reach a file it must not. Run by CI as root and again as an unprivileged
 // user: where this process cannot open /dev/fuse, per-file rules cannot be enforced and the
 // sandbox must refuse to run (HIVE_FS_UNENFORCEABLE), never enforce less.
@@ -210,6 +210,16 @@ const ATTACKS: [string, string][] = [
   ['symlink', "os.symlink('f.txt', d + '/newlink')"],
   ['hard link', "os.link(d + '/f.txt', d + '/newhard')"],
 ]
+/** [attack, Python statement]: carrying an `r` or hidden file into the `rw` subtree to change it there. */
+const CROSS_ATTACKS: [string, string][] = [
+  ['hard link an r file into rw, then chmod it', "os.link('/ws/b/f.txt', '/ws/a/stolen'); os.chmod('/ws/a/stolen', 0o666)"],
+  ['rename an r file into rw', "os.rename('/ws/b/moved.txt', '/ws/a/stolen2')"],
+  ['chmod an r file through a symlink in rw', "os.symlink('/ws/b/f.txt', '/ws/a/via'); os.chmod('/ws/a/via', 0o666)"],
+  ['utime an r file through a symlink in rw', "os.symlink('/ws/b/f.txt', '/ws/a/via2'); os.utime('/ws/a/via2', (978307200, 978307200))"],
+  ['hard link a hidden file into rw', "os.link('/ws/c/f.txt', '/ws/a/stolen3')"],
+  ['hard link an unmatched file into rw', "os.link('/ws/f.txt', '/ws/a/stolen4')"],
+]
+
 /** Attacks that create a name: refused (EACCES, EROFS) in a visible directory that is not writable. */
 const CREATES = new Set(['create a file', 'mkdir', 'symlink'])
 /** Attacks that remove a name: in a read-only directory the kernel answers EROFS before it looks the name up. */
@@ -230,6 +240,7 @@ def reparent():
     os.makedirs('/tmp/p/y', exist_ok=True)
     open('/tmp/p/x/f', 'w').close()
     os.rename('/tmp/p/x/f', '/tmp/p/y/f')
+out['cross'] = {attack: attempt(lambda: exec(stmt, {'os': os})) for attack, stmt in json.loads(sys.argv[3])}
 out['probes'] = {
     # landlock_create_ruleset(NULL, 0, VERSION): the kernel's ABI, whatever the launcher used
     'kernelAbi': max(ctypes.CDLL(None).syscall(444, None, 0, 1), 0),
@@ -279,7 +290,7 @@ for (const variant of VARIANTS) {
     let dir: string
     let before: Snapshot
     let after: Snapshot
-    let results: Record<Level, Record<string, string>> & { probes: { kernelAbi: number; procComm: string; reparent: string; rootListing: string[] } }
+    let results: Record<Level | 'cross', Record<string, string>> & { probes: { kernelAbi: number; procComm: string; reparent: string; rootListing: string[] } }
     beforeAll(async () => {
       dir = mkdtempSync(join(tmpdir(), 'hive-table-'))
       seedTable(dir)
@@ -290,7 +301,7 @@ for (const variant of VARIANTS) {
       // The switches are read when the sandbox's namespaces start: at its first exec.
       Object.assign(process.env, variant.env)
       try {
-        const r = await sandbox.exec(['python3', '-c', ATTACK_SCRIPT, JSON.stringify(LEVEL_DIRS), JSON.stringify(ATTACKS)])
+        const r = await sandbox.exec(['python3', '-c', ATTACK_SCRIPT, JSON.stringify(LEVEL_DIRS), JSON.stringify(ATTACKS), JSON.stringify(CROSS_ATTACKS)])
         expect(r.stderr).toBe('')
         results = JSON.parse(r.stdout)
       } finally {
@@ -318,6 +329,10 @@ for (const variant of VARIANTS) {
       if (attack === 'list the directory') expect(got('unmatched'), 'unmatched').toBe('ok')
       else if (CREATES.has(attack) || attack.endsWith('the directory')) expect(refused, `unmatched: ${got('unmatched')}`).toContain(got('unmatched'))
       else expect(got('unmatched'), 'unmatched').toBe(REMOVES.has(attack) && !variant.perFile ? 'EROFS' : 'ENOENT')
+    })
+
+    it.each(CROSS_ATTACKS.map(([attack]) => attack))('%s: refused', (attack) => {
+      expect(['EACCES', 'EROFS', 'EPERM', 'EXDEV', 'ENOENT'], results.cross[attack]).toContain(results.cross[attack])
     })
 
     it('left everything but the rw subtree untouched on the host', () => {
