@@ -77,7 +77,7 @@ describe.skipIf(fuse)(`file ACLs without a usable /dev/fuse (${whoami})${fuse ? 
     await sandbox.close()
   })
 
-  it('still runs plain subtree rules (bind + Landlock)', async () => {
+  it('still runs plain subtree rules (bind mounts)', async () => {
     const sandbox = await getOrCreateSandbox('files-plain', {
       fs: [{ backend: 'local', mount: '/workspace', source: src, acls: [{ path: '/workspace/docs/**', access: 'r' }] }],
     })
