@@ -322,7 +322,7 @@ async function events(argv) {
   const log = join(dir, 'audit.jsonl')
   const rotated = join(dir, 'audit.jsonl.1')
   const since = values.since ?? (values.follow ? 'now' : 'start')
-  let last = since === 'start' ? '' : since
+  let last = since === 'start' || since === 'now' ? '' : since
   const print = (event, line) => {
     if (typeof event.id !== 'string' || event.id <= last) return
     last = event.id
