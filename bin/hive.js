@@ -4,10 +4,9 @@
 'use strict'
 
 const { createReadStream, existsSync, readdirSync, readFileSync, statSync } = require('node:fs')
-const { homedir } = require('node:os')
+const { constants, homedir } = require('node:os')
 const { dirname, isAbsolute, join, resolve } = require('node:path')
 const { parseArgs } = require('node:util')
-const { constants } = require('node:os')
 
 // Exit codes of hive itself; a command run by `hive run` exits with its own code (or 128 + signal).
 const EXIT_USAGE = 2
