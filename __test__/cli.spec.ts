@@ -68,6 +68,13 @@ describe('hive run', () => {
     expect(upstream.hits).toEqual([])
   }, 60_000)
 
+  it('prints one denied line for a name no rule allows, looked up by a client that ignores the proxy variables', async () => {
+    const r = await hive(['run', '--config', config, '--allow', 'api.github.com', '--', 'curl', '-s', '--noproxy', '*', 'https://github.com/login'])
+    expect(r.status).toBe(6) // curl: could not resolve host
+    expect(r.stderr.match(/^hive: denied dns github\.com \(no rule\)$/gm)).toHaveLength(1)
+    expect(upstream.hits).toEqual([])
+  }, 60_000)
+
   it('prints a denied line with the method and path for a request the proxy sees', async () => {
     const r = await hive(['run', '--config', config, '--allow', 'api.github.com:443', '--', 'curl', '-sf', '-X', 'POST', 'https://api.github.com/gists'])
     expect(r.status).toBe(0) // the method is allowed: no methods on an --allow rule

@@ -208,11 +208,18 @@ async function run(argv) {
   try {
     // Subscribe before the command starts, so no decision is missed.
     const events = sandbox.getEventsStream()
+    const deniedNames = new Set()
     const printed = (async () => {
       for await (const e of events) {
         if (e.type === 'egress.request' && (values.verbose || e.access === 'denied')) process.stderr.write(`${describeRequest(e)}\n`)
         else if (e.type === 'fs.denied') process.stderr.write(`hive: denied ${e.operation} ${e.path} (file access)\n`)
-        else if (e.type === 'dns.query' && values.verbose) process.stderr.write(`hive: dns ${e.access} ${e.name ?? e.host} ${e.qtype}\n`)
+        else if (e.type === 'dns.query') {
+          // A name no rule could allow never resolves; say so once per name (A and AAAA both ask).
+          const name = e.host ?? e.name
+          if (values.verbose) process.stderr.write(`hive: dns ${e.access} ${name} ${e.qtype}\n`)
+          else if (e.access === 'denied' && !deniedNames.has(name)) process.stderr.write(`hive: denied dns ${name} (no rule)\n`)
+          if (e.access === 'denied') deniedNames.add(name)
+        }
         else if (e.type === 'sandbox.warning') process.stderr.write(`hive: warning: ${e.message}\n`)
       }
     })()
