@@ -79,11 +79,15 @@ describe('links', () => {
     expect(broken).toEqual([])
   })
 
-  it('every docs anchor the sources cite exists', () => {
+  it('every docs page and anchor the comments in the sources cite exists', () => {
     const sources = execFileSync('git', ['ls-files', 'src', 'index.js', 'process.js', 'bin'], { cwd: root, encoding: 'utf8' }).split('\n').filter(Boolean)
     const cited = new Set<string>()
     for (const file of sources) {
-      for (const m of read(file).matchAll(/((?:docs\/[a-z-]+|README)\.md)(#[a-z0-9-]+)?/g)) cited.add(m[0])
+      const comments = read(file)
+        .split('\n')
+        .filter((line) => /^\s*(\/\/|\/\*|\*)/.test(line) || /\s\/\/ /.test(line))
+        .join('\n')
+      for (const m of comments.matchAll(/(?<![\w/.-])((?:docs\/[a-z-]+|README)\.md)(#[a-z0-9-]+)?/g)) cited.add(m[0])
     }
     expect(cited.size).toBeGreaterThan(10)
     const broken = [...cited].map((link) => brokenLink('', link)).filter(Boolean)
