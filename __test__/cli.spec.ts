@@ -139,6 +139,13 @@ describe('hive run', () => {
     expect(readFileSync(join(data, 'new.txt'), 'utf8')).toBe('written\n')
   }, 60_000)
 
+  it('returns when the command exits, even if it left a process holding its output open', async () => {
+    const start = Date.now()
+    const r = await hive(['run', '--', 'sh', '-c', 'sleep 60 & echo started'])
+    expect(r).toMatchObject({ status: 0, stdout: 'started\n' })
+    expect(Date.now() - start).toBeLessThan(30_000)
+  }, 60_000)
+
   it('a temporary sandbox leaves nothing under the hive home', async () => {
     await hive(['run', '--', 'true'])
     expect((await hive(['ls', '--json'])).stdout.split('\n').filter((l) => l.includes('"run-'))).toEqual([])

@@ -231,12 +231,14 @@ async function run(argv) {
     for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.on(signal, forward)
     const streamsDone = Promise.all([child.stdout, child.stderr].map((s) => new Promise((r) => s.once('end', r).once('close', r))))
     const { exitCode, signal } = await child.wait()
-    await streamsDone
+    // A process it left running in the background may hold the pipes open: give the output a
+    // moment to drain, then closing the sandbox stops that process and ends the pipes.
+    await Promise.race([streamsDone, new Promise((r) => setTimeout(r, 1000).unref())])
     process.stdin.unpipe(child.stdin)
     process.stdin.destroy()
     for (const s of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.off(s, forward)
     await sandbox.close() // ends the event stream once it has delivered what was emitted
-    await printed
+    await Promise.all([printed, streamsDone])
     return exitCode ?? 128 + (constants.signals[signal] || 0)
   } finally {
     if (temporary) await hive.deleteSandbox(name)
