@@ -3,7 +3,6 @@
 // Errors with an exact `code` and, for config errors, `issues`.
 'use strict'
 
-const binding = require('./binding.js')
 const processes = require('./process.js')
 
 const MARKER = '\u0001hive-error:'
@@ -14,6 +13,41 @@ function hiveError(code, message, issues) {
   if (issues && issues.length > 0) error.issues = issues
   return error
 }
+
+// The platforms a prebuilt binary is published for (package.json `napi.targets`), as
+// `<platform>-<arch>-<libc>`; each is the optional dependency `hive-<that>`.
+const SUPPORTED = ['linux-x64-gnu', 'linux-arm64-gnu', 'linux-x64-musl', 'linux-arm64-musl']
+
+function libcOf() {
+  if (process.platform !== 'linux') return 'none'
+  const { glibcVersionRuntime } = process.report.getReport().header
+  return glibcVersionRuntime ? 'gnu' : 'musl'
+}
+
+// The generated loader (binding.js) ends with napi's generic advice about an npm bug, also where no
+// binary exists for this platform at all; say which case this is (README.md#requirements).
+function loadBinding() {
+  try {
+    return require('./binding.js')
+  } catch (cause) {
+    const libc = libcOf()
+    const target = `${process.platform}-${process.arch}-${libc}`
+    const libcName = { gnu: 'glibc', musl: 'musl', none: 'no Linux libc' }[libc]
+    const error = SUPPORTED.includes(target)
+      ? hiveError(
+          'HIVE_BINDING_NOT_FOUND',
+          `hive's native binary for ${target} did not load: install the optional dependency hive-${target} (npm installs it unless optional dependencies are omitted)`,
+        )
+      : hiveError(
+          'HIVE_UNSUPPORTED_PLATFORM',
+          `hive has no native binary for platform ${process.platform}, arch ${process.arch}, libc ${libcName}; supported: ${SUPPORTED.join(', ')}`,
+        )
+    error.cause = cause
+    throw error
+  }
+}
+
+const binding = loadBinding()
 
 function decode(error) {
   if (error && typeof error.message === 'string' && error.message.startsWith(MARKER)) {

@@ -1,5 +1,5 @@
-// ESM entry: the same objects as the CommonJS entry.
+// ESM entry: the same objects as the CommonJS entry (a test compares the two lists of names).
 import hive from './index.js'
 
-export const { getOrCreateSandbox, deleteSandbox, Sandbox, EventStream } = hive
+export const { getOrCreateSandbox, deleteSandbox, Sandbox, EventStream, SandboxProcess } = hive
 export default hive

@@ -43,45 +43,220 @@ export interface FsMount {
   audit?: boolean
 }
 
-/** One audit event (docs/audit-log.md). */
-export interface SandboxEvent {
-  /** Unique within the sandbox; ids sort in emission order. */
+/** The fields every audit event has (docs/audit-log.md#every-event). */
+export interface EventBase<Type extends string> {
+  /** Unique within the sandbox; ids sort (as strings) in emission order, across restarts. */
   id: string
-  type:
-    | 'egress.request'
-    | 'egress.response'
-    | 'dns.query'
-    | 'config.applied'
-    | 'process.start'
-    | 'process.exit'
-    | 'fs.denied'
-    | 'fs.access'
-    | 'sandbox.created'
-    | 'sandbox.closed'
-    | 'events.dropped'
-  /** RFC 3339. */
+  type: Type
+  /** RFC 3339, UTC, milliseconds. */
   time: string
+  /** The sandbox's name. */
   sandbox: string
-  host?: string
-  port?: number
-  method?: string
-  path?: string
-  scheme?: 'http' | 'https' | 'tcp'
-  access?: 'allowed' | 'denied'
-  rule?: number | null
-  reason?: string
-  via?: 'proxy' | 'transparent' | 'host'
-  injectedHeaders?: string[]
-  requestId?: string
-  status?: number
-  bytesIn?: number
-  bytesOut?: number
-  durationMs?: number
-  egressRules?: number
-  fsMounts?: number
-  count?: number
-  [field: string]: unknown
 }
+
+/** Why a request was allowed or denied. Open-ended: new reasons may be added. */
+export type EgressReason =
+  | 'rule'
+  | 'no-rule'
+  | 'method'
+  | 'path'
+  | 'port'
+  | 'plaintext-credentials'
+  | 'private-address'
+  | 'host-mismatch'
+  | 'callback'
+  | (string & {})
+
+/** One decision of the egress policy: every request, allowed or denied (docs/audit-log.md#egressrequest). */
+export interface EgressRequestEvent extends EventBase<'egress.request'> {
+  /** The host the sandbox asked for (lowercase; the name, not the address it resolved to). */
+  host: string
+  port: number
+  /** The HTTP method; `"CONNECT"` for a raw tunnel. */
+  method: string
+  /** The request path without the query string (query strings are never recorded). */
+  path: string
+  scheme: 'http' | 'https' | 'tcp'
+  access: 'allowed' | 'denied'
+  /** Index of the deciding rule in `egress`, or `null` when no rule matched. */
+  rule: number | null
+  reason: EgressReason
+  /** Which listener saw it: the proxy variables, transparent capture, or `sandbox.proxy()` on the host. */
+  via: 'proxy' | 'transparent' | 'host'
+  /** Names (never values) of the headers an `override` set. */
+  injectedHeaders: string[]
+  /** In report mode: the request was allowed but the policy would have denied it. */
+  wouldDeny?: boolean
+  /** The process inside that opened the connection, where known (not emitted by this version yet). */
+  pid?: number
+  /** Its argv, where known (not emitted by this version yet). */
+  command?: string[]
+  /** The exec it belongs to, where known (not emitted by this version yet). */
+  execId?: string
+  /** Identifies the config that decided (not emitted by this version yet). */
+  configHash?: string
+}
+
+/** The end of an allowed exchange (docs/audit-log.md#egressresponse). */
+export interface EgressResponseEvent extends EventBase<'egress.response'> {
+  /** The `id` of its `egress.request` event. */
+  requestId: string
+  /** The status answered to the sandbox; `0` for a tunnel, which has none. */
+  status: number
+  /** Bytes received from the upstream. */
+  bytesIn: number
+  /** Bytes sent to the upstream. */
+  bytesOut: number
+  durationMs: number
+}
+
+/** An allowed request whose upstream failed; the sandbox got a 502 or 504 (docs/audit-log.md#egresserror). */
+export interface EgressErrorEvent extends EventBase<'egress.error'> {
+  requestId: string
+  host: string
+  port: number
+  cause: 'dns' | 'refused' | 'tls-verify' | 'timeout' | 'reset' | (string & {})
+  /** What failed, in words (never a secret). */
+  detail: string
+}
+
+/** A DNS question to hive's responder inside the sandbox (docs/audit-log.md#dnsquery). */
+export interface DnsQueryEvent extends EventBase<'dns.query'> {
+  /** The name asked for. */
+  name: string
+  /** The same name under the field name `egress.request` uses (not emitted by this version yet). */
+  host?: string
+  /** `"A"`, `"AAAA"`, `"PTR"`, … */
+  qtype: string
+  /** `allowed`: some rule could allow the name; `denied`: it was never looked up. */
+  access: 'allowed' | 'denied'
+  /** The asking process, where known (not emitted by this version yet). */
+  pid?: number
+  /** Its argv, where known (not emitted by this version yet). */
+  command?: string[]
+}
+
+/** A config took effect (docs/audit-log.md#configapplied). */
+export interface ConfigAppliedEvent extends EventBase<'config.applied'> {
+  /** Number of egress rules. */
+  egressRules: number
+  /** Number of fs mounts. */
+  fsMounts: number
+  /** The config as `getConfig()` shows it, secrets redacted (not emitted by this version yet). */
+  config?: SandboxConfig
+  /** Identifies this config (not emitted by this version yet). */
+  configHash?: string
+}
+
+/** A command started inside the sandbox (docs/audit-log.md#processstart). */
+export interface ProcessStartEvent extends EventBase<'process.start'> {
+  /** The pid inside the sandbox. */
+  pid: number
+  command: string[]
+  /** Identifies the exec/spawn call (not emitted by this version yet). */
+  execId?: string
+}
+
+/** A command ended (docs/audit-log.md#processexit). */
+export interface ProcessExitEvent extends EventBase<'process.exit'> {
+  pid: number
+  command: string[]
+  /** The exit code, or `null` when a signal ended it. */
+  exitCode: number | null
+  /** The signal that ended it (`"SIGKILL"`), or `null`. */
+  signal: string | null
+  /** Why hive ended it, when it did. */
+  reason?: 'oom' | 'timeout' | 'limit'
+  /** Identifies the exec/spawn call (not emitted by this version yet). */
+  execId?: string
+}
+
+/** The file ACLs refused an access (docs/audit-log.md#fsdenied). */
+export interface FsDeniedEvent extends EventBase<'fs.denied'> {
+  /** The absolute path inside the sandbox. */
+  path: string
+  /** `"open"`, `"write"`, `"create"`, `"rename"`, `"unlink"`, `"lookup"`, … */
+  operation: string
+  /** Index of the deciding ACL in its mount's `acls`, or `null` when none matched. */
+  rule: number | null
+}
+
+/** A change on a mount with `audit: true` (docs/audit-log.md#fsaccess). */
+export interface FsAccessEvent extends EventBase<'fs.access'> {
+  path: string
+  operation: string
+  /** The new name, for `rename` and `link`. */
+  newPath?: string
+}
+
+/** A request carrying a secret's placeholder to a host the secret is not for was refused (docs/audit-log.md#secretblocked). */
+export interface SecretBlockedEvent extends EventBase<'secret.blocked'> {
+  /** The secret's name (never its value). */
+  secret: string
+  host: string
+  /** Where the placeholder was: `"header"`, `"query"`, … */
+  where: string
+}
+
+/** A response had a secret's value replaced (docs/audit-log.md#secretscrubbed). */
+export interface SecretScrubbedEvent extends EventBase<'secret.scrubbed'> {
+  secret: string
+  host: string
+  /** How many occurrences were replaced. */
+  count: number
+}
+
+/** A resource limit was reached (docs/audit-log.md#limitexceeded). */
+export interface LimitExceededEvent extends EventBase<'limit.exceeded'> {
+  /** The `limits` key: `"memoryBytes"`, `"pids"`, … */
+  limit: string
+  /** The process that hit it, where known. */
+  pid?: number
+}
+
+/** A degradation that weakens nothing but matters (docs/audit-log.md#sandboxwarning). */
+export interface SandboxWarningEvent extends EventBase<'sandbox.warning'> {
+  /** A stable code. */
+  code: string
+  message: string
+}
+
+/** The sandbox was opened in this process (docs/audit-log.md#sandboxcreated). */
+export interface SandboxCreatedEvent extends EventBase<'sandbox.created'> {}
+
+/** The sandbox was closed (docs/audit-log.md#sandboxclosed). */
+export interface SandboxClosedEvent extends EventBase<'sandbox.closed'> {}
+
+/** This subscriber fell behind its buffer and lost the oldest events (docs/audit-log.md#eventsdropped). */
+export interface EventsDroppedEvent extends EventBase<'events.dropped'> {
+  /** How many events this subscriber lost. */
+  count: number
+}
+
+/**
+ * One audit event (docs/audit-log.md), discriminated on `type`:
+ * `if (event.type === "egress.request") event.host` is a `string`.
+ */
+export type SandboxEvent =
+  | EgressRequestEvent
+  | EgressResponseEvent
+  | EgressErrorEvent
+  | DnsQueryEvent
+  | ConfigAppliedEvent
+  | ProcessStartEvent
+  | ProcessExitEvent
+  | FsDeniedEvent
+  | FsAccessEvent
+  | SecretBlockedEvent
+  | SecretScrubbedEvent
+  | LimitExceededEvent
+  | SandboxWarningEvent
+  | SandboxCreatedEvent
+  | SandboxClosedEvent
+  | EventsDroppedEvent
+
+/** Every event `type`. */
+export type SandboxEventType = SandboxEvent['type']
 
 /** An error from hive: `code` is stable API, the message text is not. */
 export interface HiveError extends Error {
@@ -90,9 +265,13 @@ export interface HiveError extends Error {
     | 'HIVE_INVALID_NAME'
     | 'HIVE_INVALID_ARGUMENT'
     | 'HIVE_UNSUPPORTED_PLATFORM'
+    | 'HIVE_BINDING_NOT_FOUND'
     | 'HIVE_USERNS_UNAVAILABLE'
     | 'HIVE_FS_UNENFORCEABLE'
+    | 'HIVE_LIMITS_UNENFORCEABLE'
     | 'HIVE_SPAWN_FAILED'
+    | 'HIVE_MAX_BUFFER'
+    | 'HIVE_SANDBOX_BUSY'
     | 'HIVE_SANDBOX_CLOSED'
     | 'HIVE_INTERNAL'
   /** For `HIVE_INVALID_CONFIG`: every problem found, by field path. */

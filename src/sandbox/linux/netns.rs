@@ -32,16 +32,16 @@ pub(crate) unsafe fn loopback_up() -> CResult<u32> {
     }
     let r = (|| {
         check_i(
-            libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req),
+            libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req),
             Stage::LoopbackUp,
         )?;
         req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         check_i(
-            libc::ioctl(sock, libc::SIOCSIFFLAGS, &req),
+            libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req),
             Stage::LoopbackUp,
         )?;
         check_i(
-            libc::ioctl(sock, libc::SIOCGIFINDEX, &mut req),
+            libc::ioctl(sock, libc::SIOCGIFINDEX as _, &mut req),
             Stage::LoopbackUp,
         )?;
         Ok(req.ifr_ifru.ifru_ifindex as u32)

@@ -116,7 +116,13 @@ impl SeccompProgram {
         deny.insert(libc::SYS_clone, clone_rules);
         let ioctl_rules = [libc::TIOCSTI, libc::TIOCLINUX]
             .iter()
-            .map(|req| rule(vec![cond(1, SeccompCmpOp::MaskedEq(0xffff_ffff), *req)?]))
+            .map(|req| {
+                rule(vec![cond(
+                    1,
+                    SeccompCmpOp::MaskedEq(0xffff_ffff),
+                    u64::from(*req as u32),
+                )?])
+            })
             .collect::<Result<Vec<_>>>()?;
         deny.insert(libc::SYS_ioctl, ioctl_rules);
         let socket_rules = [libc::AF_NETLINK, libc::AF_PACKET]
