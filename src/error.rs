@@ -45,6 +45,7 @@ pub enum ErrorCode {
     FsUnenforceable,
     SpawnFailed,
     SandboxClosed,
+    SandboxBusy,
     Internal,
 }
 
@@ -60,6 +61,7 @@ impl ErrorCode {
             ErrorCode::FsUnenforceable => "HIVE_FS_UNENFORCEABLE",
             ErrorCode::SpawnFailed => "HIVE_SPAWN_FAILED",
             ErrorCode::SandboxClosed => "HIVE_SANDBOX_CLOSED",
+            ErrorCode::SandboxBusy => "HIVE_SANDBOX_BUSY",
             ErrorCode::Internal => "HIVE_INTERNAL",
         }
     }
@@ -86,6 +88,9 @@ pub enum HiveError {
     SpawnFailed(String),
     #[error("sandbox {0:?} is closed")]
     SandboxClosed(String),
+    /// Another process (or another open in this one) has the sandbox's folder locked.
+    #[error("sandbox {name:?} is in use by another process ({}); close it there or use another name", .pid.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}")))]
+    SandboxBusy { name: String, pid: Option<u32> },
     #[error("internal error: {0}")]
     Internal(String),
     #[error("I/O error: {context}: {source}")]
@@ -116,6 +121,7 @@ impl HiveError {
             HiveError::FsUnenforceable(_) => ErrorCode::FsUnenforceable,
             HiveError::SpawnFailed(_) => ErrorCode::SpawnFailed,
             HiveError::SandboxClosed(_) => ErrorCode::SandboxClosed,
+            HiveError::SandboxBusy { .. } => ErrorCode::SandboxBusy,
             HiveError::Internal(_) | HiveError::Io { .. } => ErrorCode::Internal,
         }
     }
