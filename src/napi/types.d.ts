@@ -8,6 +8,16 @@ export interface SandboxConfig {
   egress?: EgressRule[]
   /** How the proxy reaches upstreams (never changes a decision). */
   upstream?: UpstreamConfig
+  /** How much of the audit log is kept (docs/audit-log.md). */
+  audit?: AuditConfig
+}
+
+/** The audit log's retention: `audit.jsonl` is rotated before a write would take it past
+ * `maxBytes` (default 64 MiB, at least 64 KiB); the `keep` newest rotated files (default 1, at
+ * most 100) are kept as `audit.jsonl.1`, `.2`, … */
+export interface AuditConfig {
+  maxBytes?: number
+  keep?: number
 }
 
 export interface EgressRule {
@@ -59,6 +69,7 @@ export interface SandboxEvent {
     | 'sandbox.created'
     | 'sandbox.closed'
     | 'events.dropped'
+    | 'events.suppressed'
   /** RFC 3339. */
   time: string
   sandbox: string
@@ -79,7 +90,14 @@ export interface SandboxEvent {
   durationMs?: number
   egressRules?: number
   fsMounts?: number
+  /** How many events this one stands for: repeated denials coalesced into one, denials over the
+   * budget (`events.suppressed`), or events a slow subscriber lost (`events.dropped`). */
   count?: number
+  /** With `count`: when the first and the last of those events happened. */
+  firstTime?: string
+  lastTime?: string
+  /** `events.suppressed`: how many denials of each type it stands for. */
+  types?: Record<string, number>
   [field: string]: unknown
 }
 
@@ -94,6 +112,7 @@ export interface HiveError extends Error {
     | 'HIVE_FS_UNENFORCEABLE'
     | 'HIVE_SPAWN_FAILED'
     | 'HIVE_SANDBOX_CLOSED'
+    | 'HIVE_SANDBOX_BUSY'
     | 'HIVE_INTERNAL'
   /** For `HIVE_INVALID_CONFIG`: every problem found, by field path. */
   issues?: { path: string; message: string }[]
