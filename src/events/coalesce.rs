@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 use super::{kind, FIELD_COUNT};
 
 /// How long repeats and suppressed denials are held at most before their summary is emitted.
-pub const WINDOW: Duration = Duration::from_secs(1);
+pub const WINDOW: Duration = Duration::from_millis(500);
 /// Distinct denials emitted one by one in a burst.
 pub const BURST: f64 = 1000.0;
 /// Distinct denials per second emitted one by one once the burst is spent.

@@ -25,7 +25,7 @@ use crate::config::AuditRetention;
 /// Most bytes written in one batch.
 pub const MAX_BATCH: usize = 1 << 20;
 /// How often the writer lets the coalescer expire what it holds.
-pub const TICK: Duration = Duration::from_millis(200);
+pub const TICK: Duration = Duration::from_millis(100);
 
 /// What the bus sends the writer.
 pub enum Msg {
