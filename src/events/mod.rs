@@ -909,6 +909,40 @@ mod tests {
         );
     }
 
+    /// Throughput of `emit` on the calling thread and until the log holds everything:
+    /// `cargo test --lib bench_emit -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_emit() {
+        let cases: [(&str, fn(u64) -> Map<String, Value>); 3] = [
+            ("allowed, all written", |i| {
+                let mut f = allowed_request();
+                f.insert("path".into(), json!(format!("/v1/{i}")));
+                f
+            }),
+            ("identical denials", |_| denied_dns("attacker.example")),
+            ("distinct denials", |i| {
+                denied_dns(&format!("{i}.attacker.example"))
+            }),
+        ];
+        println!("| events | case | emit (calling thread) | until written |");
+        println!("|---|---|---|---|");
+        for (case, make) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let bus = EventBus::open("sb", dir.path()).unwrap();
+            let n = 200_000;
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                bus.emit(kind::DNS_QUERY, make(i));
+            }
+            let emitted = start.elapsed();
+            bus.sync();
+            let written = start.elapsed();
+            let rate = |d: Duration| format!("{:.0} k/s", n as f64 / d.as_secs_f64() / 1000.0);
+            println!("| {n} | {case} | {} | {} |", rate(emitted), rate(written));
+        }
+    }
+
     // --- slow subscribers ---
 
     #[tokio::test]
