@@ -10,7 +10,7 @@ import { fileURLToPath } from 'node:url'
 import { Worker } from 'node:worker_threads'
 import { afterAll, describe, expect, it } from 'vitest'
 
-import { getOrCreateSandbox } from '../index.js'
+import { deleteSandbox, getOrCreateSandbox } from '../index.js'
 import { rejection, useTempHome } from './helpers/home.js'
 
 const home = useTempHome()
@@ -125,6 +125,7 @@ describe('two processes, one sandbox name', () => {
       const busy = await rejection(getOrCreateSandbox('shared-name'))
       expect(busy.code).toBe('HIVE_SANDBOX_BUSY')
       expect(busy.message).toContain(`pid ${holder.pid}`)
+      expect((await rejection(deleteSandbox('shared-name'))).code).toBe('HIVE_SANDBOX_BUSY')
     } finally {
       const exited = new Promise((resolve) => holder.once('exit', resolve))
       holder.kill('SIGKILL')

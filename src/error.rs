@@ -89,7 +89,7 @@ pub enum HiveError {
     #[error("sandbox {0:?} is closed")]
     SandboxClosed(String),
     /// Another process (or another open in this one) has the sandbox's folder locked.
-    #[error("sandbox {name:?} is in use by another process ({}); close it there or use another name", .pid.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}")))]
+    #[error("sandbox {name:?} is {}", busy_holder(*.pid))]
     SandboxBusy { name: String, pid: Option<u32> },
     #[error("internal error: {0}")]
     Internal(String),
@@ -99,6 +99,20 @@ pub enum HiveError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Who holds a busy sandbox, for its message.
+fn busy_holder(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) if pid == std::process::id() => {
+            format!("still open in this process (pid {pid}): await close() before opening it again")
+        }
+        Some(pid) => {
+            format!("in use by another process (pid {pid}); close it there or use another name")
+        }
+        None => "in use by another process (pid unknown); close it there or use another name"
+            .to_string(),
+    }
 }
 
 fn join_issues(issues: &[ConfigIssue]) -> String {
