@@ -914,7 +914,8 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_emit() {
-        let cases: [(&str, fn(u64) -> Map<String, Value>); 3] = [
+        type Make = fn(u64) -> Map<String, Value>;
+        let cases: [(&str, Make); 3] = [
             ("allowed, all written", |i| {
                 let mut f = allowed_request();
                 f.insert("path".into(), json!(format!("/v1/{i}")));
