@@ -219,14 +219,6 @@ fn release_owner_sandboxes(owner: Option<Owner>) {
     }
 }
 
-/// Closes every live sandbox (process exit).
-pub fn close_all() {
-    let sandboxes: Vec<_> = REGISTRY.lock().drain().map(|(_, e)| e.sandbox).collect();
-    for sandbox in sandboxes {
-        sandbox.close_detached();
-    }
-}
-
 fn sandbox_dir(home: &Path, name: &str) -> PathBuf {
     home.join("sandboxes").join(name)
 }
