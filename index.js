@@ -85,10 +85,131 @@ function wrapSync(fn) {
   }
 }
 
+// A config as the engine can take it: a copy made only of JSON values (plain objects, arrays,
+// strings, finite numbers, booleans, null), or a HIVE_INVALID_CONFIG listing every value that is
+// none of these, with its path. napi would otherwise reject some of them with an error that has no
+// code (NaN, BigInt, a getter that throws, a cycle) and silently drop others (an `undefined`
+// header value, from an unset environment variable). Paths are written as the engine writes them.
+function toPlainConfig(config) {
+  if (config === undefined) return undefined
+  const issues = []
+  const ancestors = new Set()
+  const isIdentifier = (key) => /^[A-Za-z_$][A-Za-z0-9_$]*$/.test(key)
+  const keyPath = (parent, key, data) =>
+    !data && isIdentifier(key) ? (parent ? `${parent}.${key}` : key) : `${parent}[${JSON.stringify(key)}]`
+  // Keys of these objects are data (header names, "host:port"), not field names.
+  const isDataMap = (path) => /^egress\[\d+\]\.override\.headers$/.test(path) || path === 'upstream.resolve'
+  const isHeaderValue = (path) => /^egress\[\d+\]\.override\.headers\[/.test(path)
+  const typeOf = (value) => {
+    if (value === null) return 'null'
+    if (typeof value === 'bigint') return 'a BigInt'
+    if (typeof value === 'function') return 'a function'
+    if (typeof value === 'symbol') return 'a symbol'
+    if (typeof value === 'number') return String(value)
+    return typeof value
+  }
+  const walk = (value, path) => {
+    switch (typeof value) {
+      case 'string':
+      case 'boolean':
+        return value
+      case 'number':
+        if (Number.isFinite(value)) return value
+        issues.push({ path, message: `expected a finite number, got ${typeOf(value)}` })
+        return undefined
+      case 'undefined':
+        issues.push({
+          path,
+          message: isHeaderValue(path)
+            ? 'expected a string, got undefined (is the environment variable set?)'
+            : 'expected a value, got undefined',
+        })
+        return undefined
+      case 'object':
+        break
+      default:
+        issues.push({ path, message: `expected a JSON value (object, array, string, number, boolean or null), got ${typeOf(value)}` })
+        return undefined
+    }
+    if (value === null) return null
+    if (ancestors.has(value)) {
+      issues.push({ path, message: 'refers back to an object that contains it (a cycle); pass a tree of plain values' })
+      return undefined
+    }
+    const isArray = Array.isArray(value)
+    const proto = Object.getPrototypeOf(value)
+    if (!isArray && proto !== Object.prototype && proto !== null) {
+      const name = (proto && proto.constructor && proto.constructor.name) || 'object'
+      issues.push({ path, message: `expected a plain object, got ${name === 'Object' ? 'an object with a custom prototype' : `a ${name}`}` })
+      return undefined
+    }
+    ancestors.add(value)
+    try {
+      if (isArray) {
+        const out = []
+        for (let i = 0; i < value.length; i++) {
+          const itemPath = `${path}[${i}]`
+          let item
+          try {
+            item = value[i]
+          } catch {
+            issues.push({ path: itemPath, message: 'reading it threw an error' })
+            continue
+          }
+          out.push(walk(item, itemPath))
+        }
+        return out
+      }
+      const out = {}
+      const dataKeys = isDataMap(path)
+      for (const key of Object.keys(value)) {
+        const childPath = keyPath(path, key, dataKeys)
+        let item
+        try {
+          item = value[key]
+        } catch {
+          issues.push({ path: childPath, message: 'reading it threw an error (a getter that throws?)' })
+          continue
+        }
+        // An absent optional field may be written as `undefined` (`{ ...rule, ports: undefined }`);
+        // a header value may not: it would silently drop the credential.
+        if (item === undefined && !isHeaderValue(childPath)) continue
+        out[key] = walk(item, childPath)
+      }
+      return out
+    } catch {
+      issues.push({ path, message: 'cannot be read (a revoked Proxy?)' })
+      return undefined
+    } finally {
+      ancestors.delete(value)
+    }
+  }
+  const plain = walk(config, '')
+  if (issues.length > 0) {
+    const where = (issue) => (issue.path ? `${issue.path}: ${issue.message}` : `config: ${issue.message}`)
+    throw hiveError('HIVE_INVALID_CONFIG', `invalid sandbox config: ${issues.map(where).join('; ')}`, issues)
+  }
+  return plain
+}
+
+// `const { url, ca, close } = await sandbox.proxy()` must work: `close` is bound to its listener.
+function bindProxy(proxy) {
+  proxy.close = HostProxy.prototype.close.bind(proxy)
+  return proxy
+}
+
 const { Sandbox, EventStream, HostProxy } = binding
 HostProxy.prototype.close = wrapAsync(HostProxy.prototype.close)
 for (const method of ['getConfig', 'applyConfig', 'close', 'proxy']) {
   Sandbox.prototype[method] = wrapAsync(Sandbox.prototype[method])
+}
+const nativeApplyConfig = Sandbox.prototype.applyConfig
+Sandbox.prototype.applyConfig = async function (config) {
+  return nativeApplyConfig.call(this, toPlainConfig(config))
+}
+const nativeProxy = Sandbox.prototype.proxy
+Sandbox.prototype.proxy = async function () {
+  return bindProxy(await nativeProxy.call(this))
 }
 Sandbox.prototype.getEventsStream = wrapSync(Sandbox.prototype.getEventsStream)
 Sandbox.prototype.decide = wrapSync(Sandbox.prototype.decide)
@@ -127,7 +248,7 @@ const live = new Map()
 
 async function getOrCreateSandbox(name, config) {
   checkName(name)
-  const sandbox = await nativeGetOrCreate(name, config)
+  const sandbox = await nativeGetOrCreate(name, toPlainConfig(config))
   const known = live.get(name)
   if (known && !known.closed && known.instanceId === sandbox.instanceId) return known
   live.set(name, sandbox)

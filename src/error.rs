@@ -45,6 +45,7 @@ pub enum ErrorCode {
     FsUnenforceable,
     SpawnFailed,
     SandboxClosed,
+    SandboxBusy,
     Internal,
 }
 
@@ -60,6 +61,7 @@ impl ErrorCode {
             ErrorCode::FsUnenforceable => "HIVE_FS_UNENFORCEABLE",
             ErrorCode::SpawnFailed => "HIVE_SPAWN_FAILED",
             ErrorCode::SandboxClosed => "HIVE_SANDBOX_CLOSED",
+            ErrorCode::SandboxBusy => "HIVE_SANDBOX_BUSY",
             ErrorCode::Internal => "HIVE_INTERNAL",
         }
     }
@@ -86,6 +88,9 @@ pub enum HiveError {
     SpawnFailed(String),
     #[error("sandbox {0:?} is closed")]
     SandboxClosed(String),
+    /// Another process (or another open in this one) has the sandbox's folder locked.
+    #[error("sandbox {name:?} is {}", busy_holder(*.pid))]
+    SandboxBusy { name: String, pid: Option<u32> },
     #[error("internal error: {0}")]
     Internal(String),
     #[error("I/O error: {context}: {source}")]
@@ -94,6 +99,20 @@ pub enum HiveError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Who holds a busy sandbox, for its message.
+fn busy_holder(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) if pid == std::process::id() => {
+            format!("still open in this process (pid {pid}): await close() before opening it again")
+        }
+        Some(pid) => {
+            format!("in use by another process (pid {pid}); close it there or use another name")
+        }
+        None => "in use by another process (pid unknown); close it there or use another name"
+            .to_string(),
+    }
 }
 
 fn join_issues(issues: &[ConfigIssue]) -> String {
@@ -116,6 +135,7 @@ impl HiveError {
             HiveError::FsUnenforceable(_) => ErrorCode::FsUnenforceable,
             HiveError::SpawnFailed(_) => ErrorCode::SpawnFailed,
             HiveError::SandboxClosed(_) => ErrorCode::SandboxClosed,
+            HiveError::SandboxBusy { .. } => ErrorCode::SandboxBusy,
             HiveError::Internal(_) | HiveError::Io { .. } => ErrorCode::Internal,
         }
     }

@@ -50,8 +50,14 @@ impl HostPattern {
         if raw == "*" {
             return Ok(HostPattern::Any);
         }
+        if let Some(hint) = url_hint(raw) {
+            return Err(hint);
+        }
         if let Some((addr, prefix)) = raw.split_once('/') {
             return parse_cidr(raw, addr, prefix);
+        }
+        if let Some(hint) = port_hint(raw) {
+            return Err(hint);
         }
         if let Some(apex) = raw.strip_prefix("*.") {
             if apex.contains('*') {
@@ -198,6 +204,72 @@ fn parse_ip(raw: &str) -> Option<IpAddr> {
         return None; // `[1.2.3.4]` is not a valid host
     }
     Some(ip.to_canonical())
+}
+
+/// The message for a URL given as a host (`https://api.github.com`, `api.github.com/v1`): a
+/// scheme, or a `/` after something that is not an IP address followed by anything but a prefix
+/// length. `None` when `raw` is not URL-like.
+fn url_hint(raw: &str) -> Option<String> {
+    let rest = match raw.split_once("://") {
+        Some((_, rest)) => rest,
+        None => {
+            let (addr, prefix) = raw.split_once('/')?;
+            let is_prefix = !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit());
+            if is_prefix || parse_ip(addr).is_some() {
+                return None;
+            }
+            raw
+        }
+    };
+    let (authority, path) = match rest.split_once('/') {
+        Some((authority, path)) => (authority, format!("/{path}")),
+        None => (rest, String::new()),
+    };
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let mut fix = format!("write host: {}", quote(authority));
+    if let Some((host, port)) = split_port(authority) {
+        fix = format!("write host: {} and ports: [{port}]", quote(host));
+    }
+    if !path.is_empty() && path != "/" {
+        fix.push_str(&format!(
+            " and put the path in paths, e.g. [{}]",
+            quote(&format!("{}/**", path.trim_end_matches('/')))
+        ));
+    }
+    Some(format!(
+        "{} is a URL; expected a host, not a URL: {fix}",
+        quote(raw)
+    ))
+}
+
+/// `host:port` (or `[v6]:port`) with a numeric port, as `(host, port)`.
+fn split_port(raw: &str) -> Option<(&str, u16)> {
+    let (host, port) = raw.rsplit_once(':')?;
+    if host.is_empty() || port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port = port.parse::<u16>().ok()?;
+    // A bare IPv6 address (`2001:db8::1`) is not a host with a port.
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return None;
+    }
+    Some((host, port))
+}
+
+/// The message for a host with a port (`x:443`, `[::1]:443`): ports go in `ports`.
+fn port_hint(raw: &str) -> Option<String> {
+    let (host, port) = split_port(raw)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some(format!(
+        "{} has a port; put the port in ports: host: {}, ports: [{port}]",
+        quote(raw),
+        quote(host)
+    ))
 }
 
 /// A CIDR block `addr/prefix`, refused when host bits are set.
@@ -369,7 +441,15 @@ mod tests {
             ("api.github.com..", "empty label"),
             ("api_x.github.com", "not a valid domain name"),
             ("api github.com", "not a valid domain name"),
-            ("example.com:443", "not a valid IP address"),
+            ("example.com:443", "put the port in ports"),
+            ("x:443", "put the port in ports"),
+            ("[::1]:443", "put the port in ports"),
+            ("10.0.0.1:80", "put the port in ports"),
+            ("https://api.github.com", "a host, not a URL"),
+            ("http://api.github.com:8080/v1/x", "ports: [8080]"),
+            ("api.github.com/v1", "a host, not a URL"),
+            ("api.github.com/", "a host, not a URL"),
+            ("user@api.github.com/x", "a host, not a URL"),
             ("[example.com]", "not a valid IP address"),
             ("fe80::1%eth0", "not a valid IP address"),
             ("127.1", "numeric"),

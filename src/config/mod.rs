@@ -43,6 +43,38 @@ pub struct Config {
     pub egress: Vec<EgressRule>,
     /// How the proxy reaches upstreams (never changes a decision).
     pub upstream: Upstream,
+    /// How much of the audit log is kept on disk (docs/audit-log.md).
+    pub audit: AuditRetention,
+}
+
+/// `audit`: the audit log's retention. The log is `audit.jsonl`, rotated when a write would take
+/// it past `max_bytes`, with the `keep` most recent rotated files (`audit.jsonl.1` newest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRetention {
+    /// Rotation threshold of `audit.jsonl`, in bytes.
+    pub max_bytes: u64,
+    /// How many rotated files are kept (`0`: none, the log restarts empty at each rotation).
+    pub keep: u32,
+}
+
+impl AuditRetention {
+    /// Default rotation threshold: 64 MiB.
+    pub const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+    /// Default number of rotated files kept.
+    pub const DEFAULT_KEEP: u32 = 1;
+    /// Smallest accepted `maxBytes`: below this a single large event would rotate on every write.
+    pub const MIN_MAX_BYTES: u64 = 64 * 1024;
+    /// Largest accepted `keep`.
+    pub const MAX_KEEP: u32 = 100;
+}
+
+impl Default for AuditRetention {
+    fn default() -> Self {
+        AuditRetention {
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+            keep: Self::DEFAULT_KEEP,
+        }
+    }
 }
 
 /// `allow` or `deny`.
@@ -126,6 +158,36 @@ impl Config {
     /// reported in one [`crate::HiveError::InvalidConfig`].
     pub fn from_json(value: &serde_json::Value) -> Result<Config> {
         validate::config(value)
+    }
+
+    /// Checks what validation cannot see without touching the host: every `fs[].source` must be
+    /// an existing directory (a typo would otherwise fail only at the first `exec`). Reads file
+    /// metadata, so call it off the Node main thread.
+    pub fn check_host_paths(&self) -> Result<()> {
+        let mut issues = Vec::new();
+        for (i, mount) in self.fs.iter().enumerate() {
+            let Some(source) = &mount.source else {
+                continue;
+            };
+            let problem = match std::fs::metadata(source) {
+                Ok(meta) if meta.is_dir() => continue,
+                Ok(_) => "is not a directory",
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist",
+                Err(_) => "cannot be read",
+            };
+            issues.push(crate::error::ConfigIssue::new(
+                format!("fs[{i}].source"),
+                format!(
+                    "{} {problem}; create the directory or fix the path",
+                    host::quote(&source.to_string_lossy())
+                ),
+            ));
+        }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::error::HiveError::InvalidConfig(issues))
+        }
     }
 
     /// The normalized config as JSON, secrets replaced by [`REDACTED`].

@@ -1,6 +1,6 @@
 //! [`Config`] -> JSON for `getConfig()`: the normalized config in the input shape, secrets redacted.
 //!
-//! Optional rule fields appear only when set; `allowPlaintext` and `audit` only when true; resolve
+//! Optional rule fields appear only when set; `allowPlaintext` and `audit` only when true; the root `audit` only when not the default; resolve
 //! keys are sorted so that the output is stable.
 //!
 //! # Security
@@ -9,15 +9,22 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{Config, EgressRule, FsAccess, FsBackend, FsMount, RuleAccess, Upstream, REDACTED};
+use super::{
+    AuditRetention, Config, EgressRule, FsAccess, FsBackend, FsMount, RuleAccess, Upstream,
+    REDACTED,
+};
 
 /// Renders a whole config (see [`Config::to_json`]).
 pub(super) fn config(config: &Config) -> Value {
-    json!({
+    let mut out = json!({
         "fs": config.fs.iter().map(fs_mount).collect::<Vec<_>>(),
         "egress": config.egress.iter().map(egress_rule).collect::<Vec<_>>(),
         "upstream": upstream(&config.upstream),
-    })
+    });
+    if config.audit != AuditRetention::default() {
+        out["audit"] = json!({ "maxBytes": config.audit.max_bytes, "keep": config.audit.keep });
+    }
+    out
 }
 
 fn egress_rule(rule: &EgressRule) -> Value {

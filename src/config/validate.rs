@@ -24,13 +24,15 @@ use serde_json::{Map, Value};
 
 use super::host::quote;
 use super::{
-    normalize_host, Config, EgressRule, FsAccess, FsAcl, FsBackend, FsMount, HostPattern, Override,
-    PathGlob, RuleAccess, Secret, Upstream, REDACTED,
+    normalize_host, AuditRetention, Config, EgressRule, FsAccess, FsAcl, FsBackend, FsMount,
+    HostPattern, Override, PathGlob, RuleAccess, Secret, Upstream, REDACTED,
 };
 use crate::error::{ConfigIssue, HiveError, Result};
 
 /// Keys of the root object.
-const ROOT_KEYS: &[&str] = &["fs", "egress", "upstream"];
+const ROOT_KEYS: &[&str] = &["fs", "egress", "upstream", "audit"];
+/// Keys of `audit`.
+const AUDIT_KEYS: &[&str] = &["maxBytes", "keep"];
 /// Keys of an egress rule.
 const RULE_KEYS: &[&str] = &["access", "host", "ports", "methods", "paths", "override"];
 /// Keys of an egress rule's `override`.
@@ -201,10 +203,15 @@ impl Validator {
             Some(v) => self.upstream(v, "upstream"),
             None => Some(Upstream::default()),
         };
+        let audit = match optional(map, "audit") {
+            Some(v) => self.audit(v, "audit"),
+            None => Some(AuditRetention::default()),
+        };
         Some(Config {
             fs: fs?,
             egress: egress?,
             upstream: upstream?,
+            audit: audit?,
         })
     }
 
@@ -482,6 +489,71 @@ impl Validator {
             Ok(v) => Some(Secret::new(v)),
             Err(_) => {
                 self.issue(path, "the value is not a valid header value");
+                None
+            }
+        }
+    }
+
+    // ---- audit --------------------------------------------------------------------------------
+
+    fn audit(&mut self, value: &Value, path: &str) -> Option<AuditRetention> {
+        let map = self.object(
+            value,
+            path,
+            "an object such as { maxBytes: 67108864, keep: 1 }",
+            AUDIT_KEYS,
+        )?;
+        let max_bytes = match optional(map, "maxBytes") {
+            None => Some(AuditRetention::DEFAULT_MAX_BYTES),
+            Some(v) => self.integer(
+                v,
+                &key_path(path, "maxBytes"),
+                AuditRetention::MIN_MAX_BYTES,
+                1 << 53,
+                "the size in bytes at which audit.jsonl is rotated",
+            ),
+        };
+        let keep = match optional(map, "keep") {
+            None => Some(AuditRetention::DEFAULT_KEEP),
+            Some(v) => self
+                .integer(
+                    v,
+                    &key_path(path, "keep"),
+                    0,
+                    u64::from(AuditRetention::MAX_KEEP),
+                    "how many rotated files to keep",
+                )
+                .map(|k| k as u32),
+        };
+        Some(AuditRetention {
+            max_bytes: max_bytes?,
+            keep: keep?,
+        })
+    }
+
+    /// An integer in `min..=max` (JS numbers may arrive as floats: `2.0` is the integer 2).
+    fn integer(
+        &mut self,
+        value: &Value,
+        path: &str,
+        min: u64,
+        max: u64,
+        what: &str,
+    ) -> Option<u64> {
+        let expected = format!("expected an integer from {min} to {max} ({what})");
+        let Value::Number(n) = value else {
+            self.issue(path, format!("{expected}, got {}", type_name(value)));
+            return None;
+        };
+        let int = match (n.as_u64(), n.as_f64()) {
+            (Some(u), _) => Some(u),
+            (None, Some(f)) if f.fract() == 0.0 && f >= 0.0 && f <= max as f64 => Some(f as u64),
+            _ => None,
+        };
+        match int {
+            Some(i) if (min..=max).contains(&i) => Some(i),
+            _ => {
+                self.issue(path, format!("{expected}, got {}", show_number(n)));
                 None
             }
         }

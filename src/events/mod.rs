@@ -2,32 +2,44 @@
 //! subscribers, and the JSON Lines audit log that persists and replays them (docs/audit-log.md).
 //!
 //! How [`EventBus::emit`] works, all under one short lock so the log is strictly ordered:
-//! 1. take the next id: a `u64` sequence rendered as 16 zero-padded digits, so string order is
-//!    emission order; it continues after the last id in the log across restarts;
-//! 2. stamp the time (RFC 3339 UTC, milliseconds) and the sandbox name;
-//! 3. append the event as one JSON line to `<dir>/audit.jsonl` (see `log.rs` for rotation); a write
-//!    error is logged and does not stop the event;
-//! 4. push a copy into every live subscriber's bounded buffer (never waiting, see
+//! 1. the [`Coalescer`](coalesce::Coalescer) decides what is emitted: every event but repeated or
+//!    excessive denials, which it holds and summarizes (see `coalesce.rs`);
+//! 2. each emitted event takes the next id: a `u64` sequence rendered as 16 zero-padded digits,
+//!    so string order is emission order; it continues after the last id in the log across
+//!    restarts;
+//! 3. it is stamped with the time (RFC 3339 UTC, milliseconds) and the sandbox name;
+//! 4. its JSON line is handed to the bus's writer thread (see `writer.rs`, which batches the
+//!    writes, and `log.rs` for rotation); a write error is logged and does not stop the event;
+//! 5. a copy is pushed into every live subscriber's bounded buffer (never waiting, see
 //!    `subscription.rs`).
 //!
 //! # Security
 //! Events carry only the fields docs/audit-log.md lists: header *names*, never values, and never query strings.
-//! The callers build the fields; this module adds nothing but id, type, time and sandbox.
+//! The callers build the fields; this module adds nothing but id, type, time and sandbox (and the
+//! counts of a coalesced summary).
 
+mod coalesce;
 mod log;
 mod subscription;
+mod writer;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
 
-use crate::error::Result;
+use crate::config::AuditRetention;
+use crate::error::{HiveError, Result};
+use coalesce::{Coalescer, Held};
 use log::{AuditLog, LogReader};
 use subscription::Live;
+use writer::{Msg, Shared};
 
+pub use coalesce::{FIELD_FIRST_TIME, FIELD_LAST_TIME, FIELD_TYPES};
 pub use log::{LOG_FILE, ROTATED_FILE, ROTATE_BYTES};
 pub use subscription::Subscription;
 
@@ -39,8 +51,12 @@ pub const FIELD_TYPE: &str = "type";
 pub const FIELD_TIME: &str = "time";
 /// The sandbox name field.
 pub const FIELD_SANDBOX: &str = "sandbox";
-/// The `events.dropped` field with the number of events lost.
+/// The number of events a summary stands for (`events.dropped`, `events.suppressed`, coalesced
+/// denials).
 pub const FIELD_COUNT: &str = "count";
+
+/// How long a close or a replay waits for the writer to catch up before going on without it.
+const WRITE_WAIT: Duration = Duration::from_secs(10);
 
 /// Event type names (docs/audit-log.md).
 pub mod kind {
@@ -55,6 +71,7 @@ pub mod kind {
     pub const SANDBOX_CREATED: &str = "sandbox.created";
     pub const SANDBOX_CLOSED: &str = "sandbox.closed";
     pub const EVENTS_DROPPED: &str = "events.dropped";
+    pub const EVENTS_SUPPRESSED: &str = "events.suppressed";
 }
 
 /// Default per-subscriber buffer (README.md#api).
@@ -152,12 +169,17 @@ pub enum Since {
 pub struct EventBus {
     sandbox: String,
     state: Mutex<BusState>,
+    /// The log and the writer's progress, shared with the writer thread.
+    shared: Arc<Shared>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 struct BusState {
     /// The sequence number of the last id handed out.
     last_seq: u64,
-    log: AuditLog,
+    /// `None` once the bus is being dropped.
+    writer: Option<mpsc::Sender<Msg>>,
+    coalescer: Coalescer,
     subscribers: HashMap<u64, Arc<Live>>,
     next_key: u64,
     closed: bool,
@@ -166,22 +188,41 @@ struct BusState {
 impl EventBus {
     /// Opens (creating if needed) the audit log at `<dir>/audit.jsonl` and continues its id sequence.
     pub fn open(sandbox: &str, dir: &Path) -> Result<Arc<EventBus>> {
-        Self::open_with(sandbox, dir, ROTATE_BYTES)
+        Self::open_with(sandbox, dir, AuditRetention::default())
     }
 
-    /// [`open`](Self::open) with a chosen rotation threshold in bytes (tests use small ones).
-    pub fn open_with(sandbox: &str, dir: &Path, rotate_bytes: u64) -> Result<Arc<EventBus>> {
-        let (log, last_seq) = AuditLog::open(dir, rotate_bytes)?;
-        Ok(Arc::new(EventBus {
-            sandbox: sandbox.to_owned(),
-            state: Mutex::new(BusState {
-                last_seq,
-                log,
-                subscribers: HashMap::new(),
-                next_key: 0,
-                closed: false,
-            }),
-        }))
+    /// [`open`](Self::open) with a chosen retention (tests use small ones).
+    pub fn open_with(
+        sandbox: &str,
+        dir: &Path,
+        retention: AuditRetention,
+    ) -> Result<Arc<EventBus>> {
+        let (log, last_seq) = AuditLog::open(dir, retention)?;
+        let shared = Arc::new(Shared::new(log, last_seq));
+        let (tx, rx) = mpsc::channel();
+        let mut spawned = None;
+        let bus = Arc::new_cyclic(|weak| {
+            spawned = Some(writer::spawn(sandbox, shared.clone(), rx, weak.clone()));
+            EventBus {
+                sandbox: sandbox.to_owned(),
+                state: Mutex::new(BusState {
+                    last_seq,
+                    writer: Some(tx),
+                    coalescer: Coalescer::default(),
+                    subscribers: HashMap::new(),
+                    next_key: 0,
+                    closed: false,
+                }),
+                shared,
+                writer: Mutex::new(None),
+            }
+        });
+        match spawned {
+            Some(Ok(handle)) => *bus.writer.lock() = Some(handle),
+            Some(Err(e)) => return Err(HiveError::io("starting the audit log writer", e)),
+            None => return Err(HiveError::Internal("audit log writer not started".into())),
+        }
+        Ok(bus)
     }
 
     /// The sandbox name stamped on every event.
@@ -189,36 +230,115 @@ impl EventBus {
         &self.sandbox
     }
 
-    /// Stamps, persists and fans out one event; returns it. Never blocks on a subscriber.
+    /// Changes the audit log's retention (`audit` in the config) from the next write.
+    pub fn set_retention(&self, retention: AuditRetention) {
+        self.shared.set_retention(retention);
+    }
+
+    /// Stamps, persists and fans out one event; returns it. Never blocks on a subscriber or on
+    /// the disk.
+    ///
+    /// A denial the coalescer holds back (a repeat, or one over the budget) is returned with an
+    /// empty `id`: it is not emitted as an event of its own but counted in a later summary.
     pub fn emit(&self, kind: &str, fields: Map<String, Value>) -> Event {
+        let time = now_rfc3339();
+        let mut emitted = Vec::with_capacity(1);
         let event = {
             let mut state = self.state.lock();
-            state.last_seq += 1;
-            let event = Event {
-                id: format_id(state.last_seq),
-                kind: kind.to_owned(),
-                time: now_rfc3339(),
-                sandbox: self.sandbox.clone(),
-                fields,
-            };
-            let mut line = event.to_json().to_string().into_bytes();
-            line.push(b'\n');
-            if let Err(e) = state.log.append(&line) {
-                tracing::warn!(id = %event.id, error = %e, "cannot write audit log");
+            let mut out = Vec::with_capacity(1);
+            let held = state
+                .coalescer
+                .admit(kind, fields, Instant::now(), &time, &mut out);
+            for event in out {
+                emitted.push(self.publish(&mut state, event));
             }
-            for live in state.subscribers.values() {
-                live.push(event.clone());
+            self.update_holding(&state);
+            match (held, emitted.last()) {
+                (None, Some(event)) => event.clone(),
+                (held, _) => Event {
+                    id: String::new(),
+                    kind: kind.to_owned(),
+                    time,
+                    sandbox: self.sandbox.clone(),
+                    fields: held.unwrap_or_default(),
+                },
             }
-            event
         };
-        tracing::debug!(
-            id = %event.id,
-            kind = %event.kind,
-            sandbox = %event.sandbox,
-            fields = %FieldsDisplay(&event.fields),
-            "event"
-        );
+        for event in &emitted {
+            tracing::debug!(
+                id = %event.id,
+                kind = %event.kind,
+                sandbox = %event.sandbox,
+                fields = %FieldsDisplay(&event.fields),
+                "event"
+            );
+        }
         event
+    }
+
+    /// Gives one emitted event its id, hands its line to the writer and fans it out.
+    fn publish(&self, state: &mut BusState, held: Held) -> Event {
+        state.last_seq += 1;
+        let event = Event {
+            id: format_id(state.last_seq),
+            kind: held.kind,
+            time: held.time,
+            sandbox: self.sandbox.clone(),
+            fields: held.fields,
+        };
+        let mut line = event.to_json().to_string().into_bytes();
+        line.push(b'\n');
+        let sent = state
+            .writer
+            .as_ref()
+            .is_some_and(|tx| tx.send(Msg::Line(state.last_seq, line)).is_ok());
+        if !sent {
+            tracing::warn!(id = %event.id, "cannot write audit log: its writer has stopped");
+        }
+        for live in state.subscribers.values() {
+            live.push(event.clone());
+        }
+        event
+    }
+
+    /// Tells the writer whether the coalescer holds anything (so that it ticks).
+    fn update_holding(&self, state: &BusState) {
+        let holding = state.coalescer.is_holding();
+        let was = self.shared.holding.swap(holding, Ordering::AcqRel);
+        if holding && !was {
+            if let Some(tx) = &state.writer {
+                let _ = tx.send(Msg::Wake);
+            }
+        }
+    }
+
+    /// Emits what the coalescer has held long enough (the writer calls it on its tick).
+    fn expire_held(&self) {
+        let mut state = self.state.lock();
+        let mut out = Vec::new();
+        state.coalescer.expire(Instant::now(), &mut out);
+        for held in out {
+            self.publish(&mut state, held);
+        }
+        self.update_holding(&state);
+    }
+
+    /// Emits everything the coalescer holds, then waits (bounded) until the log holds every
+    /// event emitted so far. Blocking: call it off the async workers.
+    pub fn sync(&self) {
+        let last = {
+            let mut state = self.state.lock();
+            let mut out = Vec::new();
+            state.coalescer.flush(&mut out);
+            for held in out {
+                self.publish(&mut state, held);
+            }
+            self.update_holding(&state);
+            state.last_seq
+        };
+        if !self.shared.wait(last, WRITE_WAIT) {
+            tracing::warn!(sandbox = %self.sandbox, "audit log writer is behind");
+        }
     }
 
     /// A new subscriber with a bounded buffer of `buffer` events (at least 1). Does no file I/O:
@@ -246,6 +366,12 @@ impl EventBus {
     /// still persisted.
     pub fn close(&self) {
         let mut state = self.state.lock();
+        let mut out = Vec::new();
+        state.coalescer.flush(&mut out);
+        for held in out {
+            self.publish(&mut state, held);
+        }
+        self.update_holding(&state);
         state.closed = true;
         for (_, live) in state.subscribers.drain() {
             live.close();
@@ -261,9 +387,44 @@ impl EventBus {
         self.state.lock().subscribers.remove(&key);
     }
 
-    /// Opens the log files for a replay, under the lock so no rotation happens in between.
+    /// Opens the log files for a replay once the writer has written every event emitted so far
+    /// (a replay must not miss what is still queued). Blocking.
     fn log_reader(&self) -> LogReader {
-        self.state.lock().log.reader()
+        let last = self.state.lock().last_seq;
+        if !self.shared.wait(last, WRITE_WAIT) {
+            tracing::warn!(sandbox = %self.sandbox, "audit log writer is behind; the replay may miss events");
+        }
+        self.shared.reader()
+    }
+}
+
+impl Drop for EventBus {
+    /// Emits what the coalescer holds, then lets the writer finish the queue and waits for it
+    /// (unless this runs on the writer thread itself).
+    fn drop(&mut self) {
+        let state = self.state.get_mut();
+        let mut out = Vec::new();
+        state.coalescer.flush(&mut out);
+        let mut state = std::mem::replace(
+            state,
+            BusState {
+                last_seq: 0,
+                writer: None,
+                coalescer: Coalescer::default(),
+                subscribers: HashMap::new(),
+                next_key: 0,
+                closed: true,
+            },
+        );
+        for held in out {
+            self.publish(&mut state, held);
+        }
+        drop(state);
+        if let Some(handle) = self.writer.get_mut().take() {
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
     }
 }
 
@@ -315,6 +476,10 @@ mod tests {
 
     fn ids(events: &[Event]) -> Vec<String> {
         events.iter().map(|e| e.id.clone()).collect()
+    }
+
+    fn retention(max_bytes: u64, keep: u32) -> AuditRetention {
+        AuditRetention { max_bytes, keep }
     }
 
     fn log_lines(dir: &Path, file: &str) -> Vec<Event> {
@@ -440,6 +605,7 @@ mod tests {
         let bus = EventBus::open("sb", dir.path()).unwrap();
         let third = bus.emit(kind::DNS_QUERY, fields(2));
         assert_eq!(third.id, format_id(3));
+        bus.sync();
         let replayed = log_lines(dir.path(), LOG_FILE);
         assert_eq!(
             ids(&replayed),
@@ -470,6 +636,7 @@ mod tests {
                 scope.spawn(move || emit_n(bus, t * 1000..t * 1000 + 250));
             }
         });
+        bus.sync();
         let logged = log_lines(dir.path(), LOG_FILE);
         assert_eq!(ids(&logged), (1..=1000).map(format_id).collect::<Vec<_>>());
     }
@@ -520,9 +687,11 @@ mod tests {
     #[tokio::test]
     async fn replay_spans_the_rotated_file() {
         let dir = tempfile::tempdir().unwrap();
-        let bus = EventBus::open_with("sb", dir.path(), 600).unwrap();
+        let bus = EventBus::open_with("sb", dir.path(), retention(600, 1)).unwrap();
         let sent = emit_n(&bus, 0..20);
+        bus.sync();
         assert!(dir.path().join(ROTATED_FILE).exists(), "rotated");
+        bus.sync();
         let current = log_lines(dir.path(), LOG_FILE);
         let rotated = log_lines(dir.path(), ROTATED_FILE);
         assert!(!current.is_empty() && !rotated.is_empty());
@@ -567,6 +736,214 @@ mod tests {
         assert_eq!(next(&sub).await, None);
     }
 
+    // --- flooding the log with denials ---
+
+    fn denied_dns(name: &str) -> Map<String, Value> {
+        json!({ "name": name, "qtype": "A", "access": "denied" })
+            .as_object()
+            .cloned()
+            .unwrap()
+    }
+
+    fn allowed_request() -> Map<String, Value> {
+        json!({ "host": "api.example.com", "port": 443, "method": "GET", "path": "/v1/x",
+                "access": "allowed", "rule": 0, "reason": "rule" })
+        .as_object()
+        .cloned()
+        .unwrap()
+    }
+
+    /// Every event in the kept files, oldest first.
+    fn kept_events(dir: &Path, keep: u32) -> Vec<Event> {
+        let mut files: Vec<String> = (1..=keep)
+            .rev()
+            .map(|n| format!("{LOG_FILE}.{n}"))
+            .collect();
+        files.push(LOG_FILE.into());
+        files.iter().flat_map(|f| log_lines(dir, f)).collect()
+    }
+
+    /// A flood of denied DNS queries (identical, or each with its own name) after one allowed
+    /// request and one config change: 160 MB (identical) or 40 MB (distinct) of events
+    /// written one by one, against a 1 MiB log with one rotated file.
+    fn flood_after_evidence(distinct: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open_with("sb", dir.path(), retention(1 << 20, 1)).unwrap();
+        let allowed = bus.emit(kind::EGRESS_REQUEST, allowed_request());
+        let applied = bus.emit(kind::CONFIG_APPLIED, fields(1));
+        let n = if distinct { 300_000 } else { 1_200_000 };
+        for i in 0..n {
+            let name = if distinct {
+                format!("{i}.exfil.attacker.example")
+            } else {
+                "attacker.example".into()
+            };
+            bus.emit(kind::DNS_QUERY, denied_dns(&name));
+        }
+        bus.sync();
+        let kept = kept_events(dir.path(), 1);
+        for evidence in [&allowed, &applied] {
+            assert!(
+                kept.iter().any(|e| e.id == evidence.id),
+                "{} rotated away",
+                evidence.kind
+            );
+        }
+        let denials: u64 = kept
+            .iter()
+            .filter(|e| e.kind == kind::DNS_QUERY || e.kind == kind::EVENTS_SUPPRESSED)
+            .map(|e| {
+                e.fields
+                    .get(FIELD_COUNT)
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1)
+            })
+            .sum();
+        assert_eq!(denials, n, "every denial is counted in the log");
+        assert!(
+            !dir.path().join(ROTATED_FILE).exists(),
+            "nothing needed rotating"
+        );
+    }
+
+    #[test]
+    fn a_flood_of_identical_denials_does_not_rotate_away_an_allowed_request() {
+        flood_after_evidence(false);
+    }
+
+    #[test]
+    fn a_flood_of_distinct_denials_does_not_rotate_away_an_allowed_request() {
+        flood_after_evidence(true);
+    }
+
+    #[tokio::test]
+    async fn coalesced_denials_reach_subscribers_in_order_with_unique_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open("sb", dir.path()).unwrap();
+        let sub = bus.subscribe(Since::Now, DEFAULT_BUFFER).unwrap();
+        let first = bus.emit(kind::DNS_QUERY, denied_dns("x"));
+        let held: Vec<Event> = (0..4)
+            .map(|_| bus.emit(kind::DNS_QUERY, denied_dns("x")))
+            .collect();
+        assert!(held.iter().all(|e| e.id.is_empty()), "repeats are held");
+        let allowed = bus.emit(kind::EGRESS_REQUEST, allowed_request());
+        let got = take(&sub, 3).await;
+        assert_eq!(got[0], first);
+        assert_eq!(got[1].kind, kind::DNS_QUERY);
+        assert_eq!(got[1].fields.get(FIELD_COUNT), Some(&json!(4)));
+        assert!(
+            got[1].fields.contains_key(FIELD_FIRST_TIME)
+                && got[1].fields.contains_key(FIELD_LAST_TIME)
+        );
+        assert_eq!(got[2], allowed);
+        assert!(
+            got[0].id < got[1].id && got[1].id < got[2].id,
+            "{:?}",
+            ids(&got)
+        );
+        bus.sync();
+        assert_eq!(
+            log_lines(dir.path(), LOG_FILE),
+            got,
+            "the log holds what subscribers saw"
+        );
+    }
+
+    #[tokio::test]
+    async fn held_repeats_are_emitted_after_a_short_window_without_another_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open("sb", dir.path()).unwrap();
+        let sub = bus.subscribe(Since::Now, DEFAULT_BUFFER).unwrap();
+        for _ in 0..3 {
+            bus.emit(kind::DNS_QUERY, denied_dns("x"));
+        }
+        let got = take(&sub, 2).await;
+        assert_eq!(got[1].fields.get(FIELD_COUNT), Some(&json!(2)));
+    }
+
+    #[test]
+    fn retention_keeps_the_configured_number_of_rotated_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open_with("sb", dir.path(), retention(600, 3)).unwrap();
+        emit_n(&bus, 0..60);
+        bus.sync();
+        let exists = |n: u32| dir.path().join(format!("{LOG_FILE}.{n}")).exists();
+        assert!(exists(1) && exists(2) && exists(3) && !exists(4));
+        let kept = kept_events(dir.path(), 3);
+        assert_eq!(kept.last().unwrap().id, format_id(60));
+        assert!(
+            kept.windows(2).all(|w| w[0].id < w[1].id),
+            "ordered across files"
+        );
+        bus.set_retention(retention(600, 1));
+        emit_n(&bus, 60..70);
+        bus.sync();
+        assert!(
+            exists(1) && !exists(2) && !exists(3),
+            "a smaller keep prunes at the next rotation"
+        );
+        bus.set_retention(retention(600, 0));
+        emit_n(&bus, 70..80);
+        bus.sync();
+        assert!(!exists(1), "keep 0 keeps no rotated file");
+        assert!(!log_lines(dir.path(), LOG_FILE).is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_split_where_the_rotation_falls() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = AuditLog::open(dir.path(), retention(100, 1)).unwrap();
+        let line = |c: char| format!("{}\n", c.to_string().repeat(39));
+        log.append(format!("{}{}{}", line('a'), line('b'), line('c')).as_bytes())
+            .unwrap();
+        let current = fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
+        let rotated = fs::read_to_string(dir.path().join(ROTATED_FILE)).unwrap();
+        assert_eq!(rotated, format!("{}{}", line('a'), line('b')));
+        assert_eq!(current, line('c'));
+        // A line longer than the threshold gets a file of its own.
+        log.append(format!("{}{}", "x".repeat(150), "\n").as_bytes())
+            .unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join(LOG_FILE)).unwrap().len(),
+            151
+        );
+    }
+
+    /// Throughput of `emit` on the calling thread and until the log holds everything:
+    /// `cargo test --lib bench_emit -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_emit() {
+        type Make = fn(u64) -> Map<String, Value>;
+        let cases: [(&str, Make); 3] = [
+            ("allowed, all written", |i| {
+                let mut f = allowed_request();
+                f.insert("path".into(), json!(format!("/v1/{i}")));
+                f
+            }),
+            ("identical denials", |_| denied_dns("attacker.example")),
+            ("distinct denials", |i| {
+                denied_dns(&format!("{i}.attacker.example"))
+            }),
+        ];
+        println!("| events | case | emit (calling thread) | until written |");
+        println!("|---|---|---|---|");
+        for (case, make) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let bus = EventBus::open("sb", dir.path()).unwrap();
+            let n = 200_000;
+            let start = std::time::Instant::now();
+            for i in 0..n {
+                bus.emit(kind::DNS_QUERY, make(i));
+            }
+            let emitted = start.elapsed();
+            bus.sync();
+            let written = start.elapsed();
+            let rate = |d: Duration| format!("{:.0} k/s", n as f64 / d.as_secs_f64() / 1000.0);
+            println!("| {n} | {case} | {} | {} |", rate(emitted), rate(written));
+        }
+    }
+
     // --- slow subscribers ---
 
     #[tokio::test]
@@ -586,6 +963,7 @@ mod tests {
         );
         let more = emit_n(&bus, 10..11);
         assert_eq!(take(&sub, 1).await, more, "only one events.dropped per gap");
+        bus.sync();
         assert_eq!(log_lines(dir.path(), LOG_FILE).len(), 11, "not persisted");
     }
 
@@ -662,7 +1040,7 @@ mod tests {
     #[tokio::test]
     async fn write_errors_do_not_stop_fan_out() {
         let dir = tempfile::tempdir().unwrap();
-        let bus = EventBus::open_with("sb", dir.path(), 200).unwrap();
+        let bus = EventBus::open_with("sb", dir.path(), retention(200, 1)).unwrap();
         let sub = bus.subscribe(Since::Now, DEFAULT_BUFFER).unwrap();
         emit_n(&bus, 0..1);
         // Make rotation and reopen fail: the log path becomes a directory.

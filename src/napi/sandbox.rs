@@ -17,10 +17,20 @@ use crate::sandbox::DryRunRequest;
 
 /// Returns the live sandbox of this name in this process (applying `config` to it when given), or
 /// opens it: its data, CA and audit log persist under the hive home.
-#[napi(ts_args_type = "name: string, config?: SandboxConfig")]
-pub async fn get_or_create_sandbox(name: String, config: Option<Value>) -> Result<Sandbox> {
-    let inner = core::get_or_create(name, config).await.napi()?;
-    Ok(Sandbox { inner })
+#[napi(
+    ts_args_type = "name: string, config?: SandboxConfig",
+    ts_return_type = "Promise<Sandbox>"
+)]
+pub fn get_or_create_sandbox(
+    env: &Env,
+    name: String,
+    config: Option<Value>,
+) -> Result<PromiseRaw<'_, Sandbox>> {
+    let owner = super::owner_of(env);
+    env.spawn_future(async move {
+        let inner = core::get_or_create_for(name, config, owner).await.napi()?;
+        Ok(Sandbox { inner })
+    })
 }
 
 /// Closes the live sandbox of this name, if any, and removes its data from the hive home.

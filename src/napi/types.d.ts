@@ -8,6 +8,16 @@ export interface SandboxConfig {
   egress?: EgressRule[]
   /** How the proxy reaches upstreams (never changes a decision). */
   upstream?: UpstreamConfig
+  /** How much of the audit log is kept (docs/audit-log.md). */
+  audit?: AuditConfig
+}
+
+/** The audit log's retention: `audit.jsonl` is rotated before a write would take it past
+ * `maxBytes` (default 64 MiB, at least 64 KiB); the `keep` newest rotated files (default 1, at
+ * most 100) are kept as `audit.jsonl.1`, `.2`, … */
+export interface AuditConfig {
+  maxBytes?: number
+  keep?: number
 }
 
 export interface EgressRule {
@@ -52,6 +62,12 @@ export interface EventBase<Type extends string> {
   time: string
   /** The sandbox's name. */
   sandbox: string
+  /** On a repeated denial (`egress.request`, `dns.query`, `fs.denied`) coalesced into one event:
+   * how many identical denials it stands for, and when the first and the last happened
+   * (docs/audit-log.md#repeated-denials). */
+  count?: number
+  firstTime?: string
+  lastTime?: string
 }
 
 /** Why a request was allowed or denied. Open-ended: new reasons may be added. */
@@ -233,6 +249,18 @@ export interface EventsDroppedEvent extends EventBase<'events.dropped'> {
   count: number
 }
 
+/** Denials held back by the per-sandbox budget during a flood of distinct denials
+ * (docs/audit-log.md#repeated-denials). */
+export interface EventsSuppressedEvent extends EventBase<'events.suppressed'> {
+  /** How many denials this event stands for. */
+  count: number
+  /** How many of each event type. */
+  types: Record<string, number>
+  /** When the first and the last of them happened. */
+  firstTime: string
+  lastTime: string
+}
+
 /**
  * One audit event (docs/audit-log.md), discriminated on `type`:
  * `if (event.type === "egress.request") event.host` is a `string`.
@@ -254,6 +282,7 @@ export type SandboxEvent =
   | SandboxCreatedEvent
   | SandboxClosedEvent
   | EventsDroppedEvent
+  | EventsSuppressedEvent
 
 /** Every event `type`. */
 export type SandboxEventType = SandboxEvent['type']
@@ -273,6 +302,7 @@ export interface HiveError extends Error {
     | 'HIVE_MAX_BUFFER'
     | 'HIVE_SANDBOX_BUSY'
     | 'HIVE_SANDBOX_CLOSED'
+    | 'HIVE_SANDBOX_BUSY'
     | 'HIVE_INTERNAL'
   /** For `HIVE_INVALID_CONFIG`: every problem found, by field path. */
   issues?: { path: string; message: string }[]

@@ -8,6 +8,12 @@
 //!    `config.applied`.
 //! 3. [`Sandbox::close`] ends event streams and stops everything the sandbox runs; its data stays.
 //!    [`delete`] also removes the folder.
+//! 4. A sandbox's folder is locked (`flock` on `<folder>/lock`) while it is open, so a second
+//!    process opening the same name gets `HIVE_SANDBOX_BUSY` naming the holder's pid instead of
+//!    writing a second stream of ids into the same audit log.
+//! 5. Each Node environment (the main thread, each worker thread) is an [`Owner`]: the registry
+//!    remembers which owners got each sandbox, and when an environment exits
+//!    ([`release_owner`]) only the sandboxes no other environment holds are closed.
 
 mod home;
 #[cfg(target_os = "linux")]
@@ -21,7 +27,7 @@ pub use name::validate_name;
 #[cfg(target_os = "linux")]
 pub use runtime::{signal_name, Spawned};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -52,6 +58,10 @@ pub struct Sandbox {
     apply_lock: parking_lot::Mutex<()>,
     closed: AtomicBool,
     instance: u64,
+    /// The lock on the sandbox's folder, released when it closes.
+    folder_lock: parking_lot::Mutex<Option<home::FolderLock>>,
+    /// The async runtime it was opened on, to finish a close started outside it.
+    runtime_handle: Option<tokio::runtime::Handle>,
 }
 
 static NEXT_INSTANCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -76,18 +86,63 @@ pub struct DryRunRequest {
     pub scheme: Scheme,
 }
 
-/// Live sandboxes of this process, by name.
-static REGISTRY: LazyLock<tokio::sync::Mutex<HashMap<String, Arc<Sandbox>>>> =
+/// A Node environment (the main thread or a worker thread) that holds sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Owner(u64);
+
+impl Owner {
+    /// A new owner, for an environment that has just loaded the addon.
+    pub fn register() -> Owner {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let owner = Owner(NEXT.fetch_add(1, Ordering::Relaxed));
+        LIVE_OWNERS.lock().insert(owner);
+        owner
+    }
+}
+
+/// One registry entry: the sandbox and the environments that got it.
+struct Entry {
+    sandbox: Arc<Sandbox>,
+    owners: HashSet<Owner>,
+}
+
+/// Live sandboxes of this process, by name. Held only briefly, never across an `await`, so an
+/// environment's cleanup can always take it.
+static REGISTRY: LazyLock<parking_lot::Mutex<HashMap<String, Entry>>> =
     LazyLock::new(Default::default);
 
-/// `getOrCreateSandbox(name, config?)` (README.md#api). Blocking file work runs off the async workers.
+/// Serializes opening, so two calls for one name never open it twice.
+static OPENING: LazyLock<tokio::sync::Mutex<()>> = LazyLock::new(Default::default);
+
+/// Environments that have not exited.
+static LIVE_OWNERS: LazyLock<parking_lot::Mutex<HashSet<Owner>>> = LazyLock::new(Default::default);
+
+/// `getOrCreateSandbox(name, config?)` (README.md#api), for no particular environment.
 pub async fn get_or_create(name: String, config: Option<Value>) -> Result<Arc<Sandbox>> {
+    get_or_create_for(name, config, None).await
+}
+
+/// `getOrCreateSandbox(name, config?)` (README.md#api) called from `owner`'s environment. Blocking
+/// file work runs off the async workers.
+pub async fn get_or_create_for(
+    name: String,
+    config: Option<Value>,
+    owner: Option<Owner>,
+) -> Result<Arc<Sandbox>> {
     validate_name(&name)?;
     let config = config.map(|value| Config::from_json(&value)).transpose()?;
-    let mut registry = REGISTRY.lock().await;
-    if let Some(live) = registry.get(&name).filter(|sandbox| !sandbox.is_closed()) {
-        let live = live.clone();
-        drop(registry);
+    if let Some(config) = config.clone() {
+        blocking(move || config.check_host_paths()).await?;
+    }
+    let _opening = OPENING.lock().await;
+    let live = REGISTRY.lock().get_mut(&name).and_then(|entry| {
+        if entry.sandbox.is_closed() {
+            return None;
+        }
+        entry.owners.extend(owner);
+        Some(entry.sandbox.clone())
+    });
+    if let Some(live) = live {
         if let Some(config) = config {
             let sandbox = live.clone();
             blocking(move || sandbox.swap_config(config)).await?;
@@ -95,35 +150,72 @@ pub async fn get_or_create(name: String, config: Option<Value>) -> Result<Arc<Sa
         return Ok(live);
     }
     let home = hive_home()?;
-    let sandbox = blocking(move || Sandbox::open(name, &home, config.unwrap_or_default())).await?;
-    registry.insert(sandbox.name.clone(), sandbox.clone());
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let sandbox =
+        blocking(move || Sandbox::open(name, &home, config.unwrap_or_default(), runtime)).await?;
+    REGISTRY.lock().insert(
+        sandbox.name.clone(),
+        Entry {
+            sandbox: sandbox.clone(),
+            owners: owner.into_iter().collect(),
+        },
+    );
+    // The environment may have exited while the sandbox opened: nobody can use it then.
+    if owner.is_some_and(|owner| !LIVE_OWNERS.lock().contains(&owner)) {
+        release_owner_sandboxes(owner);
+    }
     Ok(sandbox)
 }
 
 /// `deleteSandbox(name)`: closes the live sandbox of that name, if any, and removes its data.
+/// A sandbox another process has open is refused with `HIVE_SANDBOX_BUSY`.
 pub async fn delete(name: String) -> Result<()> {
     validate_name(&name)?;
-    let live = REGISTRY.lock().await.remove(&name);
-    if let Some(sandbox) = live {
-        sandbox.close().await;
+    let live = REGISTRY.lock().remove(&name);
+    if let Some(entry) = live {
+        entry.sandbox.close().await;
     }
     let dir = sandbox_dir(&hive_home()?, &name);
-    blocking(move || match std::fs::remove_dir_all(&dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(HiveError::io(format!("removing {}", dir.display()), e)),
+    blocking(move || {
+        let _lock = match home::FolderLock::acquire(&dir, &name) {
+            Err(e) if e.code() == crate::error::ErrorCode::SandboxBusy => return Err(e),
+            // A folder that does not exist (or cannot be locked) has nothing to protect.
+            other => other.ok(),
+        };
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(HiveError::io(format!("removing {}", dir.display()), e)),
+        }
     })
     .await
 }
 
-/// Closes every live sandbox (process exit).
-pub fn close_all() {
-    let sandboxes: Vec<_> = match REGISTRY.try_lock() {
-        Ok(mut registry) => registry.drain().map(|(_, s)| s).collect(),
-        Err(_) => return,
+/// An environment exited: closes the sandboxes that no other environment holds. Never waits
+/// for a process: a sandbox busy starting one finishes closing on the async runtime.
+pub fn release_owner(owner: Owner) {
+    LIVE_OWNERS.lock().remove(&owner);
+    release_owner_sandboxes(Some(owner));
+}
+
+fn release_owner_sandboxes(owner: Option<Owner>) {
+    let Some(owner) = owner else {
+        return;
     };
-    for sandbox in sandboxes {
-        sandbox.close_now();
+    let orphans: Vec<Arc<Sandbox>> = {
+        let mut registry = REGISTRY.lock();
+        let mut orphans = Vec::new();
+        registry.retain(|_, entry| {
+            if !entry.owners.remove(&owner) || !entry.owners.is_empty() {
+                return true;
+            }
+            orphans.push(entry.sandbox.clone());
+            false
+        });
+        orphans
+    };
+    for sandbox in orphans {
+        sandbox.close_detached();
     }
 }
 
@@ -139,10 +231,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 impl Sandbox {
     /// Opens (creating on first use) the sandbox's folder, CA and audit log, then applies `config`.
-    fn open(name: String, home: &Path, config: Config) -> Result<Arc<Sandbox>> {
+    fn open(
+        name: String,
+        home: &Path,
+        config: Config,
+        runtime_handle: Option<tokio::runtime::Handle>,
+    ) -> Result<Arc<Sandbox>> {
         let dir = sandbox_dir(home, &name);
         home::create_private_dir(&dir)?;
-        let events = EventBus::open(&name, &dir)?;
+        let folder_lock = home::FolderLock::acquire(&dir, &name)?;
+        let events = EventBus::open_with(&name, &dir, config.audit)?;
         let ca = Arc::new(CertificateAuthority::load_or_create(&dir, &name)?);
         let cell = Arc::new(ArcSwap::from_pointee(Compiled::new(Config::default())));
         let engine = Engine::new(name.clone(), cell.clone(), events.clone(), ca.clone());
@@ -158,6 +256,8 @@ impl Sandbox {
             apply_lock: parking_lot::Mutex::new(()),
             closed: AtomicBool::new(false),
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
+            folder_lock: parking_lot::Mutex::new(Some(folder_lock)),
+            runtime_handle,
         });
         sandbox.emit(kind::SANDBOX_CREATED, Map::new());
         sandbox.swap_config(config)?;
@@ -202,6 +302,7 @@ impl Sandbox {
     /// `applyConfig`: validates the whole config (nothing changes on error), then swaps it in.
     pub fn apply_config(&self, value: &Value) -> Result<()> {
         let config = Config::from_json(value)?;
+        config.check_host_paths()?;
         self.swap_config(config)
     }
 
@@ -211,6 +312,7 @@ impl Sandbox {
         #[cfg(target_os = "linux")]
         self.stop_if_mounts_changed(&config.fs);
         let (egress_rules, fs_mounts) = (config.egress.len(), config.fs.len());
+        self.events.set_retention(config.audit);
         #[cfg(target_os = "linux")]
         let capture_ports = runtime::capture_ports(&config);
         self.cell.store(Arc::new(Compiled::new(config)));
@@ -376,25 +478,52 @@ impl Sandbox {
             let _ = tokio::task::spawn_blocking(move || runtime.stop()).await;
         }
         self.engine.shutdown().await;
-        self.finish_close();
+        let events = self.events.clone();
+        self.emit(kind::SANDBOX_CLOSED, Map::new());
+        events.close();
+        let _ = tokio::task::spawn_blocking(move || events.sync()).await;
+        self.folder_lock.lock().take();
     }
 
-    /// Closes without waiting (process exit): processes are killed, listeners dropped.
-    fn close_now(&self) {
+    /// Closes from outside the async runtime (an environment's exit), without waiting for a
+    /// lock: processes are killed and the log written now, listeners drain on the runtime. If a
+    /// spawn holds the namespaces, the whole close runs on the runtime instead.
+    fn close_detached(self: &Arc<Self>) {
+        #[cfg(target_os = "linux")]
+        let Ok(mut slot) = self.runtime.try_lock() else {
+            match &self.runtime_handle {
+                Some(handle) => {
+                    let sandbox = self.clone();
+                    handle.spawn(async move { sandbox.close().await });
+                }
+                None => {
+                    tracing::warn!(sandbox = %self.name, "cannot close: its namespaces are busy")
+                }
+            }
+            return;
+        };
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
         #[cfg(target_os = "linux")]
-        if let Ok(mut runtime) = self.runtime.try_lock() {
-            if let Some(runtime) = runtime.take() {
-                runtime.stop();
-            }
+        if let Some(runtime) = slot.take() {
+            runtime.stop();
+        }
+        #[cfg(target_os = "linux")]
+        drop(slot);
+        if let Some(handle) = &self.runtime_handle {
+            let engine = self.engine.clone();
+            handle.spawn(async move { engine.shutdown().await });
         }
         self.finish_close();
     }
 
+    /// Emits `sandbox.closed`, ends the streams, waits until the log holds everything, then
+    /// unlocks the folder for other processes. Blocking (briefly).
     fn finish_close(&self) {
         self.emit(kind::SANDBOX_CLOSED, Map::new());
         self.events.close();
+        self.events.sync();
+        self.folder_lock.lock().take();
     }
 }

@@ -14,7 +14,8 @@
 //! 3. A port added later by `applyConfig` gets its listeners from a short-lived helper
 //!    ([`open_capture_listeners`]): cloned from the launcher thread like the spawn helper, it joins
 //!    the sandbox's user and network namespaces (which grants it the capabilities to bind ports
-//!    below 1024 there), creates the sockets, sends them back over a socketpair and exits.
+//!    below 1024 there), creates the sockets, sends them back over a socketpair and exits. A
+//!    reader thread receives them while it runs, so any number of ports fits through the socket.
 //!
 //! A capture port that cannot be bound (already taken by the proxy or DNS socket, IPv6 disabled)
 //! is skipped; the parent compares what arrived with what it asked for and logs the difference.
@@ -316,6 +317,13 @@ pub(crate) fn open_capture_listeners(
         ctrl: theirs.as_raw_fd(),
         ports,
     };
+    // The helper sends two messages per port; a socket buffer holds a few hundred, and the
+    // launcher thread is suspended until the helper exits (CLONE_VFORK). So another thread reads
+    // while it runs: otherwise a config with many new ports would block the launcher for good.
+    let reader = std::thread::Builder::new()
+        .name("hive-capture-fds".into())
+        .spawn(move || receive_listeners(&ours))
+        .map_err(|e| HiveError::io("starting the capture fd reader", e))?;
     let mut stack = vec![0u8; 64 * 1024];
     let stack_top = (stack.as_mut_ptr() as usize + stack.len()) & !0xf;
     // SAFETY: the child runs only helper_entry (allocation-free, never returns) on its own stack;
@@ -329,17 +337,32 @@ pub(crate) fn open_capture_listeners(
         )
     });
     drop(stack);
-    if pid < 0 {
-        return Err(HiveError::io(
+    let forked = if pid < 0 {
+        Err(HiveError::io(
             "forking the capture helper",
             std::io::Error::last_os_error(),
-        ));
-    }
-    let mut status = 0;
-    // SAFETY: reaping our own helper.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
+        ))
+    } else {
+        let mut status = 0;
+        // SAFETY: reaping our own helper.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        Ok(())
+    };
+    // The helper's copy is closed; closing ours ends the reader's stream.
     drop(theirs);
+    let received = reader
+        .join()
+        .map_err(|_| HiveError::Internal("the capture fd reader panicked".into()))?;
+    forked?;
+    received
+}
+
+/// Reads the helper's messages until every sender has closed the socket: the listeners, or the
+/// helper's failure report. Keeps reading after a failure so the helper never blocks on a full
+/// socket.
+fn receive_listeners(ours: &OwnedFd) -> Result<CaptureListeners> {
     let mut out = Vec::new();
+    let mut failure = None;
     loop {
         match netns::recv_report(ours.as_raw_fd()) {
             Ok(None) => break,
@@ -350,9 +373,10 @@ pub(crate) fn open_capture_listeners(
                         let port = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as u16;
                         out.push((port, std::net::TcpListener::from(fd)));
                     }
+                    _ if failure.is_some() => {}
                     _ => {
                         let (stage, errno) = super::child::decode_report(&buf);
-                        return Err(HiveError::Internal(format!(
+                        failure = Some(HiveError::Internal(format!(
                             "capture helper failed while {}: {}",
                             stage.describe(),
                             super::errno_text(errno)
@@ -360,10 +384,16 @@ pub(crate) fn open_capture_listeners(
                     }
                 }
             }
-            Err(e) => return Err(HiveError::io("receiving capture listeners", e)),
+            Err(e) => {
+                failure.get_or_insert(HiveError::io("receiving capture listeners", e));
+                break;
+            }
         }
     }
-    Ok(out)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }
 
 #[cfg(test)]

@@ -228,6 +228,39 @@ async fn a_port_added_later_gets_listeners_from_the_setns_helper() {
     assert!(sb.host.open_capture_listeners(vec![7444]).is_err());
 }
 
+/// 1 000 new ports send 2 000 fd messages, far more than the socket holds: the helper must not
+/// block the launcher thread (and with it every spawn and close in the process).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_adding_1000_ports_does_not_hang_the_launcher() {
+    let sb = std::sync::Arc::new(start("net-capture-1000"));
+    let ports: Vec<u16> = (20_000..21_000).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let helper = sb.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(helper.host.open_capture_listeners(ports));
+    });
+    let added = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the capture helper hung the launcher")
+        .expect("helper");
+    let v4 = added
+        .iter()
+        .filter(|(_, l)| l.local_addr().is_ok_and(|a| a.is_ipv4()))
+        .count();
+    assert_eq!(v4, 1000, "an IPv4 listener per port");
+    let out = sh(&sb.host, "echo still spawning").await;
+    assert_eq!(out.stdout.trim(), "still spawning", "{out:?}");
+    let server = answer_captured(&added, 20_999, false);
+    let dialled = py(&sb.host, &py_dial("198.51.100.7", 20_999)).await;
+    assert_eq!(
+        dialled.stdout.trim(),
+        "captured 198.51.100.7",
+        "{dialled:?}"
+    );
+    server.join().expect("server");
+    sb.host.close();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn resolv_conf_and_hosts_point_at_the_sandbox_dns() {
     let sb = start("net-dns");
