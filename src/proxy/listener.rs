@@ -133,6 +133,37 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Every listener of every engine in this process, for the proxy-loop guard.
+static LISTENERS: parking_lot::Mutex<Vec<std::sync::Weak<ListenerCtl>>> =
+    parking_lot::Mutex::new(Vec::new());
+
+/// Adds `ctl` to the process-wide list the loop guard reads (dropped listeners are pruned here).
+pub fn register(ctl: &Arc<ListenerCtl>) {
+    let mut all = LISTENERS.lock();
+    all.retain(|l| l.strong_count() > 0);
+    all.push(Arc::downgrade(ctl));
+}
+
+/// The addresses of every open listener of any engine in this process (for the proxy-loop guard).
+///
+/// Transparent listeners are left out: they listen on `0.0.0.0` / `[::]` inside a sandbox's own
+/// network namespace, and counting them would refuse every upstream on the host's loopback that
+/// shares a captured port (80, 443, ...).
+///
+/// # Security
+/// A request aimed at one of these would come straight back into a hive proxy (this sandbox's or
+/// another's), looping until connections run out. Checking the connect address instead of
+/// marking forwarded requests keeps upstreams from learning that hive sits in front of them.
+pub fn process_listener_addrs() -> Vec<SocketAddr> {
+    LISTENERS
+        .lock()
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter(|l| !l.is_closed() && l.via != Via::Transparent)
+        .map(|l| l.local)
+        .collect()
+}
+
 /// What a request handler knows about the connection it arrived on.
 #[derive(Clone)]
 pub struct Conn {

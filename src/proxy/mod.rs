@@ -110,8 +110,8 @@ pub struct Engine {
     cell: Arc<PolicyCell>,
     events: Arc<EventBus>,
     ca: Arc<CertificateAuthority>,
-    /// Per-engine value of the loop-guard header; a request carrying it came back to us.
-    nonce: ::http::HeaderValue,
+    /// Every name lookup goes through this (the system resolver; tests count lookups).
+    resolver: Arc<dyn upstream::Resolve>,
     upstream: upstream::UpstreamCache,
     listeners: Mutex<Vec<Arc<ListenerCtl>>>,
     connections: Arc<Semaphore>,
@@ -134,15 +134,29 @@ impl Engine {
         events: Arc<EventBus>,
         ca: Arc<CertificateAuthority>,
     ) -> Arc<Engine> {
-        let nonce =
-            ::http::HeaderValue::from_str(&random_hex(16).unwrap_or_else(|_| "hive".into()))
-                .unwrap_or_else(|_| ::http::HeaderValue::from_static("hive"));
+        Engine::with_resolver(
+            sandbox,
+            cell,
+            events,
+            ca,
+            Arc::new(upstream::SystemResolver),
+        )
+    }
+
+    /// [`Engine::new`] with another resolver for names.
+    pub(crate) fn with_resolver(
+        sandbox: String,
+        cell: Arc<PolicyCell>,
+        events: Arc<EventBus>,
+        ca: Arc<CertificateAuthority>,
+        resolver: Arc<dyn upstream::Resolve>,
+    ) -> Arc<Engine> {
         Arc::new(Engine {
             sandbox,
             cell,
             events,
             ca,
-            nonce,
+            resolver,
             upstream: upstream::UpstreamCache::default(),
             listeners: Mutex::new(Vec::new()),
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
@@ -236,22 +250,10 @@ impl Engine {
             .local_addr()
             .map_err(|e| HiveError::io("reading the proxy listener address", e))?;
         let ctl = ListenerCtl::new(local, via, credential);
+        listener::register(&ctl);
         self.listeners.lock().push(ctl.clone());
         listener::spawn_accept_loop(self.clone(), listener, ctl.clone(), transparent);
         Ok(ctl)
-    }
-
-    /// The addresses of every live listener (for the proxy-loop guard). Transparent listeners
-    /// are left out: they listen on `0.0.0.0` / `[::]` inside the sandbox's own network
-    /// namespace, and counting them would refuse every upstream on the host's loopback that
-    /// shares a captured port (80, 443, ...).
-    fn listener_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .lock()
-            .iter()
-            .filter(|l| !l.is_closed() && l.via != Via::Transparent)
-            .map(|l| l.local)
-            .collect()
     }
 }
 
