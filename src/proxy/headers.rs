@@ -1,5 +1,6 @@
 //! Header rewriting between the sandbox and the upstream: hop-by-hop stripping (RFC 9110 §7.6.1),
-//! the loop guard, override injection (docs/network-access.md), and the host listener's proxy credential.
+//! method-override and upgrade inspection, override injection (docs/network-access.md), and the
+//! host listener's proxy credential.
 //!
 //! # Security
 //! Injection happens after stripping, and replaces every header of that name the sandbox sent, so
