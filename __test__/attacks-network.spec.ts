@@ -3,7 +3,7 @@
 // upstreams (real-looking names mapped with `upstream.resolve`; `localhost` where the proxy must
 // resolve a name itself). Every denial asserts the upstream saw nothing. Run by CI as root and
 // again as an unprivileged user.
-import { createServer, type IncomingMessage, type Server } from 'node:http'
+import { createServer, type IncomingMessage, request, type Server } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import type { Duplex } from 'node:stream'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
@@ -173,6 +173,65 @@ print(d.decode(errors="replace"))`
       for (const [name, value] of Object.entries(hit.headers)) {
         expect(`${name}: ${value}`.toLowerCase()).not.toContain('hive')
       }
+    }
+  })
+})
+
+describe('connection budgets', () => {
+  let a: Sandbox
+  let b: Sandbox
+  let up: Awaited<ReturnType<typeof switchingUpstream>>
+
+  beforeAll(async () => {
+    up = await switchingUpstream()
+    const config = { egress: [{ access: 'allow', host: 'pypi.org' }], upstream: { resolve: { 'pypi.org:80': `127.0.0.1:${up.port}` } } }
+    a = await getOrCreateSandbox('attacks-budget-a', config as never)
+    b = await getOrCreateSandbox('attacks-budget-b', config as never)
+  })
+
+  afterAll(async () => {
+    await Promise.all([a?.close(), b?.close()])
+    up?.server.close()
+  })
+
+  it('a sandbox holding 5 000 connections to its proxy stops neither another sandbox nor its own host listener', async () => {
+    const holder = a.spawn(['python3', '-c', `import os,resource,socket,time
+_,hard=resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE,(hard,hard))
+h,p=os.environ["HTTP_PROXY"].split("//")[-1].rsplit(":",1)
+held=[]
+for _ in range(min(5000,hard-64)):
+  c=socket.socket();c.setblocking(False);c.connect_ex((h,int(p)));held.append(c)
+open("/tmp/held","w").write(str(len(held)))
+time.sleep(60)`])
+    try {
+      let held = ''
+      for (let i = 0; i < 100 && !held; i++) {
+        held = (await a.exec(['sh', '-c', 'cat /tmp/held 2>/dev/null || true'])).stdout.trim()
+        if (!held) await new Promise((r) => setTimeout(r, 100))
+      }
+      expect(Number(held)).toBeGreaterThanOrEqual(4000)
+      const other = await b.exec(['curl', '-sS', '-m', '5', '-o', '/dev/null', '-w', '%{http_code}', 'http://pypi.org/other'])
+      expect(other.stdout).toBe('200')
+      const proxy = await a.proxy()
+      try {
+        const { hostname, port, username, password } = new URL(proxy.url)
+        const status = await new Promise<number>((resolve, reject) => {
+          const req = request({ host: hostname, port: Number(port), path: 'http://pypi.org/host', headers: { host: 'pypi.org', 'proxy-authorization': `Basic ${Buffer.from(`${username}:${password}`).toString('base64')}` }, timeout: 5000 }, (res) => {
+            res.resume()
+            resolve(res.statusCode ?? 0)
+          })
+          req.on('timeout', () => req.destroy(new Error('the host listener did not answer')))
+          req.on('error', reject)
+          req.end()
+        })
+        expect(status).toBe(200)
+      } finally {
+        await proxy.close()
+      }
+    } finally {
+      holder.kill()
+      await holder.wait()
     }
   })
 })

@@ -303,6 +303,15 @@ impl Harness {
 
     /// [`Harness::new`] looking names up through `resolver`.
     async fn with_resolver(egress: Value, resolver: Arc<dyn super::upstream::Resolve>) -> Harness {
+        Harness::with_options(egress, resolver, super::Limits::default()).await
+    }
+
+    /// [`Harness::with_resolver`] with other connection limits.
+    async fn with_options(
+        egress: Value,
+        resolver: Arc<dyn super::upstream::Resolve>,
+        limits: super::Limits,
+    ) -> Harness {
         let (upstream_ca, tls) = upstream_tls();
         let http = start_upstream(None).await;
         let https = start_upstream(Some(tls)).await;
@@ -319,7 +328,14 @@ impl Harness {
         let ca_pem = ca.cert_pem().to_string();
         let config = Config::from_json(&json!({ "egress": egress, "upstream": upstream })).unwrap();
         let cell = Arc::new(PolicyCell::from_pointee(Compiled::new(config)));
-        let engine = Engine::with_resolver("proxy-test".into(), cell.clone(), events, ca, resolver);
+        let engine = Engine::with_options(
+            "proxy-test".into(),
+            cell.clone(),
+            events,
+            ca,
+            resolver,
+            limits,
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let proxy = listener.local_addr().unwrap();
         engine.serve_sandbox_listener(listener).unwrap();
@@ -1567,4 +1583,124 @@ async fn no_hive_marker_reaches_upstreams() {
         (status, headers[DENIED_HEADER].to_str().unwrap()),
         (StatusCode::FORBIDDEN, "proxy-loop")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_budgets_per_listener() {
+    // 1 100 idle connections to the proxy inside the sandbox (more than its whole budget) starve
+    // neither the host-side listener nor another sandbox.
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let other = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let host = h.engine.open_host_listener().await.unwrap();
+    let mut parked = Vec::new();
+    for _ in 0..1100 {
+        // Past the budget and the listen backlog, connects stall: stop there.
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(h.proxy)).await {
+            Ok(Ok(s)) => parked.push(s),
+            _ => break,
+        }
+    }
+    assert!(
+        parked.len() > super::Limits::default().listener,
+        "{}",
+        parked.len()
+    );
+    let url: http::Uri = host.url.parse().unwrap();
+    let userinfo = url.authority().unwrap().as_str().split('@').next().unwrap();
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(userinfo)
+    );
+    let through_host = async {
+        let stream = TcpStream::connect(host.local_addr()).await.unwrap();
+        let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://pypi.org/via-host")
+            .header("proxy-authorization", auth.as_str())
+            .body(empty())
+            .unwrap();
+        send(&mut c, req).await.0
+    };
+    let status = tokio::time::timeout(Duration::from_secs(5), through_host)
+        .await
+        .expect("the host listener answers while the sandbox's budget is used up");
+    assert_eq!(status, StatusCode::OK);
+    let status = tokio::time::timeout(Duration::from_secs(5), other.get_http("http://pypi.org/x"))
+        .await
+        .expect("another sandbox answers")
+        .0;
+    assert_eq!(status, StatusCode::OK);
+    // The sandbox's own listener serves again once its connections close.
+    drop(parked);
+    let status = tokio::time::timeout(Duration::from_secs(5), h.get_http("http://pypi.org/y"))
+        .await
+        .expect("the proxy serves again")
+        .0;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_of_every_kind_are_closed() {
+    let limits = super::Limits {
+        idle: Duration::from_millis(300),
+        ..super::Limits::default()
+    };
+    let h = Harness::with_options(
+        json!([{ "access": "allow", "host": "*" }]),
+        Arc::new(super::upstream::SystemResolver),
+        limits,
+    )
+    .await;
+    let echo = start_echo().await;
+    let target = format!("pypi.org:{}", echo.port());
+    let mut upstream = h.upstream.clone();
+    upstream["resolve"][target.clone()] = echo.to_string().into();
+    let config = Config::from_json(
+        &json!({ "egress": [{ "access": "allow", "host": "*" }], "upstream": upstream }),
+    )
+    .unwrap();
+    h.cell.store(Arc::new(Compiled::new(config)));
+    /// Whether the proxy closes `s` within 3 s of silence.
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+    // Keep-alive HTTP after one exchange.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(b"GET http://pypi.org/a HTTP/1.1\r\nHost: pypi.org\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed(&mut s).await, "keep-alive HTTP");
+    // A raw tunnel.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(connect_head(&mut s, &target, None).await, StatusCode::OK);
+    s.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+    assert!(closed(&mut s).await, "raw tunnel");
+    // An intercepted TLS connection.
+    let mut tls = h
+        .tunnel("pypi.org:443", "pypi.org", &[b"http/1.1"])
+        .await
+        .expect("CONNECT allowed");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "intercepted TLS: {n:?}"
+    );
+    // A WebSocket.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(
+        b"GET http://pypi.org/ws HTTP/1.1\r\nHost: pypi.org\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(closed(&mut s).await, "WebSocket");
 }
