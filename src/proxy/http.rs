@@ -166,7 +166,7 @@ pub async fn forward(
         deny::forbidden(decision.reason, host, method.as_str(), &event_path)
     };
 
-    // An h2c upgrade is taken out: the request goes on as HTTP/1.1 (module docs of `headers`).
+    // An h2c upgrade is taken out: the request goes on as HTTP/1.1 (see `headers::strip_h2c`).
     headers::strip_h2c(req.headers_mut());
     let Ok(overrides) = headers::override_methods(req.headers(), req.uri().query()) else {
         return refuse(&gate::denied(reason::METHOD_OVERRIDE));

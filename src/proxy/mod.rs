@@ -89,7 +89,7 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// The constants above, with the sandbox budget capped at an eighth of what the process's
+    /// The constants above, with the sandbox budget capped at a quarter of what the process's
     /// file-descriptor limit allows (each connection may hold up to three: the client socket, the
     /// upstream socket and a pooled spare), so one sandbox cannot take the descriptors every
     /// other sandbox in the process needs.
@@ -104,7 +104,7 @@ impl Default for Limits {
         } else {
             1024
         };
-        let share = (soft.saturating_sub(256) / 3 / 8).max(32);
+        let share = (soft.saturating_sub(256) / 3 / 4).max(64);
         let sandbox = MAX_SANDBOX_CONNECTIONS.min(share);
         Limits {
             listener: MAX_LISTENER_CONNECTIONS.min(sandbox),
