@@ -938,6 +938,7 @@ mod tests {
                 ("a.example", 443, "GET", "/v1/..%2Fadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
                 ("a.example", 443, "GET", "/v1/..\\admin\\x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
                 ("a.example", 443, "GET", "/v1/..%5cadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
+                ("a.example", 443, "GET", "/v1/..%252fadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
                 ("a.example", 443, "GET", "/admin/x", HTTPS, None, D, None, reason::NO_RULE),
             ],
         );
@@ -947,6 +948,8 @@ mod tests {
                 ("a.example", 443, "GET", "/admin;x/s", HTTPS, None, D, Some(0), reason::RULE),
                 ("a.example", 443, "GET", "/admin%2fs", HTTPS, None, D, Some(0), reason::RULE),
                 ("a.example", 443, "GET", "/admin%5Cs", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/admin%252fs", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/%2561dmin/s", HTTPS, None, D, Some(0), reason::RULE),
                 ("a.example", 443, "GET", "/ADMIN/s", HTTPS, None, D, Some(0), reason::RULE),
                 ("a.example", 443, "GET", "/Admin;x%2F..%2Fy/s", HTTPS, None, D, Some(0), reason::RULE),
                 ("a.example", 443, "GET", "/x/..;/admin/s", HTTPS, None, D, Some(0), reason::RULE),

@@ -7,7 +7,8 @@
 //!    the other common server readings are derived from it: `;` parameters stripped from each
 //!    segment (Tomcat, Spring, Jetty), `%2F` and `\` read as `/` (many decoders and Windows-minded
 //!    servers), and both in either order, each followed by dot-segment removal again. The plain
-//!    reading comes first; duplicates are dropped.
+//!    reading comes first; duplicates are dropped. A path holding `%25` is also read decoded
+//!    twice, with the same readings of that.
 //! 3. A `deny` rule matches when its globs match *any* reading, compared case-insensitively (a
 //!    server may fold case); an `allow` rule with `paths` matches only when its globs match
 //!    *every* reading, compared exactly.
@@ -85,9 +86,25 @@ impl<'p> PathReadings<'p> {
     }
 }
 
-/// The readings of `raw` (see the module docs), the plain one first.
+/// The readings of `raw` (see the module docs), the plain one first. A path holding `%25` is
+/// also read decoded twice (IIS and some proxies decode again), with the same readings of that.
 fn readings_of(raw: &str) -> Vec<Cow<'_, str>> {
     let plain = normalize_path_cow(raw);
+    if !plain.contains("%25") {
+        return single_decoded(plain);
+    }
+    let twice = renormalize(&plain.replace("%25", "%"));
+    let mut out = single_decoded(plain);
+    for reading in single_decoded(Cow::Owned(twice)) {
+        if !out.contains(&reading) {
+            out.push(Cow::Owned(reading.into_owned()));
+        }
+    }
+    out
+}
+
+/// The readings of a normal path (the plain one first).
+fn single_decoded(plain: Cow<'_, str>) -> Vec<Cow<'_, str>> {
     if !plain.contains(';') && !has_escaped_slash(&plain) {
         return vec![plain];
     }
@@ -170,6 +187,11 @@ mod tests {
             ("/admin;x/s", &["/admin;x/s", "/admin/s"]),
             ("/admin%2fs", &["/admin%2Fs", "/admin/s"]),
             ("/a;b%2f..%2f../c", &["/a;b%2F..%2F../c", "/c", "/a/c"]),
+            (
+                "/v1/..%252fadmin/x",
+                &["/v1/..%252fadmin/x", "/v1/..%2Fadmin/x", "/admin/x"],
+            ),
+            ("/v1/%252e%252e/admin", &["/v1/%252e%252e/admin", "/admin"]),
         ];
         for (raw, want) in cases {
             let got: Vec<String> = readings_of(raw).into_iter().map(Cow::into_owned).collect();
