@@ -15,13 +15,15 @@
 //!    when it is already normal no allocation happens.
 
 mod index;
+mod paths;
 
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-use crate::config::{host_ip, is_normalized_host, normalize_path_cow};
+use crate::config::{host_ip, is_normalized_host, PathGlob};
 use crate::config::{normalize_host, Config, EgressRule, RuleAccess};
 use index::HostIndex;
+use paths::PathReadings;
 
 /// Fixed reason strings of decisions and `egress.request` events.
 pub mod reason {
@@ -41,6 +43,17 @@ pub mod reason {
     pub const NOT_HTTP: &str = "not-http";
     /// The request named a host that is not a valid hostname or IP literal.
     pub const INVALID_HOST: &str = "invalid-host";
+    /// An allow rule's `paths` match the path as written but not as every common server reads it
+    /// (`/v1/..;/admin`, `/v1/..%2fadmin`), and no later rule allowed it.
+    pub const PATH_AMBIGUOUS: &str = "path-ambiguous";
+    /// A method-override header (`X-HTTP-Method-Override`, `X-HTTP-Method`, `X-Method-Override`)
+    /// or `_method` query parameter names a method the policy denies.
+    pub const METHOD_OVERRIDE: &str = "method-override";
+    /// A protocol upgrade the rule cannot inspect: anything but WebSocket under a rule with
+    /// `methods`, `paths` or `override`.
+    pub const UPGRADE: &str = "upgrade";
+    /// `TRACE` or `TRACK` under an override rule (the upstream would echo the credential back).
+    pub const TRACE_WITH_CREDENTIALS: &str = "trace-with-credentials";
 }
 
 /// The outcome of a decision.
@@ -117,6 +130,8 @@ pub struct ConnectDecision {
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<EgressRule>,
+    /// Per rule: a deny rule's `paths` in folded case (see [`paths`]); `None` otherwise.
+    folded: Vec<Option<Vec<PathGlob>>>,
     index: HostIndex,
 }
 
@@ -132,12 +147,24 @@ impl Policy {
     /// Compiles a list of validated rules.
     pub fn from_rules(rules: Vec<EgressRule>) -> Policy {
         let index = HostIndex::build(&rules);
-        Policy { rules, index }
+        let folded = rules
+            .iter()
+            .map(|r| match r.access {
+                RuleAccess::Deny => paths::folded_globs(r),
+                RuleAccess::Allow => None,
+            })
+            .collect();
+        Policy {
+            rules,
+            folded,
+            index,
+        }
     }
 
     /// Decides one HTTP request: first matching rule wins, no match is denied (`no-rule`). An allow
     /// by an override rule over `Scheme::Http` without `allowPlaintext` is denied
-    /// (`plaintext-credentials`).
+    /// (`plaintext-credentials`), and so is `TRACE` / `TRACK` under an override rule
+    /// (`trace-with-credentials`: the upstream would echo the injected header back).
     ///
     /// A host that is not a valid hostname or IP literal is denied (`invalid-host`). With
     /// `Scheme::Tcp` (bytes that are not HTTP) the method and path are ignored and the request is
@@ -146,7 +173,9 @@ impl Policy {
     ///
     /// # Security
     /// Paths are compared after [`crate::config::normalize_path`], so `/v1/../admin`,
-    /// `/v1/%2e%2e/admin` and `//admin` all meet a rule on `/admin/**`.
+    /// `/v1/%2e%2e/admin` and `//admin` all meet a rule on `/admin/**`; and under every common
+    /// server reading of the path (module `paths`): a deny rule matches if any reading matches,
+    /// an allow rule only if all do (else, with no later rule allowing, `path-ambiguous`).
     pub fn decide(&self, request: &Request<'_>) -> Decision {
         let Some(host) = normalized(request.host) else {
             return Decision::denied(None, reason::INVALID_HOST);
@@ -154,25 +183,17 @@ impl Policy {
         if request.scheme == Scheme::Tcp {
             return self.decide_tcp(&host, request.port, request.ip);
         }
-        let mut path: Option<Cow<'_, str>> = None;
+        let mut path = PathReadings::new(request.path);
         let mut best = NONE;
+        let mut ambiguous = NONE;
         let ips = addresses(&host, request.ip);
         self.index.for_each_bucket(&host, ips, |bucket| {
-            for &i in bucket {
-                if i >= best {
-                    break;
-                }
-                let rule = &self.rules[i];
-                if port_matches(rule, request.port)
-                    && method_matches(rule, request.method)
-                    && path_matches(rule, request.path, &mut path)
-                {
-                    best = i;
-                    break;
-                }
-            }
+            self.first_full_match(bucket, request, &mut path, &mut best, &mut ambiguous)
         });
         let Some(rule) = self.rules.get(best) else {
+            if ambiguous != NONE {
+                return Decision::denied(Some(ambiguous), reason::PATH_AMBIGUOUS);
+            }
             return Decision::denied(None, reason::NO_RULE);
         };
         match rule.access {
@@ -183,7 +204,86 @@ impl Policy {
             {
                 Decision::denied(Some(best), reason::PLAINTEXT_CREDENTIALS)
             }
+            RuleAccess::Allow if rule.override_.is_some() && is_trace(request.method) => {
+                Decision::denied(Some(best), reason::TRACE_WITH_CREDENTIALS)
+            }
             RuleAccess::Allow => Decision::allowed(best),
+        }
+    }
+
+    /// Scans one bucket (rule order) below `best` for the first rule matching port, method and
+    /// path; notes in `ambiguous` an allow rule passed over only because the path is ambiguous.
+    fn first_full_match(
+        &self,
+        bucket: &[usize],
+        request: &Request<'_>,
+        path: &mut PathReadings<'_>,
+        best: &mut usize,
+        ambiguous: &mut usize,
+    ) {
+        for &i in bucket {
+            if i >= *best {
+                break;
+            }
+            let rule = &self.rules[i];
+            if !port_matches(rule, request.port) || !method_matches(rule, request.method) {
+                continue;
+            }
+            if path.rule_matches(rule, self.folded[i].as_deref()) {
+                *best = i;
+                break;
+            }
+            if rule.access == RuleAccess::Allow && path.plain_matches(rule) {
+                *ambiguous = (*ambiguous).min(i);
+            }
+        }
+    }
+
+    /// Whether a private or special address `ip` may be connected to for this request: an allow
+    /// rule naming that address (an IP literal or CIDR host containing it) would itself allow it.
+    /// With `request` (an HTTP request) the first IP/CIDR rule containing `ip` that matches the
+    /// port, method and path must be an allow rule; without (a tunnel, whose requests are decided
+    /// one by one later) an allow rule on that port must come before every IP/CIDR deny rule on
+    /// that port with neither `methods` nor `paths`. IPv4-mapped IPv6 addresses count as IPv4.
+    ///
+    /// # Security
+    /// Only `Net` hosts count: `*` and host names do not name private addresses
+    /// (docs/network-access.md#private-addresses, SSRF). Naming the address is not enough: a
+    /// `deny 127.0.0.0/8 ports:[22]` or an `allow 127.0.0.1 ports:[9]` rule must not open every
+    /// other port of the host's loopback to a name that resolves there.
+    pub fn exempts_address(&self, ip: IpAddr, port: u16, request: Option<&Request<'_>>) -> bool {
+        let ip = ip.to_canonical();
+        match request {
+            Some(request) => {
+                let mut path = PathReadings::new(request.path);
+                let (mut best, mut ambiguous) = (NONE, NONE);
+                let request = Request { port, ..*request };
+                self.index.for_each_net_bucket(ip, &mut |bucket| {
+                    self.first_full_match(bucket, &request, &mut path, &mut best, &mut ambiguous)
+                });
+                self.rules
+                    .get(best)
+                    .is_some_and(|r| r.access == RuleAccess::Allow)
+            }
+            None => {
+                let (mut first_allow, mut first_deny) = (NONE, NONE);
+                self.index.for_each_net_bucket(ip, &mut |bucket| {
+                    for &i in bucket {
+                        let rule = &self.rules[i];
+                        if !port_matches(rule, port) {
+                            continue;
+                        }
+                        match rule.access {
+                            RuleAccess::Allow => first_allow = first_allow.min(i),
+                            RuleAccess::Deny if !inspects_request(rule) => {
+                                first_deny = first_deny.min(i)
+                            }
+                            RuleAccess::Deny => {}
+                        }
+                    }
+                });
+                first_allow < first_deny
+            }
         }
     }
 
@@ -219,19 +319,6 @@ impl Policy {
             decision,
             raw_tunnel,
         }
-    }
-
-    /// Whether some rule names `ip` explicitly by an IP literal or CIDR host (which lifts the
-    /// private-address refusal for that address). IPv4-mapped IPv6 addresses count as IPv4.
-    ///
-    /// # Security
-    /// Only `Net` hosts count: `*` does not name private addresses (docs/network-access.md#private-addresses, SSRF). A deny rule
-    /// naming the address also counts; the decision that follows is then that deny.
-    pub fn names_address(&self, ip: IpAddr) -> bool {
-        let mut named = false;
-        self.index
-            .for_each_net_bucket(ip.to_canonical(), &mut |_| named = true);
-        named
     }
 
     /// Whether some allow rule's host could match `host` (used by the DNS responder).
@@ -295,6 +382,12 @@ impl Policy {
     /// `allow *` only holds if the deny sees the resolved address.
     pub fn uses_addresses(&self) -> bool {
         self.index.has_nets()
+    }
+
+    /// Whether the rule at `index` looks at HTTP (`methods`, `paths` or `override`), so that
+    /// bytes it cannot parse must not follow an allowed request (upgrades, raw tunnels).
+    pub fn inspects_http(&self, index: usize) -> bool {
+        self.rules.get(index).is_some_and(inspects_http)
     }
 
     /// The rule at `index` (for its override headers).
@@ -415,15 +508,9 @@ fn method_matches(rule: &EgressRule, method: &str) -> bool {
         .is_none_or(|methods| methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
 }
 
-/// Normalizes the request path into `cache` on first use.
-fn path_matches<'p>(rule: &EgressRule, raw: &'p str, cache: &mut Option<Cow<'p, str>>) -> bool {
-    match &rule.paths {
-        None => true,
-        Some(globs) => {
-            let path = cache.get_or_insert_with(|| normalize_path_cow(raw));
-            globs.iter().any(|g| g.matches(path))
-        }
-    }
+/// `TRACE` or `TRACK` (compared case-insensitively, like every method).
+fn is_trace(method: &str) -> bool {
+    method.eq_ignore_ascii_case("TRACE") || method.eq_ignore_ascii_case("TRACK")
 }
 
 /// Whether a rule looks at methods or paths.
@@ -612,7 +699,8 @@ mod tests {
                 ("api.github.com", 443, "GET", "/%61dmin/x", HTTPS, None, D, Some(0), reason::RULE),
                 ("api.github.com", 443, "GET", "/./admin/x", HTTPS, None, D, Some(0), reason::RULE),
                 ("api.github.com", 443, "GET", "/administrator", HTTPS, None, A, Some(2), reason::RULE),
-                ("api.github.com", 443, "GET", "/Admin/x", HTTPS, None, A, Some(2), reason::RULE),
+                // A deny rule's paths match case-insensitively (a server may fold case).
+                ("api.github.com", 443, "GET", "/Admin/x", HTTPS, None, D, Some(0), reason::RULE),
                 ("api.github.com", 443, "delete", "/repos/x", HTTPS, None, D, Some(1), reason::RULE),
                 ("github.com", 443, "GET", "/admin/x", HTTPS, None, A, Some(2), reason::RULE),
             ],
@@ -783,9 +871,9 @@ mod tests {
         }
     }
 
-    // names_address: only IP/CIDR hosts name an address.
+    // exempts_address: only an allow rule naming the address, on that port, for that request.
     #[test]
-    fn names_address() {
+    fn exempts_address() {
         let p = policy(json!([
             { "access": "allow", "host": "*" },
             { "access": "allow", "host": "10.0.0.0/8" },
@@ -795,17 +883,107 @@ mod tests {
         let cases: &[(&str, bool)] = &[
             ("10.1.1.1", true),
             ("::ffff:10.1.1.1", true),
-            ("169.254.169.254", true),
+            ("169.254.169.254", false),
             ("fd12::1", true),
             ("192.168.1.1", false),
             ("127.0.0.1", false),
             ("::1", false),
         ];
         for &(ip, want) in cases {
-            assert_eq!(p.names_address(ip.parse().unwrap()), want, "{ip}");
+            let get = Request { host: "x.example", port: 80, method: "GET", path: "/", scheme: HTTP, ip: None };
+            assert_eq!(p.exempts_address(ip.parse().unwrap(), 80, None), want, "{ip}");
+            assert_eq!(p.exempts_address(ip.parse().unwrap(), 80, Some(&get)), want, "{ip}");
         }
         assert!(!policy(json!([{ "access": "allow", "host": "*" }]))
-            .names_address("127.0.0.1".parse().unwrap()));
+            .exempts_address("127.0.0.1".parse().unwrap(), 80, None));
+    }
+
+    // SSRF through the address exemption: a rule that names loopback for another access, another
+    // port, another method or another path does not open the rest of the host's loopback.
+    #[test]
+    fn ssrf_through_the_address_exemption() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let req = |method, path| Request { host: "x.attacker.example", port: 8080, method, path, scheme: HTTP, ip: None };
+        type Case<'a> = (Value, u16, Option<(&'a str, &'a str)>, bool);
+        let cases: &[Case<'_>] = &[
+            (json!([{ "access": "deny", "host": "127.0.0.0/8", "ports": [22] }, { "access": "allow", "host": "*.attacker.example" }]), 8080, None, false),
+            (json!([{ "access": "deny", "host": "127.0.0.0/8", "ports": [22] }, { "access": "allow", "host": "*.attacker.example" }]), 8080, Some(("GET", "/")), false),
+            (json!([{ "access": "allow", "host": "127.0.0.1", "ports": [9] }, { "access": "allow", "host": "*" }]), 8080, Some(("GET", "/")), false),
+            (json!([{ "access": "allow", "host": "127.0.0.1", "ports": [9] }]), 9, Some(("GET", "/")), true),
+            (json!([{ "access": "allow", "host": "127.0.0.1", "ports": [9] }]), 9, None, true),
+            (json!([{ "access": "allow", "host": "127.0.0.0/8", "methods": ["GET"] }]), 8080, Some(("POST", "/")), false),
+            (json!([{ "access": "allow", "host": "127.0.0.0/8", "methods": ["GET"] }]), 8080, Some(("GET", "/")), true),
+            (json!([{ "access": "allow", "host": "127.0.0.0/8", "paths": ["/ok/**"] }]), 8080, Some(("GET", "/admin")), false),
+            (json!([{ "access": "allow", "host": "127.0.0.0/8", "paths": ["/ok/**"] }]), 8080, Some(("GET", "/ok/x")), true),
+            (json!([{ "access": "deny", "host": "127.0.0.1" }, { "access": "allow", "host": "127.0.0.0/8" }]), 8080, None, false),
+            (json!([{ "access": "deny", "host": "127.0.0.1", "methods": ["POST"] }, { "access": "allow", "host": "127.0.0.0/8" }]), 8080, None, true),
+        ];
+        for (rules, port, request, want) in cases {
+            let p = policy(rules.clone());
+            let request = request.map(|(m, path)| req(m, path));
+            assert_eq!(p.exempts_address(lo, *port, request.as_ref()), *want, "{rules} {port} {request:?}");
+        }
+    }
+
+    // Decide on what is forwarded: the path as any common server reads it.
+    #[test]
+    fn path_interpretation() {
+        check(
+            json!([{ "access": "allow", "host": "a.example", "methods": ["GET"], "paths": ["/v1/**"] }]),
+            &[
+                ("a.example", 443, "GET", "/v1/x", HTTPS, None, A, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/v1/x;jsessionid=1", HTTPS, None, A, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/v1/..;/admin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
+                ("a.example", 443, "GET", "/v1/..%2fadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
+                ("a.example", 443, "GET", "/v1/..%2Fadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
+                ("a.example", 443, "GET", "/v1/..\\admin\\x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
+                ("a.example", 443, "GET", "/v1/..%5cadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
+                ("a.example", 443, "GET", "/v1/..%252fadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
+                ("a.example", 443, "GET", "/admin/x", HTTPS, None, D, None, reason::NO_RULE),
+            ],
+        );
+        check(
+            json!([{ "access": "deny", "host": "a.example", "paths": ["/admin/**"] }, { "access": "allow", "host": "a.example" }]),
+            &[
+                ("a.example", 443, "GET", "/admin;x/s", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/admin%2fs", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/admin%5Cs", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/admin%252fs", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/%2561dmin/s", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/ADMIN/s", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/Admin;x%2F..%2Fy/s", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/x/..;/admin/s", HTTPS, None, D, Some(0), reason::RULE),
+                ("a.example", 443, "GET", "/administrator", HTTPS, None, A, Some(1), reason::RULE),
+                ("a.example", 443, "GET", "/x/admin/s", HTTPS, None, A, Some(1), reason::RULE),
+            ],
+        );
+        // An ambiguous path that a later rule allows as a whole is allowed by that rule.
+        check(
+            json!([{ "access": "allow", "host": "a.example", "paths": ["/v1/**"] }, { "access": "allow", "host": "a.example", "paths": ["/**"] }]),
+            &[("a.example", 443, "GET", "/v1/..;/admin/x", HTTPS, None, A, Some(1), reason::RULE)],
+        );
+        // Upper-case globs in deny rules fold too.
+        check(
+            json!([{ "access": "deny", "host": "a.example", "paths": ["/Admin/**"] }, { "access": "allow", "host": "a.example" }]),
+            &[("a.example", 443, "GET", "/aDMIN/s", HTTPS, None, D, Some(0), reason::RULE)],
+        );
+    }
+
+    // TRACE with a credential: refused on override rules, allowed elsewhere.
+    #[test]
+    fn trace_with_a_credential() {
+        check(
+            json!([
+                { "access": "allow", "host": "a.example", "override": { "headers": { "X-Key": "k" } } },
+                { "access": "allow", "host": "b.example" },
+            ]),
+            &[
+                ("a.example", 443, "TRACE", "/", HTTPS, None, D, Some(0), reason::TRACE_WITH_CREDENTIALS),
+                ("a.example", 443, "track", "/", HTTPS, None, D, Some(0), reason::TRACE_WITH_CREDENTIALS),
+                ("a.example", 443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE),
+                ("b.example", 443, "TRACE", "/", HTTPS, None, A, Some(1), reason::RULE),
+            ],
+        );
     }
 
     // could_allow_host: (rules, host, expected).

@@ -93,7 +93,10 @@ pub async fn handle(conn: Conn, mut req: Request<Incoming>) -> Response<ProxyBod
 
 /// Handles a transparent connection meant for host:port: decided like a `CONNECT` (a denial
 /// closes the connection), then run as a tunnel.
-pub async fn transparent(conn: Conn, stream: TcpStream, host: String, port: u16) {
+pub async fn transparent<I>(conn: Conn, stream: I, host: String, port: u16)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Some(host) = crate::config::normalize_host(&host) else {
         return;
     };

@@ -2,24 +2,30 @@
 //!
 //! 1. Policy first: `decide` (or `decide_connect`) with the address when it is already known (an IP
 //!    literal, an `upstream.resolve` entry, or — only when some rule is an IP/CIDR rule
-//!    ([`Policy::uses_addresses`](crate::policy::Policy::uses_addresses)) — a DNS answer, of which
-//!    only the address decided on is kept). A denied name is never resolved otherwise, so denials
-//!    cost no DNS query.
+//!    ([`Policy::uses_addresses`](crate::policy::Policy::uses_addresses)) *and* a host-name rule
+//!    could allow the name ([`Policy::could_resolve_name`](crate::policy::Policy::could_resolve_name),
+//!    the test the in-sandbox DNS responder uses) — a DNS answer, of which only the address
+//!    decided on is kept). A name no host-name rule could allow is decided without resolving it.
+//!    Every method a method-override header or `_method` parameter names is decided too.
 //! 2. Resolution: `upstream.resolve` overrides; else the literal; else DNS (cached briefly).
-//! 3. Proxy-loop guard: an address equal to one of the engine's own listeners is refused.
-//! 4. Private-address guard: resolved addresses that are private or special are dropped unless a
-//!    rule names them (`names_address`) or `upstream.resolve` mapped the name; none left is a
-//!    `private-address` denial.
+//! 3. Proxy-loop guard: an address equal to one of the listeners of any engine in this process is
+//!    refused (nothing is added to the forwarded request to detect loops).
+//! 4. Private-address guard: resolved addresses that are private or special are dropped unless an
+//!    allow rule naming them would itself allow this request on this port
+//!    ([`Policy::exempts_address`](crate::policy::Policy::exempts_address)) or `upstream.resolve`
+//!    mapped the name; none left is a `private-address` denial.
 //! 5. The surviving addresses are pinned for the upstream connector.
 //!
 //! # Security
-//! Step 4 stops a public name that resolves inside (SSRF, DNS rebinding); pinning stops a second
-//! resolution from changing the answer between the check and the connect.
+//! Step 1 keeps attacker-chosen names (`<secret>.attacker.example`) off the host's resolver (DNS
+//! exfiltration) when only IP/CIDR rules could match them. Step 4 stops a public name that
+//! resolves inside (SSRF, DNS rebinding); pinning stops a second resolution from changing the
+//! answer between the check and the connect.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use crate::policy::{reason, Access, Compiled, Decision, Request};
+use crate::policy::{reason, Access, Compiled, Decision, Policy, Request};
 
 use super::deny::UpstreamFailure;
 use super::upstream::UpstreamClient;
@@ -31,8 +37,8 @@ pub const UPSTREAM_UNAVAILABLE: &str = "upstream-unavailable";
 /// What is being decided.
 #[derive(Debug, Clone, Copy)]
 pub enum Ask<'a> {
-    /// One HTTP request.
-    Request(Request<'a>),
+    /// One HTTP request, and the methods its method-override headers or `_method` parameter name.
+    Request(Request<'a>, &'a [String]),
     /// A tunnel to host:port (CONNECT, transparent).
     Connect,
 }
@@ -87,8 +93,8 @@ pub async fn check(
     // 1. Decide, resolving first only when an IP/CIDR rule needs the address.
     let mut resolved: Option<Arc<[SocketAddr]>> = None;
     let mut ip = literal.or(mapped.map(|a| a.ip()));
-    if ip.is_none() && policy.uses_addresses() {
-        if let Ok(addrs) = client.resolve(host, port).await {
+    if ip.is_none() && policy.uses_addresses() && policy.could_resolve_name(host) {
+        if let Ok(addrs) = client.resolve(engine.resolver.as_ref(), host, port).await {
             // The decision holds for the address it saw: connect to that one only.
             if let Some(first) = addrs.first().copied() {
                 ip = Some(first.ip());
@@ -97,7 +103,10 @@ pub async fn check(
         }
     }
     let (decision, raw_tunnel) = match ask {
-        Ask::Request(request) => (policy.decide(&Request { ip, ..request }), false),
+        Ask::Request(request, overrides) => {
+            let request = Request { ip, ..request };
+            (decide_with_overrides(policy, &request, overrides), false)
+        }
         Ask::Connect => {
             let c = policy.decide_connect(host, port, ip);
             (c.decision, c.raw_tunnel)
@@ -115,7 +124,7 @@ pub async fn check(
     } else if let Some(r) = resolved {
         r
     } else {
-        match client.resolve(host, port).await {
+        match client.resolve(engine.resolver.as_ref(), host, port).await {
             Ok(r) => r,
             Err(_) => return Outcome::Unreachable(decision, UpstreamFailure::Resolve),
         }
@@ -124,7 +133,7 @@ pub async fn check(
     // 3. Proxy loop (listeners are bound to loopback or sandbox-local addresses, all special:
     //    skip the lookup for public targets).
     if addrs.iter().any(|a| is_special(a.ip())) {
-        let own = engine.listener_addrs();
+        let own = super::listener::process_listener_addrs();
         if addrs.iter().any(|a| is_own_listener(a, &own)) {
             return Outcome::Denied(denied(reason::PROXY_LOOP));
         }
@@ -134,10 +143,16 @@ pub async fn check(
     let addrs: Arc<[SocketAddr]> = if mapped.is_some() {
         addrs
     } else {
+        let request = match ask {
+            Ask::Request(request, _) => Some(request),
+            Ask::Connect => None,
+        };
         let kept: Vec<SocketAddr> = addrs
             .iter()
             .copied()
-            .filter(|a| !is_special(a.ip()) || policy.names_address(a.ip()))
+            .filter(|a| {
+                !is_special(a.ip()) || policy.exempts_address(a.ip(), port, request.as_ref())
+            })
             .collect();
         if kept.is_empty() {
             return Outcome::Denied(denied(reason::PRIVATE_ADDRESS));
@@ -153,6 +168,30 @@ pub async fn check(
         addrs,
         client,
     }
+}
+
+/// Decides `request`, then (when allowed) every method in `overrides` in its place: one denied
+/// method denies the request as `method-override`, naming the rule that denied it.
+///
+/// # Security
+/// A server honouring `X-HTTP-Method-Override: DELETE` runs a DELETE whatever the request line
+/// says, so a rule restricting methods must hold for that method too.
+fn decide_with_overrides(policy: &Policy, request: &Request<'_>, overrides: &[String]) -> Decision {
+    let decision = policy.decide(request);
+    if decision.access == Access::Denied {
+        return decision;
+    }
+    for method in overrides {
+        let other = policy.decide(&Request { method, ..*request });
+        if other.access == Access::Denied {
+            return Decision {
+                access: Access::Denied,
+                rule: other.rule.or(decision.rule),
+                reason: reason::METHOD_OVERRIDE,
+            };
+        }
+    }
+    decision
 }
 
 /// Whether `addr` is one of `own` (a listener on an unspecified address covers every loopback

@@ -1,5 +1,6 @@
 //! Header rewriting between the sandbox and the upstream: hop-by-hop stripping (RFC 9110 §7.6.1),
-//! the loop guard, override injection (docs/network-access.md), and the host listener's proxy credential.
+//! method-override and upgrade inspection, override injection (docs/network-access.md), and the
+//! host listener's proxy credential.
 //!
 //! # Security
 //! Injection happens after stripping, and replaces every header of that name the sandbox sent, so
@@ -14,8 +15,19 @@ use crate::config::Override;
 /// The user name in the host listener's URL (`http://hive:<token>@…`).
 pub const PROXY_USER: &str = "hive";
 
-/// The loop-guard header carrying the engine's nonce on every forwarded request.
-pub const LOOP_HEADER: &str = "x-hive-loop";
+/// Headers some frameworks read as the method to run instead of the request line's.
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// The query parameter some frameworks (Rails, Laravel, Express method-override) read likewise.
+const METHOD_OVERRIDE_PARAM: &str = "_method";
+
+/// Most override methods taken from one request; more are refused as a whole (a request naming
+/// dozens of methods is not a real client).
+pub const MAX_OVERRIDE_METHODS: usize = 16;
 
 /// Hop-by-hop headers always removed (besides those the `Connection` header names).
 const HOP_BY_HOP: [&str; 8] = [
@@ -73,6 +85,95 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The methods a request's method-override headers and `_method` query parameters name (values
+/// split on `,`, trimmed, percent-decoded for the query); `Err(())` when there are more than
+/// [`MAX_OVERRIDE_METHODS`] or one is not valid text.
+pub fn override_methods(headers: &HeaderMap, query: Option<&str>) -> Result<Vec<String>, ()> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |m: &str| {
+        let m = m.trim();
+        if !m.is_empty() && !out.iter().any(|o| o.eq_ignore_ascii_case(m)) {
+            out.push(m.to_string());
+        }
+    };
+    for name in METHOD_OVERRIDE_HEADERS {
+        for value in headers.get_all(name) {
+            let text = value.to_str().map_err(|_| ())?;
+            text.split(',').for_each(&mut push);
+        }
+    }
+    for pair in query.unwrap_or("").split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(key).eq_ignore_ascii_case(METHOD_OVERRIDE_PARAM) {
+            push(&percent_decode(value));
+        }
+    }
+    if out.len() > MAX_OVERRIDE_METHODS {
+        return Err(());
+    }
+    Ok(out)
+}
+
+/// `%XX` decoded and `+` read as a space (form encoding); invalid escapes kept as they are.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The protocols an `Upgrade` header names (`websocket`, `h2c`), lowercased, versions cut.
+pub fn upgrade_protocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .flat_map(|v| {
+            v.split(',')
+                .map(|p| {
+                    p.split('/')
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_ascii_lowercase()
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Removes an `h2c` upgrade offer (the `Upgrade` header and `HTTP2-Settings`) so the request goes
+/// on as plain HTTP/1.1; returns whether there was one.
+///
+/// # Security
+/// After an `h2c` switch the connection carries HTTP/2 frames the proxy would only splice, so
+/// every later request on it would reach the upstream undecided.
+pub fn strip_h2c(headers: &mut HeaderMap) -> bool {
+    if !upgrade_protocols(headers).iter().any(|p| p == "h2c") {
+        return false;
+    }
+    headers.remove(header::UPGRADE);
+    headers.remove("http2-settings");
+    true
 }
 
 /// Sets each override header, replacing any value the sandbox sent; returns the names set.
@@ -204,6 +305,52 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(is_upgrade(&map(input)), want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn override_methods_cases() {
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<&'a str>, &'a [&'a str]);
+        let cases: [Case; 6] = [
+            (&[], None, &[]),
+            (&[("x-http-method-override", "DELETE")], None, &["DELETE"]),
+            (&[("x-http-method", "put, patch")], None, &["put", "patch"]),
+            (
+                &[("x-method-override", "GET"), ("x-http-method", "get")],
+                None,
+                &["get"],
+            ),
+            (&[], Some("a=1&_method=%44ELETE"), &["DELETE"]),
+            (&[], Some("_METHOD=post&x=_method"), &["post"]),
+        ];
+        for (input, query, want) in cases {
+            assert_eq!(
+                override_methods(&map(input), query).unwrap(),
+                want,
+                "{input:?} {query:?}"
+            );
+        }
+        let many: String = (0..=MAX_OVERRIDE_METHODS)
+            .map(|i| format!("M{i},"))
+            .collect();
+        assert!(override_methods(&map(&[("x-http-method", &many)]), None).is_err());
+    }
+
+    #[test]
+    fn h2c_is_stripped_and_websocket_kept() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AA"),
+        ]);
+        assert!(strip_h2c(&mut h));
+        assert!(!h.contains_key("upgrade") && !h.contains_key("http2-settings"));
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "WebSocket")]);
+        assert!(!strip_h2c(&mut h));
+        assert_eq!(upgrade_protocols(&h), vec!["websocket"]);
+        assert_eq!(
+            upgrade_protocols(&map(&[("upgrade", "HTTP/2.0, h2c")])),
+            vec!["http", "h2c"]
+        );
     }
 
     #[test]

@@ -19,12 +19,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::config::normalize_host;
-use crate::policy::{reason, Scheme};
+use crate::policy::{reason, Access, Decision, Scheme};
 
 use super::audit::{Auditor, CountingBody, Direction, Exchange, Subject};
 use super::deny::{self, ProxyBody};
 use super::gate::{self, Ask, Outcome};
-use super::headers::{self, LOOP_HEADER};
+use super::headers;
 use super::listener::Conn;
 use super::{connect, upstream};
 
@@ -161,10 +161,16 @@ pub async fn forward(
         via: conn.via(),
     };
 
-    if req.headers().get(LOOP_HEADER) == Some(&engine.nonce) {
-        auditor.request(&subject, &gate::denied(reason::PROXY_LOOP), &[]);
-        return deny::forbidden(reason::PROXY_LOOP, host, method.as_str(), &event_path);
-    }
+    let refuse = |decision: &Decision| {
+        auditor.request(&subject, decision, &[]);
+        deny::forbidden(decision.reason, host, method.as_str(), &event_path)
+    };
+
+    // An h2c upgrade is taken out: the request goes on as HTTP/1.1 (see `headers::strip_h2c`).
+    headers::strip_h2c(req.headers_mut());
+    let Ok(overrides) = headers::override_methods(req.headers(), req.uri().query()) else {
+        return refuse(&gate::denied(reason::METHOD_OVERRIDE));
+    };
 
     let compiled = engine.cell.load_full();
     let request = crate::policy::Request {
@@ -175,30 +181,46 @@ pub async fn forward(
         scheme,
         ip: None,
     };
-    let (decision, client) =
-        match gate::check(engine, &compiled, host, port, Ask::Request(request)).await {
-            Outcome::Denied(decision) => {
-                auditor.request(&subject, &decision, &[]);
-                return deny::forbidden(decision.reason, host, method.as_str(), &event_path);
+    let (decision, client) = match gate::check(
+        engine,
+        &compiled,
+        host,
+        port,
+        Ask::Request(request, &overrides),
+    )
+    .await
+    {
+        Outcome::Denied(decision) => return refuse(&decision),
+        Outcome::Unreachable(decision, failure) => {
+            if let Some(ex) = auditor.request(&subject, &decision, &[]) {
+                ex.set_status(StatusCode::BAD_GATEWAY.as_u16());
             }
-            Outcome::Unreachable(decision, failure) => {
-                if let Some(ex) = auditor.request(&subject, &decision, &[]) {
-                    ex.set_status(StatusCode::BAD_GATEWAY.as_u16());
-                }
-                return deny::bad_gateway(failure, host);
-            }
-            Outcome::Allowed {
-                decision, client, ..
-            } => (decision, client),
-        };
+            return deny::bad_gateway(failure, host);
+        }
+        Outcome::Allowed {
+            decision, client, ..
+        } => (decision, client),
+    };
+
+    // Under a rule that inspects HTTP, the only upgrade that may follow is WebSocket: after any
+    // other switch, later bytes on the connection would reach the upstream undecided.
+    let upgrade = req.version() <= Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let inspected = decision
+        .rule
+        .is_some_and(|i| compiled.policy.inspects_http(i));
+    if upgrade && inspected && !only_websocket(&headers::upgrade_protocols(req.headers())) {
+        return refuse(&Decision {
+            access: Access::Denied,
+            rule: decision.rule,
+            reason: reason::UPGRADE,
+        });
+    }
 
     // Rewrite the request for the upstream.
-    let upgrade = req.version() <= Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST);
-    parts.headers.insert(LOOP_HEADER, engine.nonce.clone());
     let injected = match decision
         .rule
         .and_then(|i| compiled.policy.rule(i))
@@ -240,18 +262,22 @@ pub async fn forward(
     exchange.set_status(res.status().as_u16());
 
     if res.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut res);
-            conn.ctl.spawn(splice_upgrade(
-                client_upgrade,
-                upstream_upgrade,
-                exchange,
-                conn.clone(),
-            ));
-            let (mut parts, _) = res.into_parts();
-            parts.version = Version::HTTP_11;
-            return Response::from_parts(parts, deny::empty_body());
-        }
+        let followable = !inspected || only_websocket(&headers::upgrade_protocols(res.headers()));
+        let Some(client_upgrade) = client_upgrade.filter(|_| followable) else {
+            // A switch nobody asked for, or to something the rule cannot follow: cut it.
+            exchange.set_status(StatusCode::BAD_GATEWAY.as_u16());
+            return deny::bad_gateway(deny::UpstreamFailure::Exchange, host);
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut res);
+        conn.ctl.spawn(splice_upgrade(
+            client_upgrade,
+            upstream_upgrade,
+            exchange,
+            conn.clone(),
+        ));
+        let (mut parts, _) = res.into_parts();
+        parts.version = Version::HTTP_11;
+        return Response::from_parts(parts, deny::empty_body());
     }
 
     let (mut parts, body) = res.into_parts();
@@ -260,6 +286,11 @@ pub async fn forward(
         .map_err(|e| Box::new(e) as deny::BoxError)
         .boxed_unsync();
     Response::from_parts(parts, body)
+}
+
+/// Whether an upgrade names WebSocket and nothing else.
+fn only_websocket(protocols: &[String]) -> bool {
+    !protocols.is_empty() && protocols.iter().all(|p| p == "websocket")
 }
 
 /// Copies bytes both ways between an upgraded client and upstream (WebSocket), counting them.

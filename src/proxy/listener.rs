@@ -1,8 +1,10 @@
 //! Listeners: the accept loop, per-connection serving with hyper (HTTP/1.1 + h2, upgrades), the
 //! connection limit, and graceful draining.
 //!
-//! 1. The accept loop takes a permit of the engine's connection semaphore before each accept, so
-//!    at most [`MAX_CONNECTIONS`](super::MAX_CONNECTIONS) are served at once.
+//! 1. The accept loop takes a permit of the listener's own budget, and for listeners inside the
+//!    sandbox one of the sandbox's budget, before each accept ([`Limits`](super::Limits)): the
+//!    sandbox cannot starve the host-side listener, nor one of its listeners all the others.
+//!    Every accepted socket gets the idle timeout ([`Idle`]).
 //! 2. Every connection and every tunnel spawned from it runs through [`ListenerCtl::spawn`], which
 //!    counts it as active and cuts it when the listener is killed.
 //! 3. [`ListenerCtl::close`]: stop accepting and ask connections to finish (hyper's graceful
@@ -17,9 +19,10 @@ use std::sync::Arc;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use super::idle::{Idle, IdleState};
 use super::{
     connect, http, Engine, TransparentTarget, Via, DRAIN_TIMEOUT, HEADER_READ_TIMEOUT,
     MAX_HEADER_BYTES,
@@ -39,6 +42,8 @@ pub struct ListenerCtl {
     pub via: Via,
     /// The expected `Proxy-Authorization` value (host listener only).
     pub credential: Option<::http::HeaderValue>,
+    /// This listener's connection budget.
+    budget: Arc<Semaphore>,
     phase: watch::Sender<Phase>,
     active: AtomicUsize,
     idle: Notify,
@@ -46,11 +51,17 @@ pub struct ListenerCtl {
 }
 
 impl ListenerCtl {
-    pub fn new(local: SocketAddr, via: Via, credential: Option<::http::HeaderValue>) -> Arc<Self> {
+    pub fn new(
+        local: SocketAddr,
+        via: Via,
+        credential: Option<::http::HeaderValue>,
+        budget: usize,
+    ) -> Arc<Self> {
         Arc::new(ListenerCtl {
             local,
             via,
             credential,
+            budget: Arc::new(Semaphore::new(budget)),
             phase: watch::channel(Phase::Running).0,
             active: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -133,14 +144,47 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// Every listener of every engine in this process, for the proxy-loop guard.
+static LISTENERS: parking_lot::Mutex<Vec<std::sync::Weak<ListenerCtl>>> =
+    parking_lot::Mutex::new(Vec::new());
+
+/// Adds `ctl` to the process-wide list the loop guard reads (dropped listeners are pruned here).
+pub fn register(ctl: &Arc<ListenerCtl>) {
+    let mut all = LISTENERS.lock();
+    all.retain(|l| l.strong_count() > 0);
+    all.push(Arc::downgrade(ctl));
+}
+
+/// The addresses of every open listener of any engine in this process (for the proxy-loop guard).
+///
+/// Transparent listeners are left out: they listen on `0.0.0.0` / `[::]` inside a sandbox's own
+/// network namespace, and counting them would refuse every upstream on the host's loopback that
+/// shares a captured port (80, 443, ...).
+///
+/// # Security
+/// A request aimed at one of these would come straight back into a hive proxy (this sandbox's or
+/// another's), looping until connections run out. Checking the connect address instead of
+/// marking forwarded requests keeps upstreams from learning that hive sits in front of them.
+pub fn process_listener_addrs() -> Vec<SocketAddr> {
+    LISTENERS
+        .lock()
+        .iter()
+        .filter_map(std::sync::Weak::upgrade)
+        .filter(|l| !l.is_closed() && l.via != Via::Transparent)
+        .map(|l| l.local)
+        .collect()
+}
+
 /// What a request handler knows about the connection it arrived on.
 #[derive(Clone)]
 pub struct Conn {
     pub engine: Arc<Engine>,
     pub ctl: Arc<ListenerCtl>,
-    /// The connection's slot in the engine's limit, held by every clone (so also by tunnels and
-    /// upgrades spawned from the connection).
-    pub _permit: Arc<OwnedSemaphorePermit>,
+    /// The connection's slots in its listener's and its sandbox's budgets, held by every clone
+    /// (so also by tunnels and upgrades spawned from the connection).
+    pub _permits: Arc<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+    /// The accepted socket's activity (requests waiting for an upstream mark it busy).
+    pub idle: Arc<IdleState>,
 }
 
 impl Conn {
@@ -174,7 +218,10 @@ where
     let service = service_fn(move |req| {
         let conn = conn.clone();
         let tunnel = tunnel.clone();
-        async move { Ok::<_, std::convert::Infallible>(http::handle(conn, tunnel, req).await) }
+        async move {
+            let _busy = conn.idle.busy();
+            Ok::<_, std::convert::Infallible>(http::handle(conn, tunnel, req).await)
+        }
     });
     let builder = server_builder();
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
@@ -200,9 +247,19 @@ pub fn spawn_accept_loop(
         loop {
             let permit = tokio::select! {
                 _ = &mut draining => break,
-                permit = engine.connections.clone().acquire_owned() => match permit {
+                permit = ctl.budget.clone().acquire_owned() => match permit {
                     Ok(p) => p,
                     Err(_) => break,
+                },
+            };
+            let sandbox_permit = match ctl.via {
+                Via::Host => None,
+                Via::Proxy | Via::Transparent => tokio::select! {
+                    _ = &mut draining => break,
+                    permit = engine.sandbox_connections.clone().acquire_owned() => match permit {
+                        Ok(p) => Some(p),
+                        Err(_) => break,
+                    },
                 },
             };
             let accepted = tokio::select! {
@@ -219,16 +276,18 @@ pub fn spawn_accept_loop(
                 }
             };
             let _ = stream.set_nodelay(true);
+            let local = stream.local_addr().ok();
+            let stream = Idle::new(stream, engine.limits.idle);
             let conn = Conn {
                 engine: engine.clone(),
                 ctl: ctl.clone(),
-                _permit: Arc::new(permit),
+                _permits: Arc::new((permit, sandbox_permit)),
+                idle: stream.state(),
             };
             match &transparent {
                 None => ctl.spawn(serve_connection(stream, conn, None)),
                 Some(target) => {
-                    let target = stream.local_addr().ok().and_then(|local| target(local));
-                    if let Some((host, port)) = target {
+                    if let Some((host, port)) = local.and_then(|local| target(local)) {
                         ctl.spawn(connect::transparent(conn, stream, host, port));
                     }
                 }

@@ -4,8 +4,9 @@
 //!
 //! How a connection flows:
 //! 1. A listener ([`Engine::serve_sandbox_listener`] or [`Engine::open_host_listener`]) accepts a
-//!    TCP connection (bounded by [`MAX_CONNECTIONS`]) and serves it with hyper (HTTP/1.1 and h2,
-//!    upgrades on) under a header-read timeout and a header-size limit ([`listener`]).
+//!    TCP connection (within that listener's budget and, for listeners inside the sandbox, the
+//!    sandbox's budget: [`Limits`]) and serves it with hyper (HTTP/1.1 and h2, upgrades on) under
+//!    a header-read timeout, a header-size limit and an idle timeout ([`listener`], [`idle`]).
 //! 2. Each request is dispatched ([`http`]): on the host listener the per-listener credential is
 //!    checked first (`407` without it). Absolute-form requests are decided and forwarded; `CONNECT`
 //!    is decided for host:port before anything else ([`connect`]).
@@ -32,6 +33,7 @@ mod deny;
 mod gate;
 mod headers;
 mod http;
+mod idle;
 mod intercept;
 mod listener;
 mod upstream;
@@ -61,9 +63,57 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head accepted (HTTP/1.1 read buffer; h2 header list size).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most connections one engine (all its listeners together) serves at once; further clients wait
-/// in the listen backlog until a connection closes.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Most connections one listener inside the sandbox (proxy or transparent) serves at once.
+pub const MAX_LISTENER_CONNECTIONS: usize = 768;
+/// Most connections the listeners inside one sandbox serve at once together (lowered when the
+/// process may open few file descriptors: see [`Limits::default`]).
+pub const MAX_SANDBOX_CONNECTIONS: usize = 1024;
+/// Most connections one host-side `sandbox.proxy()` listener serves at once (its own budget:
+/// the sandbox cannot use it up).
+pub const MAX_HOST_CONNECTIONS: usize = 256;
+/// How long an accepted connection may move no byte either way (keep-alive HTTP, intercepted TLS,
+/// tunnels, WebSockets) while no request on it waits for an upstream.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Connection budgets and the idle timeout of one engine. Clients over a budget wait in the
+/// listen backlog until a connection of that listener (or sandbox) closes.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Per listener inside the sandbox.
+    pub listener: usize,
+    /// All listeners inside the sandbox together.
+    pub sandbox: usize,
+    /// Per host-side listener.
+    pub host: usize,
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    /// The constants above, with the sandbox budget capped at a quarter of what the process's
+    /// file-descriptor limit allows (each connection may hold up to three: the client socket, the
+    /// upstream socket and a pooled spare), so one sandbox cannot take the descriptors every
+    /// other sandbox in the process needs.
+    fn default() -> Limits {
+        let mut nofile = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct it is given.
+        let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) } == 0 {
+            usize::try_from(nofile.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            1024
+        };
+        let share = (soft.saturating_sub(256) / 3 / 4).max(64);
+        let sandbox = MAX_SANDBOX_CONNECTIONS.min(share);
+        Limits {
+            listener: MAX_LISTENER_CONNECTIONS.min(sandbox),
+            sandbox,
+            host: MAX_HOST_CONNECTIONS,
+            idle: IDLE_TIMEOUT,
+        }
+    }
+}
 /// How long [`Engine::shutdown`] and [`HostListener::close`] let in-flight exchanges finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an accepted tunnel whose rule allows raw TCP waits for the client's first bytes before
@@ -110,11 +160,13 @@ pub struct Engine {
     cell: Arc<PolicyCell>,
     events: Arc<EventBus>,
     ca: Arc<CertificateAuthority>,
-    /// Per-engine value of the loop-guard header; a request carrying it came back to us.
-    nonce: ::http::HeaderValue,
+    /// Every name lookup goes through this (the system resolver; tests count lookups).
+    resolver: Arc<dyn upstream::Resolve>,
     upstream: upstream::UpstreamCache,
     listeners: Mutex<Vec<Arc<ListenerCtl>>>,
-    connections: Arc<Semaphore>,
+    limits: Limits,
+    /// The budget all listeners inside the sandbox share.
+    sandbox_connections: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -134,18 +186,35 @@ impl Engine {
         events: Arc<EventBus>,
         ca: Arc<CertificateAuthority>,
     ) -> Arc<Engine> {
-        let nonce =
-            ::http::HeaderValue::from_str(&random_hex(16).unwrap_or_else(|_| "hive".into()))
-                .unwrap_or_else(|_| ::http::HeaderValue::from_static("hive"));
+        Engine::with_options(
+            sandbox,
+            cell,
+            events,
+            ca,
+            Arc::new(upstream::SystemResolver),
+            Limits::default(),
+        )
+    }
+
+    /// [`Engine::new`] with another resolver for names and other limits.
+    pub(crate) fn with_options(
+        sandbox: String,
+        cell: Arc<PolicyCell>,
+        events: Arc<EventBus>,
+        ca: Arc<CertificateAuthority>,
+        resolver: Arc<dyn upstream::Resolve>,
+        limits: Limits,
+    ) -> Arc<Engine> {
         Arc::new(Engine {
             sandbox,
             cell,
             events,
             ca,
-            nonce,
+            resolver,
             upstream: upstream::UpstreamCache::default(),
             listeners: Mutex::new(Vec::new()),
-            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            limits,
+            sandbox_connections: Arc::new(Semaphore::new(limits.sandbox)),
         })
     }
 
@@ -235,23 +304,15 @@ impl Engine {
         let local = listener
             .local_addr()
             .map_err(|e| HiveError::io("reading the proxy listener address", e))?;
-        let ctl = ListenerCtl::new(local, via, credential);
+        let budget = match via {
+            Via::Host => self.limits.host,
+            Via::Proxy | Via::Transparent => self.limits.listener,
+        };
+        let ctl = ListenerCtl::new(local, via, credential, budget);
+        listener::register(&ctl);
         self.listeners.lock().push(ctl.clone());
         listener::spawn_accept_loop(self.clone(), listener, ctl.clone(), transparent);
         Ok(ctl)
-    }
-
-    /// The addresses of every live listener (for the proxy-loop guard). Transparent listeners
-    /// are left out: they listen on `0.0.0.0` / `[::]` inside the sandbox's own network
-    /// namespace, and counting them would refuse every upstream on the host's loopback that
-    /// shares a captured port (80, 443, ...).
-    fn listener_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .lock()
-            .iter()
-            .filter(|l| !l.is_closed() && l.via != Via::Transparent)
-            .map(|l| l.local)
-            .collect()
     }
 }
 

