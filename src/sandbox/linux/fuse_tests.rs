@@ -255,6 +255,7 @@ fn cannot_reach_a_denied_file_by_mv_ln_a_symlink_or_dotdot_from_another_mount() 
     let Some(f) = start_fuse("fuse-reach", ISSUE_ACLS, seed_issue_tree) else {
         return;
     };
+    let mut seen = Vec::new();
     for (script, event) in [
         (
             "mv /workspace/secret.env /workspace/notes.txt",
@@ -276,7 +277,9 @@ fn cannot_reach_a_denied_file_by_mv_ln_a_symlink_or_dotdot_from_another_mount() 
         let (code, out) = sh(f.host(), script);
         assert_ne!(code, 0, "{script}: {out}");
         assert!(!out.contains("hunter2"), "{script}: {out}");
-        let seen = f.events.denied();
+        // Once refused, the hidden name is answered by the kernel's cache ("no such name")
+        // without reaching the server again: one event for all attempts.
+        seen.extend(f.events.denied());
         assert!(
             seen.contains(&denied(event.0, event.1, Some(0))),
             "{script}: {seen:?}"
