@@ -59,7 +59,9 @@ const RENAME_WALK_LIMIT: usize = 100_000;
 const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 /// Smallest file (at open) served by kernel passthrough: below it, registering a backing file
-/// costs more than the round trips it saves.
+/// costs more than the round trips it saves. A file created for writing is always passthrough
+/// (where available): it is about to be written, perhaps at length (writing 100 MiB into a new
+/// file measured 0.8x a bind mount with it, 1.8x without).
 const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 
 #[derive(Debug)]
@@ -1629,8 +1631,15 @@ impl Filesystem for Server {
         })();
         match result {
             Ok((attr, fd)) => {
-                let backing =
-                    self.open_mode(attr.ino.0, attr.size, &fd, |fd| reply.open_backing(fd));
+                // A file created for writing is about to be written: with passthrough its
+                // writes skip the server, whatever size it will reach.
+                let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                let size = if writes {
+                    attr.size.max(PASSTHROUGH_MIN_SIZE)
+                } else {
+                    attr.size
+                };
+                let backing = self.open_mode(attr.ino.0, size, &fd, |fd| reply.open_backing(fd));
                 let fh = self.open_handle(attr.ino.0, fd, backing.clone());
                 match backing {
                     Some(id) => reply.created_passthrough(
