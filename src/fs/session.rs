@@ -327,6 +327,15 @@ impl Shared {
         }
     }
 
+    /// Makes the kernel fetch the attributes of `ino` again (its cached pages stay).
+    fn forget_attrs(&self, ino: u64) {
+        if let Some(kernel) = self.kernel.get() {
+            if let Err(err) = kernel.inval_inode(ino, false) {
+                tracing::debug!(%err, "FUSE attribute invalidation refused");
+            }
+        }
+    }
+
     /// Whether entries and attributes may be cached long.
     pub(crate) fn long(&self) -> bool {
         self.long.load(Ordering::Relaxed)
@@ -1286,7 +1295,14 @@ impl Filesystem for Server {
             Ok(attr)
         })();
         match result {
-            Ok(attr) => reply.entry(&self.ttl_in(newparent.0, &attr), &attr, Generation(0)),
+            Ok(attr) => {
+                reply.entry(&self.ttl_in(newparent.0, &attr), &attr, Generation(0));
+                // The existing name is its own node, cached as a file with one link: it must not
+                // be cached any more (a write through the new name must show through it at once).
+                // Both notifications take no lock the kernel holds during a link.
+                self.shared.forget_attrs(ino.0);
+                self.shared.forget_entries();
+            }
             Err(err) => reply.error(err),
         }
     }

@@ -1340,3 +1340,23 @@ fn a_directory_moved_under_a_hidden_name_hides_its_cached_entries_at_once() {
     }
     assert!(m.s("vault/a/f").exists());
 }
+
+#[test]
+fn a_write_through_a_new_hard_link_shows_through_the_cached_old_name() {
+    let Some(m) = Mounted::configured(Some(ISSUE_ACLS), seed_issue_tree, |fs| fs) else {
+        return;
+    };
+    assert_eq!(
+        fs::symlink_metadata(m.t("notes.txt")).expect("warm").len(),
+        5
+    );
+    let old = fs::File::open(m.t("notes.txt")).expect("open the old name");
+    fs::hard_link(m.t("notes.txt"), m.t("again.txt")).expect("ln");
+    fs::write(m.t("again.txt"), b"longer notes").expect("write through the new name");
+    assert_eq!(
+        fs::symlink_metadata(m.t("notes.txt")).expect("stat").len(),
+        12
+    );
+    assert_eq!(old.metadata().expect("fstat").len(), 12);
+    assert_eq!(fs::read(m.t("notes.txt")).expect("read"), b"longer notes");
+}
