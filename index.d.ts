@@ -58,6 +58,7 @@ export interface SandboxEvent {
     | 'fs.access'
     | 'sandbox.created'
     | 'sandbox.closed'
+    | 'sandbox.warning'
     | 'events.dropped'
   /** RFC 3339. */
   time: string
@@ -80,6 +81,9 @@ export interface SandboxEvent {
   egressRules?: number
   fsMounts?: number
   count?: number
+  /** `sandbox.warning`: what degraded (e.g. `HIVE_FS_CACHE_SHORT`), and how. */
+  code?: string
+  message?: string
   [field: string]: unknown
 }
 
