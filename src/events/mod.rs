@@ -70,6 +70,8 @@ pub mod kind {
     pub const FS_ACCESS: &str = "fs.access";
     pub const SANDBOX_CREATED: &str = "sandbox.created";
     pub const SANDBOX_CLOSED: &str = "sandbox.closed";
+    /// A degradation that weakens nothing but matters: `{ code, message }`.
+    pub const SANDBOX_WARNING: &str = "sandbox.warning";
     pub const EVENTS_DROPPED: &str = "events.dropped";
     pub const EVENTS_SUPPRESSED: &str = "events.suppressed";
 }

@@ -52,13 +52,19 @@
 //! backed by the real file once opened, and their reads and writes skip the server (the decision
 //! was made at open, as for any open file).
 //!
-//! The kernel caches entries and attributes for 1 s (not at all for a file with several hard
-//! links: each name is its own node here, and a write through one must show through the others
-//! at once); no decision depends on that cache, since
-//! every request that reaches the server (open, readdir, readlink, create, …) is decided again on
-//! the node's current path. What the cache can show for up to 1 s is a `stat` of a node that a
-//! directory rename just moved under a hidden name. Lookups that fail are never cached, so files
-//! the host creates are seen (and decided) at once.
+//! The kernel caches entries (including "no such name", for names that do not exist or are
+//! hidden) and attributes for a day where it is told of every change that could make them wrong
+//! ([`cache`]): new rules (`applyConfig`, [`FsHandle::reconfigure`]) and a directory rename that
+//! changes what moved entries may do make it forget every cached entry at once (connection
+//! epoch, Linux 6.16+), and a watcher on the source ([`watch`], fanotify) reports the host's
+//! creates, deletes, renames, writes and attribute changes. Elsewhere (an older kernel, no
+//! fanotify, a directory beyond the watch budget) entries and attributes are cached for 1 s and
+//! failed lookups not at all, and a `sandbox.warning` (`HIVE_FS_CACHE_SHORT`) says so. A file
+//! with several hard links is never cached (each name is its own node here, and a write through
+//! one must show through the others at once). No decision depends on the cache: every request
+//! that reaches the server (open, readdir, readlink, create, …) is decided again on the node's
+//! current path. Because repeated lookups of a hidden name are answered by the kernel, they are
+//! reported (`fs.denied`) once per cache lifetime, not once per attempt.
 //!
 //! For a sandbox, the launcher mounts `/dev/fuse` with
 //! `fd=N,rootmode=40000,user_id=0,group_id=0,allow_other` and `MS_NOSUID | MS_NODEV` (no
@@ -66,10 +72,12 @@
 //! serves it with [`AclFs::present_owner`]`(0, 0)` so the sandbox user owns what it sees.
 
 pub mod acl;
+mod cache;
 mod ops;
 mod session;
 #[cfg(test)]
 mod tests;
+mod watch;
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -123,6 +131,14 @@ pub mod op {
     pub const UTIMENS: &str = "utimens";
 }
 
+/// Codes of the `sandbox.warning` events the file system emits.
+pub mod warning {
+    /// Entries and attributes of a mount (or some of its directories) are cached for 1 s only,
+    /// because changes by the host cannot be watched there or the kernel cannot be told to forget
+    /// cached entries at once (docs/decisions.md, file caching).
+    pub const FS_CACHE_SHORT: &str = "HIVE_FS_CACHE_SHORT";
+}
+
 /// Where the server's events go (the sandbox's [`EventBus`]; tests collect them directly).
 pub(crate) trait EventSink: Send + Sync {
     fn emit(&self, kind: &str, fields: Map<String, Value>);
@@ -137,6 +153,8 @@ impl EventSink for EventBus {
 /// The ACL file system of one mount, ready to serve.
 pub struct AclFs {
     server: session::Server,
+    /// Whether the host's changes to the source are watched (long kernel caches).
+    watch: bool,
 }
 
 impl std::fmt::Debug for AclFs {
@@ -150,12 +168,29 @@ impl std::fmt::Debug for AclFs {
 pub struct FsHandle {
     thread: JoinHandle<std::io::Result<()>>,
     passthrough: Arc<AtomicBool>,
+    shared: Arc<session::Shared>,
 }
 
 impl FsHandle {
     /// Whether opened files are served by kernel passthrough (reads and writes skip the server).
     pub fn passthrough(&self) -> bool {
         self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// Whether the kernel caches entries and attributes long (changes are reported to it).
+    pub fn long_cache(&self) -> bool {
+        self.shared.long()
+    }
+
+    /// The mount path inside the sandbox this server serves.
+    pub fn mount(&self) -> String {
+        self.shared.mount()
+    }
+
+    /// Puts `mount`'s ACLs and `audit` in force for every request from now on; the kernel forgets
+    /// what it cached under the old rules (docs/file-access.md).
+    pub fn reconfigure(&self, mount: &FsMount) {
+        self.shared.reconfigure(Acl::new(mount), mount.audit);
     }
 
     /// Whether the server has stopped (the file system was unmounted or the connection aborted).
@@ -177,11 +212,20 @@ impl FsHandle {
 /// Worker threads reading `/dev/fuse` (each with its own cloned fd).
 const SERVER_THREADS: usize = 4;
 
+/// Set (to anything) in the host's environment, the sandboxes' FUSE mounts do not watch their
+/// sources and keep the short cache times (for tests of that fallback).
+pub const NO_WATCH_ENV: &str = "HIVE_FS_NO_WATCH";
+
 impl AclFs {
     /// A server for `mount` over `source_dir` (an `O_PATH | O_DIRECTORY` fd of the source), whose
     /// refusals and audit events go to `events`.
     pub fn new(mount: &FsMount, source_dir: OwnedFd, events: Arc<EventBus>) -> Result<Self> {
-        Self::with_sink(mount, source_dir, events)
+        let fs = Self::with_sink(mount, source_dir, events)?;
+        Ok(if std::env::var_os(NO_WATCH_ENV).is_some() {
+            fs.without_watch()
+        } else {
+            fs
+        })
     }
 
     pub(crate) fn with_sink(
@@ -199,12 +243,21 @@ impl AclFs {
             )
         })?;
         let server = session::Server::new(Acl::new(mount), source, events, mount.audit, true);
-        Ok(AclFs { server })
+        Ok(AclFs {
+            server,
+            watch: true,
+        })
     }
 
     /// Turns kernel passthrough off (it is tried by default and used where the kernel allows it).
     pub fn without_passthrough(mut self) -> Self {
         self.server.disable_passthrough();
+        self
+    }
+
+    /// Does not watch the source: the kernel caches entries and attributes for 1 s only.
+    pub fn without_watch(mut self) -> Self {
+        self.watch = false;
         self
     }
 
@@ -220,8 +273,14 @@ impl AclFs {
     /// Serves FUSE requests on an already-opened-and-mounted `/dev/fuse` fd until the file system
     /// is unmounted; runs on its own threads and returns at once.
     pub fn serve(self, fuse_fd: OwnedFd) -> Result<FsHandle> {
-        let server = self.server;
+        let AclFs { server, watch } = self;
         let passthrough = server.passthrough_flag();
+        let shared = server.shared();
+        let notify = fuse_fd
+            .try_clone()
+            .map_err(|err| HiveError::io("duplicating the /dev/fuse fd", err))?;
+        let root = server.source_root().ok();
+        let state = shared.clone();
         let thread = std::thread::Builder::new()
             .name("hive-fs".into())
             .spawn(move || {
@@ -229,14 +288,76 @@ impl AclFs {
                 config.acl = fuser::SessionACL::All;
                 config.n_threads = Some(SERVER_THREADS);
                 config.clone_fd = true;
-                fuser::Session::from_fd(server, fuse_fd, fuser::SessionACL::All, config)?.run()
+                let session =
+                    fuser::Session::from_fd(server, fuse_fd, fuser::SessionACL::All, config)?;
+                let stop = Arc::new(AtomicBool::new(false));
+                let watcher = start_caching(&state, notify, root, watch, &stop);
+                let result = session.run();
+                stop.store(true, Ordering::Relaxed);
+                if let Some(watcher) = watcher {
+                    let _ = watcher.join();
+                }
+                result
             })
             .map_err(|err| HiveError::io("starting the FUSE server", err))?;
         Ok(FsHandle {
             thread,
             passthrough,
+            shared,
         })
     }
+}
+
+/// After the handshake: sets up notifications and, where possible, the watcher that lets the
+/// kernel cache long; reports (`sandbox.warning`) when the mount keeps short cache times.
+fn start_caching(
+    shared: &Arc<session::Shared>,
+    notify: OwnedFd,
+    root: Option<OwnedFd>,
+    watch: bool,
+    stop: &Arc<AtomicBool>,
+) -> Option<JoinHandle<()>> {
+    let short = |why: String| {
+        shared.warn(
+            warning::FS_CACHE_SHORT,
+            &format!(
+                "{}: {why}; entries and attributes are cached for 1 s, so a change the host \
+                 makes in the source may take up to 1 s to show inside",
+                shared.mount()
+            ),
+        );
+        None
+    };
+    if !shared.epoch_supported() {
+        return short(
+            "this kernel cannot be told to forget cached entries at once (Linux 6.16+ can)".into(),
+        );
+    }
+    shared.set_kernel(cache::Kernel::new(notify));
+    if !watch {
+        return short("watching the source is turned off".into());
+    }
+    let watcher = match watch::Watch::new() {
+        Ok(watcher) => watcher,
+        Err(err) => return short(format!("the source cannot be watched (fanotify: {err})")),
+    };
+    let Some(root) = root else {
+        return short("the source cannot be opened for watching".into());
+    };
+    if !shared.start_long(watcher, &root) {
+        return short("the source cannot be watched (fanotify mark refused)".into());
+    }
+    let (shared, stop) = (shared.clone(), stop.clone());
+    std::thread::Builder::new()
+        .name("hive-fs-watch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if !shared.serve_changes(std::time::Duration::from_millis(200)) {
+                    break;
+                }
+            }
+        })
+        .ok()
 }
 
 /// Refuses (`HIVE_FS_UNENFORCEABLE`, with a hint) when some mount needs per-file enforcement and

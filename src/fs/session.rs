@@ -19,9 +19,10 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
@@ -29,28 +30,21 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
-use rustix::fs::{AtFlags, FileType as RawType, Stat, Timespec, Timestamps};
+use rustix::fs::{AtFlags, FileType as RawType, Mode, OFlags, Stat, Timespec, Timestamps};
 use serde_json::{Map, Value};
 
 use super::acl::{rank, Acl, Decision};
+use super::cache::{Kernel, LONG_TTL, SHORT_TTL};
 use super::ops::{split, Source};
+use super::watch::{Batch, Watch};
 use super::{field, op, EventSink};
 use crate::events::kind;
 
-/// How long the kernel may cache entries and attributes. Decisions do not depend on it: every
-/// request on a cached node is decided again on the node's current path.
-const TTL: Duration = Duration::from_secs(1);
-
-/// The cache time of `attr`: [`TTL`], except for a file with several names (hard links), each
-/// of which is its own node here: a write through one name must show in a `stat` or read through
-/// another at once, so their entries and attributes are not cached.
-fn ttl(attr: &FileAttr) -> &'static Duration {
-    static NONE: Duration = Duration::ZERO;
-    if attr.kind == FileType::RegularFile && attr.nlink > 1 {
-        &NONE
-    } else {
-        &TTL
-    }
+/// Whether `attr` may be cached at all: a file with several names (hard links) is not, since
+/// each name is its own node here and a write through one must show in a `stat` or read through
+/// another at once.
+fn cacheable(attr: &FileAttr) -> bool {
+    !(attr.kind == FileType::RegularFile && attr.nlink > 1)
 }
 
 /// Node id of a node whose path no longer exists (unlinked or replaced).
@@ -65,7 +59,9 @@ const RENAME_WALK_LIMIT: usize = 100_000;
 const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 /// Smallest file (at open) served by kernel passthrough: below it, registering a backing file
-/// costs more than the round trips it saves.
+/// costs more than the round trips it saves. A file created for writing is always passthrough
+/// (where available): it is about to be written, perhaps at length (writing 100 MiB into a new
+/// file measured 0.8x a bind mount with it, 1.8x without).
 const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 
 #[derive(Debug)]
@@ -74,6 +70,10 @@ struct Node {
     name: OsString,
     lookups: u64,
     kind: FileType,
+    /// A directory whose changes by the host are reported (its entries may be cached long).
+    watched: bool,
+    /// Whether watching it was tried.
+    watch_tried: bool,
 }
 
 /// Node id <-> path table.
@@ -94,6 +94,8 @@ impl Nodes {
                 name: OsString::new(),
                 lookups: 1,
                 kind: FileType::Directory,
+                watched: false,
+                watch_tried: false,
             },
         );
         Nodes {
@@ -139,6 +141,8 @@ impl Nodes {
                 name: name.to_owned(),
                 lookups: 1,
                 kind,
+                watched: false,
+                watch_tried: false,
             },
         );
         self.children.insert(key, ino);
@@ -158,9 +162,10 @@ impl Nodes {
         }
     }
 
-    fn forget(&mut self, ino: u64, count: u64) {
+    /// Drops `count` lookups of `ino`; returns the node once none is left.
+    fn forget(&mut self, ino: u64, count: u64) -> Option<Node> {
         if ino == INodeNo::ROOT.0 {
-            return;
+            return None;
         }
         let gone = match self.nodes.get_mut(&ino) {
             Some(node) => {
@@ -171,8 +176,14 @@ impl Nodes {
         };
         if gone {
             self.detach(ino);
-            self.nodes.remove(&ino);
+            return self.nodes.remove(&ino);
         }
+        None
+    }
+
+    /// Whether the entries of directory `ino` (and their attributes) may be cached long.
+    fn watched(&self, ino: u64) -> bool {
+        self.nodes.get(&ino).is_some_and(|node| node.watched)
     }
 
     /// Records a rename that succeeded on disk.
@@ -273,13 +284,162 @@ enum Handle {
     Dir(Arc<Vec<DirEntryOut>>),
 }
 
+/// What the server shares with the threads outside its request loop: `applyConfig` (new rules)
+/// and the watcher (changes by the host).
+pub(crate) struct Shared {
+    acl: ArcSwap<Acl>,
+    audit: AtomicBool,
+    nodes: Mutex<Nodes>,
+    /// Notifications to the kernel, once the connection is up.
+    kernel: OnceLock<Kernel>,
+    /// Whether entries may be cached long (the kernel can be told to forget them all at once,
+    /// and a watcher reports the host's changes); else everything keeps [`SHORT_TTL`].
+    long: AtomicBool,
+    watch: OnceLock<Watch>,
+    /// Set once the watch budget ran out (reported once).
+    budget_spent: AtomicBool,
+    /// The kernel's FUSE protocol minor version (from `init`).
+    minor: std::sync::atomic::AtomicU32,
+    events: Arc<dyn EventSink>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// Puts new rules in force: every request from now on is decided by `acl`, and the kernel
+    /// forgets every entry it cached (they are looked up, and so decided, again).
+    pub(crate) fn reconfigure(&self, acl: Acl, audit: bool) {
+        self.acl.store(Arc::new(acl));
+        self.audit.store(audit, Ordering::Relaxed);
+        self.forget_entries();
+    }
+
+    /// Makes the kernel look every cached entry up again before using it.
+    fn forget_entries(&self) {
+        if let Some(kernel) = self.kernel.get() {
+            if let Err(err) = kernel.inc_epoch() {
+                tracing::debug!(%err, "FUSE epoch increment refused");
+            }
+        }
+    }
+
+    /// Makes the kernel fetch the attributes of `ino` again (its cached pages stay).
+    fn forget_attrs(&self, ino: u64) {
+        if let Some(kernel) = self.kernel.get() {
+            if let Err(err) = kernel.inval_inode(ino, false) {
+                tracing::debug!(%err, "FUSE attribute invalidation refused");
+            }
+        }
+    }
+
+    /// Whether entries and attributes may be cached long.
+    pub(crate) fn long(&self) -> bool {
+        self.long.load(Ordering::Relaxed)
+    }
+
+    /// Whether the kernel can be told to forget every entry at once (Linux 6.16+).
+    pub(crate) fn epoch_supported(&self) -> bool {
+        self.minor.load(Ordering::Relaxed) >= super::cache::EPOCH_MINOR
+    }
+
+    /// Notifications go to `kernel` from now on.
+    pub(crate) fn set_kernel(&self, kernel: Kernel) {
+        let _ = self.kernel.set(kernel);
+    }
+
+    /// Starts long caching, with `watch` reporting the host's changes below the source's root
+    /// `root` (an fd open for reading); needs [`Self::set_kernel`] first.
+    pub(crate) fn start_long(&self, watch: Watch, root: &OwnedFd) -> bool {
+        use std::os::fd::AsFd;
+        if self.kernel.get().is_none() || !watch.add_dir(INodeNo::ROOT.0, root.as_fd()) {
+            return false;
+        }
+        let _ = self.watch.set(watch);
+        if let Some(root) = self.nodes.lock().nodes.get_mut(&INodeNo::ROOT.0) {
+            root.watched = true;
+            root.watch_tried = true;
+        }
+        self.long.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// Waits up to `timeout` for the host's changes and makes the kernel forget what they made
+    /// wrong; `false` once the watcher failed (the caller falls back to short cache times).
+    pub(crate) fn serve_changes(&self, timeout: Duration) -> bool {
+        let (Some(watch), Some(kernel)) = (self.watch.get(), self.kernel.get()) else {
+            return false;
+        };
+        match watch.next(timeout) {
+            Ok(batch) => {
+                self.apply_changes(kernel, batch);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(%err, "FUSE watcher failed; short cache times from now on");
+                self.long.store(false, Ordering::Relaxed);
+                self.forget_entries();
+                false
+            }
+        }
+    }
+
+    /// Emits a `sandbox.warning`.
+    pub(crate) fn warn(&self, code: &str, message: &str) {
+        let mut fields = Map::new();
+        fields.insert("code".into(), Value::String(code.to_owned()));
+        fields.insert("message".into(), Value::String(message.to_owned()));
+        self.events.emit(kind::SANDBOX_WARNING, fields);
+    }
+
+    /// The mount path inside the sandbox.
+    pub(crate) fn mount(&self) -> String {
+        self.acl.load().mount().to_owned()
+    }
+
+    fn apply_changes(&self, kernel: &Kernel, batch: Batch) {
+        let mut names_changed = batch.overflow;
+        for change in &batch.changes {
+            let mut results = Vec::with_capacity(2);
+            match &change.name {
+                None => results.push(kernel.inval_inode(change.dir, false)),
+                Some(name) => {
+                    if change.entry {
+                        names_changed = true;
+                        results.push(kernel.inval_entry(change.dir, name));
+                    }
+                    let child = self.nodes.lock().child(change.dir, name);
+                    if let (true, Some(child)) = (change.content || change.entry, child) {
+                        results.push(kernel.inval_inode(child, true));
+                    }
+                }
+            }
+            for err in results.into_iter().filter_map(|r| r.err()) {
+                tracing::debug!(%err, "FUSE invalidation refused");
+            }
+        }
+        if batch.overflow {
+            let all: Vec<u64> = self.nodes.lock().nodes.keys().copied().collect();
+            for ino in all {
+                let _ = kernel.inval_inode(ino, true);
+            }
+        }
+        if names_changed {
+            // A lookup answered just before the change may still be on its way into the cache:
+            // the epoch makes the kernel ask again (docs/decisions.md, file caching).
+            self.forget_entries();
+        }
+    }
+}
+
 /// The FUSE file system of one mount.
 pub(crate) struct Server {
-    acl: Acl,
+    shared: Arc<Shared>,
     source: Source,
     events: Arc<dyn EventSink>,
-    audit: bool,
-    nodes: Mutex<Nodes>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
     rename_lock: Mutex<()>,
@@ -336,6 +496,27 @@ fn attr(ino: u64, st: &Stat) -> FileAttr {
     }
 }
 
+/// The attributes of a negative entry (node id 0: "no such name").
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn timespec(time: Option<TimeOrNow>) -> Timespec {
     match time {
         None => Timespec {
@@ -368,11 +549,19 @@ impl Server {
         passthrough: bool,
     ) -> Server {
         Server {
-            acl,
+            shared: Arc::new(Shared {
+                acl: ArcSwap::from_pointee(acl),
+                audit: AtomicBool::new(audit),
+                nodes: Mutex::new(Nodes::new()),
+                kernel: OnceLock::new(),
+                long: AtomicBool::new(false),
+                watch: OnceLock::new(),
+                budget_spent: AtomicBool::new(false),
+                minor: std::sync::atomic::AtomicU32::new(0),
+                events: events.clone(),
+            }),
             source,
             events,
-            audit,
-            nodes: Mutex::new(Nodes::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             rename_lock: Mutex::new(()),
@@ -380,6 +569,95 @@ impl Server {
             passthrough: Arc::new(AtomicBool::new(false)),
             io: Mutex::new(HashMap::new()),
             owner: None,
+        }
+    }
+
+    /// The state shared with `applyConfig` and the watcher.
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// The source's root, open for reading (for the watcher's first mark).
+    pub(crate) fn source_root(&self) -> Result<OwnedFd, rustix::io::Errno> {
+        self.source.open(
+            Path::new(""),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+    }
+
+    fn acl(&self) -> arc_swap::Guard<Arc<Acl>> {
+        self.shared.acl.load()
+    }
+
+    /// Cache time of the entry `attr` in directory `parent`, and of its attributes.
+    fn ttl_in(&self, parent: u64, attr: &FileAttr) -> Duration {
+        if !cacheable(attr) {
+            Duration::ZERO
+        } else if self.shared.long() && self.shared.nodes.lock().watched(parent) {
+            LONG_TTL
+        } else {
+            SHORT_TTL
+        }
+    }
+
+    /// Cache time of the attributes of node `ino`.
+    fn ttl_of(&self, ino: u64, attr: &FileAttr) -> Duration {
+        let parent = self.shared.nodes.lock().nodes.get(&ino).map(|n| n.parent);
+        match parent {
+            Some(parent) if parent != DETACHED => self.ttl_in(parent, attr),
+            _ if cacheable(attr) => SHORT_TTL,
+            _ => Duration::ZERO,
+        }
+    }
+
+    /// Cache time of "no such name" in directory `parent` (zero: not cached).
+    fn negative_ttl(&self, parent: u64) -> Duration {
+        if self.shared.long() && self.shared.nodes.lock().watched(parent) {
+            LONG_TTL
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// Watches the new directory node `ino` (before its lookup is answered), so its entries may
+    /// be cached long.
+    fn watch_dir(&self, ino: u64) {
+        let Some(watch) = self.shared.watch.get() else {
+            return;
+        };
+        let rel = {
+            let mut nodes = self.shared.nodes.lock();
+            match nodes.nodes.get_mut(&ino) {
+                Some(node) if !node.watch_tried => node.watch_tried = true,
+                _ => return,
+            }
+            nodes.rel(ino)
+        };
+        let Some(rel) = rel else { return };
+        let watched = self
+            .source
+            .open(
+                &rel,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NONBLOCK,
+                Mode::empty(),
+            )
+            .is_ok_and(|dir| watch.add_dir(ino, std::os::fd::AsFd::as_fd(&dir)));
+        if watched {
+            if let Some(node) = self.shared.nodes.lock().nodes.get_mut(&ino) {
+                node.watched = true;
+            }
+        } else if !self.shared.budget_spent.swap(true, Ordering::Relaxed) {
+            self.shared.warn(
+                super::warning::FS_CACHE_SHORT,
+                &format!(
+                    "{}: some directories cannot be watched for changes by the host (at most {} \
+                     per mount); their entries are cached for {} s only",
+                    self.acl().mount(),
+                    super::watch::MARK_BUDGET,
+                    SHORT_TTL.as_secs()
+                ),
+            );
         }
     }
 
@@ -409,7 +687,7 @@ impl Server {
 
     /// The path inside the sandbox of `rel`, as bytes (file names need not be UTF-8).
     fn sandbox_path(&self, rel: &Path) -> Vec<u8> {
-        let mut path = self.acl.mount().as_bytes().to_vec();
+        let mut path = self.acl().mount().as_bytes().to_vec();
         for component in rel.iter() {
             path.push(b'/');
             path.extend_from_slice(component.as_bytes());
@@ -427,7 +705,8 @@ impl Server {
     }
 
     fn locate(&self, ino: INodeNo) -> Result<Located, Errno> {
-        let rel = self.nodes.lock().rel(ino.0).ok_or(Errno::ENOENT)?;
+        self.serving();
+        let rel = self.shared.nodes.lock().rel(ino.0).ok_or(Errno::ENOENT)?;
         Ok(self.located(rel))
     }
 
@@ -437,6 +716,13 @@ impl Server {
             return Err(Errno::EINVAL);
         }
         Ok(self.located(parent.rel.join(name)))
+    }
+
+    /// Marks the calling thread as the server's: the watcher does not report its changes back.
+    fn serving(&self) {
+        if let Some(watch) = self.shared.watch.get() {
+            watch.serving_thread();
+        }
     }
 
     fn emit(&self, kind: &str, path: &str, operation: &str, extra: Option<(&str, Value)>) {
@@ -456,7 +742,7 @@ impl Server {
     }
 
     fn audit(&self, path: &str, operation: &str, new_path: Option<&str>) {
-        if self.audit {
+        if self.shared.audit.load(Ordering::Relaxed) {
             let extra = new_path.map(|p| (field::NEW_PATH, Value::String(p.to_owned())));
             self.emit(kind::FS_ACCESS, path, operation, extra);
         }
@@ -464,8 +750,9 @@ impl Server {
 
     /// Decides `loc` for `need`; a refusal emits `fs.denied` for `operation`.
     fn check(&self, loc: &Located, operation: &str, need: Need) -> Result<Decision, Errno> {
-        let decision = self.acl.decide_raw(&loc.raw);
-        let visible = self.acl.visible_raw(&loc.raw, &decision);
+        let acl = self.acl();
+        let decision = acl.decide_raw(&loc.raw);
+        let visible = acl.visible_raw(&loc.raw, &decision);
         let refusal = match need {
             Need::See if visible => None,
             Need::Read if decision.can_read() => None,
@@ -505,11 +792,15 @@ impl Server {
     /// Remembers `parent/name` (stat `st`) and returns its attributes under its node id.
     fn entry(&self, parent: INodeNo, name: &OsStr, st: &Stat) -> FileAttr {
         let kind = file_type(RawType::from_raw_mode(st.st_mode));
-        let ino = self.nodes.lock().remember(parent.0, name, kind);
+        let ino = self.shared.nodes.lock().remember(parent.0, name, kind);
+        if kind == FileType::Directory {
+            self.watch_dir(ino);
+        }
         self.attr(ino, st)
     }
 
     fn file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
+        self.serving();
         match self.handles.lock().get(&fh.0) {
             Some(Handle::File(file)) => Ok(file.clone()),
             _ => Err(Errno::EBADF),
@@ -577,23 +868,29 @@ impl Server {
     }
 
     /// Refuses a directory rename that would give any entry below it more access under its new
-    /// name than it has now (`mv a b` must not expose `a/private/**` as `b/private/**`).
-    fn check_subtree_move(&self, from: &Located, to: &Located) -> Result<(), Errno> {
-        if !self.acl.has_rules() {
-            return Ok(());
+    /// name than it has now (`mv a b` must not expose `a/private/**` as `b/private/**`). Returns
+    /// whether any entry below would be decided differently under its new name (it may then have
+    /// been cached with what its old name allowed).
+    fn check_subtree_move(&self, from: &Located, to: &Located) -> Result<bool, Errno> {
+        let acl = self.acl();
+        if !acl.has_rules() {
+            return Ok(false);
         }
+        let mut differs = false;
         let offending = self
             .source
             .walk(&from.rel, RENAME_WALK_LIMIT, |suffix| {
                 let old = self.sandbox_path(&from.rel.join(suffix));
                 let new = self.sandbox_path(&to.rel.join(suffix));
-                let before = self.acl.decide_raw(&old);
-                let after = self.acl.decide_raw(&new);
+                let before = acl.decide_raw(&old);
+                let after = acl.decide_raw(&new);
+                differs |= before.access != after.access
+                    || acl.visible_raw(&old, &before) != acl.visible_raw(&new, &after);
                 (rank(after.access) > rank(before.access)).then_some((old, before))
             })
             .map_err(errno)?;
         match offending {
-            None => Ok(()),
+            None => Ok(differs),
             Some((old, before)) => {
                 let old = String::from_utf8_lossy(&old);
                 Err(self.deny(&old, op::RENAME, &before, Errno::EACCES))
@@ -705,22 +1002,29 @@ impl Server {
         let _serialized = self.rename_lock.lock();
         let from_is_dir =
             self.source.lstat(&from.rel).map_err(errno)?.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        let mut differs = false;
         if from_is_dir {
-            self.check_subtree_move(&from, &to)?;
+            differs |= self.check_subtree_move(&from, &to)?;
         }
         if exchange {
             let to_is_dir =
                 self.source.lstat(&to.rel).map_err(errno)?.st_mode & libc::S_IFMT == libc::S_IFDIR;
             if to_is_dir {
-                self.check_subtree_move(&to, &from)?;
+                differs |= self.check_subtree_move(&to, &from)?;
             }
         }
         self.source
             .rename(&from_dir.rel, name, &to_dir.rel, newname, flags.bits())
             .map_err(errno)?;
-        self.nodes
+        self.shared
+            .nodes
             .lock()
             .renamed((parent.0, name), (newparent.0, newname), exchange);
+        if differs {
+            // The kernel moves the cached entries below along with the directory; they were
+            // cached with what their old names allowed.
+            self.shared.forget_entries();
+        }
         self.audit(&from.path, op::RENAME, Some(&to.path));
         Ok(())
     }
@@ -742,10 +1046,11 @@ impl Server {
             ino: ino.0,
             kind: FileType::Directory,
         });
+        let acl = self.acl();
         for entry in raw {
             let path = self.sandbox_path(&loc.rel.join(&entry.name));
-            let decision = self.acl.decide_raw(&path);
-            if self.acl.visible_raw(&path, &decision) {
+            let decision = acl.decide_raw(&path);
+            if acl.visible_raw(&path, &decision) {
                 entries.push(DirEntryOut {
                     name: entry.name,
                     ino: entry.ino,
@@ -759,6 +1064,9 @@ impl Server {
 
 impl Filesystem for Server {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.shared
+            .minor
+            .store(config.kernel_abi().1, Ordering::Relaxed);
         // Lookups in one directory may run in parallel (the server's tables are locked), and
         // `open(O_TRUNC)` arrives as one request (decided as a write) instead of open + setattr.
         // With READDIRPLUS (adaptive) a listing carries each entry's attributes, so `ls -l`,
@@ -785,22 +1093,42 @@ impl Filesystem for Server {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let result = (|| {
-            let dir = self.parent(parent, op::LOOKUP)?;
-            let loc = self.child(&dir, name)?;
+        // The error, and whether it says "no such name" about this very name (cacheable).
+        let result = (|| -> Result<FileAttr, (Errno, bool)> {
+            let dir = self.parent(parent, op::LOOKUP).map_err(|e| (e, false))?;
+            let loc = self.child(&dir, name).map_err(|e| (e, false))?;
             // Stat first: a name that does not exist is a plain ENOENT, not a refusal.
-            let st = self.source.lstat(&loc.rel).map_err(errno)?;
-            self.check(&loc, op::LOOKUP, Need::See)?;
+            let st = self
+                .source
+                .lstat(&loc.rel)
+                .map_err(|err| (errno(err), true))?;
+            self.check(&loc, op::LOOKUP, Need::See)
+                .map_err(|err| (err, true))?;
             Ok(self.entry(parent, name, &st))
         })();
         match result {
-            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
-            Err(err) => reply.error(err),
+            Ok(attr) => reply.entry(&self.ttl_in(parent.0, &attr), &attr, Generation(0)),
+            // A name that does not exist, or is hidden, in a watched directory: the kernel may
+            // answer "no such name" itself until told otherwise (a host create, new rules).
+            Err((err, true)) if err.code() == Errno::ENOENT.code() => {
+                let ttl = self.negative_ttl(parent.0);
+                if ttl.is_zero() {
+                    reply.error(err);
+                } else {
+                    reply.entry(&ttl, &negative_attr(), Generation(0));
+                }
+            }
+            Err((err, _)) => reply.error(err),
         }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.nodes.lock().forget(ino.0, nlookup);
+        let gone = self.shared.nodes.lock().forget(ino.0, nlookup);
+        if let (Some(node), Some(watch)) = (gone, self.shared.watch.get()) {
+            if node.watched {
+                watch.forget_dir(ino.0);
+            }
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -819,7 +1147,7 @@ impl Filesystem for Server {
             Ok(self.attr(ino.0, &st))
         })();
         match result {
-            Ok(attr) => reply.attr(ttl(&attr), &attr),
+            Ok(attr) => reply.attr(&self.ttl_of(ino.0, &attr), &attr),
             Err(err) => reply.error(err),
         }
     }
@@ -852,7 +1180,7 @@ impl Filesystem for Server {
             fh,
         };
         match self.do_setattr(ino, change) {
-            Ok(attr) => reply.attr(ttl(&attr), &attr),
+            Ok(attr) => reply.attr(&self.ttl_of(ino.0, &attr), &attr),
             Err(err) => reply.error(err),
         }
     }
@@ -883,7 +1211,7 @@ impl Filesystem for Server {
             self.source.mknod(dir, name, mode & !umask)
         });
         match result {
-            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl_in(parent.0, &attr), &attr, Generation(0)),
             Err(err) => reply.error(err),
         }
     }
@@ -901,7 +1229,7 @@ impl Filesystem for Server {
             self.source.mkdir(dir, name, mode & !umask)
         });
         match result {
-            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl_in(parent.0, &attr), &attr, Generation(0)),
             Err(err) => reply.error(err),
         }
     }
@@ -926,7 +1254,7 @@ impl Filesystem for Server {
             self.source.symlink(target, dir, link_name)
         });
         match result {
-            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
+            Ok(attr) => reply.entry(&self.ttl_in(parent.0, &attr), &attr, Generation(0)),
             Err(err) => reply.error(err),
         }
     }
@@ -967,7 +1295,14 @@ impl Filesystem for Server {
             Ok(attr)
         })();
         match result {
-            Ok(attr) => reply.entry(ttl(&attr), &attr, Generation(0)),
+            Ok(attr) => {
+                reply.entry(&self.ttl_in(newparent.0, &attr), &attr, Generation(0));
+                // The existing name is its own node, cached as a file with one link: it must not
+                // be cached any more (a write through the new name must show through it at once).
+                // Both notifications take no lock the kernel holds during a link.
+                self.shared.forget_attrs(ino.0);
+                self.shared.forget_entries();
+            }
             Err(err) => reply.error(err),
         }
     }
@@ -1167,7 +1502,14 @@ impl Filesystem for Server {
             if dots {
                 // The kernel takes no reference for `.` and `..`.
                 let attr = self.attr(ino.0, &st);
-                if reply.add(ino, next, &entry.name, ttl(&attr), &attr, Generation(0)) {
+                if reply.add(
+                    ino,
+                    next,
+                    &entry.name,
+                    &self.ttl_of(ino.0, &attr),
+                    &attr,
+                    Generation(0),
+                ) {
                     break;
                 }
                 continue;
@@ -1178,11 +1520,11 @@ impl Filesystem for Server {
                 attr.ino,
                 next,
                 &entry.name,
-                ttl(&attr),
+                &self.ttl_in(ino.0, &attr),
                 &attr,
                 Generation(0),
             ) {
-                self.nodes.lock().forget(attr.ino.0, 1);
+                self.shared.nodes.lock().forget(attr.ino.0, 1);
                 break;
             }
         }
@@ -1305,19 +1647,32 @@ impl Filesystem for Server {
         })();
         match result {
             Ok((attr, fd)) => {
-                let backing =
-                    self.open_mode(attr.ino.0, attr.size, &fd, |fd| reply.open_backing(fd));
+                // A file created for writing is about to be written: with passthrough its
+                // writes skip the server, whatever size it will reach.
+                let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                let size = if writes {
+                    attr.size.max(PASSTHROUGH_MIN_SIZE)
+                } else {
+                    attr.size
+                };
+                let backing = self.open_mode(attr.ino.0, size, &fd, |fd| reply.open_backing(fd));
                 let fh = self.open_handle(attr.ino.0, fd, backing.clone());
                 match backing {
                     Some(id) => reply.created_passthrough(
-                        ttl(&attr),
+                        &self.ttl_in(parent.0, &attr),
                         &attr,
                         Generation(0),
                         fh,
                         FILE_OPEN_FLAGS,
                         &id,
                     ),
-                    None => reply.created(ttl(&attr), &attr, Generation(0), fh, FILE_OPEN_FLAGS),
+                    None => reply.created(
+                        &self.ttl_in(parent.0, &attr),
+                        &attr,
+                        Generation(0),
+                        fh,
+                        FILE_OPEN_FLAGS,
+                    ),
                 }
             }
             Err(err) => reply.error(err),
@@ -1351,7 +1706,7 @@ impl Server {
         self.source
             .remove(&parent_loc.rel, name, dir)
             .map_err(errno)?;
-        let mut nodes = self.nodes.lock();
+        let mut nodes = self.shared.nodes.lock();
         if let Some(ino) = nodes.child(parent.0, name) {
             nodes.detach(ino);
         }

@@ -440,11 +440,18 @@ impl Sandbox {
     }
 
     /// A config whose mounts differ from those the namespaces run with stops them, so looser
-    /// mounts never stay in force; the next spawn starts fresh ones. Called from blocking context.
+    /// mounts never stay in force; the next spawn starts fresh ones. Only the rules of FUSE-served
+    /// mounts changing is applied in place instead. Called from blocking context.
     #[cfg(target_os = "linux")]
     fn stop_if_mounts_changed(&self, fs: &[crate::config::FsMount]) {
         let mut slot = self.runtime.blocking_lock();
         if slot.as_ref().is_some_and(|running| running.fs != fs) {
+            if slot
+                .as_mut()
+                .is_some_and(|running| runtime::reconfigure_fuse(running, fs))
+            {
+                return;
+            }
             if let Some(stale) = slot.take() {
                 stale.stop();
             }

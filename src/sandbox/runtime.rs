@@ -321,6 +321,36 @@ pub fn serve_fuse(
     Ok(servers)
 }
 
+/// Puts a new `fs` config in force in running namespaces without restarting them, where only the
+/// rules of FUSE-served mounts changed (and they stay FUSE-served): their servers decide by the
+/// new rules from now on and the kernel forgets what it cached. `false`: the namespaces must be
+/// restarted (a mount was added, removed, moved, or changes how it is enforced).
+pub fn reconfigure_fuse(running: &mut Runtime, fs: &[FsMount]) -> bool {
+    let same_layout = running.fs.len() == fs.len()
+        && running.fs.iter().zip(fs).all(|(old, new)| {
+            old.backend == new.backend
+                && old.mount == new.mount
+                && old.source == new.source
+                && (old == new
+                    || (mount_access(old) == MountAccess::PerFile
+                        && mount_access(new) == MountAccess::PerFile))
+        });
+    if !same_layout {
+        return false;
+    }
+    for mount in fs
+        .iter()
+        .filter(|m| mount_access(m) == MountAccess::PerFile)
+    {
+        let Some(server) = running.servers.iter().find(|s| s.mount() == mount.mount) else {
+            return false;
+        };
+        server.reconfigure(mount);
+    }
+    running.fs = fs.to_vec();
+    true
+}
+
 /// The host directory holding a mount's data: `source`, or `<sandbox dir>/fs/<mount>`.
 fn source_of(dir: &Path, mount: &FsMount) -> PathBuf {
     match &mount.source {
