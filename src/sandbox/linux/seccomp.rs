@@ -5,7 +5,9 @@
 //!    any `CLONE_NEW*` flag), `ptrace`, `process_vm_*`, `bpf`, `perf_event_open`, keyrings,
 //!    `userfaultfd`, kexec and module loading, `io_uring`, `ioctl(TIOCSTI | TIOCLINUX)` compared
 //!    on the low 32 bits only (CVE-2019-10063: a masked compare, so high bits cannot dodge it),
-//!    and `socket(AF_NETLINK | AF_PACKET)`.
+//!    and `socket`/`socketpair` of any family but [`SOCKET_FAMILIES`] (`AF_UNIX`, `AF_INET`,
+//!    `AF_INET6`): netlink and packet sockets reach the kernel's routing and raw network code,
+//!    and `AF_VSOCK` is not network-namespaced at all (on a VM, CID 2 is the hypervisor).
 //! 2. `ENOSYS` for `clone3`: its flags live in memory a filter cannot read, and `ENOSYS` makes
 //!    libc fall back to `clone`, where (1) sees the flags.
 //! 3. x86_64 only: `ENOSYS` for every x32 syscall number (bit 30), which would otherwise reach
@@ -79,6 +81,10 @@ fn denied_syscalls() -> Vec<libc::c_long> {
     v
 }
 
+/// The only socket families a workload may create: local sockets and IP (which the network
+/// namespace confines to its loopback and the capture listeners).
+pub(crate) const SOCKET_FAMILIES: [libc::c_int; 3] = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
+
 /// `CLONE_NEW*` flags a `clone` may not carry (`CLONE_NEWTIME` shares its bit with the exit
 /// signal in `clone`, so it is only reachable through `unshare`/`clone3`, both denied).
 const CLONE_NEW_FLAGS: &[libc::c_int] = &[
@@ -119,11 +125,16 @@ impl SeccompProgram {
             .map(|req| rule(vec![cond(1, SeccompCmpOp::MaskedEq(0xffff_ffff), *req)?]))
             .collect::<Result<Vec<_>>>()?;
         deny.insert(libc::SYS_ioctl, ioctl_rules);
-        let socket_rules = [libc::AF_NETLINK, libc::AF_PACKET]
-            .iter()
-            .map(|af| rule(vec![cond(0, SeccompCmpOp::Eq, *af as u64)?]))
-            .collect::<Result<Vec<_>>>()?;
-        deny.insert(libc::SYS_socket, socket_rules);
+        // One rule whose conditions all hold (they are ANDed): the family is none of the allowed.
+        let other_family = || -> Result<Vec<SeccompRule>> {
+            let conds = SOCKET_FAMILIES
+                .iter()
+                .map(|af| cond(0, SeccompCmpOp::Ne, *af as u64))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(vec![rule(conds)?])
+        };
+        deny.insert(libc::SYS_socket, other_family()?);
+        deny.insert(libc::SYS_socketpair, other_family()?);
         let compile = |rules, action| -> Result<BpfProgram> {
             let f = SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
                 .map_err(|e| HiveError::Internal(format!("seccomp filter: {e}")))?;

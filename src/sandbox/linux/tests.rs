@@ -699,6 +699,45 @@ async fn cannot_inject_terminal_input_or_open_netlink_sockets() {
     assert_eq!(out.stdout, "EPERM\nEPERM\nEPERM\nEPERM\nEPERM\n", "{out:?}");
 }
 
+/// vsock is not network-namespaced (on a VM, CID 2 is the hypervisor), and every other family
+/// but unix and IP reaches kernel code the sandbox has no use for: only those three are allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_open_vsock_or_any_socket_family_but_unix_and_ip() {
+    let sb = start("proc-families");
+    let out = py(
+        &sb.host,
+        r#"import socket, errno, ctypes, os
+def err(f):
+    try:
+        f()
+        return 'ok'
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+allowed = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+bad = []
+for fam in range(0, 64):
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_SEQPACKET):
+        got = err(lambda: socket.socket(fam, kind, 0).close())
+        if (fam in allowed) == (got == 'EPERM'):
+            bad.append((fam, kind, got))
+print('bad', bad)
+print('vsock', err(lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)))
+print('vsock pair', err(lambda: socket.socketpair(socket.AF_VSOCK, socket.SOCK_STREAM)))
+libc = ctypes.CDLL(None, use_errno=True)
+nr = {'x86_64': 41, 'aarch64': 198, 'riscv64': 198}[os.uname().machine]
+r = libc.syscall(ctypes.c_long(nr), ctypes.c_long((1 << 32) | 40), ctypes.c_long(1), ctypes.c_long(0))
+print('vsock high bits', r, errno.errorcode.get(ctypes.get_errno()))
+print('unix pair', err(lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)))"#,
+    )
+    .await;
+    // AF_INET6 may be unsupported (EAFNOSUPPORT) on a host without IPv6: only EPERM is the filter.
+    assert_eq!(
+        out.stdout,
+        "bad []\nvsock EPERM\nvsock pair EPERM\nvsock high bits -1 EPERM\nunix pair ok\n",
+        "{out:?}"
+    );
+}
+
 // ----- filesystem -----
 
 #[tokio::test(flavor = "multi_thread")]
