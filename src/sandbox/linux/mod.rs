@@ -5,54 +5,65 @@
 //! ```text
 //! host process (multi-threaded; Node)
 //!  ├─ launcher thread (one per process, lives forever; every clone happens here)
-//!  ├─ sandbox init   clone3(NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS|NEWCGROUP), PID 1, reaps
-//!  └─ workload       (one per spawn) in init's namespaces, a direct child of the host process
+//!  ├─ sandbox init   PID 1 in NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS|NEWCGROUP: `hive-init init`
+//!  └─ workload       (one per spawn) in init's namespaces, a direct child of the host process,
+//!                    started by `hive-init spawn`
 //! ```
+//! `hive-init` is a static executable of a few kB (`crates/launcher`, `#![no_std]`), embedded in
+//! the addon and executed from a sealed memfd ([`image`]). Every process inside a sandbox is an
+//! exec'd program: no page of the host's memory, argv or environment exists in the sandbox's PID
+//! namespace, on any architecture.
 //!
 //! # How a sandbox starts ([`SandboxHost::start`])
-//! 1. On the launcher thread: create the Landlock ruleset, compile the seccomp filter, resolve
-//!    the [`plan::InitPlan`] (system dirs, `/etc` secrets, mounts), make a control socketpair.
-//! 2. `clone3` init with every namespace and `CLONE_PIDFD`. The parent opens init's namespace
-//!    fds, writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when
-//!    unprivileged) and sends "go".
-//! 3. init sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
+//! 1. On the launcher thread: create the Landlock ruleset, resolve the [`plan::InitPlan`] (system
+//!    dirs, `/etc` secrets, mounts), make a control socketpair; the `hive-init` memfd and the
+//!    seccomp image exist once per process.
+//! 2. `clone3` the setup child with every namespace and `CLONE_PIDFD` (a copy of the host, with
+//!    every signal blocked). The parent opens its namespace fds, writes `uid_map` and `gid_map`
+//!    (see *Identity*; `setgroups=deny` first when unprivileged) and sends "go".
+//!    **After clone, before "go"** is where per-sandbox host-side set-up belongs (the child waits
+//!    on the control socket; e.g. placing its pid into a cgroup): see [`start_on_launcher`].
+//! 3. The child sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
 //!    listeners of the transparent path, the filesystem and the Landlock rules ([`init`],
 //!    [`netns`], [`capture`], [`mounts`]) and sends the sockets back over `SCM_RIGHTS`
 //!    ([`Handover`]), after the `/dev/fuse` fd of each mount that needs per-file ACLs
 //!    ([`BindMount::fuse`]): the host serves those ([`Handover::fuse`]; nothing inside may touch
 //!    them before). Ports added later get capture listeners from a setns helper
 //!    ([`SandboxHost::open_capture_listeners`]).
+//! 4. It executes `hive-init init` (`hive_launcher::stub::exec_init`), which tells the host it
+//!    runs and reaps orphans as PID 1 (`hive_launcher::init`).
 //!
 //! # How a process is spawned ([`SandboxHost::spawn`])
-//! 1. On the launcher thread: argv/envp/candidate paths ([`plan::SpawnPlan`]), stdio pipes, an
-//!    exec-status pipe and a pid pipe, all `O_CLOEXEC`.
-//! 2. Start a helper with `CLONE_VM | CLONE_VFORK` (like `posix_spawn`: no copy of the host's
-//!    page tables, all signals blocked). It `setns`es into init's namespaces through the
-//!    `/proc/<init>/ns/*` fds the parent opened at start (user namespace first, PID namespace
-//!    last) and starts the workload the same way plus `CLONE_PARENT`, so the workload is a child
-//!    of the host process inside the sandbox's PID namespace; the helper reports its pid and
-//!    exits.
-//! 3. The workload confines itself ([`child::workload_main`]: new session, stdio, cwd, every
-//!    capability dropped, no_new_privs, Landlock, fds closed at exec, seccomp) and execs. The
-//!    exec-status pipe tells the launcher "exec happened" (EOF) or which step failed.
-//! 4. The parent opens a pidfd for it; [`SandboxProcess::wait`] waits on that pidfd with tokio's
+//! 1. On the launcher thread: the shim's argument list (the command's argv, cwd and candidate
+//!    paths, [`CommandStrings::shim_argv`]) and environment, stdio pipes, an exec-status pipe and a
+//!    pid pipe, all `O_CLOEXEC`.
+//! 2. Start a helper with `CLONE_VM | CLONE_VFORK` (like `posix_spawn`: no copy of the host's page
+//!    tables, all signals blocked) that only moves the fds into fixed slots and executes
+//!    `hive-init spawn` (`hive_launcher::stub::exec_spawn_shim`): nothing of the host's memory
+//!    goes further.
+//! 3. The shim joins init's namespaces through the `/proc/<init>/ns/*` fds the parent opened at
+//!    start (user namespace first, PID namespace last) and forks the workload with
+//!    `CLONE_PARENT`, so the workload is a child of the host process inside the sandbox's PID
+//!    namespace; it reports the workload's pid and exits.
+//! 4. The workload confines itself (`hive_launcher::spawn`: new session and process group, cwd,
+//!    every capability dropped, no_new_privs, Landlock, fds closed at exec, seccomp) and execs.
+//!    The exec-status pipe tells the launcher "exec happened" (EOF) or which step failed.
+//! 5. The parent opens a pidfd for it; [`SandboxProcess::wait`] waits on that pidfd with tokio's
 //!    `AsyncFd` and reads the status with `waitid(P_PIDFD)`.
 //!
-//! Why a `setns` helper and not "init forks on request": the workload stays a child of the host,
-//! so its exit status comes straight from the kernel (no status protocol); init stays a trivial
-//! reaper that never parses a request; and the allocation-free code runs in short-lived
-//! processes only. The price is one extra `clone` per spawn, cheap since neither copies the
-//! host's memory (see the benchmark in `tests.rs`).
+//! Why a spawn shim and not "init forks on request": the workload stays a child of the host, so
+//! its exit status comes straight from the kernel (no status protocol); init stays a trivial
+//! reaper that never parses a request from anyone; and a failure in one spawn cannot take the
+//! sandbox's PID 1 down. The price is one `execveat` of a 6 kB static program per spawn.
 //!
 //! # Lifetime
 //! `close()` sends SIGKILL to init; the kernel then kills every process of the PID namespace.
 //! The launcher reaps the workloads (init's exit waits for them) and init. The host dying kills
 //! init through `PR_SET_PDEATHSIG`, set from the launcher thread (PDEATHSIG follows the thread
-//! that forked, which is why that thread never exits, even when a job panics). init is a
-//! copy-on-write copy of the host; once set up it unmaps everything but its stack and a few
-//! instructions ([`init`]), so an idle sandbox costs about 1 MB instead of pinning a copy of the
-//! host's heap. No host state is left: the namespaces disappear with their last process and fd;
-//! there are no interfaces, rules or mounts on the host.
+//! that forked, which is why that thread never exits, even when a job panics) and kept across
+//! the exec of `hive-init`. An idle sandbox costs init's few pages. No host state is left: the
+//! namespaces disappear with their last process and fd; there are no interfaces, rules or
+//! mounts on the host.
 //!
 //! # Identity
 //! Inside, everything runs as uid/gid 0 of the sandbox's user namespace, the only id mapped
@@ -68,14 +79,16 @@
 //!   read them as their owner.
 //!
 //! # Security
-//! See [`child`] for the confinement order. init is a copy of the host's memory and is made
-//! non-dumpable; spawns join the namespaces through fds the parent opened before that.
+//! See `hive_launcher::spawn` for the confinement order. Until its exec the setup child is a copy
+//! of the host's memory and is non-dumpable; no other process exists in the sandbox by then.
+//! Spawns join the namespaces through fds the parent opened before "go".
 
 pub mod capture;
 pub(crate) mod child;
 #[cfg(test)]
 mod fuse_tests;
 pub(crate) mod idmap;
+pub(crate) mod image;
 pub(crate) mod init;
 pub(crate) mod landlock;
 pub(crate) mod mounts;
@@ -92,8 +105,8 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use crate::error::{HiveError, Result};
 use child::Stage;
-use plan::{ptr_array, CommandStrings, InitPlan, SpawnPlan, NS_FLAGS};
-use seccomp::SeccompProgram;
+use hive_launcher::stub::{slot, ShimExec};
+use plan::{ptr_array, CommandStrings, InitPlan, NS_FLAGS};
 
 /// Where the sandbox's CA bundle (system roots + sandbox CA) is, inside the sandbox.
 pub const CA_BUNDLE_PATH: &str = "/run/hive/ca-bundle.pem";
@@ -224,7 +237,6 @@ struct HostInner {
     /// `/proc/<init>/ns/*`, in [`plan::NS_ORDER`].
     ns_fds: Vec<OwnedFd>,
     landlock: Option<OwnedFd>,
-    seccomp: SeccompProgram,
     state: Mutex<HostState>,
 }
 
@@ -375,9 +387,11 @@ fn waitid_pidfd(pidfd: RawFd, flags: libc::c_int) -> std::io::Result<Option<Exit
     }
 }
 
-/// Runs `f` (a clone) with every signal blocked on this thread, like `posix_spawn`: the host's
-/// handlers must not run in a child before it has reset them, and the child inherits the mask.
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `clone` (`f`, returning the raw result) with every signal blocked on this thread, like
+/// `posix_spawn`: the host's handlers must never run in a child, which inherits the mask and
+/// keeps it until its exec (the exec'd program unblocks what it needs). The mask is restored in
+/// the parent only: a fork-style child returns from `f` with 0 and must not restore it.
+fn with_signals_blocked(f: impl FnOnce() -> libc::c_long) -> libc::c_long {
     // SAFETY: plain signal-mask manipulation of the calling thread.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -385,7 +399,9 @@ fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if r != 0 {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        }
         r
     }
 }
@@ -521,7 +537,9 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if ruleset.is_none() {
         tracing::warn!(sandbox = %spec.name, "Landlock is unavailable: relying on mounts, capability drop and seccomp");
     }
-    let seccomp = SeccompProgram::build()?;
+    // Both once per process; made here so a failure shows at the sandbox's start.
+    seccomp::image_fd()?;
+    let image = image::init_image()?;
     let mut pair = [-1; 2];
     // SAFETY: pair is a valid 2-element array.
     if unsafe {
@@ -542,6 +560,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         None => (-1, 0),
     };
     let mut plan = InitPlan::build(spec, theirs.as_raw_fd(), ll_fd, ll_fs)?;
+    plan.image = image;
     // SAFETY: trivial getters.
     let (mut uid, mut gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // Kept open until init has inherited them (dropped when this function returns).
@@ -568,6 +587,8 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     let pid = with_signals_blocked(|| unsafe {
         child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd))
     });
+    // The parent's mask is back (with_signals_blocked); the child's stays all-blocked until
+    // init_main has reset every handler, and in fact until its exec.
     if pid == 0 {
         // SAFETY: we are the freshly cloned child.
         unsafe { init::init_main(&mut plan) }
@@ -602,6 +623,9 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if let Err(e) = write_id_maps(pid as i32, uid, gid) {
         return Err(fail(e));
     }
+    // ---- After clone, before "go": the child waits on the control socket and nothing of the
+    // sandbox runs yet. Host-side set-up of the new sandbox (its cgroup: move `pid` there) goes
+    // here; on failure return `Err(fail(e))`, which kills and reaps the child. ----
     // "go"
     // SAFETY: writing one byte from a valid buffer.
     if unsafe { libc::write(ours.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
@@ -648,6 +672,19 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             _ => return Err(fail(init_error(stage, errno))),
         }
     };
+    // The setup child executes hive-init, whose first message says it runs.
+    match netns::recv_report(ours.as_raw_fd()) {
+        Ok(Some((buf, _))) => match child::decode_report(&buf) {
+            (Stage::InitReady, _) => {}
+            (stage, errno) => return Err(fail(init_error(stage, errno))),
+        },
+        Ok(None) => {
+            return Err(fail(HiveError::Internal(
+                "sandbox init exited instead of executing hive-init".into(),
+            )))
+        }
+        Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
+    }
     let inner = HostInner {
         name: spec.name.clone(),
         init_pid: pid as i32,
@@ -655,7 +692,6 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         init_pidfd,
         ns_fds,
         landlock: ruleset.map(|r| r.fd),
-        seccomp,
         state: Mutex::new(HostState {
             closed: false,
             procs: Vec::new(),
@@ -802,44 +838,43 @@ fn spawn_on_launcher(
     let (stderr_r, stderr_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (pid_r, pid_w) = pipe()?;
-    let CommandStrings {
-        argv,
-        envp,
-        cwd,
-        exec_candidates,
-    } = cmd;
-    let plan = SpawnPlan {
-        ns_fds: ns_fd_array(&inner.ns_fds),
-        err_pipe_w: err_w.as_raw_fd(),
-        pid_pipe_w: pid_w.as_raw_fd(),
-        workload_stack: vec![0; plan::WORKLOAD_STACK],
-        stdio: [
-            stdin_r.as_raw_fd(),
-            stdout_w.as_raw_fd(),
-            stderr_w.as_raw_fd(),
-        ],
-        cwd,
-        landlock_fd: inner.landlock.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1),
-        seccomp: &inner.seccomp,
-        argv_ptrs: ptr_array(&argv),
-        argv,
-        envp_ptrs: ptr_array(&envp),
-        envp,
-        exec_candidates,
+    let landlock = inner.landlock.as_ref().map(|f| f.as_raw_fd());
+    let shim_argv = cmd.shim_argv(landlock.is_some());
+    let argv_ptrs = ptr_array(&shim_argv);
+    let envp_ptrs = ptr_array(&cmd.envp);
+    let mut fds = [-1; slot::COUNT];
+    fds[slot::STDIO as usize] = stdin_r.as_raw_fd();
+    fds[slot::STDIO as usize + 1] = stdout_w.as_raw_fd();
+    fds[slot::STDIO as usize + 2] = stderr_w.as_raw_fd();
+    fds[slot::ERR as usize] = err_w.as_raw_fd();
+    fds[slot::PID as usize] = pid_w.as_raw_fd();
+    for (i, fd) in inner.ns_fds.iter().enumerate() {
+        fds[slot::NS as usize + i] = fd.as_raw_fd();
+    }
+    fds[slot::LANDLOCK as usize] = landlock.unwrap_or(-1);
+    fds[slot::SECCOMP as usize] = seccomp::image_fd()?;
+    let shim = ShimExec {
+        image: image::init_image()?,
+        fds,
+        argv: argv_ptrs.as_ptr().cast(),
+        envp: envp_ptrs.as_ptr().cast(),
     };
-    // The helper borrows this process's memory (CLONE_VM | CLONE_VFORK, like posix_spawn): no
-    // copy of the host's page tables, and this thread waits until the workload has exec'd.
-    let mut helper_stack = vec![0u8; plan::WORKLOAD_STACK];
+    // The helper borrows this process's memory (CLONE_VM | CLONE_VFORK, like posix_spawn: no copy
+    // of the host's page tables) only until it executes `hive-init spawn`; this thread waits until
+    // then. Nothing of the host reaches the sandbox: the workload is forked by that program.
+    let mut helper_stack = vec![0u8; HELPER_STACK];
     let stack_top = (helper_stack.as_mut_ptr() as usize + helper_stack.len()) & !0xf;
-    // SAFETY: the child runs only helper_main (allocation-free, never returns) on its own stack.
+    // SAFETY: the child runs only spawn_helper_entry (hive_launcher::stub::exec_spawn_shim:
+    // allocation-free, raw syscalls, never returns) on its own stack; CLONE_VFORK keeps `shim`,
+    // the strings it points at and the stack alive until the child has exec'd or exited.
     let helper = with_signals_blocked(|| unsafe {
         libc::clone(
-            child::helper_entry,
+            spawn_helper_entry,
             stack_top as *mut libc::c_void,
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &plan as *const SpawnPlan as *mut libc::c_void,
-        )
-    });
+            &shim as *const ShimExec as *mut libc::c_void,
+        ) as libc::c_long
+    }) as libc::c_int;
     drop(helper_stack);
     if helper < 0 {
         return Err(last_err("forking the spawn helper"));
@@ -896,12 +931,14 @@ fn spawn_on_launcher(
     })
 }
 
-fn ns_fd_array(fds: &[OwnedFd]) -> [RawFd; plan::NS_ORDER.len()] {
-    let mut out = [-1; plan::NS_ORDER.len()];
-    for (slot, fd) in out.iter_mut().zip(fds) {
-        *slot = fd.as_raw_fd();
-    }
-    out
+/// Stack of the spawn helper, which only moves fds and calls `execveat`.
+const HELPER_STACK: usize = 64 * 1024;
+
+/// `clone` entry point of the spawn helper.
+extern "C" fn spawn_helper_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg is the launcher's &ShimExec, alive while the launcher waits (CLONE_VFORK); its
+    // argv/envp arrays are NULL-terminated over live CStrings.
+    unsafe { hive_launcher::stub::exec_spawn_shim(&*(arg as *const ShimExec)) }
 }
 
 /// The pid inside the sandbox: the last `NSpid` entry of `/proc/<pid>/status`.
