@@ -124,6 +124,66 @@ describe(`exec and spawn (${whoami})`, () => {
   })
 })
 
+describe(`kills reach every process of a command (${whoami})`, () => {
+  let kills: Sandbox
+  beforeAll(async () => {
+    kills = await getOrCreateSandbox('exec-kills', {})
+  })
+  afterAll(async () => {
+    await kills?.close()
+  })
+
+  /** How many `sleep` processes exist in the sandbox, waiting up to 2 s for the count to reach 0. */
+  const sleepsLeft = async (): Promise<number> => {
+    const deadline = Date.now() + 2000
+    for (;;) {
+      const r = await kills.exec(['sh', '-c', 'cat /proc/[0-9]*/comm 2>/dev/null'])
+      const n = r.stdout.split('\n').filter((c) => c === 'sleep').length
+      if (n === 0 || Date.now() > deadline) return n
+      await new Promise((resolve) => setTimeout(resolve, 50))
+    }
+  }
+
+  it('timeoutMs kills the shell and its sleep, settles at once and keeps the output so far', async () => {
+    const t = Date.now()
+    const r = await kills.exec('echo before; sleep 5; echo x', { timeoutMs: 300 })
+    expect(Date.now() - t).toBeLessThan(1000)
+    expect(r).toMatchObject({ exitCode: null, signal: 'SIGKILL', timedOut: true, stdout: 'before\n' })
+    expect(await sleepsLeft()).toBe(0)
+  })
+
+  it('an aborted signal kills the shell and its sleep and settles at once', async () => {
+    const controller = new AbortController()
+    setTimeout(() => controller.abort(), 300)
+    const t = Date.now()
+    await expect(kills.exec('sleep 5; echo x', { signal: controller.signal })).rejects.toMatchObject({ name: 'AbortError' })
+    expect(Date.now() - t).toBeLessThan(1000)
+    expect(await sleepsLeft()).toBe(0)
+  })
+
+  it('a sleep with its output redirected or in the background does not outlive a timed-out exec', async () => {
+    for (const command of ['sleep 3 >/dev/null 2>&1; echo x', 'sleep 3 >/dev/null 2>&1 & sleep 3 >/dev/null 2>&1 & wait']) {
+      const t = Date.now()
+      const r = await kills.exec(command, { timeoutMs: 300 })
+      expect(Date.now() - t).toBeLessThan(1000)
+      expect(r.timedOut).toBe(true)
+      expect(await sleepsLeft()).toBe(0)
+    }
+  })
+
+  it('maxBuffer and kill() stop every process of the command', async () => {
+    const t = Date.now()
+    await expect(kills.exec('sleep 5 & yes', { maxBuffer: 1000 })).rejects.toMatchObject({ code: 'HIVE_MAX_BUFFER' })
+    expect(Date.now() - t).toBeLessThan(1000)
+    expect(await sleepsLeft()).toBe(0)
+    const child = kills.spawn('sleep 30 & sleep 30 & wait')
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    child.kill('SIGTERM')
+    expect(await child.wait()).toEqual({ exitCode: null, signal: 'SIGTERM' })
+    expect(await sleepsLeft()).toBe(0)
+  })
+})
+
 describe(`as users run it (${whoami})`, () => {
   it('curl reaches an allowed host through the proxy, with the sandbox CA trusted', async () => {
     const r = await sandbox.exec(['curl', '-sS', 'https://api.github.com/zen'])

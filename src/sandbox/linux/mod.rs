@@ -260,6 +260,8 @@ pub struct SandboxProcess {
 
 struct ProcState {
     pidfd: OwnedFd,
+    /// The workload's pid in the host's PID namespace (also its process group and session).
+    host_pid: i32,
     status: Mutex<Option<ExitStatus>>,
 }
 
@@ -407,6 +409,13 @@ fn with_signals_blocked(f: impl FnOnce() -> libc::c_long) -> libc::c_long {
 }
 
 fn pidfd_send_signal(pidfd: RawFd, signal: i32) -> std::io::Result<()> {
+    pidfd_send_signal_flags(pidfd, signal, 0)
+}
+
+/// `PIDFD_SIGNAL_PROCESS_GROUP` (`linux/pidfd.h`, Linux 6.9): signal the pidfd's process group.
+const PIDFD_SIGNAL_PROCESS_GROUP: u32 = 1 << 2;
+
+fn pidfd_send_signal_flags(pidfd: RawFd, signal: i32, flags: u32) -> std::io::Result<()> {
     // SAFETY: plain syscall.
     let r = unsafe {
         libc::syscall(
@@ -414,7 +423,7 @@ fn pidfd_send_signal(pidfd: RawFd, signal: i32) -> std::io::Result<()> {
             pidfd,
             signal,
             std::ptr::null::<u8>(),
-            0u32,
+            flags,
         )
     };
     if r < 0 {
@@ -907,6 +916,7 @@ fn spawn_on_launcher(
     let inner_pid = sandbox_pid(host_pid).unwrap_or(0);
     let state = Arc::new(ProcState {
         pidfd,
+        host_pid,
         status: Mutex::new(None),
     });
     let n = read_full(err_r.as_raw_fd(), &mut report)
@@ -1079,13 +1089,39 @@ impl SandboxProcess {
             .map_err(|e| HiveError::io("waitid", e))
     }
 
-    /// Sends `signal` to the process. A process that already ended is not an error.
+    /// Sends `signal` to every process of the command: its process group. The workload called
+    /// `setsid`, so the group is its own and holds everything it started, except processes that
+    /// started a session or group of their own (docs/isolation.md). A group whose processes all
+    /// ended is not an error.
+    ///
+    /// The group is named by the leader's pidfd (`PIDFD_SIGNAL_PROCESS_GROUP`, Linux 6.9), which
+    /// stays right after the leader was reaped and its number reused. Older kernels get the group
+    /// by number only while the leader is unreaped (its number cannot be reused then), else the
+    /// leader alone.
     pub fn kill(&self, signal: i32) -> Result<()> {
-        match pidfd_send_signal(self.state.pidfd.as_raw_fd(), signal) {
+        let pidfd = self.state.pidfd.as_raw_fd();
+        let sent = |r: std::io::Result<()>| match r {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             Err(e) => Err(HiveError::io("sending a signal", e)),
+        };
+        match pidfd_send_signal_flags(pidfd, signal, PIDFD_SIGNAL_PROCESS_GROUP) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            r => return sent(r),
         }
+        // Holding the status lock keeps a concurrent `reap` from freeing the number meanwhile.
+        let status = self
+            .state
+            .status
+            .lock()
+            .map_err(|_| HiveError::Internal("status poisoned".into()))?;
+        if status.is_none() {
+            // SAFETY: plain syscall; the group's leader is our unreaped child.
+            if unsafe { libc::kill(-self.state.host_pid, signal) } == 0 {
+                return Ok(());
+            }
+        }
+        sent(pidfd_send_signal(pidfd, signal))
     }
 }
 
