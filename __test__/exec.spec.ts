@@ -1,6 +1,7 @@
 // Sandboxed processes (SPEC §1 exec/spawn, §4; issue 4), as users run them and as an attacker
 // inside would try to get out. Run by CI as root and again as an unprivileged user.
 import { spawn as hostSpawn, spawnSync } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
 import { existsSync, readdirSync, readFileSync } from 'node:fs'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
@@ -283,6 +284,91 @@ describe(`escapes (${whoami})`, () => {
     expect(r.stdout).toContain('ok /api/v1/quote')
     expect(r.stdout + r.stderr).not.toContain(SECRET)
   })
+
+  it("no page of the host's heap is readable inside, in any process's /proc/<pid>/mem", async () => {
+    // A secret in this Node process's heap (a string and a buffer) before the sandbox starts.
+    const secret = `hive-heap-secret-${randomBytes(8).toString('hex')}`
+    const held = [secret.split('').join(''), Buffer.from(secret)]
+    const heap = await getOrCreateSandbox('exec-heap', {})
+    try {
+      // The scanner gets the secret hex-encoded (so its own argv does not hold it) and skips its
+      // own memory for it; a marker it decodes into its own memory proves the reading works.
+      const scan = [
+        'import os, sys',
+        'secret, marker = bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2])',
+        'found, seen_self, regions = [], False, 0',
+        'for p in [p for p in os.listdir("/proc") if p.isdigit()]:',
+        '    try:',
+        '        maps = open(f"/proc/{p}/maps").read().splitlines()',
+        '        mem = open(f"/proc/{p}/mem", "rb", 0)',
+        '    except OSError:',
+        '        continue',
+        '    for line in maps:',
+        '        span, perms = line.split()[:2]',
+        '        if perms[0] != "r":',
+        '            continue',
+        '        start, end = (int(x, 16) for x in span.split("-"))',
+        '        try:',
+        '            mem.seek(start)',
+        '            data = mem.read(end - start)',
+        '        except (OSError, ValueError, OverflowError):',
+        '            continue',
+        '        regions += 1',
+        '        if int(p) == os.getpid():',
+        '            seen_self = seen_self or marker in data',
+        '        elif secret in data:',
+        '            found.append(p)',
+        'print(found, seen_self, regions > 0)',
+      ].join('\n')
+      const marker = Buffer.from(`marker-${randomBytes(4).toString('hex')}`).toString('hex')
+      const spawned = [heap.spawn(['sleep', '2']), heap.spawn(['sh', '-c', 'sleep 2'])]
+      const r = await heap.exec(['/usr/bin/python3', '-c', scan, Buffer.from(secret).toString('hex'), marker])
+      for (const c of spawned) c.kill('SIGKILL')
+      expect(r.stdout).toBe('[] True True\n')
+      expect(held[1].toString()).toBe(secret)
+    } finally {
+      await heap.close()
+    }
+  })
+
+  it("a host started with --api-key=SECRET that keeps spawning never shows it in any /proc/<pid>/cmdline or environ inside", async () => {
+    const secret = `SECRET-${randomBytes(8).toString('hex')}`
+    const watch = [
+      'import os, sys',
+      'secret = bytes.fromhex(sys.argv[1])',
+      'hits, pids = 0, set()',
+      'while not os.path.exists("/tmp/stop"):',
+      '    for p in [p for p in os.listdir("/proc") if p.isdigit()]:',
+      '        for f in ("cmdline", "environ"):',
+      '            try:',
+      '                data = open(f"/proc/{p}/{f}", "rb").read()',
+      '            except OSError:',
+      '                continue',
+      '            pids.add(p)',
+      '            hits += secret in data',
+      'print(hits, len(pids) >= 20)',
+    ].join('\n')
+    const script = `
+      const { getOrCreateSandbox } = require(${JSON.stringify(entry)});
+      (async () => {
+        const s = await getOrCreateSandbox('exec-argv');
+        const watcher = s.exec(['/usr/bin/python3', '-c', ${JSON.stringify(watch)}, ${JSON.stringify(Buffer.from(secret).toString('hex'))}], { timeoutMs: 60000 });
+        await new Promise((r) => setTimeout(r, 300));
+        for (let i = 0; i < 100; i++) await Promise.all([s.exec(['true']), s.exec(['sh', '-c', 'true'])]);
+        await s.exec(['touch', '/tmp/stop']);
+        console.log((await watcher).stdout.trim());
+        await s.close();
+      })();
+    `
+    const child = hostSpawn(process.execPath, ['-e', script, '--', `--api-key=${secret}`], {
+      env: { ...process.env, HIVE_HOME: home.dir, HIVE_TEST_API_KEY: secret },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    })
+    let out = ''
+    child.stdout!.on('data', (c: Buffer) => (out += String(c)))
+    await new Promise((r) => child.once('exit', r))
+    expect(out.trim()).toBe('0 True')
+  }, 60000)
 
   it('killing the host node process (SIGKILL) leaves no sandboxed process alive', async () => {
     const marker = String(900000 + Math.floor(Math.random() * 99999))
