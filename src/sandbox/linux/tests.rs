@@ -976,8 +976,40 @@ async fn bench_spawn_true() {
         "spawn+wait `true`, 100 runs", "median ms", "p90 ms"
     );
     println!("|{}|{}|{}|", "-".repeat(60), "-".repeat(10), "-".repeat(10));
-    row("hive sandbox (shared namespaces, vfork+setns helper)", hive);
+    // Cold: a new sandbox (namespaces, setup, hive-init) and its first spawn+wait, then close.
+    let mut cold = Vec::new();
+    for i in 0..RUNS / 5 {
+        let t = Instant::now();
+        let fresh = start(&format!("bench-cold-{i}"));
+        let p = fresh.host.spawn_async(spec()).await.expect("spawn");
+        p.wait().await.expect("wait");
+        cold.push(t.elapsed());
+    }
+    // The cost of the exec'd program alone: hive-init (static, no libc) from its sealed memfd,
+    // which only prints a line and exits when started without a role, vs a libc `true`.
+    let image = image::init_image().expect("hive-init memfd");
+    let mut init_exec = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        std::process::Command::new(format!("/proc/self/fd/{image}"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("hive-init");
+        init_exec.push(t.elapsed());
+    }
+    row(
+        "hive sandbox (shared namespaces, vfork + hive-init spawn)",
+        hive,
+    );
+    row("hive new sandbox + first spawn (cold), 20 runs", cold);
     row("std::process::Command (no isolation)", plain);
+    row(
+        &format!(
+            "exec of hive-init ({} B, static) from its memfd + exit",
+            image::HIVE_INIT.len()
+        ),
+        init_exec,
+    );
     if let Ok(bwrap) = which("bwrap") {
         let mut b = Vec::new();
         for _ in 0..RUNS {
@@ -985,10 +1017,13 @@ async fn bench_spawn_true() {
             std::process::Command::new(&bwrap)
                 .args([
                     "--unshare-all",
-                    "--die-with-parent",
                     "--ro-bind",
                     "/",
                     "/",
+                    "--dev",
+                    "/dev",
+                    "--proc",
+                    "/proc",
                     "true",
                 ])
                 .status()
@@ -996,7 +1031,7 @@ async fn bench_spawn_true() {
             b.push(t.elapsed());
         }
         row(
-            "bwrap --unshare-all --die-with-parent --ro-bind / / true",
+            "bwrap --unshare-all --ro-bind / / --dev /dev --proc /proc true",
             b,
         );
     } else {
