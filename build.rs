@@ -22,47 +22,40 @@ fn build_init() {
     println!("cargo:rerun-if-changed=crates/launcher/src");
     println!("cargo:rerun-if-changed=crates/launcher/Cargo.toml");
     let target_dir = out.join("init-target");
-    let flags = [
-        "-Cpanic=abort",
-        "-Crelocation-model=static",
-        "-Clink-arg=-nostartfiles",
-        "-Clink-arg=-nostdlib",
-        "-Clink-arg=-static",
-    ]
-    .join("\x1f");
-    let status = Command::new(env("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--offline",
-            "--package",
-            "hive-launcher",
-        ])
-        .args([
-            "--bin",
-            "hive-init",
-            "--features",
-            "init-bin",
-            "--target",
-            &target,
-        ])
-        .arg("--manifest-path")
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", flags)
-        // The outer build's settings are not this program's: no wrapper (clippy), no target or
-        // target-dir override, no flags meant for the addon.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("CLIPPY_ARGS")
-        .env_remove("CARGO_PRIMARY_PACKAGE")
-        .status()
-        .expect("running cargo to build hive-init");
-    assert!(status.success(), "building hive-init failed");
+    // rust-lld (shipped with rustup's toolchains) links for any target without a C toolchain, so
+    // cross builds need no cross gcc; the C compiler driver is the fallback (distribution rustc).
+    let linkers: [&[&str]; 2] = [
+        &["-Clinker=rust-lld", "-Clinker-flavor=ld.lld", "-Clink-arg=-static"],
+        &["-Clink-arg=-nostartfiles", "-Clink-arg=-nostdlib", "-Clink-arg=-static"],
+    ];
+    let built_with = |link: &[&str]| {
+        let mut flags = vec!["-Cpanic=abort", "-Crelocation-model=static"];
+        flags.extend_from_slice(link);
+        Command::new(env("CARGO"))
+            .args(["build", "--release", "--offline", "--package", "hive-launcher"])
+            .args(["--bin", "hive-init", "--features", "init-bin", "--target", &target])
+            .arg("--manifest-path")
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .env("CARGO_ENCODED_RUSTFLAGS", flags.join("\x1f"))
+            // The outer build's settings are not this program's: no wrapper (clippy), no target
+            // or target-dir override, no flags meant for the addon.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("RUSTC_WRAPPER")
+            .env_remove("CLIPPY_ARGS")
+            .env_remove("CARGO_PRIMARY_PACKAGE")
+            .status()
+            .expect("running cargo to build hive-init")
+            .success()
+    };
+    assert!(
+        linkers.iter().any(|link| built_with(link)),
+        "building hive-init failed"
+    );
     let built = target_dir.join(&target).join("release/hive-init");
     std::fs::copy(&built, out.join("hive-init")).expect("copying hive-init into OUT_DIR");
 }
