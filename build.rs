@@ -25,15 +25,36 @@ fn build_init() {
     // rust-lld (shipped with rustup's toolchains) links for any target without a C toolchain, so
     // cross builds need no cross gcc; the C compiler driver is the fallback (distribution rustc).
     let linkers: [&[&str]; 2] = [
-        &["-Clinker=rust-lld", "-Clinker-flavor=ld.lld", "-Clink-arg=-static"],
-        &["-Clink-arg=-nostartfiles", "-Clink-arg=-nostdlib", "-Clink-arg=-static"],
+        &[
+            "-Clinker=rust-lld",
+            "-Clinker-flavor=ld.lld",
+            "-Clink-arg=-static",
+        ],
+        &[
+            "-Clink-arg=-nostartfiles",
+            "-Clink-arg=-nostdlib",
+            "-Clink-arg=-static",
+        ],
     ];
     let built_with = |link: &[&str]| {
         let mut flags = vec!["-Cpanic=abort", "-Crelocation-model=static"];
         flags.extend_from_slice(link);
         Command::new(env("CARGO"))
-            .args(["build", "--release", "--offline", "--package", "hive-launcher"])
-            .args(["--bin", "hive-init", "--features", "init-bin", "--target", &target])
+            .args([
+                "build",
+                "--release",
+                "--offline",
+                "--package",
+                "hive-launcher",
+            ])
+            .args([
+                "--bin",
+                "hive-init",
+                "--features",
+                "init-bin",
+                "--target",
+                &target,
+            ])
             .arg("--manifest-path")
             .arg(&manifest)
             .arg("--target-dir")

@@ -45,8 +45,11 @@ pub(crate) fn mapping_userns(id: u32) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: fresh fds.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the child only blocks on read and exits (raw syscalls).
-    let pid = unsafe { child::clone3(libc::CLONE_NEWUSER as u64, libc::SIGCHLD as u64, None) };
+    // SAFETY: the child only blocks on read and exits (raw syscalls); signals stay blocked in it,
+    // so none of the host's handlers runs there.
+    let pid = super::with_signals_blocked(|| unsafe {
+        child::clone3(libc::CLONE_NEWUSER as u64, libc::SIGCHLD as u64, None)
+    });
     if pid == 0 {
         let mut b = [0u8; 1];
         // SAFETY: raw close, read and _exit in the child; EOF comes when the parent closes `w`.
