@@ -512,6 +512,53 @@ async fn close_leaves_no_process_behind() {
 
 /// Host processes whose PID namespace is `ns_id` (init itself is not dumpable, so as an
 /// unprivileged user it is not counted; the workloads are).
+/// `kill` signals the command's process group (everything it started); a process that made a
+/// session of its own (`setsid`) leaves the group and survives it, but not `close()`.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_reaches_the_commands_process_group_and_close_reaches_the_rest() {
+    let sb = start("proc-kill-group");
+    let ns_id = sb.host.pid_namespace_id();
+    let members = || namespace_members(ns_id);
+    // init counts where its /proc entry is readable (as root; it is not dumpable).
+    let init = members();
+    let p = sb
+        .host
+        .spawn(ProcessSpec {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "sleep 1000 & sleep 1000 & setsid sh -c 'echo ready; exec sleep 1000' & wait"
+                    .into(),
+            ],
+            env: default_env(PORT),
+            cwd: None,
+        })
+        .expect("spawn");
+    let wait_for = |pred: &dyn Fn(usize) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pred(members()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        members()
+    };
+    assert_eq!(wait_for(&|n| n >= init + 4), init + 4, "sh and 3 sleeps");
+    // The escapee prints once its own session exists.
+    let mut ready = [0u8; 6];
+    let mut out = std::fs::File::from(p.stdout.try_clone().expect("dup"));
+    out.read_exact(&mut ready).expect("ready");
+    assert_eq!(&ready, b"ready\n");
+    p.kill(libc::SIGKILL).expect("kill");
+    let status = p.wait().await.expect("wait");
+    assert_eq!(status.signal, Some(libc::SIGKILL));
+    assert_eq!(
+        wait_for(&|n| n <= init + 1),
+        init + 1,
+        "only the setsid'd sleep remains"
+    );
+    sb.host.close();
+    assert_eq!(members(), 0);
+}
+
 fn namespace_members(ns_id: u64) -> usize {
     let want = format!("pid:[{ns_id}]");
     std::fs::read_dir("/proc")
