@@ -53,6 +53,19 @@ impl SeccompImage {
     }
 }
 
+/// The namespaces in [`slot::NS`] onwards, in `setns` order: the user namespace first (joining it
+/// grants the capabilities the other joins need), the PID namespace last (it applies to the
+/// children of the caller).
+pub const NS_ORDER: [u32; slot::NS_COUNT as usize] = [
+    sys::CLONE_NEWUSER,
+    sys::CLONE_NEWNS,
+    sys::CLONE_NEWNET,
+    sys::CLONE_NEWIPC,
+    sys::CLONE_NEWUTS,
+    sys::CLONE_NEWCGROUP,
+    sys::CLONE_NEWPID,
+];
+
 /// What the shim read from its arguments.
 struct Plan {
     landlock: bool,
@@ -81,15 +94,6 @@ pub unsafe fn shim_main(argc: usize, argv: StrArray, envp: StrArray) -> ! {
     if programs(seccomp).is_none() {
         fail((Stage::SpawnPlan, Errno(sys::EINVAL as i32)));
     }
-    const NS_ORDER: [u32; slot::NS_COUNT as usize] = [
-        sys::CLONE_NEWUSER,
-        sys::CLONE_NEWNS,
-        sys::CLONE_NEWNET,
-        sys::CLONE_NEWIPC,
-        sys::CLONE_NEWUTS,
-        sys::CLONE_NEWCGROUP,
-        sys::CLONE_NEWPID,
-    ];
     for (fd, nstype) in (slot::NS..).zip(NS_ORDER) {
         if let Err(e) = sys::setns(fd, nstype) {
             fail((Stage::Setns, e));

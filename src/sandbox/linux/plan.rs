@@ -588,6 +588,12 @@ mod unit {
     }
 
     #[test]
+    fn the_namespace_fds_are_opened_in_the_order_the_spawn_shim_joins_them() {
+        let ours: Vec<u32> = NS_ORDER.iter().map(|(_, t)| *t as u32).collect();
+        assert_eq!(ours, hive_launcher::spawn::NS_ORDER);
+    }
+
+    #[test]
     fn mount_targets_are_validated() {
         for (target, ok) in [
             ("/workspace", true),
