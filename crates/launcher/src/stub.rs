@@ -130,3 +130,26 @@ pub unsafe fn exec_init(image: i32, ctrl: i32) -> sys::Errno {
     let e = unsafe { sys::execveat_fd(3, argv.as_ptr(), envp.as_ptr()) };
     fail(0, e)
 }
+
+/// `clone` entry point of a child that only holds a namespace open for the parent: it closes
+/// `write_fd`, waits for EOF on `read_fd` (the parent closes its write end when done) and exits.
+/// `arg` packs the two fds: `read_fd | write_fd << 32`.
+///
+/// Raw syscalls only, no thread-local state: safe in a `CLONE_VM` child that runs while the
+/// parent thread goes on (the parent writes the namespace's id maps meanwhile).
+///
+/// Meant only as the entry point of a `clone`d child (on a stack that outlives it): it never
+/// returns, and it closes the fd it is given.
+pub extern "C" fn hold_until_eof(arg: *mut core::ffi::c_void) -> i32 {
+    let packed = arg as usize as u64;
+    let read_fd = (packed & 0xffff_ffff) as i32;
+    let write_fd = (packed >> 32) as i32;
+    let _ = sys::close(write_fd);
+    let mut byte = [0u8; 1];
+    while let Err(sys::Errno(e)) = sys::read(read_fd, &mut byte) {
+        if e != sys::EINTR as i32 {
+            break;
+        }
+    }
+    sys::exit(0)
+}
