@@ -50,52 +50,6 @@ pub(crate) fn check_i(ret: libc::c_int, stage: Stage) -> CResult<libc::c_int> {
     check(ret as libc::c_long, stage).map(|v| v as libc::c_int)
 }
 
-/// `clone3` with `flags` (no shared VM: fork semantics). Returns 0 in the child and the pid
-/// (in the caller's pid namespace) in the parent; with `pidfd` set, `CLONE_PIDFD` fills it.
-///
-/// # Safety
-/// Forks the calling (multi-threaded) process: the child must only run code from this module.
-pub(crate) unsafe fn clone3(
-    flags: u64,
-    exit_signal: u64,
-    pidfd: Option<&mut libc::c_int>,
-) -> libc::c_long {
-    #[repr(C)]
-    struct CloneArgs {
-        flags: u64,
-        pidfd: u64,
-        child_tid: u64,
-        parent_tid: u64,
-        exit_signal: u64,
-        stack: u64,
-        stack_size: u64,
-        tls: u64,
-    }
-    let mut flags = flags;
-    let pidfd_ptr = match pidfd {
-        Some(p) => {
-            flags |= libc::CLONE_PIDFD as u64;
-            p as *mut libc::c_int as u64
-        }
-        None => 0,
-    };
-    let args = CloneArgs {
-        flags,
-        pidfd: pidfd_ptr,
-        child_tid: 0,
-        parent_tid: 0,
-        exit_signal,
-        stack: 0,
-        stack_size: 0,
-        tls: 0,
-    };
-    libc::syscall(
-        libc::SYS_clone3,
-        &args as *const CloneArgs,
-        std::mem::size_of::<CloneArgs>(),
-    )
-}
-
 /// Switches to uid/gid 0 of the current user namespace and drops supplementary groups where
 /// `setgroups` is allowed (root parents leave it allowed; unprivileged ones must deny it, and
 /// then the caller's own groups stay).

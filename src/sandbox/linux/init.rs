@@ -1,13 +1,13 @@
-//! The sandbox's setup child: PID 1 of its PID namespace, created by `clone3` with all the
-//! namespaces as a copy of the host process, until it executes `hive-init init`.
+//! The sandbox's setup child: PID 1 of its PID namespace, created by `clone` with all the
+//! namespaces and `CLONE_VM` (it runs in the host's memory, on a stack of its own, like a
+//! `vfork` child) until it executes `hive-init init`.
 //!
 //! 1. Sets `PR_SET_PDEATHSIG(SIGKILL)`: the launcher thread that cloned it lives as long as the
 //!    host process, so the host's death kills init, and with it (the kernel kills a PID
 //!    namespace whose init dies) every process of the sandbox.
 //! 2. Waits for the parent's "go" (sent once `uid_map`/`gid_map` are written). EOF means the
 //!    parent died before step 1 took effect: exit. Switches to the sandbox's uid/gid 0 (which
-//!    clears PDEATHSIG, so it is set again) and makes itself non-dumpable: its memory is a copy of
-//!    the host's.
+//!    clears PDEATHSIG, so it is set again).
 //! 3. Hostname, `lo` up, the proxy listener ([`super::netns`]); the capture routes, DNS sockets
 //!    and capture listeners ([`super::capture`], each fd sent at once); the filesystem
 //!    ([`super::mounts`]) with the generated `/etc/resolv.conf` and `/etc/hosts`; the Landlock
@@ -29,7 +29,15 @@ use super::mounts;
 use super::netns;
 use super::plan::InitPlan;
 
-/// Entry point in the child after `clone3`. Never returns.
+/// `clone` entry point of the setup child (on the launcher's stack for it, sharing the host's
+/// memory): `arg` is the launcher's `*mut InitPlan`.
+pub(crate) extern "C" fn init_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg is the launcher's InitPlan, which it leaves to this child (untouched and
+    // alive) until the child has exec'd or died.
+    unsafe { init_main(&mut *(arg as *mut InitPlan)) }
+}
+
+/// Entry point in the child after `clone`. Never returns.
 ///
 /// # Safety
 /// Only call in the freshly cloned child.
@@ -72,9 +80,9 @@ pub(crate) unsafe fn init_main(plan: &mut InitPlan) -> ! {
     if libc::poll(&mut pfd, 1, 0) != 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0 {
         libc::_exit(1);
     }
-    // init is a copy of the host process's memory at clone time (secrets included): make its
-    // /proc files root-only and ptrace impossible without CAP_SYS_PTRACE in the host's userns.
-    libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    // No PR_SET_DUMPABLE here: this child shares the host's memory (CLONE_VM), and dumpability
+    // belongs to the memory, so it would change the host process. Nothing of the sandbox runs
+    // before the exec; hive-init then makes its own memory non-dumpable.
     match setup(plan) {
         Ok(listener) => {
             // FUSE connections first, one message each; the final report ends the handover.

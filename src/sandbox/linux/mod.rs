@@ -18,9 +18,11 @@
 //! 1. On the launcher thread: create the Landlock ruleset, resolve the [`plan::InitPlan`] (system
 //!    dirs, `/etc` secrets, mounts), make a control socketpair; the `hive-init` memfd and the
 //!    seccomp image exist once per process.
-//! 2. `clone3` the setup child with every namespace and `CLONE_PIDFD` (a copy of the host, with
-//!    every signal blocked). The parent opens its namespace fds, writes `uid_map` and `gid_map`
-//!    (see *Identity*; `setgroups=deny` first when unprivileged) and sends "go".
+//! 2. `clone` the setup child with every namespace, `CLONE_VM` and `CLONE_PIDFD`: it runs in the
+//!    host's memory on a stack of its own ([`SetupStack`], with every signal blocked), so no page
+//!    table is copied whatever the size of the host's heap. The parent opens its namespace fds,
+//!    writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when unprivileged)
+//!    and sends "go".
 //!    **After clone, before "go"** is where per-sandbox host-side set-up belongs (the child waits
 //!    on the control socket; e.g. placing its pid into a cgroup): see [`start_on_launcher`].
 //! 3. The child sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
@@ -79,8 +81,11 @@
 //!   read them as their owner.
 //!
 //! # Security
-//! See `hive_launcher::spawn` for the confinement order. Until its exec the setup child is a copy
-//! of the host's memory and is non-dumpable; no other process exists in the sandbox by then.
+//! See `hive_launcher::spawn` for the confinement order. Until its exec the setup child runs in
+//! the host's memory; no other process exists in the sandbox by then, and a host process that
+//! could read it must be allowed to ptrace the host (as root, the child's uid is host 65534, but
+//! ptrace of it needs `CAP_SYS_PTRACE` over its user namespace). It shares the launcher thread's
+//! thread-local `errno` and the memory's dumpable flag ([`SetupChild`] restores the latter).
 //! Spawns join the namespaces through fds the parent opened before "go".
 
 pub mod capture;
@@ -296,6 +301,15 @@ fn launcher() -> Result<&'static Mutex<mpsc::Sender<Job>>> {
         .spawn(move || {
             // Lives as long as the process: PR_SET_PDEATHSIG of every init follows this thread.
             // A panicking job must not end this thread: that would fire every init's PDEATHSIG.
+            // It blocks every signal for its life (the process's other threads take them), so
+            // none of its calls is ever interrupted: the setup child shares its thread-local
+            // `errno` (see `start_on_launcher`).
+            // SAFETY: plain signal-mask change of this thread.
+            unsafe {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+            }
             while let Ok(job) = rx.recv() {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             }
@@ -591,35 +605,66 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             ),
         }
     }
+    // What the parent needs of the plan while the child runs, copied out first: from the clone
+    // until the child has exec'd, the plan belongs to the child.
+    let fuse_targets: Vec<Option<String>> = plan
+        .mounts
+        .iter()
+        .map(|m| {
+            m.fuse
+                .then(|| format!("/{}", m.target_rel.to_string_lossy()))
+        })
+        .collect();
+    let fuse_count = fuse_targets.iter().flatten().count();
+    let stack = SetupStack::new()?;
+    // SAFETY: plain prctl query.
+    let dumpable_before = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    let plan_ptr: *mut InitPlan = &mut plan;
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: the child runs only init_main (allocation-free, never returns).
+    // The setup child shares this process's memory (CLONE_VM: no copy of the host's page tables,
+    // whatever the size of its heap) until it executes hive-init.
+    // SAFETY: the child runs only init::init_entry (init_main: allocation-free, lock-free, never
+    // returns; it ends in execveat or _exit) on `stack`, with `plan` as its only data, which this
+    // function neither touches nor frees until the child has exec'd or died (every path below
+    // returns through `fail`, which kills and reaps it, or after its "init runs" message; the
+    // guard kills and reaps it on a panic). The one state it shares with this thread is the
+    // thread-local `errno` (a CLONE_VM child has no TLS of its own): each side writes it only
+    // when a call of its own fails, and this thread's calls meanwhile (recvmsg on the control
+    // socket, reading /proc) cannot be interrupted (it blocks every signal for its life) and
+    // end the child when they fail.
     let pid = with_signals_blocked(|| unsafe {
-        child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd))
+        libc::clone(
+            init::init_entry,
+            stack.top(),
+            NS_FLAGS | libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD,
+            plan_ptr.cast(),
+            &mut pidfd as *mut libc::c_int,
+        ) as libc::c_long
     });
-    // The parent's mask is back (with_signals_blocked); the child's stays all-blocked until
-    // init_main has reset every handler, and in fact until its exec.
-    if pid == 0 {
-        // SAFETY: we are the freshly cloned child.
-        unsafe { init::init_main(&mut plan) }
-    }
     if pid < 0 {
         let e = std::io::Error::last_os_error();
         return Err(match e.raw_os_error() {
             Some(libc::EPERM | libc::ENOSPC | libc::EUSERS | libc::EINVAL | libc::EACCES) => {
-                userns_error(format!("clone3 of the sandbox init failed: {e}"))
+                userns_error(format!("clone of the sandbox init failed: {e}"))
             }
-            _ => HiveError::io("clone3 of the sandbox init", e),
+            _ => HiveError::io("clone of the sandbox init", e),
         });
     }
-    drop(theirs);
     // SAFETY: CLONE_PIDFD filled a fresh fd.
     let init_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // Declared after the pidfd, so dropped before it closes.
+    let mut setup_child = SetupChild {
+        pidfd: init_pidfd.as_raw_fd(),
+        armed: true,
+        dumpable_before,
+    };
+    drop(theirs);
     let fail = |err: HiveError| -> HiveError {
         let _ = pidfd_send_signal(init_pidfd.as_raw_fd(), libc::SIGKILL);
         let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
         err
     };
-    // Opened while init is still dumpable (it turns that off after "go").
+    // Opened before "go", while the child is still the host's uid.
     let ns_fds = match open_namespaces(pid as i32) {
         Ok(fds) => fds,
         Err(e) => return Err(fail(e)),
@@ -661,9 +706,12 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         let (stage, errno) = child::decode_report(&buf);
         match (stage, handed.last_fd.take()) {
             (Stage::FuseHandover, Some(fd)) => {
-                match usize::try_from(errno).ok().and_then(|i| plan.mounts.get(i)) {
-                    Some(m) if m.fuse => {
-                        fuse.push((format!("/{}", m.target_rel.to_string_lossy()), fd));
+                match usize::try_from(errno)
+                    .ok()
+                    .and_then(|i| fuse_targets.get(i))
+                {
+                    Some(Some(target)) => {
+                        fuse.push((target.clone(), fd));
                     }
                     _ => {
                         return Err(fail(HiveError::Internal(format!(
@@ -672,7 +720,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
                     }
                 }
             }
-            (Stage::Ok, Some(_)) if fuse.len() != plan.mounts.iter().filter(|m| m.fuse).count() => {
+            (Stage::Ok, Some(_)) if fuse.len() != fuse_count => {
                 return Err(fail(HiveError::Internal(
                     "sandbox init did not hand over every FUSE connection".into(),
                 )))
@@ -694,6 +742,10 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         }
         Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
     }
+    // hive-init runs: the child no longer uses `plan` or `stack`.
+    setup_child.armed = false;
+    drop(setup_child);
+    drop(stack);
     let inner = HostInner {
         name: spec.name.clone(),
         init_pid: pid as i32,
@@ -718,6 +770,79 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             fuse,
         },
     ))
+}
+
+/// The setup child's stack: anonymous memory with a guard page below it (an overflow faults
+/// instead of writing into the host's memory, which the child shares).
+struct SetupStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl SetupStack {
+    const SIZE: usize = 256 * 1024;
+    const GUARD: usize = 64 * 1024;
+
+    fn new() -> Result<SetupStack> {
+        let len = Self::SIZE + Self::GUARD;
+        // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(last_err("mapping the setup child's stack"));
+        }
+        let stack = SetupStack { base, len };
+        // SAFETY: the lowest GUARD bytes of our own fresh mapping.
+        if unsafe { libc::mprotect(base, Self::GUARD, libc::PROT_NONE) } < 0 {
+            return Err(last_err("guarding the setup child's stack"));
+        }
+        Ok(stack)
+    }
+
+    /// The initial stack pointer (stacks grow down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        ((self.base as usize + self.len) & !0xf) as *mut libc::c_void
+    }
+}
+
+impl Drop for SetupStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; the child that used it has exec'd or is gone (see callers).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// What must happen once the setup child no longer runs in the host's memory, on every path:
+/// kill and reap it if it has not exec'd (a panic between its clone and its exec; it must never
+/// run on a freed stack), then give the host process back its dumpability. The child's switch
+/// to the sandbox's uid (as root: host uid 65534) makes the kernel clear the dumpable flag of
+/// the memory it shares with the host, which would leave the host without core dumps.
+struct SetupChild {
+    pidfd: RawFd,
+    /// Still running in the host's memory: kill it on drop.
+    armed: bool,
+    dumpable_before: libc::c_int,
+}
+
+impl Drop for SetupChild {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = pidfd_send_signal(self.pidfd, libc::SIGKILL);
+            let _ = waitid_pidfd(self.pidfd, libc::WEXITED);
+        }
+        if self.dumpable_before == 1 {
+            // SAFETY: plain prctl of this process; the child no longer shares its memory.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+        }
+    }
 }
 
 /// The fds init sends before its final report ([`capture::FdKind`]).

@@ -559,6 +559,17 @@ async fn kill_reaches_the_commands_process_group_and_close_reaches_the_rest() {
     assert_eq!(members(), 0);
 }
 
+/// The setup child runs in the host's memory until it executes hive-init: whatever it changes
+/// that belongs to the memory (dumpability) would change the host process.
+#[tokio::test(flavor = "multi_thread")]
+async fn starting_a_sandbox_leaves_the_host_process_dumpable() {
+    let sb = start("proc-host-dumpable");
+    assert!(sh(&sb.host, "true").await.ok());
+    // SAFETY: plain prctl query.
+    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    assert_eq!(dumpable, 1);
+}
+
 fn namespace_members(ns_id: u64) -> usize {
     let want = format!("pid:[{ns_id}]");
     std::fs::read_dir("/proc")
