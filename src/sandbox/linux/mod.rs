@@ -19,12 +19,12 @@
 //!    dirs, `/etc` secrets, mounts), make a control socketpair; the `hive-init` memfd and the
 //!    seccomp image exist once per process.
 //! 2. `clone` the setup child with every namespace, `CLONE_VM` and `CLONE_PIDFD`: it runs in the
-//!    host's memory on a stack of its own ([`SetupStack`], with every signal blocked), so no page
+//!    host's memory on a stack of its own (`SetupStack`, with every signal blocked), so no page
 //!    table is copied whatever the size of the host's heap. The parent opens its namespace fds,
 //!    writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when unprivileged)
 //!    and sends "go".
 //!    **After clone, before "go"** is where per-sandbox host-side set-up belongs (the child waits
-//!    on the control socket; e.g. placing its pid into a cgroup): see [`start_on_launcher`].
+//!    on the control socket; e.g. placing its pid into a cgroup): see `start_on_launcher`.
 //! 3. The child sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
 //!    listeners of the transparent path, the filesystem and the Landlock rules ([`init`],
 //!    [`netns`], [`capture`], [`mounts`]) and sends the sockets back over `SCM_RIGHTS`
@@ -85,7 +85,7 @@
 //! the host's memory; no other process exists in the sandbox by then, and a host process that
 //! could read it must be allowed to ptrace the host (as root, the child's uid is host 65534, but
 //! ptrace of it needs `CAP_SYS_PTRACE` over its user namespace). It shares the launcher thread's
-//! thread-local `errno` and the memory's dumpable flag ([`SetupChild`] restores the latter).
+//! thread-local `errno` and the memory's dumpable flag (`SetupChild` restores the latter).
 //! Spawns join the namespaces through fds the parent opened before "go".
 
 pub mod capture;
