@@ -44,12 +44,10 @@ pub(crate) extern "C" fn init_entry(arg: *mut libc::c_void) -> libc::c_int {
 pub(crate) unsafe fn init_main(plan: &mut InitPlan) -> ! {
     let ctrl = plan.ctrl;
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-    // The host's signal handlers (Node's, libuv's) must never run in this copy.
-    for sig in 1..=64 {
-        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::signal(sig, libc::SIG_DFL);
-        }
-    }
+    // The host's signal handlers (Node's, libuv's) must never run here (every signal is also
+    // blocked until the exec). Raw rt_sigaction: no errno write (glibc's signal() fails with
+    // EINVAL on its reserved signals), since errno is shared with the launcher thread.
+    let _ = hive_launcher::sys::reset_signal_dispositions();
     let mut go = [0u8; 1];
     let n = loop {
         let n = libc::read(ctrl, go.as_mut_ptr().cast(), 1);

@@ -607,7 +607,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     }
     // What the parent needs of the plan while the child runs, copied out first: from the clone
     // until the child has exec'd, the plan belongs to the child.
-    let fuse_targets: Vec<Option<String>> = plan
+    let mut fuse_targets: Vec<Option<String>> = plan
         .mounts
         .iter()
         .map(|m| {
@@ -628,10 +628,13 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     // function neither touches nor frees until the child has exec'd or died (every path below
     // returns through `fail`, which kills and reaps it, or after its "init runs" message; the
     // guard kills and reaps it on a panic). The one state it shares with this thread is the
-    // thread-local `errno` (a CLONE_VM child has no TLS of its own): each side writes it only
-    // when a call of its own fails, and this thread's calls meanwhile (recvmsg on the control
-    // socket, reading /proc) cannot be interrupted (it blocks every signal for its life) and
-    // end the child when they fail.
+    // thread-local `errno` (a CLONE_VM child has no TLS of its own), which each side writes only
+    // when a call of its own fails and reads right after that failure. This thread's calls
+    // while the child works (after "go": recvmsg on the control socket, and moving what it
+    // receives into vectors reserved in advance, so no allocation) cannot be interrupted (it
+    // blocks every signal for its life) and, when they fail, end the child first. Before "go"
+    // the child makes only calls that succeed or write no errno (prctl, raw rt_sigaction) and
+    // then waits in read(2).
     let pid = with_signals_blocked(|| unsafe {
         libc::clone(
             init::init_entry,
@@ -685,8 +688,13 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if unsafe { libc::write(ours.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
         return Err(fail(last_err("starting the sandbox init")));
     }
-    let mut handed = Handed::default();
-    let mut fuse = Vec::new();
+    // Reserved now: receiving what the child hands over allocates nothing (see the SAFETY note
+    // at the clone).
+    let mut handed = Handed {
+        transparent: Vec::with_capacity(2 * spec.capture_ports.len()),
+        ..Handed::default()
+    };
+    let mut fuse = Vec::with_capacity(fuse_count);
     let listener = loop {
         let report = match netns::recv_report(ours.as_raw_fd()) {
             Ok(r) => r,
@@ -708,11 +716,10 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             (Stage::FuseHandover, Some(fd)) => {
                 match usize::try_from(errno)
                     .ok()
-                    .and_then(|i| fuse_targets.get(i))
+                    .and_then(|i| fuse_targets.get_mut(i))
+                    .and_then(Option::take)
                 {
-                    Some(Some(target)) => {
-                        fuse.push((target.clone(), fd));
-                    }
+                    Some(target) => fuse.push((target, fd)),
                     _ => {
                         return Err(fail(HiveError::Internal(format!(
                             "sandbox init handed over a FUSE connection for mount {errno}"
