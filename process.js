@@ -6,6 +6,10 @@ const net = require('node:net')
 const { PassThrough } = require('node:stream')
 
 const DEFAULT_MAX_BUFFER = 16 * 1024 * 1024
+// After exec kills a command, how long it still waits for output in flight before it settles: a
+// process that left the command's process group (setsid) may hold the pipes open for ever.
+const SETTLE_AFTER_KILL_MS = 50
+const kCloseStdio = Symbol('closeStdio')
 
 function argvOf(command) {
   if (typeof command === 'string') return ['/bin/sh', '-c', command]
@@ -33,6 +37,7 @@ function nativeOptions(options) {
 class SandboxProcess {
   #native = null
   #killed = null
+  #sockets = []
   #started
 
   constructor(started) {
@@ -47,8 +52,11 @@ class SandboxProcess {
       const stdin = new net.Socket({ fd: stdinFd, readable: false, writable: true })
       stdin.on('error', () => {}) // EPIPE when the process exits without reading its input
       this.stdin.pipe(stdin)
-      new net.Socket({ fd: stdoutFd, readable: true, writable: false }).pipe(this.stdout)
-      new net.Socket({ fd: stderrFd, readable: true, writable: false }).pipe(this.stderr)
+      const stdout = new net.Socket({ fd: stdoutFd, readable: true, writable: false })
+      const stderr = new net.Socket({ fd: stderrFd, readable: true, writable: false })
+      stdout.pipe(this.stdout)
+      stderr.pipe(this.stderr)
+      this.#sockets = [stdin, stdout, stderr]
       if (this.#killed) native.kill(this.#killed)
       return native
     })
@@ -66,10 +74,17 @@ class SandboxProcess {
     return native.wait()
   }
 
-  /** Sends a signal (default `"SIGTERM"`). */
+  /** Sends a signal (default `"SIGTERM"`) to every process of the command (its process group). */
   kill(signal = 'SIGTERM') {
     if (this.#native) this.#native.kill(String(signal))
     else this.#killed = String(signal)
+  }
+
+  /** Stops reading the pipes and ends the streams (exec, after a kill). */
+  [kCloseStdio]() {
+    for (const socket of this.#sockets) socket.destroy()
+    this.stdout.end()
+    this.stderr.end()
   }
 }
 
@@ -89,11 +104,16 @@ async function exec(sandbox, nativeSpawn, command, options = {}) {
   const child = spawn(sandbox, nativeSpawn, command, options)
   const out = { stdout: [], stderr: [], size: 0 }
   let failure = null
+  let killed = false
+  const killAll = () => {
+    killed = true
+    child.kill('SIGKILL')
+  }
   const collect = (name) => (chunk) => {
     out.size += chunk.length
     if (out.size > maxBuffer && !failure) {
       failure = Object.assign(new RangeError(`exec: output exceeded maxBuffer (${maxBuffer} bytes)`), { code: 'HIVE_MAX_BUFFER' })
-      child.kill('SIGKILL')
+      killAll()
       return
     }
     if (!failure) out[name].push(chunk)
@@ -106,15 +126,23 @@ async function exec(sandbox, nativeSpawn, command, options = {}) {
   child.stdin.end(stdin === undefined ? undefined : Buffer.from(stdin))
 
   let timedOut = false
-  const timer = timeoutMs === undefined ? null : setTimeout(() => ((timedOut = true), child.kill('SIGKILL')), timeoutMs)
+  const timer = timeoutMs === undefined ? null : setTimeout(() => ((timedOut = true), killAll()), timeoutMs)
   const onAbort = () => {
     failure ??= signal.reason ?? Object.assign(new Error('The operation was aborted'), { name: 'AbortError', code: 'ABORT_ERR' })
-    child.kill('SIGKILL')
+    killAll()
   }
   signal?.addEventListener('abort', onAbort, { once: true })
   try {
     const status = await child.wait()
-    await drained
+    if (killed) {
+      // Everything in the command's process group died with it; keep what already arrived.
+      let settle
+      await Promise.race([drained, new Promise((resolve) => (settle = setTimeout(resolve, SETTLE_AFTER_KILL_MS)))])
+      clearTimeout(settle)
+      child[kCloseStdio]()
+    } else {
+      await drained
+    }
     if (failure) throw failure
     const result = {
       exitCode: status.exitCode,

@@ -1,6 +1,7 @@
 // Sandboxed processes (SPEC §1 exec/spawn, §4; issue 4), as users run them and as an attacker
 // inside would try to get out. Run by CI as root and again as an unprivileged user.
 import { spawn as hostSpawn, spawnSync } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
 import { existsSync, readdirSync, readFileSync } from 'node:fs'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
@@ -124,6 +125,66 @@ describe(`exec and spawn (${whoami})`, () => {
   })
 })
 
+describe(`kills reach every process of a command (${whoami})`, () => {
+  let kills: Sandbox
+  beforeAll(async () => {
+    kills = await getOrCreateSandbox('exec-kills', {})
+  })
+  afterAll(async () => {
+    await kills?.close()
+  })
+
+  /** How many `sleep` processes exist in the sandbox, waiting up to 2 s for the count to reach 0. */
+  const sleepsLeft = async (): Promise<number> => {
+    const deadline = Date.now() + 2000
+    for (;;) {
+      const r = await kills.exec(['sh', '-c', 'cat /proc/[0-9]*/comm 2>/dev/null'])
+      const n = r.stdout.split('\n').filter((c) => c === 'sleep').length
+      if (n === 0 || Date.now() > deadline) return n
+      await new Promise((resolve) => setTimeout(resolve, 50))
+    }
+  }
+
+  it('timeoutMs kills the shell and its sleep, settles at once and keeps the output so far', async () => {
+    const t = Date.now()
+    const r = await kills.exec('echo before; sleep 5; echo x', { timeoutMs: 300 })
+    expect(Date.now() - t).toBeLessThan(1000)
+    expect(r).toMatchObject({ exitCode: null, signal: 'SIGKILL', timedOut: true, stdout: 'before\n' })
+    expect(await sleepsLeft()).toBe(0)
+  })
+
+  it('an aborted signal kills the shell and its sleep and settles at once', async () => {
+    const controller = new AbortController()
+    setTimeout(() => controller.abort(), 300)
+    const t = Date.now()
+    await expect(kills.exec('sleep 5; echo x', { signal: controller.signal })).rejects.toMatchObject({ name: 'AbortError' })
+    expect(Date.now() - t).toBeLessThan(1000)
+    expect(await sleepsLeft()).toBe(0)
+  })
+
+  it('a sleep with its output redirected or in the background does not outlive a timed-out exec', async () => {
+    for (const command of ['sleep 3 >/dev/null 2>&1; echo x', 'sleep 3 >/dev/null 2>&1 & sleep 3 >/dev/null 2>&1 & wait']) {
+      const t = Date.now()
+      const r = await kills.exec(command, { timeoutMs: 300 })
+      expect(Date.now() - t).toBeLessThan(1000)
+      expect(r.timedOut).toBe(true)
+      expect(await sleepsLeft()).toBe(0)
+    }
+  })
+
+  it('maxBuffer and kill() stop every process of the command', async () => {
+    const t = Date.now()
+    await expect(kills.exec('sleep 5 & yes', { maxBuffer: 1000 })).rejects.toMatchObject({ code: 'HIVE_MAX_BUFFER' })
+    expect(Date.now() - t).toBeLessThan(1000)
+    expect(await sleepsLeft()).toBe(0)
+    const child = kills.spawn('sleep 30 & sleep 30 & wait')
+    await new Promise((resolve) => setTimeout(resolve, 200))
+    child.kill('SIGTERM')
+    expect(await child.wait()).toEqual({ exitCode: null, signal: 'SIGTERM' })
+    expect(await sleepsLeft()).toBe(0)
+  })
+})
+
 describe(`as users run it (${whoami})`, () => {
   it('curl reaches an allowed host through the proxy, with the sandbox CA trusted', async () => {
     const r = await sandbox.exec(['curl', '-sS', 'https://api.github.com/zen'])
@@ -223,6 +284,91 @@ describe(`escapes (${whoami})`, () => {
     expect(r.stdout).toContain('ok /api/v1/quote')
     expect(r.stdout + r.stderr).not.toContain(SECRET)
   })
+
+  it("no page of the host's heap is readable inside, in any process's /proc/<pid>/mem", async () => {
+    // A secret in this Node process's heap (a string and a buffer) before the sandbox starts.
+    const secret = `hive-heap-secret-${randomBytes(8).toString('hex')}`
+    const held = [secret.split('').join(''), Buffer.from(secret)]
+    const heap = await getOrCreateSandbox('exec-heap', {})
+    try {
+      // The scanner gets the secret hex-encoded (so its own argv does not hold it) and skips its
+      // own memory for it; a marker it decodes into its own memory proves the reading works.
+      const scan = [
+        'import os, sys',
+        'secret, marker = bytes.fromhex(sys.argv[1]), bytes.fromhex(sys.argv[2])',
+        'found, seen_self, regions = [], False, 0',
+        'for p in [p for p in os.listdir("/proc") if p.isdigit()]:',
+        '    try:',
+        '        maps = open(f"/proc/{p}/maps").read().splitlines()',
+        '        mem = open(f"/proc/{p}/mem", "rb", 0)',
+        '    except OSError:',
+        '        continue',
+        '    for line in maps:',
+        '        span, perms = line.split()[:2]',
+        '        if perms[0] != "r":',
+        '            continue',
+        '        start, end = (int(x, 16) for x in span.split("-"))',
+        '        try:',
+        '            mem.seek(start)',
+        '            data = mem.read(end - start)',
+        '        except (OSError, ValueError, OverflowError):',
+        '            continue',
+        '        regions += 1',
+        '        if int(p) == os.getpid():',
+        '            seen_self = seen_self or marker in data',
+        '        elif secret in data:',
+        '            found.append(p)',
+        'print(found, seen_self, regions > 0)',
+      ].join('\n')
+      const marker = Buffer.from(`marker-${randomBytes(4).toString('hex')}`).toString('hex')
+      const spawned = [heap.spawn(['sleep', '2']), heap.spawn(['sh', '-c', 'sleep 2'])]
+      const r = await heap.exec(['/usr/bin/python3', '-c', scan, Buffer.from(secret).toString('hex'), marker])
+      for (const c of spawned) c.kill('SIGKILL')
+      expect(r.stdout).toBe('[] True True\n')
+      expect(held[1].toString()).toBe(secret)
+    } finally {
+      await heap.close()
+    }
+  })
+
+  it("a host started with --api-key=SECRET that keeps spawning never shows it in any /proc/<pid>/cmdline or environ inside", async () => {
+    const secret = `SECRET-${randomBytes(8).toString('hex')}`
+    const watch = [
+      'import os, sys',
+      'secret = bytes.fromhex(sys.argv[1])',
+      'hits, pids = 0, set()',
+      'while not os.path.exists("/tmp/stop"):',
+      '    for p in [p for p in os.listdir("/proc") if p.isdigit()]:',
+      '        for f in ("cmdline", "environ"):',
+      '            try:',
+      '                data = open(f"/proc/{p}/{f}", "rb").read()',
+      '            except OSError:',
+      '                continue',
+      '            pids.add(p)',
+      '            hits += secret in data',
+      'print(hits, len(pids) >= 20)',
+    ].join('\n')
+    const script = `
+      const { getOrCreateSandbox } = require(${JSON.stringify(entry)});
+      (async () => {
+        const s = await getOrCreateSandbox('exec-argv');
+        const watcher = s.exec(['/usr/bin/python3', '-c', ${JSON.stringify(watch)}, ${JSON.stringify(Buffer.from(secret).toString('hex'))}], { timeoutMs: 60000 });
+        await new Promise((r) => setTimeout(r, 300));
+        for (let i = 0; i < 100; i++) await Promise.all([s.exec(['true']), s.exec(['sh', '-c', 'true'])]);
+        await s.exec(['touch', '/tmp/stop']);
+        console.log((await watcher).stdout.trim());
+        await s.close();
+      })();
+    `
+    const child = hostSpawn(process.execPath, ['-e', script, '--', `--api-key=${secret}`], {
+      env: { ...process.env, HIVE_HOME: home.dir, HIVE_TEST_API_KEY: secret },
+      stdio: ['ignore', 'pipe', 'inherit'],
+    })
+    let out = ''
+    child.stdout!.on('data', (c: Buffer) => (out += String(c)))
+    await new Promise((r) => child.once('exit', r))
+    expect(out.trim()).toBe('0 True')
+  }, 60000)
 
   it('killing the host node process (SIGKILL) leaves no sandboxed process alive', async () => {
     const marker = String(900000 + Math.floor(Math.random() * 99999))

@@ -330,9 +330,9 @@ export interface SpawnOptions {
 export interface ExecOptions extends SpawnOptions {
   /** Written to the process's stdin, which is then closed. */
   stdin?: string | Uint8Array
-  /** Kill the process (SIGKILL) after this many milliseconds; the result has `timedOut: true`. */
+  /** Kill the command, every process it started (its process group), with SIGKILL after this many milliseconds; the result has `timedOut: true` and the output so far. */
   timeoutMs?: number
-  /** Kill the process (SIGKILL) and reject with the signal's reason when aborted. */
+  /** Kill the command's process group (SIGKILL) and reject with the signal's reason when aborted. */
   signal?: AbortSignal
   /** Largest stdout + stderr, in bytes, before the process is killed and the call rejects with `HIVE_MAX_BUFFER` (default 16 MiB). */
   maxBuffer?: number
@@ -358,7 +358,7 @@ export declare class SandboxProcess {
   readonly stderr: import('node:stream').Readable
   /** Resolves when the process has ended; rejects with `HIVE_SPAWN_FAILED` if it could not start. */
   wait(): Promise<{ exitCode: number | null; signal: string | null }>
-  /** Sends a signal (default `"SIGTERM"`). */
+  /** Sends a signal (default `"SIGTERM"`) to every process of the command (its process group). */
   kill(signal?: string): void
 }
 

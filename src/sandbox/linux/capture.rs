@@ -334,8 +334,8 @@ pub(crate) fn open_capture_listeners(
             stack_top as *mut libc::c_void,
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             &plan as *const HelperPlan as *mut libc::c_void,
-        )
-    });
+        ) as libc::c_long
+    }) as libc::c_int;
     drop(stack);
     let forked = if pid < 0 {
         Err(HiveError::io(

@@ -23,8 +23,6 @@
 use std::ffi::CStr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::child;
-
 /// Host uid and gid the sandbox's root becomes when hive runs as root.
 pub const ROOT_MAPPED_ID: u32 = 65534;
 
@@ -45,17 +43,21 @@ pub(crate) fn mapping_userns(id: u32) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: fresh fds.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the child only blocks on read and exits (raw syscalls).
-    let pid = unsafe { child::clone3(libc::CLONE_NEWUSER as u64, libc::SIGCHLD as u64, None) };
-    if pid == 0 {
-        let mut b = [0u8; 1];
-        // SAFETY: raw close, read and _exit in the child; EOF comes when the parent closes `w`.
-        unsafe {
-            libc::close(w.as_raw_fd());
-            libc::read(r.as_raw_fd(), b.as_mut_ptr().cast(), 1);
-            libc::_exit(0)
-        }
-    }
+    // The child shares this process's memory (CLONE_VM: no copy of the host's page tables) and
+    // runs only hive_launcher::stub::hold_until_eof (raw syscalls, no TLS) on its own stack.
+    let mut stack = vec![0u8; 16 * 1024];
+    let stack_top = (stack.as_mut_ptr() as usize + stack.len()) & !0xf;
+    let fds_arg = (r.as_raw_fd() as u32 as u64) | ((w.as_raw_fd() as u32 as u64) << 32);
+    // SAFETY: the child runs hold_until_eof on `stack`, which lives until the child is reaped
+    // below; signals stay blocked in it, so none of the host's handlers runs there.
+    let pid = super::with_signals_blocked(|| unsafe {
+        libc::clone(
+            hive_launcher::stub::hold_until_eof,
+            stack_top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_NEWUSER | libc::SIGCHLD,
+            fds_arg as usize as *mut libc::c_void,
+        ) as libc::c_long
+    });
     if pid < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -70,6 +72,7 @@ pub(crate) fn mapping_userns(id: u32) -> std::io::Result<OwnedFd> {
     let mut status = 0;
     // SAFETY: reaping our own child.
     unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+    drop(stack);
     result
 }
 

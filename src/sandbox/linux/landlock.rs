@@ -8,7 +8,8 @@
 //!    sandbox ([`add_rule`]). Landlock binds rules to inodes, so rules for the fresh `/proc`,
 //!    `/tmp` and `/dev` cannot be made from host paths; doing all of them in init keeps one path.
 //!    The ruleset fd is shared with the parent, so the rules land in the object the parent keeps.
-//! 3. Each workload calls `landlock_restrict_self` with it before exec ([`restrict_self`]).
+//! 3. Each workload calls `landlock_restrict_self` with it before exec (the spawn shim,
+//!    `hive_launcher::spawn`, which receives the ruleset fd).
 //!
 //! Raw syscalls instead of the `landlock` crate: steps 2 and 3 run after `clone` and must not
 //! allocate; the constants below are the stable uapi values.
@@ -209,15 +210,6 @@ unsafe fn add_rule_inner(
     })();
     libc::close(fd);
     r
-}
-
-/// Enforces the ruleset on the calling thread (child side; needs no_new_privs).
-pub(crate) unsafe fn restrict_self(ruleset: RawFd) -> CResult {
-    check(
-        libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32),
-        Stage::Landlock,
-    )?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -5,54 +5,67 @@
 //! ```text
 //! host process (multi-threaded; Node)
 //!  ├─ launcher thread (one per process, lives forever; every clone happens here)
-//!  ├─ sandbox init   clone3(NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS|NEWCGROUP), PID 1, reaps
-//!  └─ workload       (one per spawn) in init's namespaces, a direct child of the host process
+//!  ├─ sandbox init   PID 1 in NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS|NEWCGROUP: `hive-init init`
+//!  └─ workload       (one per spawn) in init's namespaces, a direct child of the host process,
+//!                    started by `hive-init spawn`
 //! ```
+//! `hive-init` is a static executable of a few kB (`crates/launcher`, `#![no_std]`), embedded in
+//! the addon and executed from a sealed memfd ([`image`]). Every process inside a sandbox is an
+//! exec'd program: no page of the host's memory, argv or environment exists in the sandbox's PID
+//! namespace, on any architecture.
 //!
 //! # How a sandbox starts ([`SandboxHost::start`])
-//! 1. On the launcher thread: create the Landlock ruleset, compile the seccomp filter, resolve
-//!    the [`plan::InitPlan`] (system dirs, `/etc` secrets, mounts), make a control socketpair.
-//! 2. `clone3` init with every namespace and `CLONE_PIDFD`. The parent opens init's namespace
-//!    fds, writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when
-//!    unprivileged) and sends "go".
-//! 3. init sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
+//! 1. On the launcher thread: create the Landlock ruleset, resolve the [`plan::InitPlan`] (system
+//!    dirs, `/etc` secrets, mounts), make a control socketpair; the `hive-init` memfd and the
+//!    seccomp image exist once per process.
+//! 2. `clone` the setup child with every namespace, `CLONE_VM` and `CLONE_PIDFD`: it runs in the
+//!    host's memory on a stack of its own (`SetupStack`, with every signal blocked), so no page
+//!    table is copied whatever the size of the host's heap. The parent opens its namespace fds,
+//!    writes `uid_map` and `gid_map` (see *Identity*; `setgroups=deny` first when unprivileged)
+//!    and sends "go".
+//!    **After clone, before "go"** is where per-sandbox host-side set-up belongs (the child waits
+//!    on the control socket; e.g. placing its pid into a cgroup): see `start_on_launcher`.
+//! 3. The child sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
 //!    listeners of the transparent path, the filesystem and the Landlock rules ([`init`],
 //!    [`netns`], [`capture`], [`mounts`]) and sends the sockets back over `SCM_RIGHTS`
 //!    ([`Handover`]), after the `/dev/fuse` fd of each mount that needs per-file ACLs
 //!    ([`BindMount::fuse`]): the host serves those ([`Handover::fuse`]; nothing inside may touch
 //!    them before). Ports added later get capture listeners from a setns helper
 //!    ([`SandboxHost::open_capture_listeners`]).
+//! 4. It executes `hive-init init` (`hive_launcher::stub::exec_init`), which tells the host it
+//!    runs and reaps orphans as PID 1 (`hive_launcher::init`).
 //!
 //! # How a process is spawned ([`SandboxHost::spawn`])
-//! 1. On the launcher thread: argv/envp/candidate paths ([`plan::SpawnPlan`]), stdio pipes, an
-//!    exec-status pipe and a pid pipe, all `O_CLOEXEC`.
-//! 2. Start a helper with `CLONE_VM | CLONE_VFORK` (like `posix_spawn`: no copy of the host's
-//!    page tables, all signals blocked). It `setns`es into init's namespaces through the
-//!    `/proc/<init>/ns/*` fds the parent opened at start (user namespace first, PID namespace
-//!    last) and starts the workload the same way plus `CLONE_PARENT`, so the workload is a child
-//!    of the host process inside the sandbox's PID namespace; the helper reports its pid and
-//!    exits.
-//! 3. The workload confines itself ([`child::workload_main`]: new session, stdio, cwd, every
-//!    capability dropped, no_new_privs, Landlock, fds closed at exec, seccomp) and execs. The
-//!    exec-status pipe tells the launcher "exec happened" (EOF) or which step failed.
-//! 4. The parent opens a pidfd for it; [`SandboxProcess::wait`] waits on that pidfd with tokio's
+//! 1. On the launcher thread: the shim's argument list (the command's argv, cwd and candidate
+//!    paths, [`CommandStrings::shim_argv`]) and environment, stdio pipes, an exec-status pipe and a
+//!    pid pipe, all `O_CLOEXEC`.
+//! 2. Start a helper with `CLONE_VM | CLONE_VFORK` (like `posix_spawn`: no copy of the host's page
+//!    tables, all signals blocked) that only moves the fds into fixed slots and executes
+//!    `hive-init spawn` (`hive_launcher::stub::exec_spawn_shim`): nothing of the host's memory
+//!    goes further.
+//! 3. The shim joins init's namespaces through the `/proc/<init>/ns/*` fds the parent opened at
+//!    start (user namespace first, PID namespace last) and forks the workload with
+//!    `CLONE_PARENT`, so the workload is a child of the host process inside the sandbox's PID
+//!    namespace; it reports the workload's pid and exits.
+//! 4. The workload confines itself (`hive_launcher::spawn`: new session and process group, cwd,
+//!    every capability dropped, no_new_privs, Landlock, fds closed at exec, seccomp) and execs.
+//!    The exec-status pipe tells the launcher "exec happened" (EOF) or which step failed.
+//! 5. The parent opens a pidfd for it; [`SandboxProcess::wait`] waits on that pidfd with tokio's
 //!    `AsyncFd` and reads the status with `waitid(P_PIDFD)`.
 //!
-//! Why a `setns` helper and not "init forks on request": the workload stays a child of the host,
-//! so its exit status comes straight from the kernel (no status protocol); init stays a trivial
-//! reaper that never parses a request; and the allocation-free code runs in short-lived
-//! processes only. The price is one extra `clone` per spawn, cheap since neither copies the
-//! host's memory (see the benchmark in `tests.rs`).
+//! Why a spawn shim and not "init forks on request": the workload stays a child of the host, so
+//! its exit status comes straight from the kernel (no status protocol); init stays a trivial
+//! reaper that never parses a request from anyone; and a failure in one spawn cannot take the
+//! sandbox's PID 1 down. The price is one `execveat` of a 6 kB static program per spawn.
 //!
 //! # Lifetime
 //! `close()` sends SIGKILL to init; the kernel then kills every process of the PID namespace.
 //! The launcher reaps the workloads (init's exit waits for them) and init. The host dying kills
 //! init through `PR_SET_PDEATHSIG`, set from the launcher thread (PDEATHSIG follows the thread
-//! that forked, which is why that thread never exits, even when a job panics). init is a
-//! copy-on-write copy of the host; once set up it unmaps everything but its stack and a few
-//! instructions ([`init`]), so an idle sandbox costs about 1 MB instead of pinning a copy of the
-//! host's heap. No host state is left: the namespaces disappear with their last process and fd;
-//! there are no interfaces, rules or mounts on the host.
+//! that forked, which is why that thread never exits, even when a job panics) and kept across
+//! the exec of `hive-init`. An idle sandbox costs init's few pages. No host state is left: the
+//! namespaces disappear with their last process and fd; there are no interfaces, rules or
+//! mounts on the host.
 //!
 //! # Identity
 //! Inside, everything runs as uid/gid 0 of the sandbox's user namespace, the only id mapped
@@ -68,14 +81,19 @@
 //!   read them as their owner.
 //!
 //! # Security
-//! See [`child`] for the confinement order. init is a copy of the host's memory and is made
-//! non-dumpable; spawns join the namespaces through fds the parent opened before that.
+//! See `hive_launcher::spawn` for the confinement order. Until its exec the setup child runs in
+//! the host's memory; no other process exists in the sandbox by then, and a host process that
+//! could read it must be allowed to ptrace the host (as root, the child's uid is host 65534, but
+//! ptrace of it needs `CAP_SYS_PTRACE` over its user namespace). It shares the launcher thread's
+//! thread-local `errno` and the memory's dumpable flag (`SetupChild` restores the latter).
+//! Spawns join the namespaces through fds the parent opened before "go".
 
 pub mod capture;
 pub(crate) mod child;
 #[cfg(test)]
 mod fuse_tests;
 pub(crate) mod idmap;
+pub(crate) mod image;
 pub(crate) mod init;
 pub(crate) mod landlock;
 pub(crate) mod mounts;
@@ -92,8 +110,8 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use crate::error::{HiveError, Result};
 use child::Stage;
-use plan::{ptr_array, CommandStrings, InitPlan, SpawnPlan, NS_FLAGS};
-use seccomp::SeccompProgram;
+use hive_launcher::stub::{slot, ShimExec};
+use plan::{ptr_array, CommandStrings, InitPlan, NS_FLAGS};
 
 /// Where the sandbox's CA bundle (system roots + sandbox CA) is, inside the sandbox.
 pub const CA_BUNDLE_PATH: &str = "/run/hive/ca-bundle.pem";
@@ -225,7 +243,6 @@ struct HostInner {
     /// `/proc/<init>/ns/*`, in [`plan::NS_ORDER`].
     ns_fds: Vec<OwnedFd>,
     landlock: Option<OwnedFd>,
-    seccomp: SeccompProgram,
     state: Mutex<HostState>,
 }
 
@@ -249,6 +266,8 @@ pub struct SandboxProcess {
 
 struct ProcState {
     pidfd: OwnedFd,
+    /// The workload's pid in the host's PID namespace (also its process group and session).
+    host_pid: i32,
     status: Mutex<Option<ExitStatus>>,
 }
 
@@ -283,6 +302,15 @@ fn launcher() -> Result<&'static Mutex<mpsc::Sender<Job>>> {
         .spawn(move || {
             // Lives as long as the process: PR_SET_PDEATHSIG of every init follows this thread.
             // A panicking job must not end this thread: that would fire every init's PDEATHSIG.
+            // It blocks every signal for its life (the process's other threads take them), so
+            // none of its calls is ever interrupted: the setup child shares its thread-local
+            // `errno` (see `start_on_launcher`).
+            // SAFETY: plain signal-mask change of this thread.
+            unsafe {
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+            }
             while let Ok(job) = rx.recv() {
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
             }
@@ -376,9 +404,11 @@ fn waitid_pidfd(pidfd: RawFd, flags: libc::c_int) -> std::io::Result<Option<Exit
     }
 }
 
-/// Runs `f` (a clone) with every signal blocked on this thread, like `posix_spawn`: the host's
-/// handlers must not run in a child before it has reset them, and the child inherits the mask.
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+/// Runs `clone` (`f`, returning the raw result) with every signal blocked on this thread, like
+/// `posix_spawn`: the host's handlers must never run in a child, which inherits the mask and
+/// keeps it until its exec (the exec'd program unblocks what it needs). The mask is restored in
+/// the parent only: a fork-style child returns from `f` with 0 and must not restore it.
+fn with_signals_blocked(f: impl FnOnce() -> libc::c_long) -> libc::c_long {
     // SAFETY: plain signal-mask manipulation of the calling thread.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
@@ -386,12 +416,21 @@ fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if r != 0 {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        }
         r
     }
 }
 
 fn pidfd_send_signal(pidfd: RawFd, signal: i32) -> std::io::Result<()> {
+    pidfd_send_signal_flags(pidfd, signal, 0)
+}
+
+/// `PIDFD_SIGNAL_PROCESS_GROUP` (`linux/pidfd.h`, Linux 6.9): signal the pidfd's process group.
+const PIDFD_SIGNAL_PROCESS_GROUP: u32 = 1 << 2;
+
+fn pidfd_send_signal_flags(pidfd: RawFd, signal: i32, flags: u32) -> std::io::Result<()> {
     // SAFETY: plain syscall.
     let r = unsafe {
         libc::syscall(
@@ -399,7 +438,7 @@ fn pidfd_send_signal(pidfd: RawFd, signal: i32) -> std::io::Result<()> {
             pidfd,
             signal,
             std::ptr::null::<u8>(),
-            0u32,
+            flags,
         )
     };
     if r < 0 {
@@ -524,7 +563,9 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         // scoping between separate execs (docs/isolation.md "Honest limits").
         tracing::warn!(sandbox = %spec.name, "Landlock is unavailable: processes of separate execs can signal each other and reach each other's abstract unix sockets");
     }
-    let seccomp = SeccompProgram::build()?;
+    // Both once per process; made here so a failure shows at the sandbox's start.
+    seccomp::image_fd()?;
+    let image = image::init_image()?;
     let mut pair = [-1; 2];
     // SAFETY: pair is a valid 2-element array.
     if unsafe {
@@ -545,6 +586,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         None => (-1, 0),
     };
     let mut plan = InitPlan::build(spec, theirs.as_raw_fd(), ll_fd, ll_fs)?;
+    plan.image = image;
     // SAFETY: trivial getters.
     let (mut uid, mut gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // Kept open until init has inherited them (dropped when this function returns).
@@ -566,33 +608,69 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             ),
         }
     }
+    // What the parent needs of the plan while the child runs, copied out first: from the clone
+    // until the child has exec'd, the plan belongs to the child.
+    let mut fuse_targets: Vec<Option<String>> = plan
+        .mounts
+        .iter()
+        .map(|m| {
+            m.fuse
+                .then(|| format!("/{}", m.target_rel.to_string_lossy()))
+        })
+        .collect();
+    let fuse_count = fuse_targets.iter().flatten().count();
+    let stack = SetupStack::new()?;
+    // SAFETY: plain prctl query.
+    let dumpable_before = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    let plan_ptr: *mut InitPlan = &mut plan;
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: the child runs only init_main (allocation-free, never returns).
+    // The setup child shares this process's memory (CLONE_VM: no copy of the host's page tables,
+    // whatever the size of its heap) until it executes hive-init.
+    // SAFETY: the child runs only init::init_entry (init_main: allocation-free, lock-free, never
+    // returns; it ends in execveat or _exit) on `stack`, with `plan` as its only data, which this
+    // function neither touches nor frees until the child has exec'd or died (every path below
+    // returns through `fail`, which kills and reaps it, or after its "init runs" message; the
+    // guard kills and reaps it on a panic). The one state it shares with this thread is the
+    // thread-local `errno` (a CLONE_VM child has no TLS of its own), which each side writes only
+    // when a call of its own fails and reads right after that failure. This thread's calls
+    // while the child works (after "go": recvmsg on the control socket, and moving what it
+    // receives into vectors reserved in advance, so no allocation) cannot be interrupted (it
+    // blocks every signal for its life) and, when they fail, end the child first. Before "go"
+    // the child makes only calls that succeed or write no errno (prctl, raw rt_sigaction) and
+    // then waits in read(2).
     let pid = with_signals_blocked(|| unsafe {
-        child::clone3(NS_FLAGS as u64, libc::SIGCHLD as u64, Some(&mut pidfd))
+        libc::clone(
+            init::init_entry,
+            stack.top(),
+            NS_FLAGS | libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD,
+            plan_ptr.cast(),
+            &mut pidfd as *mut libc::c_int,
+        ) as libc::c_long
     });
-    if pid == 0 {
-        // SAFETY: we are the freshly cloned child.
-        unsafe { init::init_main(&mut plan) }
-    }
     if pid < 0 {
         let e = std::io::Error::last_os_error();
         return Err(match e.raw_os_error() {
             Some(libc::EPERM | libc::ENOSPC | libc::EUSERS | libc::EINVAL | libc::EACCES) => {
-                userns_error(format!("clone3 of the sandbox init failed: {e}"))
+                userns_error(format!("clone of the sandbox init failed: {e}"))
             }
-            _ => HiveError::io("clone3 of the sandbox init", e),
+            _ => HiveError::io("clone of the sandbox init", e),
         });
     }
-    drop(theirs);
     // SAFETY: CLONE_PIDFD filled a fresh fd.
     let init_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // Declared after the pidfd, so dropped before it closes.
+    let mut setup_child = SetupChild {
+        pidfd: init_pidfd.as_raw_fd(),
+        armed: true,
+        dumpable_before,
+    };
+    drop(theirs);
     let fail = |err: HiveError| -> HiveError {
         let _ = pidfd_send_signal(init_pidfd.as_raw_fd(), libc::SIGKILL);
         let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
         err
     };
-    // Opened while init is still dumpable (it turns that off after "go").
+    // Opened before "go", while the child is still the host's uid.
     let ns_fds = match open_namespaces(pid as i32) {
         Ok(fds) => fds,
         Err(e) => return Err(fail(e)),
@@ -605,13 +683,21 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
     if let Err(e) = write_id_maps(pid as i32, uid, gid) {
         return Err(fail(e));
     }
+    // ---- After clone, before "go": the child waits on the control socket and nothing of the
+    // sandbox runs yet. Host-side set-up of the new sandbox (its cgroup: move `pid` there) goes
+    // here; on failure return `Err(fail(e))`, which kills and reaps the child. ----
     // "go"
     // SAFETY: writing one byte from a valid buffer.
     if unsafe { libc::write(ours.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
         return Err(fail(last_err("starting the sandbox init")));
     }
-    let mut handed = Handed::default();
-    let mut fuse = Vec::new();
+    // Reserved now: receiving what the child hands over allocates nothing (see the SAFETY note
+    // at the clone).
+    let mut handed = Handed {
+        transparent: Vec::with_capacity(2 * spec.capture_ports.len()),
+        ..Handed::default()
+    };
+    let mut fuse = Vec::with_capacity(fuse_count);
     let listener = loop {
         let report = match netns::recv_report(ours.as_raw_fd()) {
             Ok(r) => r,
@@ -631,10 +717,12 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         let (stage, errno) = child::decode_report(&buf);
         match (stage, handed.last_fd.take()) {
             (Stage::FuseHandover, Some(fd)) => {
-                match usize::try_from(errno).ok().and_then(|i| plan.mounts.get(i)) {
-                    Some(m) if m.fuse => {
-                        fuse.push((format!("/{}", m.target_rel.to_string_lossy()), fd));
-                    }
+                match usize::try_from(errno)
+                    .ok()
+                    .and_then(|i| fuse_targets.get_mut(i))
+                    .and_then(Option::take)
+                {
+                    Some(target) => fuse.push((target, fd)),
                     _ => {
                         return Err(fail(HiveError::Internal(format!(
                             "sandbox init handed over a FUSE connection for mount {errno}"
@@ -642,7 +730,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
                     }
                 }
             }
-            (Stage::Ok, Some(_)) if fuse.len() != plan.mounts.iter().filter(|m| m.fuse).count() => {
+            (Stage::Ok, Some(_)) if fuse.len() != fuse_count => {
                 return Err(fail(HiveError::Internal(
                     "sandbox init did not hand over every FUSE connection".into(),
                 )))
@@ -651,6 +739,23 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             _ => return Err(fail(init_error(stage, errno))),
         }
     };
+    // The setup child executes hive-init, whose first message says it runs.
+    match netns::recv_report(ours.as_raw_fd()) {
+        Ok(Some((buf, _))) => match child::decode_report(&buf) {
+            (Stage::InitReady, _) => {}
+            (stage, errno) => return Err(fail(init_error(stage, errno))),
+        },
+        Ok(None) => {
+            return Err(fail(HiveError::Internal(
+                "sandbox init exited instead of executing hive-init".into(),
+            )))
+        }
+        Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
+    }
+    // hive-init runs: the child no longer uses `plan` or `stack`.
+    setup_child.armed = false;
+    drop(setup_child);
+    drop(stack);
     let inner = HostInner {
         name: spec.name.clone(),
         init_pid: pid as i32,
@@ -658,7 +763,6 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         init_pidfd,
         ns_fds,
         landlock: ruleset.map(|r| r.fd),
-        seccomp,
         state: Mutex::new(HostState {
             closed: false,
             procs: Vec::new(),
@@ -676,6 +780,79 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
             fuse,
         },
     ))
+}
+
+/// The setup child's stack: anonymous memory with a guard page below it (an overflow faults
+/// instead of writing into the host's memory, which the child shares).
+struct SetupStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl SetupStack {
+    const SIZE: usize = 256 * 1024;
+    const GUARD: usize = 64 * 1024;
+
+    fn new() -> Result<SetupStack> {
+        let len = Self::SIZE + Self::GUARD;
+        // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(last_err("mapping the setup child's stack"));
+        }
+        let stack = SetupStack { base, len };
+        // SAFETY: the lowest GUARD bytes of our own fresh mapping.
+        if unsafe { libc::mprotect(base, Self::GUARD, libc::PROT_NONE) } < 0 {
+            return Err(last_err("guarding the setup child's stack"));
+        }
+        Ok(stack)
+    }
+
+    /// The initial stack pointer (stacks grow down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        ((self.base as usize + self.len) & !0xf) as *mut libc::c_void
+    }
+}
+
+impl Drop for SetupStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; the child that used it has exec'd or is gone (see callers).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// What must happen once the setup child no longer runs in the host's memory, on every path:
+/// kill and reap it if it has not exec'd (a panic between its clone and its exec; it must never
+/// run on a freed stack), then give the host process back its dumpability. The child's switch
+/// to the sandbox's uid (as root: host uid 65534) makes the kernel clear the dumpable flag of
+/// the memory it shares with the host, which would leave the host without core dumps.
+struct SetupChild {
+    pidfd: RawFd,
+    /// Still running in the host's memory: kill it on drop.
+    armed: bool,
+    dumpable_before: libc::c_int,
+}
+
+impl Drop for SetupChild {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = pidfd_send_signal(self.pidfd, libc::SIGKILL);
+            let _ = waitid_pidfd(self.pidfd, libc::WEXITED);
+        }
+        if self.dumpable_before == 1 {
+            // SAFETY: plain prctl of this process; the child no longer shares its memory.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+        }
+    }
 }
 
 /// The fds init sends before its final report ([`capture::FdKind`]).
@@ -805,44 +982,43 @@ fn spawn_on_launcher(
     let (stderr_r, stderr_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let (pid_r, pid_w) = pipe()?;
-    let CommandStrings {
-        argv,
-        envp,
-        cwd,
-        exec_candidates,
-    } = cmd;
-    let plan = SpawnPlan {
-        ns_fds: ns_fd_array(&inner.ns_fds),
-        err_pipe_w: err_w.as_raw_fd(),
-        pid_pipe_w: pid_w.as_raw_fd(),
-        workload_stack: vec![0; plan::WORKLOAD_STACK],
-        stdio: [
-            stdin_r.as_raw_fd(),
-            stdout_w.as_raw_fd(),
-            stderr_w.as_raw_fd(),
-        ],
-        cwd,
-        landlock_fd: inner.landlock.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1),
-        seccomp: &inner.seccomp,
-        argv_ptrs: ptr_array(&argv),
-        argv,
-        envp_ptrs: ptr_array(&envp),
-        envp,
-        exec_candidates,
+    let landlock = inner.landlock.as_ref().map(|f| f.as_raw_fd());
+    let shim_argv = cmd.shim_argv(landlock.is_some());
+    let argv_ptrs = ptr_array(&shim_argv);
+    let envp_ptrs = ptr_array(&cmd.envp);
+    let mut fds = [-1; slot::COUNT];
+    fds[slot::STDIO as usize] = stdin_r.as_raw_fd();
+    fds[slot::STDIO as usize + 1] = stdout_w.as_raw_fd();
+    fds[slot::STDIO as usize + 2] = stderr_w.as_raw_fd();
+    fds[slot::ERR as usize] = err_w.as_raw_fd();
+    fds[slot::PID as usize] = pid_w.as_raw_fd();
+    for (i, fd) in inner.ns_fds.iter().enumerate() {
+        fds[slot::NS as usize + i] = fd.as_raw_fd();
+    }
+    fds[slot::LANDLOCK as usize] = landlock.unwrap_or(-1);
+    fds[slot::SECCOMP as usize] = seccomp::image_fd()?;
+    let shim = ShimExec {
+        image: image::init_image()?,
+        fds,
+        argv: argv_ptrs.as_ptr().cast(),
+        envp: envp_ptrs.as_ptr().cast(),
     };
-    // The helper borrows this process's memory (CLONE_VM | CLONE_VFORK, like posix_spawn): no
-    // copy of the host's page tables, and this thread waits until the workload has exec'd.
-    let mut helper_stack = vec![0u8; plan::WORKLOAD_STACK];
+    // The helper borrows this process's memory (CLONE_VM | CLONE_VFORK, like posix_spawn: no copy
+    // of the host's page tables) only until it executes `hive-init spawn`; this thread waits until
+    // then. Nothing of the host reaches the sandbox: the workload is forked by that program.
+    let mut helper_stack = vec![0u8; HELPER_STACK];
     let stack_top = (helper_stack.as_mut_ptr() as usize + helper_stack.len()) & !0xf;
-    // SAFETY: the child runs only helper_main (allocation-free, never returns) on its own stack.
+    // SAFETY: the child runs only spawn_helper_entry (hive_launcher::stub::exec_spawn_shim:
+    // allocation-free, raw syscalls, never returns) on its own stack; CLONE_VFORK keeps `shim`,
+    // the strings it points at and the stack alive until the child has exec'd or exited.
     let helper = with_signals_blocked(|| unsafe {
         libc::clone(
-            child::helper_entry,
+            spawn_helper_entry,
             stack_top as *mut libc::c_void,
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &plan as *const SpawnPlan as *mut libc::c_void,
-        )
-    });
+            &shim as *const ShimExec as *mut libc::c_void,
+        ) as libc::c_long
+    }) as libc::c_int;
     drop(helper_stack);
     if helper < 0 {
         return Err(last_err("forking the spawn helper"));
@@ -875,6 +1051,7 @@ fn spawn_on_launcher(
     let inner_pid = sandbox_pid(host_pid).unwrap_or(0);
     let state = Arc::new(ProcState {
         pidfd,
+        host_pid,
         status: Mutex::new(None),
     });
     let n = read_full(err_r.as_raw_fd(), &mut report)
@@ -899,12 +1076,14 @@ fn spawn_on_launcher(
     })
 }
 
-fn ns_fd_array(fds: &[OwnedFd]) -> [RawFd; plan::NS_ORDER.len()] {
-    let mut out = [-1; plan::NS_ORDER.len()];
-    for (slot, fd) in out.iter_mut().zip(fds) {
-        *slot = fd.as_raw_fd();
-    }
-    out
+/// Stack of the spawn helper, which only moves fds and calls `execveat`.
+const HELPER_STACK: usize = 64 * 1024;
+
+/// `clone` entry point of the spawn helper.
+extern "C" fn spawn_helper_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: arg is the launcher's &ShimExec, alive while the launcher waits (CLONE_VFORK); its
+    // argv/envp arrays are NULL-terminated over live CStrings.
+    unsafe { hive_launcher::stub::exec_spawn_shim(&*(arg as *const ShimExec)) }
 }
 
 /// The pid inside the sandbox: the last `NSpid` entry of `/proc/<pid>/status`.
@@ -1045,13 +1224,39 @@ impl SandboxProcess {
             .map_err(|e| HiveError::io("waitid", e))
     }
 
-    /// Sends `signal` to the process. A process that already ended is not an error.
+    /// Sends `signal` to every process of the command: its process group. The workload called
+    /// `setsid`, so the group is its own and holds everything it started, except processes that
+    /// started a session or group of their own (docs/isolation.md). A group whose processes all
+    /// ended is not an error.
+    ///
+    /// The group is named by the leader's pidfd (`PIDFD_SIGNAL_PROCESS_GROUP`, Linux 6.9), which
+    /// stays right after the leader was reaped and its number reused. Older kernels get the group
+    /// by number only while the leader is unreaped (its number cannot be reused then), else the
+    /// leader alone.
     pub fn kill(&self, signal: i32) -> Result<()> {
-        match pidfd_send_signal(self.state.pidfd.as_raw_fd(), signal) {
+        let pidfd = self.state.pidfd.as_raw_fd();
+        let sent = |r: std::io::Result<()>| match r {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
             Err(e) => Err(HiveError::io("sending a signal", e)),
+        };
+        match pidfd_send_signal_flags(pidfd, signal, PIDFD_SIGNAL_PROCESS_GROUP) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            r => return sent(r),
         }
+        // Holding the status lock keeps a concurrent `reap` from freeing the number meanwhile.
+        let status = self
+            .state
+            .status
+            .lock()
+            .map_err(|_| HiveError::Internal("status poisoned".into()))?;
+        if status.is_none() {
+            // SAFETY: plain syscall; the group's leader is our unreaped child.
+            if unsafe { libc::kill(-self.state.host_pid, signal) } == 0 {
+                return Ok(());
+            }
+        }
+        sent(pidfd_send_signal(pidfd, signal))
     }
 }
 

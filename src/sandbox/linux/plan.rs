@@ -8,8 +8,8 @@
 //! 1. [`InitPlan`]: the sandbox's filesystem layout and network setup, built once per sandbox from
 //!    a [`LaunchSpec`] and a scan of the host (which system directories exist, which are
 //!    symlinks, which files under `/etc` are secrets).
-//! 2. [`SpawnPlan`]: one command: argv/envp arrays, the `execvp`-style candidate paths, the pipe
-//!    fds and the confinement programs.
+//! 2. [`CommandStrings`]: one command: argv/envp, the `execvp`-style candidate paths and the
+//!    working directory, laid out as the spawn shim's arguments ([`CommandStrings::shim_argv`]).
 
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::RawFd;
@@ -18,6 +18,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
 use super::seccomp::SeccompProgram;
+use super::landlock::{ALL, READ_EXEC};
 use super::{BindMount, LaunchSpec, ProcessSpec, CA_BUNDLE_PATH};
 use crate::error::{HiveError, Result};
 
@@ -139,6 +140,9 @@ pub(crate) struct InitPlan {
     pub capture_ports: Vec<u16>,
     /// Generated `/etc/resolv.conf` and `/etc/hosts`.
     pub etc_files: Vec<EtcFile>,
+    /// The sealed `hive-init` memfd init executes at the end ([`super::image`]); set by the
+    /// launcher before `clone`.
+    pub image: RawFd,
 }
 
 /// `/etc/resolv.conf` inside: hive's DNS responder only, one try, one second.
@@ -365,6 +369,7 @@ impl InitPlan {
                 etc_file("resolv.conf", RESOLV_CONF)?,
                 etc_file("hosts", &hosts)?,
             ],
+            image: -1,
         })
     }
 }
@@ -589,31 +594,6 @@ fn scan_secrets(dir: &Path, depth: usize, out: &mut Vec<Hidden>) -> Result<()> {
     Ok(())
 }
 
-/// Everything a spawn needs (see [`super::child::helper_main`]).
-pub(crate) struct SpawnPlan<'a> {
-    /// The sandbox's namespaces, user namespace first (see [`NS_ORDER`]).
-    pub ns_fds: [RawFd; NS_ORDER.len()],
-    pub err_pipe_w: RawFd,
-    pub pid_pipe_w: RawFd,
-    /// Stack the workload runs on until it execs (it shares the helper's memory).
-    pub workload_stack: Vec<u8>,
-    /// Child ends: stdin read end, stdout and stderr write ends.
-    pub stdio: [RawFd; 3],
-    pub cwd: CString,
-    pub landlock_fd: RawFd,
-    pub seccomp: &'a SeccompProgram,
-    pub exec_candidates: Vec<CString>,
-    #[allow(dead_code)] // owns the strings argv_ptrs points into
-    pub argv: Vec<CString>,
-    pub argv_ptrs: Vec<*const libc::c_char>,
-    #[allow(dead_code)] // owns the strings envp_ptrs points into
-    pub envp: Vec<CString>,
-    pub envp_ptrs: Vec<*const libc::c_char>,
-}
-
-/// Size of [`SpawnPlan::workload_stack`].
-pub(crate) const WORKLOAD_STACK: usize = 256 * 1024;
-
 /// `PATH` used for the command lookup when the caller's env has none.
 pub(crate) const DEFAULT_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -685,6 +665,23 @@ impl CommandStrings {
     }
 }
 
+impl CommandStrings {
+    /// `hive-init spawn <flags> <cwd> <n> <candidates..> <argv..>` (`hive_launcher::spawn`);
+    /// `landlock`: a ruleset is passed in its slot.
+    pub(crate) fn shim_argv(&self, landlock: bool) -> Vec<CString> {
+        let mut v = Vec::with_capacity(5 + self.exec_candidates.len() + self.argv.len());
+        v.push(c"hive-init".to_owned());
+        v.push(c"spawn".to_owned());
+        v.push(if landlock { c"1" } else { c"0" }.to_owned());
+        v.push(self.cwd.clone());
+        let n = CString::new(self.exec_candidates.len().to_string()).unwrap_or_default();
+        v.push(n);
+        v.extend(self.exec_candidates.iter().cloned());
+        v.extend(self.argv.iter().cloned());
+        v
+    }
+}
+
 /// A NULL-terminated pointer array over `strings` (which must outlive it).
 pub(crate) fn ptr_array(strings: &[CString]) -> Vec<*const libc::c_char> {
     strings
@@ -705,6 +702,12 @@ mod unit {
             target: target.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_namespace_fds_are_opened_in_the_order_the_spawn_shim_joins_them() {
+        let ours: Vec<u32> = NS_ORDER.iter().map(|(_, t)| *t as u32).collect();
+        assert_eq!(ours, hive_launcher::spawn::NS_ORDER);
     }
 
     #[test]

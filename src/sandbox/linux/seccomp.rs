@@ -1,11 +1,14 @@
-//! The workload's seccomp filter, compiled in the parent with `seccompiler`, installed in the child.
+//! The workload's seccomp filter, compiled in the parent with `seccompiler`, installed by the
+//! spawn shim (`hive_launcher::spawn`) right before the command's `execve`.
 //!
 //! Three stacked programs (the kernel runs all of them; the strictest result wins):
 //! 1. `EPERM` for the mount family, namespace creation/joining (`unshare`, `setns`, `clone` with
 //!    any `CLONE_NEW*` flag), `ptrace`, `process_vm_*`, `bpf`, `perf_event_open`, keyrings,
 //!    `userfaultfd`, kexec and module loading, `io_uring`, `ioctl(TIOCSTI | TIOCLINUX)` compared
 //!    on the low 32 bits only (CVE-2019-10063: a masked compare, so high bits cannot dodge it),
-//!    and `socket(AF_NETLINK | AF_PACKET)`.
+//!    and `socket`/`socketpair` of any family but [`SOCKET_FAMILIES`] (`AF_UNIX`, `AF_INET`,
+//!    `AF_INET6`): netlink and packet sockets reach the kernel's routing and raw network code,
+//!    and `AF_VSOCK` is not network-namespaced at all (on a VM, CID 2 is the hypervisor).
 //! 2. `ENOSYS` for `clone3`: its flags live in memory a filter cannot read, and `ENOSYS` makes
 //!    libc fall back to `clone`, where (1) sees the flags.
 //! 3. x86_64 only: `ENOSYS` for every x32 syscall number (bit 30), which would otherwise reach
@@ -24,7 +27,12 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-use super::child::{check, CResult, Stage};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+
+use hive_launcher::spawn::SeccompImage;
+use hive_launcher::sys::SockFilter;
+
 use crate::error::{HiveError, Result};
 
 /// The compiled programs, installed in order.
@@ -79,6 +87,10 @@ fn denied_syscalls() -> Vec<libc::c_long> {
     v
 }
 
+/// The only socket families a workload may create: local sockets and IP (which the network
+/// namespace confines to its loopback and the capture listeners).
+pub(crate) const SOCKET_FAMILIES: [libc::c_int; 3] = [libc::AF_UNIX, libc::AF_INET, libc::AF_INET6];
+
 /// `CLONE_NEW*` flags a `clone` may not carry (`CLONE_NEWTIME` shares its bit with the exit
 /// signal in `clone`, so it is only reachable through `unshare`/`clone3`, both denied).
 const CLONE_NEW_FLAGS: &[libc::c_int] = &[
@@ -125,11 +137,16 @@ impl SeccompProgram {
             })
             .collect::<Result<Vec<_>>>()?;
         deny.insert(libc::SYS_ioctl, ioctl_rules);
-        let socket_rules = [libc::AF_NETLINK, libc::AF_PACKET]
-            .iter()
-            .map(|af| rule(vec![cond(0, SeccompCmpOp::Eq, *af as u64)?]))
-            .collect::<Result<Vec<_>>>()?;
-        deny.insert(libc::SYS_socket, socket_rules);
+        // One rule whose conditions all hold (they are ANDed): the family is none of the allowed.
+        let other_family = || -> Result<Vec<SeccompRule>> {
+            let conds = SOCKET_FAMILIES
+                .iter()
+                .map(|af| cond(0, SeccompCmpOp::Ne, *af as u64))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(vec![rule(conds)?])
+        };
+        deny.insert(libc::SYS_socket, other_family()?);
+        deny.insert(libc::SYS_socketpair, other_family()?);
         let compile = |rules, action| -> Result<BpfProgram> {
             let f = SeccompFilter::new(rules, SeccompAction::Allow, action, arch)
                 .map_err(|e| HiveError::Internal(format!("seccomp filter: {e}")))?;
@@ -173,24 +190,50 @@ fn x32_filter() -> BpfProgram {
     ]
 }
 
-/// Installs the programs on the calling thread (child side; needs no_new_privs; no allocation).
-pub(crate) unsafe fn apply(p: &SeccompProgram) -> CResult {
-    for prog in &p.programs {
-        let fprog = libc::sock_fprog {
-            len: prog.len() as u16,
-            filter: prog.as_ptr() as *mut libc::sock_filter,
-        };
-        check(
-            libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0u32,
-                &fprog as *const libc::sock_fprog,
-            ),
-            Stage::Seccomp,
-        )?;
+impl SeccompProgram {
+    /// The programs as the spawn shim reads them (`hive_launcher::spawn::SeccompImage`): a
+    /// header record with the count, then each program's length record and instructions.
+    pub(crate) fn image(&self) -> Vec<u8> {
+        let mut records = vec![SeccompImage::record(self.programs.len() as u32)];
+        for prog in &self.programs {
+            records.push(SeccompImage::record(prog.len() as u32));
+            records.extend(prog.iter().map(|i| SockFilter {
+                code: i.code,
+                jt: i.jt,
+                jf: i.jf,
+                k: i.k,
+            }));
+        }
+        records
+            .iter()
+            .flat_map(|r| {
+                let mut b = [0u8; 8];
+                b[0..2].copy_from_slice(&r.code.to_ne_bytes());
+                b[2] = r.jt;
+                b[3] = r.jf;
+                b[4..8].copy_from_slice(&r.k.to_ne_bytes());
+                b
+            })
+            .collect()
     }
-    Ok(())
+}
+
+/// The compiled filter as a sealed memfd the spawn shim reads (with `pread`, so concurrent
+/// spawns do not share a file offset), made once per process: the filter does not depend on the
+/// sandbox.
+pub(crate) fn image_fd() -> Result<RawFd> {
+    static IMAGE: OnceLock<std::result::Result<OwnedFd, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let image = SeccompProgram::build().map_err(|e| e.to_string())?.image();
+            if image.len() / 8 >= SeccompImage::MAX_RECORDS {
+                return Err("the seccomp filter is larger than the spawn shim reads".into());
+            }
+            super::image::sealed_memfd(&image, c"hive-seccomp", false).map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map(|fd| fd.as_raw_fd())
+        .map_err(|e| HiveError::Internal(format!("preparing the seccomp filter: {e}")))
 }
 
 #[cfg(test)]
@@ -205,5 +248,9 @@ mod unit {
             .programs
             .iter()
             .all(|prog| !prog.is_empty() && prog.len() < 4096));
+        let image = p.image();
+        assert_eq!(image.len() % 8, 0);
+        assert!(image.len() / 8 < SeccompImage::MAX_RECORDS);
+        assert!(image_fd().is_ok());
     }
 }

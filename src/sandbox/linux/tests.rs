@@ -545,6 +545,64 @@ async fn close_leaves_no_process_behind() {
 
 /// Host processes whose PID namespace is `ns_id` (init itself is not dumpable, so as an
 /// unprivileged user it is not counted; the workloads are).
+/// `kill` signals the command's process group (everything it started); a process that made a
+/// session of its own (`setsid`) leaves the group and survives it, but not `close()`.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_reaches_the_commands_process_group_and_close_reaches_the_rest() {
+    let sb = start("proc-kill-group");
+    let ns_id = sb.host.pid_namespace_id();
+    let members = || namespace_members(ns_id);
+    // init counts where its /proc entry is readable (as root; it is not dumpable).
+    let init = members();
+    let p = sb
+        .host
+        .spawn(ProcessSpec {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "sleep 1000 & sleep 1000 & setsid sh -c 'echo ready; exec sleep 1000' & wait"
+                    .into(),
+            ],
+            env: default_env(PORT),
+            cwd: None,
+        })
+        .expect("spawn");
+    let wait_for = |pred: &dyn Fn(usize) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pred(members()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        members()
+    };
+    assert_eq!(wait_for(&|n| n >= init + 4), init + 4, "sh and 3 sleeps");
+    // The escapee prints once its own session exists.
+    let mut ready = [0u8; 6];
+    let mut out = std::fs::File::from(p.stdout.try_clone().expect("dup"));
+    out.read_exact(&mut ready).expect("ready");
+    assert_eq!(&ready, b"ready\n");
+    p.kill(libc::SIGKILL).expect("kill");
+    let status = p.wait().await.expect("wait");
+    assert_eq!(status.signal, Some(libc::SIGKILL));
+    assert_eq!(
+        wait_for(&|n| n <= init + 1),
+        init + 1,
+        "only the setsid'd sleep remains"
+    );
+    sb.host.close();
+    assert_eq!(members(), 0);
+}
+
+/// The setup child runs in the host's memory until it executes hive-init: whatever it changes
+/// that belongs to the memory (dumpability) would change the host process.
+#[tokio::test(flavor = "multi_thread")]
+async fn starting_a_sandbox_leaves_the_host_process_dumpable() {
+    let sb = start("proc-host-dumpable");
+    assert!(sh(&sb.host, "true").await.ok());
+    // SAFETY: plain prctl query.
+    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+    assert_eq!(dumpable, 1);
+}
+
 fn namespace_members(ns_id: u64) -> usize {
     let want = format!("pid:[{ns_id}]");
     std::fs::read_dir("/proc")
@@ -690,11 +748,28 @@ async fn orphans_are_reaped_and_init_holds_no_host_memory() {
         })
         .count();
     assert_eq!(zombies, 0);
-    // The orphans' exits reached init's reaper after it gave back the host's memory.
-    #[cfg(target_arch = "x86_64")]
+    // The orphans' exits reached init, which is hive-init exec'd from its memfd: every mapping it
+    // has is that program's, its stack or the kernel's (nothing of the host process).
     if let Ok(maps) = std::fs::read_to_string(format!("/proc/{}/maps", sb.host.init_host_pid())) {
-        let real = maps.lines().filter(|l| !l.contains("[v")).count();
-        assert!(real <= 3, "init still maps host memory:\n{maps}");
+        let foreign: Vec<&str> = maps
+            .lines()
+            .filter(|l| {
+                let name = l.split_whitespace().nth(5).unwrap_or("");
+                !(name.is_empty()
+                    || name.starts_with("/memfd:hive-init")
+                    || ["[stack]", "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"]
+                        .contains(&name))
+            })
+            .collect();
+        assert!(
+            foreign.is_empty(),
+            "init maps host memory: {foreign:?}\n{maps}"
+        );
+        let exe = std::fs::read_link(format!("/proc/{}/exe", sb.host.init_host_pid()));
+        let exe = exe
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        assert!(exe.starts_with("/memfd:hive-init"), "{exe}");
     }
 }
 
@@ -730,6 +805,45 @@ async fn cannot_inject_terminal_input_or_open_netlink_sockets() {
     .await;
     // 0x541C is TIOCLINUX. The second TIOCSTI sets a high bit: the masked compare still matches.
     assert_eq!(out.stdout, "EPERM\nEPERM\nEPERM\nEPERM\nEPERM\n", "{out:?}");
+}
+
+/// vsock is not network-namespaced (on a VM, CID 2 is the hypervisor), and every other family
+/// but unix and IP reaches kernel code the sandbox has no use for: only those three are allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn cannot_open_vsock_or_any_socket_family_but_unix_and_ip() {
+    let sb = start("proc-families");
+    let out = py(
+        &sb.host,
+        r#"import socket, errno, ctypes, os
+def err(f):
+    try:
+        f()
+        return 'ok'
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+allowed = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+bad = []
+for fam in range(0, 64):
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_SEQPACKET):
+        got = err(lambda: socket.socket(fam, kind, 0).close())
+        if (fam in allowed) == (got == 'EPERM'):
+            bad.append((fam, kind, got))
+print('bad', bad)
+print('vsock', err(lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)))
+print('vsock pair', err(lambda: socket.socketpair(socket.AF_VSOCK, socket.SOCK_STREAM)))
+libc = ctypes.CDLL(None, use_errno=True)
+nr = {'x86_64': 41, 'aarch64': 198, 'riscv64': 198}[os.uname().machine]
+r = libc.syscall(ctypes.c_long(nr), ctypes.c_long((1 << 32) | 40), ctypes.c_long(1), ctypes.c_long(0))
+print('vsock high bits', r, errno.errorcode.get(ctypes.get_errno()))
+print('unix pair', err(lambda: socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)))"#,
+    )
+    .await;
+    // AF_INET6 may be unsupported (EAFNOSUPPORT) on a host without IPv6: only EPERM is the filter.
+    assert_eq!(
+        out.stdout,
+        "bad []\nvsock EPERM\nvsock pair EPERM\nvsock high bits -1 EPERM\nunix pair ok\n",
+        "{out:?}"
+    );
 }
 
 // ----- filesystem -----
@@ -953,8 +1067,40 @@ async fn bench_spawn_true() {
         "spawn+wait `true`, 100 runs", "median ms", "p90 ms"
     );
     println!("|{}|{}|{}|", "-".repeat(60), "-".repeat(10), "-".repeat(10));
-    row("hive sandbox (shared namespaces, vfork+setns helper)", hive);
+    // Cold: a new sandbox (namespaces, setup, hive-init) and its first spawn+wait, then close.
+    let mut cold = Vec::new();
+    for i in 0..RUNS / 5 {
+        let t = Instant::now();
+        let fresh = start(&format!("bench-cold-{i}"));
+        let p = fresh.host.spawn_async(spec()).await.expect("spawn");
+        p.wait().await.expect("wait");
+        cold.push(t.elapsed());
+    }
+    // The cost of the exec'd program alone: hive-init (static, no libc) from its sealed memfd,
+    // which only prints a line and exits when started without a role, vs a libc `true`.
+    let image = image::init_image().expect("hive-init memfd");
+    let mut init_exec = Vec::new();
+    for _ in 0..RUNS {
+        let t = Instant::now();
+        std::process::Command::new(format!("/proc/self/fd/{image}"))
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("hive-init");
+        init_exec.push(t.elapsed());
+    }
+    row(
+        "hive sandbox (shared namespaces, vfork + hive-init spawn)",
+        hive,
+    );
+    row("hive new sandbox + first spawn (cold), 20 runs", cold);
     row("std::process::Command (no isolation)", plain);
+    row(
+        &format!(
+            "exec of hive-init ({} B, static) from its memfd + exit",
+            image::HIVE_INIT.len()
+        ),
+        init_exec,
+    );
     if let Ok(bwrap) = which("bwrap") {
         let mut b = Vec::new();
         for _ in 0..RUNS {
@@ -962,10 +1108,13 @@ async fn bench_spawn_true() {
             std::process::Command::new(&bwrap)
                 .args([
                     "--unshare-all",
-                    "--die-with-parent",
                     "--ro-bind",
                     "/",
                     "/",
+                    "--dev",
+                    "/dev",
+                    "--proc",
+                    "/proc",
                     "true",
                 ])
                 .status()
@@ -973,7 +1122,7 @@ async fn bench_spawn_true() {
             b.push(t.elapsed());
         }
         row(
-            "bwrap --unshare-all --die-with-parent --ro-bind / / true",
+            "bwrap --unshare-all --ro-bind / / --dev /dev --proc /proc true",
             b,
         );
     } else {
