@@ -43,6 +43,7 @@ pub enum ErrorCode {
     UnsupportedPlatform,
     UsernsUnavailable,
     FsUnenforceable,
+    LimitsUnenforceable,
     SpawnFailed,
     SandboxClosed,
     Internal,
@@ -58,6 +59,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedPlatform => "HIVE_UNSUPPORTED_PLATFORM",
             ErrorCode::UsernsUnavailable => "HIVE_USERNS_UNAVAILABLE",
             ErrorCode::FsUnenforceable => "HIVE_FS_UNENFORCEABLE",
+            ErrorCode::LimitsUnenforceable => "HIVE_LIMITS_UNENFORCEABLE",
             ErrorCode::SpawnFailed => "HIVE_SPAWN_FAILED",
             ErrorCode::SandboxClosed => "HIVE_SANDBOX_CLOSED",
             ErrorCode::Internal => "HIVE_INTERNAL",
@@ -82,6 +84,9 @@ pub enum HiveError {
     UsernsUnavailable(String),
     #[error("{0}")]
     FsUnenforceable(String),
+    /// A configured resource limit has no mechanism on this host (docs/decisions.md#resource-limits).
+    #[error("{0}")]
+    LimitsUnenforceable(String),
     #[error("{0}")]
     SpawnFailed(String),
     #[error("sandbox {0:?} is closed")]
@@ -114,6 +119,7 @@ impl HiveError {
             HiveError::UnsupportedPlatform(_) => ErrorCode::UnsupportedPlatform,
             HiveError::UsernsUnavailable(_) => ErrorCode::UsernsUnavailable,
             HiveError::FsUnenforceable(_) => ErrorCode::FsUnenforceable,
+            HiveError::LimitsUnenforceable(_) => ErrorCode::LimitsUnenforceable,
             HiveError::SpawnFailed(_) => ErrorCode::SpawnFailed,
             HiveError::SandboxClosed(_) => ErrorCode::SandboxClosed,
             HiveError::Internal(_) | HiveError::Io { .. } => ErrorCode::Internal,

@@ -43,6 +43,34 @@ pub struct Config {
     pub egress: Vec<EgressRule>,
     /// How the proxy reaches upstreams (never changes a decision).
     pub upstream: Upstream,
+    /// Resource limits for the whole sandbox (docs/decisions.md#resource-limits).
+    pub limits: Limits,
+}
+
+/// `limits`: bounds on the sandbox's processes, all of them together unless noted. `None`: not
+/// given (a default may apply where the host has a mechanism; an omitted limit never causes a
+/// rejection).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Memory of all processes together (anonymous memory, page cache and tmpfs), in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads alive at once.
+    pub pids: Option<u64>,
+    /// CPU time per wall-clock time (`1.5`: one and a half cores).
+    pub cpus: Option<f64>,
+    /// Open file descriptors, per process (`RLIMIT_NOFILE`).
+    pub open_files: Option<u64>,
+    /// Largest file a process may write, in bytes (`RLIMIT_FSIZE`).
+    pub file_size_bytes: Option<u64>,
+    /// Disk written through the sandbox's writable mounts, in bytes.
+    pub disk_bytes: Option<u64>,
+}
+
+impl Limits {
+    /// Whether no limit is given.
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
+    }
 }
 
 /// `allow` or `deny`.

@@ -79,13 +79,15 @@ pub(crate) enum Stage {
     FuseHandover = 35,
     Routes = 36,
     DnsSocket = 37,
+    /// Joining the sandbox's cgroups or setting its rlimits (limits.rs).
+    Limits = 38,
     Unknown = 255,
 }
 
 impl Stage {
     /// Decodes a stage code received from a child.
     pub(crate) fn from_u32(v: u32) -> Stage {
-        const ALL: [Stage; 38] = [
+        const ALL: [Stage; 39] = [
             Stage::Ok,
             Stage::Handshake,
             Stage::Hostname,
@@ -124,6 +126,7 @@ impl Stage {
             Stage::FuseHandover,
             Stage::Routes,
             Stage::DnsSocket,
+            Stage::Limits,
         ];
         ALL.iter()
             .copied()
@@ -172,6 +175,7 @@ impl Stage {
             Stage::FuseHandover => "handing over a FUSE connection",
             Stage::Routes => "adding the capture routes",
             Stage::DnsSocket => "creating the DNS sockets",
+            Stage::Limits => "applying the sandbox's resource limits",
             Stage::Unknown => "an unknown step",
         }
     }
@@ -297,6 +301,10 @@ pub(crate) unsafe fn clone3(
 /// # Safety
 /// Only call in a freshly forked child; never returns.
 pub(crate) unsafe fn helper_main(plan: &SpawnPlan) -> ! {
+    // Limits: join the sandbox's cgroups so the workload starts in them (limits.rs).
+    if let Err(fail) = super::limits::join_cgroups(&plan.limits) {
+        die(plan.err_pipe_w, fail);
+    }
     // One namespace at a time, user namespace first: joining it grants the capabilities the
     // other joins need. The fds were opened by the parent before init made itself non-dumpable.
     for (fd, (_, nstype)) in plan.ns_fds.iter().zip(NS_ORDER.iter()) {
@@ -389,6 +397,8 @@ unsafe fn confine(plan: &SpawnPlan) -> CResult {
     check_i(libc::chdir(plan.cwd.as_ptr()), Stage::Chdir)?;
     // 5. Identity: uid/gid 0 of the sandbox (setns keeps the host ids, which may be unmapped).
     become_sandbox_root()?;
+    // 5b. Limits: the planned rlimits, after the uid switch (limits.rs).
+    super::limits::apply_rlimits(&plan.limits)?;
     // 6. no_new_privs: no setuid gains; required for seccomp.
     check_i(
         libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),

@@ -72,12 +72,14 @@
 //! non-dumpable; spawns join the namespaces through fds the parent opened before that.
 
 pub mod capture;
+pub mod cgroup;
 pub(crate) mod child;
 #[cfg(test)]
 mod fuse_tests;
 pub(crate) mod idmap;
 pub(crate) mod init;
 pub(crate) mod landlock;
+pub mod limits;
 pub(crate) mod mounts;
 pub(crate) mod netns;
 pub(crate) mod plan;
@@ -225,6 +227,8 @@ struct HostInner {
     ns_fds: Vec<OwnedFd>,
     landlock: Option<OwnedFd>,
     seccomp: SeccompProgram,
+    /// The sandbox's cgroups and rlimits.
+    limits: Arc<limits::SandboxLimits>,
     state: Mutex<HostState>,
 }
 
@@ -428,7 +432,23 @@ impl SandboxHost {
     /// or their setup; `HIVE_INVALID_ARGUMENT` for a bad mount target; I/O errors for a missing
     /// mount source.
     pub fn start(spec: LaunchSpec) -> Result<(SandboxHost, Handover)> {
-        on_launcher(move || start_on_launcher(&spec))
+        Self::start_with_limits(spec, crate::config::Limits::default())
+    }
+
+    /// [`SandboxHost::start`] with resource limits for the whole sandbox ([`limits`]).
+    ///
+    /// # Errors
+    /// Those of `start`, and `HIVE_LIMITS_UNENFORCEABLE` when a given limit has no mechanism here.
+    pub fn start_with_limits(
+        spec: LaunchSpec,
+        limits: crate::config::Limits,
+    ) -> Result<(SandboxHost, Handover)> {
+        on_launcher(move || start_on_launcher(&spec, &limits))
+    }
+
+    /// The sandbox's limits: usage, hits, changes ([`limits::SandboxLimits`]).
+    pub fn limits(&self) -> &Arc<limits::SandboxLimits> {
+        &self.inner.limits
     }
 
     /// Spawns a process in the sandbox. Blocks until it has exec'd (or failed to), a few
@@ -515,7 +535,10 @@ impl Drop for SandboxHost {
     }
 }
 
-fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
+fn start_on_launcher(
+    spec: &LaunchSpec,
+    limits: &crate::config::Limits,
+) -> Result<(SandboxHost, Handover)> {
     let ruleset = landlock::create_ruleset()
         .map_err(|e| HiveError::io("creating the Landlock ruleset", e))?;
     if ruleset.is_none() {
@@ -589,6 +612,12 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
         err
     };
+    // Limits: init joins the sandbox's cgroups before it runs anything of the sandbox's;
+    // RLIMIT_NPROC binds the sandbox only if its root is not host root.
+    let limits = match limits::SandboxLimits::start(limits, pid as i32, uid != 0) {
+        Ok(l) => Arc::new(l),
+        Err(e) => return Err(fail(e)),
+    };
     // Opened while init is still dumpable (it turns that off after "go").
     let ns_fds = match open_namespaces(pid as i32) {
         Ok(fds) => fds,
@@ -656,6 +685,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         ns_fds,
         landlock: ruleset.map(|r| r.fd),
         seccomp,
+        limits,
         state: Mutex::new(HostState {
             closed: false,
             procs: Vec::new(),
@@ -826,6 +856,7 @@ fn spawn_on_launcher(
         envp_ptrs: ptr_array(&envp),
         envp,
         exec_candidates,
+        limits: inner.limits.child(),
     };
     // The helper borrows this process's memory (CLONE_VM | CLONE_VFORK, like posix_spawn): no
     // copy of the host's page tables, and this thread waits until the workload has exec'd.
@@ -961,6 +992,7 @@ fn close_on_launcher(inner: &HostInner) {
         let _ = p.reap(libc::WEXITED);
     }
     let _ = waitid_pidfd(inner.init_pidfd.as_raw_fd(), libc::WEXITED);
+    inner.limits.close();
 }
 
 // ----- processes -----

@@ -495,6 +495,8 @@ pub(crate) struct SpawnPlan<'a> {
     #[allow(dead_code)] // owns the strings envp_ptrs points into
     pub envp: Vec<CString>,
     pub envp_ptrs: Vec<*const libc::c_char>,
+    /// Cgroups to join and rlimits to set ([`super::limits`]).
+    pub limits: super::limits::ChildLimits,
 }
 
 /// Size of [`SpawnPlan::workload_stack`].
