@@ -8,6 +8,24 @@ export interface SandboxConfig {
   egress?: EgressRule[]
   /** How the proxy reaches upstreams (never changes a decision). */
   upstream?: UpstreamConfig
+  /** Resource limits for the whole sandbox; a given limit the host cannot enforce makes `exec` reject with `HIVE_LIMITS_UNENFORCEABLE`. */
+  limits?: LimitsConfig
+}
+
+/** Resource limits (docs/decisions.md#resource-limits). Omitted: a default where the host has a mechanism (pids 4096, memory half the RAM), else none. */
+export interface LimitsConfig {
+  /** Memory of all processes together (including page cache and the sandbox's tmpfs), bytes; at least 1 MiB. Needs a memory cgroup. */
+  memoryBytes?: number
+  /** Processes and threads alive at once, at least 8. A pids cgroup, else RLIMIT_NPROC in the sandbox's user namespace. */
+  pids?: number
+  /** CPU time per wall-clock time (1.5 = one and a half cores). Needs a cpu cgroup. */
+  cpus?: number
+  /** Open file descriptors, per process (RLIMIT_NOFILE), at least 16. */
+  openFiles?: number
+  /** Largest file a process may write, bytes (RLIMIT_FSIZE). */
+  fileSizeBytes?: number
+  /** Disk written through writable mounts, bytes. Not enforceable yet: giving it is refused. */
+  diskBytes?: number
 }
 
 export interface EgressRule {
@@ -59,6 +77,7 @@ export interface SandboxEvent {
     | 'sandbox.created'
     | 'sandbox.closed'
     | 'events.dropped'
+    | 'limit.exceeded'
   /** RFC 3339. */
   time: string
   sandbox: string
@@ -80,6 +99,13 @@ export interface SandboxEvent {
   egressRules?: number
   fsMounts?: number
   count?: number
+  /** `limit.exceeded`: which limit (`'memoryBytes'`, `'pids'`). */
+  limit?: string
+  /** `process.start`/`process.exit`/`limit.exceeded`: the pid inside the sandbox. */
+  pid?: number
+  command?: string[]
+  exitCode?: number | null
+  signal?: string | null
   [field: string]: unknown
 }
 
@@ -92,6 +118,7 @@ export interface HiveError extends Error {
     | 'HIVE_UNSUPPORTED_PLATFORM'
     | 'HIVE_USERNS_UNAVAILABLE'
     | 'HIVE_FS_UNENFORCEABLE'
+    | 'HIVE_LIMITS_UNENFORCEABLE'
     | 'HIVE_SPAWN_FAILED'
     | 'HIVE_SANDBOX_CLOSED'
     | 'HIVE_INTERNAL'

@@ -32,6 +32,14 @@ use crate::error::{HiveError, Result};
 /// runners, low enough that a fork bomb leaves the host usable.
 pub const DEFAULT_PIDS: u64 = 4096;
 
+// rlimit resource numbers (`u32` on glibc, `c_int` on musl).
+#[allow(clippy::unnecessary_cast)]
+const NPROC: u32 = libc::RLIMIT_NPROC as u32;
+#[allow(clippy::unnecessary_cast)]
+const NOFILE: u32 = libc::RLIMIT_NOFILE as u32;
+#[allow(clippy::unnecessary_cast)]
+const FSIZE: u32 = libc::RLIMIT_FSIZE as u32;
+
 /// What can enforce limits for one sandbox on this host.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Mechanisms {
@@ -82,7 +90,7 @@ pub fn decide(limits: &Limits, m: &Mechanisms, default_memory: Option<u64>) -> R
     if m.pids_cgroup {
         d.pids_cgroup = Some(pids);
     } else if m.nproc {
-        d.rlimits.push((libc::RLIMIT_NPROC as u32, pids));
+        d.rlimits.push((NPROC, pids));
     } else if limits.pids.is_some() {
         refused.push(
             "limits.pids: no pids cgroup this process may create, and RLIMIT_NPROC does not \
@@ -98,10 +106,10 @@ pub fn decide(limits: &Limits, m: &Mechanisms, default_memory: Option<u64>) -> R
         (None, _) => {}
     }
     if let Some(v) = limits.open_files {
-        d.rlimits.push((libc::RLIMIT_NOFILE as u32, v));
+        d.rlimits.push((NOFILE, v));
     }
     if let Some(v) = limits.file_size_bytes {
-        d.rlimits.push((libc::RLIMIT_FSIZE as u32, v));
+        d.rlimits.push((FSIZE, v));
     }
     if limits.disk_bytes.is_some() {
         refused.push(
@@ -570,7 +578,7 @@ mod tests {
         assert!(d.rlimits.is_empty());
         let d = decide(&none, &UNPRIVILEGED, Some(1 << 30)).unwrap();
         assert_eq!(d.memory, None);
-        assert_eq!(d.rlimits, vec![(libc::RLIMIT_NPROC as u32, DEFAULT_PIDS)]);
+        assert_eq!(d.rlimits, vec![(NPROC, DEFAULT_PIDS)]);
         // Nothing at all: an omitted limit never refuses.
         assert_eq!(
             decide(&none, &HOST_ROOT_NO_CGROUP, None).unwrap(),
@@ -592,17 +600,11 @@ mod tests {
             (d.memory, d.pids_cgroup, d.cpus),
             (Some(256 << 20), Some(256), Some(0.5))
         );
-        assert_eq!(
-            d.rlimits,
-            vec![
-                (libc::RLIMIT_NOFILE as u32, 64),
-                (libc::RLIMIT_FSIZE as u32, 1 << 20)
-            ]
-        );
+        assert_eq!(d.rlimits, vec![(NOFILE, 64), (FSIZE, 1 << 20)]);
         // pids falls back to RLIMIT_NPROC.
         let pids = limits(|l| l.pids = Some(256));
         let d = decide(&pids, &UNPRIVILEGED, None).unwrap();
-        assert_eq!(d.rlimits, vec![(libc::RLIMIT_NPROC as u32, 256)]);
+        assert_eq!(d.rlimits, vec![(NPROC, 256)]);
     }
 
     #[test]
