@@ -77,19 +77,43 @@ pub struct Hierarchy {
     pub controllers: Vec<Controller>,
 }
 
-/// The hierarchies this process could use, from `/proc/self/cgroup` and `/proc/self/mountinfo`;
-/// empty with [`DISABLE_ENV`] set.
+/// The hierarchies this process could use, from `/proc/self/cgroup` and `/proc/self/mountinfo`
+/// (read once per process: the own cgroups found first stay the parents of every sandbox's, even
+/// after [`delegate`] moved this process into a leaf); empty with [`DISABLE_ENV`] set.
 pub fn hierarchies() -> Vec<Hierarchy> {
+    static FOUND: std::sync::OnceLock<Vec<Hierarchy>> = std::sync::OnceLock::new();
     if std::env::var_os(DISABLE_ENV).is_some_and(|v| v == "1") {
         return Vec::new();
     }
-    let (Ok(cgroup), Ok(mountinfo)) = (
-        std::fs::read_to_string("/proc/self/cgroup"),
-        std::fs::read_to_string("/proc/self/mountinfo"),
-    ) else {
-        return Vec::new();
-    };
-    parse_hierarchies(&cgroup, &mountinfo)
+    FOUND
+        .get_or_init(|| {
+            let (Ok(cgroup), Ok(mountinfo)) = (
+                std::fs::read_to_string("/proc/self/cgroup"),
+                std::fs::read_to_string("/proc/self/mountinfo"),
+            ) else {
+                return Vec::new();
+            };
+            parse_hierarchies(&cgroup, &mountinfo)
+        })
+        .clone()
+}
+
+/// The hierarchies worth a cgroup for one sandbox. Every cgroup costs a migration when a process
+/// joins, so: the v1 cpu hierarchy only when a cpu limit is wanted, and v1 `cpuacct` only when
+/// no v2 cgroup can give `cpu.stat`.
+pub fn needed(hierarchies: &[Hierarchy], want_cpu: bool) -> Vec<Hierarchy> {
+    let has_v2 = hierarchies.iter().any(|h| h.v2);
+    hierarchies
+        .iter()
+        .filter(|h| {
+            h.v2 || h.controllers.iter().any(|c| match c {
+                Controller::Memory | Controller::Pids => true,
+                Controller::Cpu => want_cpu,
+                Controller::Cpuacct => !has_v2,
+            })
+        })
+        .cloned()
+        .collect()
 }
 
 /// [`hierarchies`] on given file contents.
@@ -589,6 +613,11 @@ mod tests {
         assert_eq!(v2[0].own, PathBuf::from("/sys/fs/cgroup/unified"));
         // name=systemd carries no controller hive uses.
         assert_eq!(h.len(), 5);
+        // Without a cpu limit: memory, pids and v2 (whose cpu.stat replaces cpuacct).
+        assert_eq!(needed(&h, false).len(), 3);
+        assert_eq!(needed(&h, true).len(), 4);
+        let v1_only: Vec<Hierarchy> = h.iter().filter(|h| !h.v2).cloned().collect();
+        assert_eq!(needed(&v1_only, false).len(), 3);
     }
 
     #[test]

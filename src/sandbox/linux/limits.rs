@@ -224,7 +224,8 @@ impl SandboxLimits {
     /// # Errors
     /// `HIVE_LIMITS_UNENFORCEABLE` ([`decide`], or a limit the kernel refused to set).
     pub fn start(limits: &Limits, init_pid: i32, nproc: bool) -> Result<SandboxLimits> {
-        let cgroup = SandboxCgroup::create(&cgroup::hierarchies());
+        let wanted = cgroup::needed(&cgroup::hierarchies(), limits.cpus.is_some());
+        let cgroup = SandboxCgroup::create(&wanted);
         let mechanisms = Mechanisms {
             memory_cgroup: cgroup.has(Controller::Memory),
             pids_cgroup: cgroup.has(Controller::Pids),
@@ -652,5 +653,95 @@ mod tests {
         assert!(!me.command.is_empty());
         assert!(me.rss_kb > 0 && me.threads >= 1 && me.start_ticks > 0);
         assert!(boot_time_ms() > 1_500_000_000_000);
+    }
+}
+
+/// `cargo test --lib cgroup_setup_cost -- --ignored --nocapture` (as root): what the cgroup
+/// part of a sandbox start and close costs on this host (docs/decisions.md#resource-limits).
+#[cfg(test)]
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn cgroup_setup_cost() {
+    use std::time::Instant;
+    let limits = Limits {
+        memory_bytes: Some(256 << 20),
+        pids: Some(256),
+        ..Limits::default()
+    };
+    let t = Instant::now();
+    let h = cgroup::hierarchies();
+    let detect = t.elapsed();
+    let (mut start, mut close) = (Vec::new(), Vec::new());
+    for _ in 0..50 {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("sleep");
+        let t = Instant::now();
+        let l = SandboxLimits::start(&limits, child.id() as i32, true).expect("start");
+        start.push(t.elapsed());
+        let _ = child.kill();
+        let _ = child.wait();
+        let t = Instant::now();
+        l.close();
+        close.push(t.elapsed());
+    }
+    let show = |v: &mut Vec<std::time::Duration>| {
+        v.sort();
+        let mean = v.iter().sum::<std::time::Duration>() / v.len() as u32;
+        format!(
+            "median {:?} mean {:?} max {:?}",
+            v[v.len() / 2],
+            mean,
+            v[v.len() - 1]
+        )
+    };
+    println!("hierarchies: {h:?}");
+    println!(
+        "detect {detect:?}; start {}; close {}",
+        show(&mut start),
+        show(&mut close)
+    );
+}
+
+#[cfg(test)]
+#[test]
+#[ignore = "a measurement; run by hand"]
+fn cgroup_setup_phases() {
+    use std::time::{Duration, Instant};
+    let mut tot = [Duration::ZERO; 6];
+    let n = 30;
+    for _ in 0..n {
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("sleep");
+        let t = Instant::now();
+        let h = cgroup::needed(&cgroup::hierarchies(), false);
+        tot[0] += t.elapsed();
+        let t = Instant::now();
+        let mut cg = SandboxCgroup::create(&h);
+        tot[1] += t.elapsed();
+        let t = Instant::now();
+        cg.set(Controller::Memory, Some((256u64 << 20) as f64))
+            .unwrap();
+        cg.set(Controller::Pids, Some(256.0)).unwrap();
+        tot[2] += t.elapsed();
+        let t = Instant::now();
+        cg.adopt(child.id() as i32).unwrap();
+        tot[3] += t.elapsed();
+        let t = Instant::now();
+        let _f = cg.procs_files().unwrap();
+        let _ = default_memory();
+        tot[4] += t.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        let t = Instant::now();
+        cg.remove();
+        tot[5] += t.elapsed();
+    }
+    let names = ["detect", "mkdir", "set", "adopt", "open+meminfo", "remove"];
+    for (name, d) in names.iter().zip(tot) {
+        println!("{name}: {:?}", d / n);
     }
 }
