@@ -93,9 +93,39 @@ pub fn hierarchies() -> Vec<Hierarchy> {
             ) else {
                 return Vec::new();
             };
-            parse_hierarchies(&cgroup, &mountinfo)
+            let found = parse_hierarchies(&cgroup, &mountinfo);
+            for h in &found {
+                sweep_stale(&h.own);
+            }
+            found
         })
         .clone()
+}
+
+/// Removes the empty sandbox cgroups a hive process that died without closing left behind
+/// (`hive-<pid>-<n>` whose pid is gone). A cgroup that still holds a process cannot be removed,
+/// so a live sandbox is never touched.
+fn sweep_stale(own: &Path) {
+    let Ok(entries) = std::fs::read_dir(own) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("hive-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the pid exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
 }
 
 /// The hierarchies worth a cgroup for one sandbox. Every cgroup costs a migration when a process
@@ -648,6 +678,20 @@ mod tests {
         assert!(parse_hierarchies("3:cpu,cpuacct:/docker/xy\n", mounts).is_empty());
         // No mount at all.
         assert!(parse_hierarchies("0::/\n", "").is_empty());
+    }
+
+    #[test]
+    fn stale_sandbox_cgroups_of_dead_processes_are_swept() {
+        let own = tempfile::tempdir().expect("tempdir");
+        let dead = own.path().join("hive-2147483600-1");
+        let mine = own.path().join(format!("hive-{}-1", std::process::id()));
+        let other = own.path().join("unrelated");
+        for d in [&dead, &mine, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        sweep_stale(own.path());
+        assert!(!dead.exists());
+        assert!(mine.exists() && other.exists());
     }
 
     #[test]
