@@ -159,6 +159,10 @@ describe(`limits (${whoami})`, () => {
     expect(error.code).toBe('HIVE_LIMITS_UNENFORCEABLE')
     expect(error.message).toContain('limits.memoryBytes')
     expect(error.message).toContain('limits.cpus')
+    // spawn() reports it through wait(); nothing ran.
+    const spawned = s.spawn(['sh', '-c', 'echo ran'])
+    expect((await rejection(spawned.wait())).code).toBe('HIVE_LIMITS_UNENFORCEABLE')
+    expect(spawned.pid).toBeUndefined()
     // Omitted limits never refuse: defaults apply only where a mechanism exists.
     const plain = await sandbox('nocgroup-plain', {})
     expect((await plain.exec(['echo', 'ok'])).stdout).toBe('ok\n')
