@@ -142,6 +142,24 @@ describe(`limits (${whoami})`, () => {
     expect(stats.memoryPeakBytes).toBeLessThanOrEqual(256 * MiB)
   }, 60_000)
 
+  it('cpus: 0.2 holds a busy loop to about a fifth of a core', async () => {
+    const s = await sandbox('cpu', { limits: { cpus: 0.2 } })
+    const run = s.exec(['timeout', '2', 'sh', '-c', 'while :; do :; done'], { timeoutMs: 10_000 })
+    if (!root) {
+      const error = await rejection(run)
+      if (error.code === 'HIVE_LIMITS_UNENFORCEABLE') {
+        expect(error.message).toContain('limits.cpus')
+        return
+      }
+      throw error
+    }
+    expect((await run).exitCode).toBe(124)
+    const { cpuUserMs, cpuSystemMs } = await s.stats()
+    expect(cpuUserMs + cpuSystemMs).toBeGreaterThan(0)
+    // 2 s at 0.2 CPUs is 400 ms; unbounded it would be up to 2000 ms.
+    expect(cpuUserMs + cpuSystemMs).toBeLessThan(700)
+  }, 30_000)
+
   it('an ordinary exit has no reason', async () => {
     const s = await sandbox('plain', {})
     const events = collect(s)
