@@ -43,6 +43,7 @@ pub enum ErrorCode {
     UnsupportedPlatform,
     UsernsUnavailable,
     FsUnenforceable,
+    LimitsUnenforceable,
     SpawnFailed,
     SandboxClosed,
     SandboxBusy,
@@ -59,6 +60,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedPlatform => "HIVE_UNSUPPORTED_PLATFORM",
             ErrorCode::UsernsUnavailable => "HIVE_USERNS_UNAVAILABLE",
             ErrorCode::FsUnenforceable => "HIVE_FS_UNENFORCEABLE",
+            ErrorCode::LimitsUnenforceable => "HIVE_LIMITS_UNENFORCEABLE",
             ErrorCode::SpawnFailed => "HIVE_SPAWN_FAILED",
             ErrorCode::SandboxClosed => "HIVE_SANDBOX_CLOSED",
             ErrorCode::SandboxBusy => "HIVE_SANDBOX_BUSY",
@@ -84,6 +86,9 @@ pub enum HiveError {
     UsernsUnavailable(String),
     #[error("{0}")]
     FsUnenforceable(String),
+    /// A configured resource limit has no mechanism on this host (docs/decisions.md#resource-limits).
+    #[error("{0}")]
+    LimitsUnenforceable(String),
     #[error("{0}")]
     SpawnFailed(String),
     #[error("sandbox {0:?} is closed")]
@@ -133,6 +138,7 @@ impl HiveError {
             HiveError::UnsupportedPlatform(_) => ErrorCode::UnsupportedPlatform,
             HiveError::UsernsUnavailable(_) => ErrorCode::UsernsUnavailable,
             HiveError::FsUnenforceable(_) => ErrorCode::FsUnenforceable,
+            HiveError::LimitsUnenforceable(_) => ErrorCode::LimitsUnenforceable,
             HiveError::SpawnFailed(_) => ErrorCode::SpawnFailed,
             HiveError::SandboxClosed(_) => ErrorCode::SandboxClosed,
             HiveError::SandboxBusy { .. } => ErrorCode::SandboxBusy,

@@ -45,6 +45,8 @@ pub struct Config {
     pub upstream: Upstream,
     /// How much of the audit log is kept on disk (docs/audit-log.md).
     pub audit: AuditRetention,
+    /// Resource limits for the whole sandbox (docs/decisions.md#resource-limits).
+    pub limits: Limits,
 }
 
 /// `audit`: the audit log's retention. The log is `audit.jsonl`, rotated when a write would take
@@ -74,6 +76,32 @@ impl Default for AuditRetention {
             max_bytes: Self::DEFAULT_MAX_BYTES,
             keep: Self::DEFAULT_KEEP,
         }
+    }
+}
+
+/// `limits`: bounds on the sandbox's processes, all of them together unless noted. `None`: not
+/// given (a default may apply where the host has a mechanism; an omitted limit never causes a
+/// rejection).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Memory of all processes together (anonymous memory, page cache and tmpfs), in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads alive at once.
+    pub pids: Option<u64>,
+    /// CPU time per wall-clock time (`1.5`: one and a half cores).
+    pub cpus: Option<f64>,
+    /// Open file descriptors, per process (`RLIMIT_NOFILE`).
+    pub open_files: Option<u64>,
+    /// Largest file a process may write, in bytes (`RLIMIT_FSIZE`).
+    pub file_size_bytes: Option<u64>,
+    /// Disk written through the sandbox's writable mounts, in bytes.
+    pub disk_bytes: Option<u64>,
+}
+
+impl Limits {
+    /// Whether no limit is given.
+    pub fn is_empty(&self) -> bool {
+        *self == Limits::default()
     }
 }
 

@@ -10,7 +10,7 @@
 use serde_json::{json, Map, Value};
 
 use super::{
-    AuditRetention, Config, EgressRule, FsAccess, FsBackend, FsMount, RuleAccess, Upstream,
+    AuditRetention, Config, EgressRule, FsAccess, FsBackend, FsMount, Limits, RuleAccess, Upstream,
     REDACTED,
 };
 
@@ -24,7 +24,27 @@ pub(super) fn config(config: &Config) -> Value {
     if config.audit != AuditRetention::default() {
         out["audit"] = json!({ "maxBytes": config.audit.max_bytes, "keep": config.audit.keep });
     }
+    if !config.limits.is_empty() {
+        out["limits"] = limits(&config.limits);
+    }
     out
+}
+
+/// The limits given (defaults are not shown: they depend on the host).
+fn limits(limits: &Limits) -> Value {
+    let mut out = Map::new();
+    let mut put = |key: &str, value: Option<Value>| {
+        if let Some(value) = value {
+            out.insert(key.into(), value);
+        }
+    };
+    put("memoryBytes", limits.memory_bytes.map(Value::from));
+    put("pids", limits.pids.map(Value::from));
+    put("cpus", limits.cpus.map(Value::from));
+    put("openFiles", limits.open_files.map(Value::from));
+    put("fileSizeBytes", limits.file_size_bytes.map(Value::from));
+    put("diskBytes", limits.disk_bytes.map(Value::from));
+    Value::Object(out)
 }
 
 fn egress_rule(rule: &EgressRule) -> Value {
@@ -142,6 +162,8 @@ mod tests {
                 "resolve": { "api.example.com:443": "127.0.0.1:8443", "[::1]:80": "[::1]:8080" },
                 "ca": [],
             },
+            "limits": { "memoryBytes": 268435456, "pids": 256, "cpus": 1.5, "openFiles": 1024,
+                        "fileSizeBytes": 1048576 },
         });
         let config = Config::from_json(&input).unwrap();
         let rendered = config.to_json();
@@ -153,6 +175,8 @@ mod tests {
             json!({ "access": "allow", "host": "api.anthropic.com" })
         );
         assert_eq!(rendered["upstream"]["resolve"]["[::1]:80"], "[::1]:8080");
+        assert_eq!(rendered["limits"]["cpus"], json!(1.5));
+        assert_eq!(rendered["limits"].get("diskBytes"), None);
         assert_eq!(
             rendered["fs"][1],
             json!({ "backend": "local", "mount": "/cache" })

@@ -25,14 +25,23 @@ use serde_json::{Map, Value};
 use super::host::quote;
 use super::{
     normalize_host, AuditRetention, Config, EgressRule, FsAccess, FsAcl, FsBackend, FsMount,
-    HostPattern, Override, PathGlob, RuleAccess, Secret, Upstream, REDACTED,
+    HostPattern, Limits, Override, PathGlob, RuleAccess, Secret, Upstream, REDACTED,
 };
 use crate::error::{ConfigIssue, HiveError, Result};
 
 /// Keys of the root object.
-const ROOT_KEYS: &[&str] = &["fs", "egress", "upstream", "audit"];
+const ROOT_KEYS: &[&str] = &["fs", "egress", "upstream", "audit", "limits"];
 /// Keys of `audit`.
 const AUDIT_KEYS: &[&str] = &["maxBytes", "keep"];
+/// Keys of `limits`.
+const LIMIT_KEYS: &[&str] = &[
+    "memoryBytes",
+    "pids",
+    "cpus",
+    "openFiles",
+    "fileSizeBytes",
+    "diskBytes",
+];
 /// Keys of an egress rule.
 const RULE_KEYS: &[&str] = &["access", "host", "ports", "methods", "paths", "override"];
 /// Keys of an egress rule's `override`.
@@ -207,12 +216,98 @@ impl Validator {
             Some(v) => self.audit(v, "audit"),
             None => Some(AuditRetention::default()),
         };
+        let limits = match optional(map, "limits") {
+            Some(v) => self.limits(v, "limits"),
+            None => Some(Limits::default()),
+        };
         Some(Config {
             fs: fs?,
             egress: egress?,
             upstream: upstream?,
             audit: audit?,
+            limits: limits?,
         })
+    }
+
+    // ---- limits -------------------------------------------------------------------------------
+
+    fn limits(&mut self, value: &Value, path: &str) -> Option<Limits> {
+        let map = self.object(
+            value,
+            path,
+            "an object such as { memoryBytes: 536870912, pids: 256 }",
+            LIMIT_KEYS,
+        )?;
+        let mut ok = true;
+        let mut count = |v: &mut Self, key: &str, min: u64, unit: &str| -> Option<u64> {
+            let raw = optional(map, key)?;
+            let got = v.integer(raw, &key_path(path, key), min, unit);
+            ok &= got.is_some();
+            got
+        };
+        let memory_bytes = count(self, "memoryBytes", 1 << 20, "bytes (at least 1 MiB)");
+        let pids = count(self, "pids", 8, "processes (at least 8)");
+        let open_files = count(self, "openFiles", 16, "file descriptors (at least 16)");
+        let file_size_bytes = count(self, "fileSizeBytes", 1, "bytes");
+        let disk_bytes = count(self, "diskBytes", 1 << 20, "bytes (at least 1 MiB)");
+        let cpus = optional(map, "cpus").and_then(|raw| {
+            let at = key_path(path, "cpus");
+            let got = match raw {
+                Value::Number(n) => n.as_f64().filter(|f| (0.01..=1024.0).contains(f)),
+                _ => None,
+            };
+            if got.is_none() {
+                let shown = match raw {
+                    Value::Number(n) => show_number(n),
+                    other => type_name(other).to_owned(),
+                };
+                self.issue(
+                    &at,
+                    format!("expected a number of CPUs from 0.01 to 1024 (1.5 = one and a half cores), got {shown}"),
+                );
+                ok = false;
+            }
+            got
+        });
+        ok.then_some(Limits {
+            memory_bytes,
+            pids,
+            cpus,
+            open_files,
+            file_size_bytes,
+            disk_bytes,
+        })
+    }
+
+    /// A whole number from `min` to 2^53 (JS's largest exact integer).
+    fn integer(&mut self, value: &Value, path: &str, min: u64, unit: &str) -> Option<u64> {
+        const MAX: u64 = 1 << 53;
+        let got = match value {
+            Value::Number(n) => match (n.as_u64(), n.as_f64()) {
+                (Some(u), _) => Some(u),
+                (None, Some(f)) if f.fract() == 0.0 && (0.0..=MAX as f64).contains(&f) => {
+                    Some(f as u64)
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        match got {
+            Some(n) if (min..=MAX).contains(&n) => Some(n),
+            _ => {
+                let shown = match value {
+                    Value::Number(n) => show_number(n),
+                    other => type_name(other).to_owned(),
+                };
+                self.issue(
+                    path,
+                    format!(
+                        "expected a whole number of {unit}, got {shown}; omit it for the default"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     // ---- egress -------------------------------------------------------------------------------
@@ -505,7 +600,7 @@ impl Validator {
         )?;
         let max_bytes = match optional(map, "maxBytes") {
             None => Some(AuditRetention::DEFAULT_MAX_BYTES),
-            Some(v) => self.integer(
+            Some(v) => self.integer_in(
                 v,
                 &key_path(path, "maxBytes"),
                 AuditRetention::MIN_MAX_BYTES,
@@ -516,7 +611,7 @@ impl Validator {
         let keep = match optional(map, "keep") {
             None => Some(AuditRetention::DEFAULT_KEEP),
             Some(v) => self
-                .integer(
+                .integer_in(
                     v,
                     &key_path(path, "keep"),
                     0,
@@ -532,7 +627,7 @@ impl Validator {
     }
 
     /// An integer in `min..=max` (JS numbers may arrive as floats: `2.0` is the integer 2).
-    fn integer(
+    fn integer_in(
         &mut self,
         value: &Value,
         path: &str,
@@ -1077,6 +1172,13 @@ mod tests {
     fn accepts_and_normalizes() {
         assert_eq!(Config::from_json(&Value::Null).unwrap(), Config::default());
         assert_eq!(Config::from_json(&json!({})).unwrap(), Config::default());
+        assert_eq!(Config::from_json(&json!({ "limits": {} })).unwrap(), Config::default());
+        assert_eq!(
+            Config::from_json(&json!({ "limits": { "pids": 256.0, "cpus": 2, "memoryBytes": null } }))
+                .unwrap()
+                .limits,
+            Limits { pids: Some(256), cpus: Some(2.0), ..Limits::default() }
+        );
         let c = Config::from_json(&json!({
             "fs": [{ "backend": "local", "mount": "/workspace/", "acls": [{ "path": "/workspace/**", "access": "rw" }] }],
             "egress": [
@@ -1171,6 +1273,15 @@ mod tests {
             (json!({ "fs": [{ "backend": "local", "mount": "/a", "source": "rel/dir" }] }), "fs[0].source", "absolute"),
             (json!({ "fs": [{ "backend": "local", "mount": "/a", "audit": 1 }] }), "fs[0].audit", "true or false"),
             (json!({ "fs": [{ "backend": "local", "mount": "/a", "acls": [{ "path": "/a*", "access": "r" }] }] }), "fs[0].acls[0].path", "outside its mount"),
+            (json!({ "limits": { "pid": 1 } }), "limits.pid", "did you mean \"pids\""),
+            (json!({ "limits": 5 }), "limits", "expected an object"),
+            (json!({ "limits": { "memoryBytes": 1024 } }), "limits.memoryBytes", "at least 1 MiB"),
+            (json!({ "limits": { "memoryBytes": "256M" } }), "limits.memoryBytes", "got a string"),
+            (json!({ "limits": { "pids": 2.5 } }), "limits.pids", "got 2.5"),
+            (json!({ "limits": { "pids": -1 } }), "limits.pids", "whole number"),
+            (json!({ "limits": { "cpus": 0 } }), "limits.cpus", "0.01 to 1024"),
+            (json!({ "limits": { "openFiles": 3 } }), "limits.openFiles", "at least 16"),
+            (json!({ "limits": { "fileSizeBytes": 0 } }), "limits.fileSizeBytes", "whole number of bytes"),
         ];
         for (config, path, phrase) in cases {
             let found = issues(config.clone());

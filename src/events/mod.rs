@@ -74,6 +74,40 @@ pub mod kind {
     pub const SANDBOX_WARNING: &str = "sandbox.warning";
     pub const EVENTS_DROPPED: &str = "events.dropped";
     pub const EVENTS_SUPPRESSED: &str = "events.suppressed";
+    pub const LIMIT_EXCEEDED: &str = "limit.exceeded";
+}
+
+/// Egress totals of a sandbox since it was opened in this process (`stats().egress`), counted
+/// from the `egress.request` and `egress.response` events as they pass the bus.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EgressTotals {
+    /// Requests decided (allowed and denied).
+    pub requests: u64,
+    /// Requests denied.
+    pub denied: u64,
+    /// Body bytes received from upstreams.
+    pub bytes_in: u64,
+    /// Body bytes sent to upstreams.
+    pub bytes_out: u64,
+}
+
+impl EgressTotals {
+    fn count(&mut self, kind: &str, fields: &Map<String, Value>) {
+        let number = |name: &str| fields.get(name).and_then(Value::as_u64).unwrap_or(0);
+        match kind {
+            kind::EGRESS_REQUEST => {
+                self.requests += 1;
+                if fields.get("access").and_then(Value::as_str) == Some("denied") {
+                    self.denied += 1;
+                }
+            }
+            kind::EGRESS_RESPONSE => {
+                self.bytes_in += number("bytesIn");
+                self.bytes_out += number("bytesOut");
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Default per-subscriber buffer (README.md#api).
@@ -156,6 +190,17 @@ fn now_rfc3339() -> String {
         .unwrap_or_else(|_| String::from("1970-01-01T00:00:00.000Z"))
 }
 
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds, like event times.
+pub fn format_time_ms(ms: u64) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(FORMAT).ok())
+        .unwrap_or_else(|| String::from("1970-01-01T00:00:00.000Z"))
+}
+
 /// Where a subscription starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Since {
@@ -185,6 +230,7 @@ struct BusState {
     subscribers: HashMap<u64, Arc<Live>>,
     next_key: u64,
     closed: bool,
+    egress: EgressTotals,
 }
 
 impl EventBus {
@@ -214,6 +260,7 @@ impl EventBus {
                     subscribers: HashMap::new(),
                     next_key: 0,
                     closed: false,
+                    egress: EgressTotals::default(),
                 }),
                 shared,
                 writer: Mutex::new(None),
@@ -247,6 +294,7 @@ impl EventBus {
         let mut emitted = Vec::with_capacity(1);
         let event = {
             let mut state = self.state.lock();
+            state.egress.count(kind, &fields);
             let mut out = Vec::with_capacity(1);
             let held = state
                 .coalescer
@@ -380,6 +428,11 @@ impl EventBus {
         }
     }
 
+    /// Egress totals so far (see [`EgressTotals`]).
+    pub fn egress_totals(&self) -> EgressTotals {
+        self.state.lock().egress
+    }
+
     /// How many subscribers are live.
     pub fn subscriber_count(&self) -> usize {
         self.state.lock().subscribers.len()
@@ -416,6 +469,7 @@ impl Drop for EventBus {
                 subscribers: HashMap::new(),
                 next_key: 0,
                 closed: true,
+                egress: EgressTotals::default(),
             },
         );
         for held in out {
@@ -490,6 +544,31 @@ mod tests {
             .lines()
             .filter_map(|l| log::parse_line(l.as_bytes()))
             .collect()
+    }
+
+    // --- egress totals ---
+
+    #[test]
+    fn egress_totals_count_requests_denials_and_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open("t", dir.path()).unwrap();
+        let obj = |v: Value| v.as_object().unwrap().clone();
+        bus.emit(kind::EGRESS_REQUEST, obj(json!({ "access": "allowed" })));
+        bus.emit(kind::EGRESS_REQUEST, obj(json!({ "access": "denied" })));
+        bus.emit(
+            kind::EGRESS_RESPONSE,
+            obj(json!({ "bytesIn": 100, "bytesOut": 7 })),
+        );
+        bus.emit(kind::DNS_QUERY, obj(json!({ "access": "denied" })));
+        assert_eq!(
+            bus.egress_totals(),
+            EgressTotals {
+                requests: 2,
+                denied: 1,
+                bytes_in: 100,
+                bytes_out: 7
+            }
+        );
     }
 
     // --- the event shape ---

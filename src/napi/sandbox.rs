@@ -189,6 +189,18 @@ impl Sandbox {
         Ok(NativeProcess::new(spawned))
     }
 
+    /// Usage of the whole sandbox (all its processes together), its processes and its egress
+    /// totals; cheap enough to poll every second. Zero and empty before the first `exec`.
+    #[cfg(target_os = "linux")]
+    #[napi]
+    pub async fn stats(&self) -> Result<SandboxStats> {
+        let inner = self.inner.clone();
+        let stats = tokio::task::spawn_blocking(move || inner.stats())
+            .await
+            .map_err(|e| Error::from_reason(format!("stats task failed: {e}")))?;
+        Ok(SandboxStats::from(stats))
+    }
+
     /// Stops the sandbox's processes and listeners and ends its event streams; its data stays.
     #[napi]
     pub async fn close(&self) -> Result<()> {
@@ -222,5 +234,78 @@ impl HostProxy {
     pub async fn close(&self) -> Result<()> {
         self.inner.close().await;
         Ok(())
+    }
+}
+
+/// What `sandbox.stats()` returns.
+#[napi(object)]
+pub struct SandboxStats {
+    /// Memory in use by the sandbox (its cgroup's count: anonymous memory, page cache, tmpfs;
+    /// without a memory cgroup, the resident memory of its live processes).
+    pub memory_bytes: f64,
+    /// The most `memoryBytes` has been.
+    pub memory_peak_bytes: f64,
+    /// CPU time in user mode, all processes together.
+    pub cpu_user_ms: f64,
+    /// CPU time in the kernel, all processes together.
+    pub cpu_system_ms: f64,
+    /// Tasks (processes and threads) counted against `limits.pids`, the sandbox's init included.
+    pub pids: u32,
+    /// The sandbox's processes (init excluded), by pid.
+    pub processes: Vec<SandboxProcessInfo>,
+    /// What the sandbox sent through hive's proxy since it was opened in this process.
+    pub egress: EgressStats,
+}
+
+/// One process of [`SandboxStats`].
+#[napi(object)]
+pub struct SandboxProcessInfo {
+    /// The pid inside the sandbox.
+    pub pid: i32,
+    /// Its argv.
+    pub command: Vec<String>,
+    /// RFC 3339 (10 ms resolution).
+    pub started_at: String,
+}
+
+/// Egress totals of [`SandboxStats`].
+#[napi(object)]
+pub struct EgressStats {
+    /// Requests decided.
+    pub requests: f64,
+    /// Requests denied.
+    pub denied: f64,
+    /// Body bytes received from upstreams.
+    pub bytes_in: f64,
+    /// Body bytes sent upstream.
+    pub bytes_out: f64,
+}
+
+#[cfg(target_os = "linux")]
+impl From<core::Stats> for SandboxStats {
+    fn from(s: core::Stats) -> Self {
+        let u = s.usage;
+        SandboxStats {
+            memory_bytes: u.memory_bytes as f64,
+            memory_peak_bytes: u.memory_peak_bytes as f64,
+            cpu_user_ms: u.cpu_user_ms as f64,
+            cpu_system_ms: u.cpu_system_ms as f64,
+            pids: u32::try_from(u.pids).unwrap_or(u32::MAX),
+            processes: u
+                .processes
+                .into_iter()
+                .map(|p| SandboxProcessInfo {
+                    pid: p.pid,
+                    command: p.command,
+                    started_at: crate::events::format_time_ms(p.started_at_ms),
+                })
+                .collect(),
+            egress: EgressStats {
+                requests: s.egress.requests as f64,
+                denied: s.egress.denied as f64,
+                bytes_in: s.egress.bytes_in as f64,
+                bytes_out: s.egress.bytes_out as f64,
+            },
+        }
     }
 }

@@ -10,6 +10,8 @@ export interface SandboxConfig {
   upstream?: UpstreamConfig
   /** How much of the audit log is kept (docs/audit-log.md). */
   audit?: AuditConfig
+  /** Resource limits for the whole sandbox; a given limit the host cannot enforce makes `exec` reject with `HIVE_LIMITS_UNENFORCEABLE`. */
+  limits?: LimitsConfig
 }
 
 /** The audit log's retention: `audit.jsonl` is rotated before a write would take it past
@@ -18,6 +20,22 @@ export interface SandboxConfig {
 export interface AuditConfig {
   maxBytes?: number
   keep?: number
+}
+
+/** Resource limits (docs/decisions.md#resource-limits). Omitted: a default where the host has a mechanism (pids 4096, memory half the RAM), else none. */
+export interface LimitsConfig {
+  /** Memory of all processes together (including page cache and the sandbox's tmpfs), bytes; at least 1 MiB. Needs a memory cgroup. */
+  memoryBytes?: number
+  /** Processes and threads alive at once, at least 8. A pids cgroup, else RLIMIT_NPROC in the sandbox's user namespace. */
+  pids?: number
+  /** CPU time per wall-clock time (1.5 = one and a half cores). Needs a cpu cgroup. */
+  cpus?: number
+  /** Open file descriptors, per process (RLIMIT_NOFILE), at least 16. */
+  openFiles?: number
+  /** Largest file a process may write, bytes (RLIMIT_FSIZE). */
+  fileSizeBytes?: number
+  /** Disk written through writable mounts, bytes. Not enforceable yet: giving it is refused. */
+  diskBytes?: number
 }
 
 export interface EgressRule {
@@ -228,6 +246,10 @@ export interface LimitExceededEvent extends EventBase<'limit.exceeded'> {
   limit: string
   /** The process that hit it, where known. */
   pid?: number
+  /** Its argv, where known. */
+  command?: string[]
+  /** How many times the limit was hit since the last such event. */
+  count?: number
 }
 
 /** A degradation that weakens nothing but matters (docs/audit-log.md#sandboxwarning). */

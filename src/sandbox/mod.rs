@@ -76,6 +76,16 @@ impl std::fmt::Debug for Sandbox {
     }
 }
 
+/// What `stats()` returns.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Memory, CPU, tasks and processes of the whole sandbox.
+    #[cfg(target_os = "linux")]
+    pub usage: linux::limits::Usage,
+    /// Egress totals since the sandbox was opened in this process.
+    pub egress: crate::events::EgressTotals,
+}
+
 /// A request to decide without sending it ([`Sandbox::decide`]).
 #[derive(Debug, Clone)]
 pub struct DryRunRequest {
@@ -311,6 +321,8 @@ impl Sandbox {
         let _order = self.apply_lock.lock();
         #[cfg(target_os = "linux")]
         self.stop_if_mounts_changed(&config.fs);
+        #[cfg(target_os = "linux")]
+        self.update_limits(&config.limits);
         let (egress_rules, fs_mounts) = (config.egress.len(), config.fs.len());
         self.events.set_retention(config.audit);
         #[cfg(target_os = "linux")]
@@ -398,11 +410,12 @@ impl Sandbox {
                     fs.clone(),
                 );
                 let ports = runtime::capture_ports(&self.cell.load().config);
+                let limits = self.cell.load().config.limits.clone();
                 let wanted = ports.clone();
                 let events = self.events.clone();
                 let (host, handover, servers) = blocking(move || {
                     let spec = runtime::launch_spec(&name, &dir, &mounts, &ca_pem, ports)?;
-                    let (host, mut handover) = linux::SandboxHost::start(spec)?;
+                    let (host, mut handover) = linux::SandboxHost::start_with_limits(spec, limits)?;
                     let fuse = std::mem::take(&mut handover.fuse);
                     match runtime::serve_fuse(&dir, &mounts, fuse, &events) {
                         Ok(servers) => Ok((host, handover, servers)),
@@ -436,7 +449,12 @@ impl Sandbox {
             cwd,
         };
         let process = runtime::spawn(&runtime.host, &self.events, spec).await?;
-        Spawned::watch(process, argv, self.events.clone())
+        Spawned::watch(
+            process,
+            argv,
+            self.events.clone(),
+            runtime.host.limits().clone(),
+        )
     }
 
     /// A config whose mounts differ from those the namespaces run with stops them, so looser
@@ -456,6 +474,47 @@ impl Sandbox {
                 stale.stop();
             }
         }
+    }
+
+    /// Running processes get the new limits in place (cgroup writes; rlimits for later spawns).
+    /// Limits that cannot change in place (a mechanism this sandbox lacks, a value the kernel
+    /// refuses) stop the namespaces like changed mounts do: the next spawn starts fresh ones
+    /// under the new limits, or is refused with `HIVE_LIMITS_UNENFORCEABLE`. Blocking.
+    #[cfg(target_os = "linux")]
+    fn update_limits(&self, limits: &crate::config::Limits) {
+        let mut slot = self.runtime.blocking_lock();
+        let Some(running) = slot.as_ref() else {
+            return;
+        };
+        if let Err(e) = running.host.limits().update(limits) {
+            tracing::warn!(sandbox = %self.name, error = %e, "new limits need a restart: stopping the sandbox's processes");
+            if let Some(stale) = slot.take() {
+                stale.stop();
+            }
+        }
+    }
+
+    /// `stats()`: usage of the whole sandbox, its processes, and its egress totals. Zero usage
+    /// and no processes before the first spawn and after close. Blocking (reads `/proc` and
+    /// cgroup files; well under a millisecond with a cgroup).
+    pub fn stats(&self) -> Stats {
+        Stats {
+            #[cfg(target_os = "linux")]
+            usage: self.usage(),
+            egress: self.events.egress_totals(),
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn usage(&self) -> linux::limits::Usage {
+        let slot = self.runtime.blocking_lock();
+        let Some(running) = slot.as_ref() else {
+            return Default::default();
+        };
+        let limits = running.host.limits();
+        let hits = limits.check(None);
+        runtime::emit_limit_hits(&self.events, &hits, None);
+        limits.usage()
     }
 
     /// Captured ports follow the rules in force (called from blocking context, after the swap).

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map};
 
 use super::linux::capture::{self, CaptureListeners};
+use super::linux::limits::{Hits, SandboxLimits};
 use super::linux::{
     self, BindMount, ExitStatus, LaunchSpec, ProcessSpec, SandboxHost, SandboxProcess, Subtree,
 };
@@ -458,14 +459,48 @@ pub async fn spawn(
     Ok(process)
 }
 
-/// Emits `process.exit` for a finished process.
-pub fn emit_exit(events: &EventBus, pid: i32, command: &[String], status: ExitStatus) {
+/// Emits `process.exit` for a finished process; `reason` is `"oom"` when the sandbox's memory
+/// limit killed it.
+pub fn emit_exit(
+    events: &EventBus,
+    pid: i32,
+    command: &[String],
+    status: ExitStatus,
+    reason: Option<&str>,
+) {
     let mut fields = Map::new();
     fields.insert("pid".into(), json!(pid));
     fields.insert("command".into(), json!(command));
     fields.insert("exitCode".into(), json!(status.code));
     fields.insert("signal".into(), json!(status.signal.map(signal_name)));
+    if let Some(reason) = reason {
+        fields.insert("reason".into(), json!(reason));
+    }
     events.emit(kind::PROCESS_EXIT, fields);
+}
+
+/// Emits `limit.exceeded` for what [`SandboxLimits::check`] found (docs/audit-log.md): which
+/// limit, and the process when known.
+pub fn emit_limit_hits(events: &EventBus, hits: &Hits, process: Option<(i32, &[String])>) {
+    let emit = |limit: &str, count: u64, process: Option<(i32, &[String])>| {
+        let mut fields = Map::new();
+        fields.insert("limit".into(), json!(limit));
+        if let Some((pid, command)) = process {
+            fields.insert("pid".into(), json!(pid));
+            fields.insert("command".into(), json!(command));
+        }
+        fields.insert("count".into(), json!(count));
+        events.emit(kind::LIMIT_EXCEEDED, fields);
+    };
+    if hits.oom_this {
+        emit("memoryBytes", 1, process);
+    }
+    if hits.oom_others > 0 {
+        emit("memoryBytes", hits.oom_others, None);
+    }
+    if hits.pids_max > 0 {
+        emit("pids", hits.pids_max, None);
+    }
 }
 
 /// Signal names as Node spells them.
@@ -542,11 +577,13 @@ impl std::fmt::Debug for Spawned {
 }
 
 impl Spawned {
-    /// Wraps a process just spawned; a task waits for it and emits `process.exit`.
+    /// Wraps a process just spawned; a task waits for it, checks the sandbox's limits and emits
+    /// `limit.exceeded` and `process.exit`.
     pub fn watch(
         mut process: SandboxProcess,
         command: Vec<String>,
         events: std::sync::Arc<EventBus>,
+        limits: Arc<SandboxLimits>,
     ) -> Result<Spawned> {
         let stdin = process
             .stdin
@@ -564,7 +601,10 @@ impl Spawned {
         tokio::spawn(async move {
             let status = waited.wait().await;
             if let Ok(status) = &status {
-                emit_exit(&events, pid, &command, *status);
+                let hits = limits.check(status.signal);
+                emit_limit_hits(&events, &hits, Some((pid, &command)));
+                let reason = hits.oom_this.then_some("oom");
+                emit_exit(&events, pid, &command, *status, reason);
             }
             let _ = tx.send(Some(status.map_err(|e| e.to_string())));
         });

@@ -14,8 +14,9 @@
 //!    step failed, or nothing (EOF) once the command runs.
 //!
 //! # Arguments
-//! `argv` = `hive-init spawn <flags> <cwd> <n> <candidate 1> .. <candidate n> <command argv..>`,
-//! where `flags` bit 0 says a Landlock ruleset sits in [`slot::LANDLOCK`]; the environment is the
+//! `argv` = `hive-init spawn <flags> <rlimits> <cwd> <n> <candidate 1> .. <candidate n> <command
+//! argv..>`, where `flags` bit 0 says a Landlock ruleset sits in [`slot::LANDLOCK`] and `rlimits`
+//! is `-` or up to [`MAX_RLIMITS`] `resource=value` pairs joined by `,` (decimal); the environment is the
 //! workload's own. The command's `argv` and `envp` are used in place (pointers into this process's
 //! own argument area), so nothing is copied.
 //!
@@ -66,9 +67,14 @@ pub const NS_ORDER: [u32; slot::NS_COUNT as usize] = [
     sys::CLONE_NEWPID,
 ];
 
+/// Most rlimits the host passes (`RLIMIT_NPROC`, `RLIMIT_NOFILE`, `RLIMIT_FSIZE`).
+pub const MAX_RLIMITS: usize = 3;
+
 /// What the shim read from its arguments.
 struct Plan {
     landlock: bool,
+    /// `(resource, value)`; value 0: unused.
+    rlimits: [(u32, u64); MAX_RLIMITS],
     cwd: *const u8,
     candidates: &'static [*const u8],
     argv: StrArray,
@@ -93,6 +99,17 @@ pub unsafe fn shim_main(argc: usize, argv: StrArray, envp: StrArray) -> ! {
     let seccomp = seccomp.get(..records).unwrap_or(&[]);
     if programs(seccomp).is_none() {
         fail((Stage::SpawnPlan, Errno(sys::EINVAL as i32)));
+    }
+    // The sandbox's cgroups: writing `0` to `cgroup.procs` moves the writer, so the workload forked
+    // below starts in them (and every process it forks after it). Unused slots are closed.
+    for fd in slot::CGROUPS..slot::CGROUPS + slot::CGROUPS_COUNT {
+        match sys::write(fd, b"0") {
+            Ok(1) => {}
+            Err(Errno(e)) if e == sys::EBADF as i32 => continue,
+            Ok(_) => fail((Stage::Limits, Errno(sys::EIO as i32))),
+            Err(e) => fail((Stage::Limits, e)),
+        }
+        let _ = sys::close(fd);
     }
     for (fd, nstype) in (slot::NS..).zip(NS_ORDER) {
         if let Err(e) = sys::setns(fd, nstype) {
@@ -143,21 +160,48 @@ unsafe fn parse(argc: usize, argv: StrArray, envp: StrArray) -> Option<Plan> {
         })
     };
     let flags = number(2)?;
-    let cwd = *args.get(3)?;
-    let n = number(4)?;
-    let candidates = args.get(5..5 + n)?;
-    let first = 5 + n;
+    // SAFETY: every argv entry is a NUL-terminated string.
+    let rlimits =
+        parse_rlimits(unsafe { core::ffi::CStr::from_ptr((*args.get(3)?).cast()) }.to_bytes())?;
+    let cwd = *args.get(4)?;
+    let n = number(5)?;
+    let candidates = args.get(6..6 + n)?;
+    let first = 6 + n;
     if candidates.is_empty() || first >= argc {
         return None;
     }
     Some(Plan {
         landlock: flags & 1 != 0,
+        rlimits,
         cwd,
         candidates,
         // SAFETY: first < argc, so this stays inside the array (whose tail is NULL-terminated).
         argv: unsafe { argv.add(first) },
         envp,
     })
+}
+
+/// `-`, or `resource=value[,resource=value]..` (decimal, at most [`MAX_RLIMITS`] pairs).
+fn parse_rlimits(s: &[u8]) -> Option<[(u32, u64); MAX_RLIMITS]> {
+    let mut out = [(0u32, 0u64); MAX_RLIMITS];
+    if s == b"-" {
+        return Some(out);
+    }
+    let decimal = |d: &[u8]| -> Option<u64> {
+        if d.is_empty() || d.len() > 19 {
+            return None;
+        }
+        d.iter().try_fold(0u64, |n, b| {
+            b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+        })
+    };
+    for (n, pair) in s.split(|b| *b == b',').enumerate() {
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        let resource = u32::try_from(decimal(pair.get(..eq)?)?).ok()?;
+        let value = decimal(pair.get(eq + 1..)?)?;
+        *out.get_mut(n)? = (resource, value);
+    }
+    Some(out)
 }
 
 /// Reads the seccomp image into `buf`; returns the number of records.
@@ -230,6 +274,11 @@ fn confine(plan: &Plan, seccomp: &[SockFilter]) -> Result<(), Fail> {
     let _ = sys::clear_groups();
     sys::setresgid(0).map_err(at(Stage::Identity))?;
     sys::setresuid(0).map_err(at(Stage::Identity))?;
+    // 4b. rlimits, now that the process is the sandbox's uid 0: `RLIMIT_NPROC` counts processes
+    //     per user namespace and uid, so set before the switch it would count the host user's.
+    for (resource, value) in plan.rlimits.iter().copied().filter(|(_, v)| *v > 0) {
+        sys::lower_rlimit(resource, value).map_err(at(Stage::Limits))?;
+    }
     // 5. no_new_privs: no setuid gains; required for Landlock and seccomp.
     sys::prctl(sys::PR_SET_NO_NEW_PRIVS, 1, 0).map_err(at(Stage::NoNewPrivs))?;
     // 6. Landlock (ruleset completed by the sandbox's setup with in-sandbox paths).

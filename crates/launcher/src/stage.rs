@@ -51,13 +51,15 @@ pub enum Stage {
     ExecInit = 39,
     /// Not a failure: the exec'd init runs (its first message to the host).
     InitReady = 40,
+    /// Joining the sandbox's cgroups or setting its rlimits.
+    Limits = 41,
     Unknown = 255,
 }
 
 impl Stage {
     /// Decodes a stage code received from a child.
     pub fn from_u32(v: u32) -> Stage {
-        const ALL: [Stage; 41] = [
+        const ALL: [Stage; 42] = [
             Stage::Ok,
             Stage::Handshake,
             Stage::Hostname,
@@ -99,6 +101,7 @@ impl Stage {
             Stage::SpawnPlan,
             Stage::ExecInit,
             Stage::InitReady,
+            Stage::Limits,
         ];
         ALL.iter()
             .copied()
@@ -150,6 +153,7 @@ impl Stage {
             Stage::SpawnPlan => "reading the spawn plan",
             Stage::ExecInit => "executing hive-init (is vm.memfd_noexec set to 2?)",
             Stage::InitReady => "starting init",
+            Stage::Limits => "applying the sandbox's resource limits",
             Stage::Unknown => "an unknown step",
         }
     }

@@ -31,10 +31,14 @@ pub mod slot {
     pub const LANDLOCK: i32 = 12;
     /// The seccomp programs ([`crate::spawn::SeccompImage`]).
     pub const SECCOMP: i32 = 13;
-    /// Number of slots the host fills (0 ..= 13).
-    pub const COUNT: usize = 14;
+    /// `cgroup.procs` of each sandbox cgroup, open for writing (unused slots stay closed).
+    pub const CGROUPS: i32 = 14;
+    /// How many cgroup slots follow [`CGROUPS`].
+    pub const CGROUPS_COUNT: i32 = 6;
+    /// Number of slots the host fills (0 ..= 19).
+    pub const COUNT: usize = 20;
     /// The `hive-init` image itself, close-on-exec.
-    pub const IMAGE: i32 = 14;
+    pub const IMAGE: i32 = 20;
 }
 
 /// What [`exec_spawn_shim`] needs, prepared by the parent before `clone`.

@@ -327,6 +327,28 @@ pub fn setresgid(gid: u32) -> SysResult {
     unsafe { sys(g::__NR_setresgid, [gid, gid, gid, 0, 0, 0]) }
 }
 
+/// `prlimit64(0, resource, new, old)` on the calling process: sets soft and hard limit to
+/// `value`, never above the hard limit it had.
+pub fn lower_rlimit(resource: u32, value: u64) -> SysResult {
+    let mut old = [0u64; 2];
+    // SAFETY: `old` is a writable `struct rlimit64` (two u64); no new limit is passed.
+    unsafe {
+        sys(
+            g::__NR_prlimit64,
+            [0, resource as usize, 0, old.as_mut_ptr() as usize, 0, 0],
+        )
+    }?;
+    let v = value.min(old[1]);
+    let new = [v, v];
+    // SAFETY: `new` is a readable `struct rlimit64`; the old limit is not asked for.
+    unsafe {
+        sys(
+            g::__NR_prlimit64,
+            [0, resource as usize, new.as_ptr() as usize, 0, 0, 0],
+        )
+    }
+}
+
 /// `setresuid(uid, uid, uid)`.
 pub fn setresuid(uid: u32) -> SysResult {
     let uid = uid as usize;
@@ -481,7 +503,7 @@ pub const fn sigbit(sig: u32) -> u64 {
     1 << (sig - 1)
 }
 
-pub use e::{EACCES, EINTR, EINVAL, ELOOP, ENAMETOOLONG, ENOENT, ENOTDIR};
+pub use e::{EACCES, EBADF, EINTR, EINVAL, EIO, ELOOP, ENAMETOOLONG, ENOENT, ENOTDIR};
 pub use g::{
     CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER,
     CLONE_NEWUTS, CLONE_PARENT, SIGCHLD, SIG_BLOCK, SIG_SETMASK,

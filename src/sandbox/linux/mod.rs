@@ -89,6 +89,7 @@
 //! Spawns join the namespaces through fds the parent opened before "go".
 
 pub mod capture;
+pub mod cgroup;
 pub(crate) mod child;
 #[cfg(test)]
 mod fuse_tests;
@@ -96,6 +97,7 @@ pub(crate) mod idmap;
 pub(crate) mod image;
 pub(crate) mod init;
 pub(crate) mod landlock;
+pub mod limits;
 pub(crate) mod mounts;
 pub(crate) mod netns;
 pub(crate) mod plan;
@@ -243,6 +245,8 @@ struct HostInner {
     /// `/proc/<init>/ns/*`, in [`plan::NS_ORDER`].
     ns_fds: Vec<OwnedFd>,
     landlock: Option<OwnedFd>,
+    /// The sandbox's cgroups and rlimits.
+    limits: Arc<limits::SandboxLimits>,
     state: Mutex<HostState>,
 }
 
@@ -468,7 +472,23 @@ impl SandboxHost {
     /// or their setup; `HIVE_INVALID_ARGUMENT` for a bad mount target; I/O errors for a missing
     /// mount source.
     pub fn start(spec: LaunchSpec) -> Result<(SandboxHost, Handover)> {
-        on_launcher(move || start_on_launcher(&spec))
+        Self::start_with_limits(spec, crate::config::Limits::default())
+    }
+
+    /// [`SandboxHost::start`] with resource limits for the whole sandbox ([`limits`]).
+    ///
+    /// # Errors
+    /// Those of `start`, and `HIVE_LIMITS_UNENFORCEABLE` when a given limit has no mechanism here.
+    pub fn start_with_limits(
+        spec: LaunchSpec,
+        limits: crate::config::Limits,
+    ) -> Result<(SandboxHost, Handover)> {
+        on_launcher(move || start_on_launcher(&spec, &limits))
+    }
+
+    /// The sandbox's limits: usage, hits, changes ([`limits::SandboxLimits`]).
+    pub fn limits(&self) -> &Arc<limits::SandboxLimits> {
+        &self.inner.limits
     }
 
     /// Spawns a process in the sandbox. Blocks until it has exec'd (or failed to), a few
@@ -555,7 +575,10 @@ impl Drop for SandboxHost {
     }
 }
 
-fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
+fn start_on_launcher(
+    spec: &LaunchSpec,
+    limits: &crate::config::Limits,
+) -> Result<(SandboxHost, Handover)> {
     let ruleset = landlock::create_ruleset()
         .map_err(|e| HiveError::io("creating the Landlock ruleset", e))?;
     if ruleset.is_none() {
@@ -670,6 +693,12 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
         err
     };
+    // Limits: init joins the sandbox's cgroups before it runs anything of the sandbox's;
+    // RLIMIT_NPROC binds the sandbox only if its root is not host root.
+    let limits = match limits::SandboxLimits::start(limits, pid as i32, uid != 0) {
+        Ok(l) => Arc::new(l),
+        Err(e) => return Err(fail(e)),
+    };
     // Opened before "go", while the child is still the host's uid.
     let ns_fds = match open_namespaces(pid as i32) {
         Ok(fds) => fds,
@@ -763,6 +792,7 @@ fn start_on_launcher(spec: &LaunchSpec) -> Result<(SandboxHost, Handover)> {
         init_pidfd,
         ns_fds,
         landlock: ruleset.map(|r| r.fd),
+        limits,
         state: Mutex::new(HostState {
             closed: false,
             procs: Vec::new(),
@@ -983,7 +1013,8 @@ fn spawn_on_launcher(
     let (err_r, err_w) = pipe()?;
     let (pid_r, pid_w) = pipe()?;
     let landlock = inner.landlock.as_ref().map(|f| f.as_raw_fd());
-    let shim_argv = cmd.shim_argv(landlock.is_some());
+    let child_limits = inner.limits.child();
+    let shim_argv = cmd.shim_argv(landlock.is_some(), &child_limits.rlimits);
     let argv_ptrs = ptr_array(&shim_argv);
     let envp_ptrs = ptr_array(&cmd.envp);
     let mut fds = [-1; slot::COUNT];
@@ -997,6 +1028,9 @@ fn spawn_on_launcher(
     }
     fds[slot::LANDLOCK as usize] = landlock.unwrap_or(-1);
     fds[slot::SECCOMP as usize] = seccomp::image_fd()?;
+    for (i, fd) in child_limits.cgroup_procs.iter().enumerate() {
+        fds[slot::CGROUPS as usize + i] = *fd;
+    }
     let shim = ShimExec {
         image: image::init_image()?,
         fds,
@@ -1143,6 +1177,7 @@ fn close_on_launcher(inner: &HostInner) {
         let _ = p.reap(libc::WEXITED);
     }
     let _ = waitid_pidfd(inner.init_pidfd.as_raw_fd(), libc::WEXITED);
+    inner.limits.close();
 }
 
 // ----- processes -----

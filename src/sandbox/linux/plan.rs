@@ -17,8 +17,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
-use super::seccomp::SeccompProgram;
-use super::landlock::{ALL, READ_EXEC};
 use super::{BindMount, LaunchSpec, ProcessSpec, CA_BUNDLE_PATH};
 use crate::error::{HiveError, Result};
 
@@ -668,11 +666,22 @@ impl CommandStrings {
 impl CommandStrings {
     /// `hive-init spawn <flags> <cwd> <n> <candidates..> <argv..>` (`hive_launcher::spawn`);
     /// `landlock`: a ruleset is passed in its slot.
-    pub(crate) fn shim_argv(&self, landlock: bool) -> Vec<CString> {
-        let mut v = Vec::with_capacity(5 + self.exec_candidates.len() + self.argv.len());
+    pub(crate) fn shim_argv(&self, landlock: bool, rlimits: &[(u32, u64)]) -> Vec<CString> {
+        let mut v = Vec::with_capacity(6 + self.exec_candidates.len() + self.argv.len());
         v.push(c"hive-init".to_owned());
         v.push(c"spawn".to_owned());
         v.push(if landlock { c"1" } else { c"0" }.to_owned());
+        let pairs: Vec<String> = rlimits
+            .iter()
+            .filter(|(_, value)| *value > 0)
+            .map(|(resource, value)| format!("{resource}={value}"))
+            .collect();
+        let pairs = if pairs.is_empty() {
+            "-".to_owned()
+        } else {
+            pairs.join(",")
+        };
+        v.push(CString::new(pairs).unwrap_or_default());
         v.push(self.cwd.clone());
         let n = CString::new(self.exec_candidates.len().to_string()).unwrap_or_default();
         v.push(n);
