@@ -8,6 +8,34 @@ export interface SandboxConfig {
   egress?: EgressRule[]
   /** How the proxy reaches upstreams (never changes a decision). */
   upstream?: UpstreamConfig
+  /** How much of the audit log is kept (docs/audit-log.md). */
+  audit?: AuditConfig
+  /** Resource limits for the whole sandbox; a given limit the host cannot enforce makes `exec` reject with `HIVE_LIMITS_UNENFORCEABLE`. */
+  limits?: LimitsConfig
+}
+
+/** The audit log's retention: `audit.jsonl` is rotated before a write would take it past
+ * `maxBytes` (default 64 MiB, at least 64 KiB); the `keep` newest rotated files (default 1, at
+ * most 100) are kept as `audit.jsonl.1`, `.2`, … */
+export interface AuditConfig {
+  maxBytes?: number
+  keep?: number
+}
+
+/** Resource limits (docs/decisions.md#resource-limits). Omitted: a default where the host has a mechanism (pids 4096, memory half the RAM), else none. */
+export interface LimitsConfig {
+  /** Memory of all processes together (including page cache and the sandbox's tmpfs), bytes; at least 1 MiB. Needs a memory cgroup. */
+  memoryBytes?: number
+  /** Processes and threads alive at once, at least 8. A pids cgroup, else RLIMIT_NPROC in the sandbox's user namespace. */
+  pids?: number
+  /** CPU time per wall-clock time (1.5 = one and a half cores). Needs a cpu cgroup. */
+  cpus?: number
+  /** Open file descriptors, per process (RLIMIT_NOFILE), at least 16. */
+  openFiles?: number
+  /** Largest file a process may write, bytes (RLIMIT_FSIZE). */
+  fileSizeBytes?: number
+  /** Disk written through writable mounts, bytes. Not enforceable yet: giving it is refused. */
+  diskBytes?: number
 }
 
 export interface EgressRule {
@@ -52,6 +80,12 @@ export interface EventBase<Type extends string> {
   time: string
   /** The sandbox's name. */
   sandbox: string
+  /** On a repeated denial (`egress.request`, `dns.query`, `fs.denied`) coalesced into one event:
+   * how many identical denials it stands for, and when the first and the last happened
+   * (docs/audit-log.md#repeated-denials). */
+  count?: number
+  firstTime?: string
+  lastTime?: string
 }
 
 /** Why a request was allowed or denied. Open-ended: new reasons may be added. */
@@ -212,6 +246,10 @@ export interface LimitExceededEvent extends EventBase<'limit.exceeded'> {
   limit: string
   /** The process that hit it, where known. */
   pid?: number
+  /** Its argv, where known. */
+  command?: string[]
+  /** How many times the limit was hit since the last such event. */
+  count?: number
 }
 
 /** A degradation that weakens nothing but matters (docs/audit-log.md#sandboxwarning). */
@@ -231,6 +269,18 @@ export interface SandboxClosedEvent extends EventBase<'sandbox.closed'> {}
 export interface EventsDroppedEvent extends EventBase<'events.dropped'> {
   /** How many events this subscriber lost. */
   count: number
+}
+
+/** Denials held back by the per-sandbox budget during a flood of distinct denials
+ * (docs/audit-log.md#repeated-denials). */
+export interface EventsSuppressedEvent extends EventBase<'events.suppressed'> {
+  /** How many denials this event stands for. */
+  count: number
+  /** How many of each event type. */
+  types: Record<string, number>
+  /** When the first and the last of them happened. */
+  firstTime: string
+  lastTime: string
 }
 
 /**
@@ -254,6 +304,7 @@ export type SandboxEvent =
   | SandboxCreatedEvent
   | SandboxClosedEvent
   | EventsDroppedEvent
+  | EventsSuppressedEvent
 
 /** Every event `type`. */
 export type SandboxEventType = SandboxEvent['type']
@@ -273,6 +324,7 @@ export interface HiveError extends Error {
     | 'HIVE_MAX_BUFFER'
     | 'HIVE_SANDBOX_BUSY'
     | 'HIVE_SANDBOX_CLOSED'
+    | 'HIVE_SANDBOX_BUSY'
     | 'HIVE_INTERNAL'
   /** For `HIVE_INVALID_CONFIG`: every problem found, by field path. */
   issues?: { path: string; message: string }[]
@@ -300,9 +352,9 @@ export interface SpawnOptions {
 export interface ExecOptions extends SpawnOptions {
   /** Written to the process's stdin, which is then closed. */
   stdin?: string | Uint8Array
-  /** Kill the process (SIGKILL) after this many milliseconds; the result has `timedOut: true`. */
+  /** Kill the command, every process it started (its process group), with SIGKILL after this many milliseconds; the result has `timedOut: true` and the output so far. */
   timeoutMs?: number
-  /** Kill the process (SIGKILL) and reject with the signal's reason when aborted. */
+  /** Kill the command's process group (SIGKILL) and reject with the signal's reason when aborted. */
   signal?: AbortSignal
   /** Largest stdout + stderr, in bytes, before the process is killed and the call rejects with `HIVE_MAX_BUFFER` (default 16 MiB). */
   maxBuffer?: number
@@ -328,7 +380,7 @@ export declare class SandboxProcess {
   readonly stderr: import('node:stream').Readable
   /** Resolves when the process has ended; rejects with `HIVE_SPAWN_FAILED` if it could not start. */
   wait(): Promise<{ exitCode: number | null; signal: string | null }>
-  /** Sends a signal (default `"SIGTERM"`). */
+  /** Sends a signal (default `"SIGTERM"`) to every process of the command (its process group). */
   kill(signal?: string): void
 }
 
@@ -424,6 +476,11 @@ export declare class Sandbox {
    * outside a hive sandbox. Its `url` carries a random credential; `ca` is the CA to trust.
    */
   proxy(): Promise<HostProxy>
+  /**
+   * Usage of the whole sandbox (all its processes together), its processes and its egress
+   * totals; cheap enough to poll every second. Zero and empty before the first `exec`.
+   */
+  stats(): Promise<SandboxStats>
   /** Stops the sandbox's processes and listeners and ends its event streams; its data stays. */
   close(): Promise<void>
 }
@@ -450,6 +507,18 @@ export interface DecisionResult {
 /** Closes the live sandbox of this name, if any, and removes its data from the hive home. */
 export declare function deleteSandbox(name: string): Promise<void>
 
+/** Egress totals of [`SandboxStats`]. */
+export interface EgressStats {
+  /** Requests decided. */
+  requests: number
+  /** Requests denied. */
+  denied: number
+  /** Body bytes received from upstreams. */
+  bytesIn: number
+  /** Body bytes sent upstream. */
+  bytesOut: number
+}
+
 /** Options of `getEventsStream()`. */
 export interface EventsStreamOptions {
   /** `"start"` replays the whole persisted audit log first; an event id replays what followed it. */
@@ -474,4 +543,35 @@ export interface NativeExit {
 export interface NativeSpawnOptions {
   cwd?: string
   env?: Record<string, string>
+}
+
+/** One process of [`SandboxStats`]. */
+export interface SandboxProcessInfo {
+  /** The pid inside the sandbox. */
+  pid: number
+  /** Its argv. */
+  command: Array<string>
+  /** RFC 3339 (10 ms resolution). */
+  startedAt: string
+}
+
+/** What `sandbox.stats()` returns. */
+export interface SandboxStats {
+  /**
+   * Memory in use by the sandbox (its cgroup's count: anonymous memory, page cache, tmpfs;
+   * without a memory cgroup, the resident memory of its live processes).
+   */
+  memoryBytes: number
+  /** The most `memoryBytes` has been. */
+  memoryPeakBytes: number
+  /** CPU time in user mode, all processes together. */
+  cpuUserMs: number
+  /** CPU time in the kernel, all processes together. */
+  cpuSystemMs: number
+  /** Tasks (processes and threads) counted against `limits.pids`, the sandbox's init included. */
+  pids: number
+  /** The sandbox's processes (init excluded), by pid. */
+  processes: Array<SandboxProcessInfo>
+  /** What the sandbox sent through hive's proxy since it was opened in this process. */
+  egress: EgressStats
 }

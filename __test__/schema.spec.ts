@@ -27,6 +27,8 @@ describe('keys', () => {
     RULE_KEYS: schema.definitions.egressRule.properties,
     OVERRIDE_KEYS: schema.definitions.egressRule.properties.override.properties,
     UPSTREAM_KEYS: schema.properties.upstream.properties,
+    AUDIT_KEYS: schema.properties.audit.properties,
+    LIMIT_KEYS: schema.properties.limits.properties,
     FS_KEYS: schema.definitions.fsMount.properties,
     ACL_KEYS: schema.definitions.fsMount.properties.acls.items.properties,
   }
@@ -58,6 +60,8 @@ describe('generated samples', () => {
       ],
       fs: [{ backend: 'local', mount: '/workspace', source: home.dir, acls: [{ path: '/workspace/**', access: 'rw' }], audit: false }],
       upstream: { resolve: { 'api.example.com:443': '127.0.0.1:8443' }, ca: [makeTestCA(['api.example.com']).caPem] },
+      audit: { maxBytes: 1048576, keep: 2 },
+      limits: { pids: 256, openFiles: 1024 },
     }
     sandbox = await getOrCreateSandbox('schema', valid)
   })
@@ -118,7 +122,7 @@ describe('generated samples', () => {
       expect(error.issues?.map((i) => i.path)).toContain(path ? `${path}.unknownKey` : 'unknownKey')
       checked += 1
     }
-    expect(checked).toBe(7)
+    expect(checked).toBe(9)
   })
 
   it('the invalid fixtures: the schema rejects all but those only the validator can judge', () => {
