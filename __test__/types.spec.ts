@@ -29,8 +29,10 @@ describe('exports', () => {
 })
 
 describe('HiveError["code"]', () => {
-  // Names the sources read from the environment are settings, not error codes.
-  const settings = (name: string) => name === 'HIVE_HOME' || name === 'HIVE_LOG' || /^HIVE_(TEST|BENCH|FS_BENCH)_/.test(name)
+  // Names the sources read from the environment are settings, not error codes; so are the codes of
+  // `sandbox.warning` events and the embedded init image's constant.
+  const settings = (name: string) =>
+    ['HIVE_HOME', 'HIVE_LOG', 'HIVE_FS_NO_WATCH', 'HIVE_FS_CACHE_SHORT', 'HIVE_INIT'].includes(name) || /^HIVE_(TEST|BENCH|FS_BENCH)_/.test(name)
   const sources = execFileSync('git', ['ls-files', 'src', 'index.js', 'process.js', 'bin'], { cwd: root, encoding: 'utf8' })
     .split('\n')
     .filter((f) => /\.(rs|js)$/.test(f))
@@ -92,10 +94,11 @@ describe('SandboxEvent', () => {
           case 'sandbox.warning': return e.code + e.message
           case 'sandbox.created': case 'sandbox.closed': return e.id + e.time + e.sandbox
           case 'events.dropped': return String(e.count)
+          case 'events.suppressed': return e.count + JSON.stringify(e.types) + e.firstTime + e.lastTime
           default: { const never: never = e; return never }
         }
       }
-      const all: SandboxEventType[] = ['egress.request', 'egress.response', 'egress.error', 'dns.query', 'config.applied', 'process.start', 'process.exit', 'fs.denied', 'fs.access', 'secret.blocked', 'secret.scrubbed', 'limit.exceeded', 'sandbox.warning', 'sandbox.created', 'sandbox.closed', 'events.dropped']
+      const all: SandboxEventType[] = ['egress.request', 'egress.response', 'egress.error', 'dns.query', 'config.applied', 'process.start', 'process.exit', 'fs.denied', 'fs.access', 'secret.blocked', 'secret.scrubbed', 'limit.exceeded', 'sandbox.warning', 'sandbox.created', 'sandbox.closed', 'events.dropped', 'events.suppressed']
       console.log(all)
     `)
     expect(errors).toBe('')
