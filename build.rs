@@ -10,7 +10,12 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    napi_build::setup();
+    println!("cargo:rerun-if-changed=build.rs");
+    // The addon's link setup; the plain engine (`--no-default-features`, the fuzz targets) needs
+    // none.
+    if std::env::var_os("CARGO_FEATURE_NAPI").is_some() {
+        napi_build::setup();
+    }
     build_init();
 }
 

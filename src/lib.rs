@@ -6,6 +6,7 @@
 //! Everything below [`napi`](mod@napi) is plain Rust and runs under `cargo test`.
 
 pub mod config;
+#[cfg_attr(not(feature = "napi"), allow(dead_code))]
 mod diagnostics;
 pub mod dns;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod proxy;
 pub mod sandbox;
 pub mod tls;
 
+#[cfg(feature = "napi")]
 mod napi;
 
 pub use config::Config;

@@ -155,7 +155,7 @@ where
 }
 
 /// Whether `prefix` starts like an HTTP/1.x request line (`TOKEN SP`).
-fn looks_like_http(prefix: &[u8]) -> bool {
+pub(super) fn looks_like_http(prefix: &[u8]) -> bool {
     let token = prefix.iter().take_while(|b| b.is_ascii_uppercase()).count();
     (3..=16).contains(&token) && prefix.get(token) == Some(&b' ')
 }

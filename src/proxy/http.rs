@@ -312,7 +312,12 @@ async fn splice_upgrade(
 }
 
 /// `scheme://host[:port]path?query` (the default port left out, IPv6 bracketed).
-fn upstream_uri(scheme: Scheme, host: &str, port: u16, path_and_query: &str) -> Option<http::Uri> {
+pub(super) fn upstream_uri(
+    scheme: Scheme,
+    host: &str,
+    port: u16,
+    path_and_query: &str,
+) -> Option<http::Uri> {
     let scheme_str = if scheme == Scheme::Https {
         "https"
     } else {

@@ -30,6 +30,9 @@
 mod audit;
 mod connect;
 mod deny;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod gate;
 mod headers;
 mod http;
