@@ -4,7 +4,8 @@
 // process's file descriptors and RSS each minute and checks, at the end:
 //   - descriptors: never above 200 per sandbox while it runs (each sandbox's upstream pool keeps up
 //     to 64 idle connections, two descriptors each here because the upstream lives in this
-//     process), and back within 16 of the start once the sandboxes are closed (no leak);
+//     process), and back within 16 of the start once the sandboxes are closed and a GC ran (no
+//     leak);
 //   - RSS: at most 50 % above the value after the first minute;
 //   - no error other than the expected denials (every allowed request 200, every denied one 403);
 //   - every allowed request is in the sandbox's audit log (an allowed `egress.request` event with
@@ -12,7 +13,7 @@
 // Exits 1 on any violation. Loopback only; not part of `npm test`. SOAK_DEBUG=1 also prints what
 // the descriptors left after close are (pipes, pidfds, sockets, files).
 //
-//   node scripts/soak.mjs [--minutes N] [--sandboxes N]
+//   node --expose-gc scripts/soak.mjs [--minutes N] [--sandboxes N]
 import { createServer } from 'node:http'
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
@@ -132,6 +133,11 @@ console.log(row(end))
 // Every allowed request in its sandbox's audit log (read after close, when the log is complete).
 for (const sandbox of sandboxes) await sandbox.close()
 await new Promise((resolve) => setTimeout(resolve, 1000)) // the upstream sees its sockets close
+// A finished process's pidfd and pipes are released when its JS object is collected, so collect
+// first (run with --expose-gc, as `npm run soak` does); without it they linger until Node's next GC.
+globalThis.gc?.()
+await new Promise((resolve) => setTimeout(resolve, 500))
+globalThis.gc?.()
 const closedFds = fds()
 console.log(`fds after close: ${closedFds}`)
 if (process.env.SOAK_DEBUG) {
