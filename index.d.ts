@@ -12,7 +12,26 @@ export interface SandboxConfig {
   audit?: AuditConfig
   /** Resource limits for the whole sandbox; a given limit the host cannot enforce makes `exec` reject with `HIVE_LIMITS_UNENFORCEABLE`. */
   limits?: LimitsConfig
+  /** `report`: requests the policy would deny are let through and recorded with `wouldDeny: true`
+   * (docs/network-access.md#report-mode). Built-in guards hold either way. Default `enforce`. */
+  mode?: 'enforce' | 'report'
 }
+
+/** The third argument of `getOrCreateSandbox`. */
+export interface SandboxOptions {
+  /** Asked about each request no rule matches (docs/network-access.md#asking-about-unmatched-requests).
+   * The request waits for the answer; throwing or answering anything else denies it.
+   * Every `getOrCreateSandbox` call sets, replaces or (when absent) removes it. */
+  onUnmatched?: (request: UnmatchedRequest) => UnmatchedAnswer | Promise<UnmatchedAnswer>
+  /** How long a request waits for `onUnmatched` before it is denied, in ms (default 10000, at most 600000). */
+  onUnmatchedTimeoutMs?: number
+}
+
+/** The answer of `onUnmatched`: `remember: "sandbox"` appends `{ access, host, ports: [port] }` to the rules. */
+export type UnmatchedAnswer =
+  | 'allow'
+  | 'deny'
+  | { access: 'allow' | 'deny'; remember?: 'once' | 'sandbox' }
 
 /** The audit log's retention: `audit.jsonl` is rotated before a write would take it past
  * `maxBytes` (default 64 MiB, at least 64 KiB); the `keep` newest rotated files (default 1, at
@@ -50,6 +69,9 @@ export interface EgressRule {
   paths?: string[]
   /** Headers set on every request this (allow) rule lets through. Values never leave Rust. */
   override?: { headers: Record<string, string>; allowPlaintext?: boolean }
+  /** `report`: what this rule denies is let through (recorded `wouldDeny`), and it never injects
+   * headers. Default: the sandbox's `mode`. */
+  mode?: 'enforce' | 'report'
 }
 
 export interface UpstreamConfig {
@@ -121,13 +143,13 @@ export interface EgressRequestEvent extends EventBase<'egress.request'> {
   injectedHeaders: string[]
   /** In report mode: the request was allowed but the policy would have denied it. */
   wouldDeny?: boolean
-  /** The process inside that opened the connection, where known (not emitted by this version yet). */
+  /** The process inside that opened the connection (pid inside the sandbox, as in `process.start`), where known. */
   pid?: number
-  /** Its argv, where known (not emitted by this version yet). */
+  /** Its argv, where known (untrusted: the sandbox chose it). */
   command?: string[]
-  /** The exec it belongs to, where known (not emitted by this version yet). */
+  /** The exec/spawn call the process descends from, where known. */
   execId?: string
-  /** Identifies the config that decided (not emitted by this version yet). */
+  /** The `configHash` of the `config.applied` event whose config decided. */
   configHash?: string
 }
 
@@ -142,6 +164,10 @@ export interface EgressResponseEvent extends EventBase<'egress.response'> {
   /** Bytes sent to the upstream. */
   bytesOut: number
   durationMs: number
+  /** As on its `egress.request`, where known. */
+  pid?: number
+  command?: string[]
+  execId?: string
 }
 
 /** An allowed request whose upstream failed; the sandbox got a 502 or 504 (docs/audit-log.md#egresserror). */
@@ -164,10 +190,12 @@ export interface DnsQueryEvent extends EventBase<'dns.query'> {
   qtype: string
   /** `allowed`: some rule could allow the name; `denied`: it was never looked up. */
   access: 'allowed' | 'denied'
-  /** The asking process, where known (not emitted by this version yet). */
+  /** The asking process, where known. */
   pid?: number
-  /** Its argv, where known (not emitted by this version yet). */
+  /** Its argv, where known. */
   command?: string[]
+  /** The exec it belongs to, where known. */
+  execId?: string
 }
 
 /** A config took effect (docs/audit-log.md#configapplied). */
@@ -176,10 +204,10 @@ export interface ConfigAppliedEvent extends EventBase<'config.applied'> {
   egressRules: number
   /** Number of fs mounts. */
   fsMounts: number
-  /** The config as `getConfig()` shows it, secrets redacted (not emitted by this version yet). */
-  config?: SandboxConfig
-  /** Identifies this config (not emitted by this version yet). */
-  configHash?: string
+  /** The config as `getConfig()` shows it, secrets redacted. */
+  config: SandboxConfig
+  /** The first 16 hex digits of the SHA-256 of `config` as canonical JSON; `egress.request` events carry it. */
+  configHash: string
 }
 
 /** A command started inside the sandbox (docs/audit-log.md#processstart). */
@@ -187,8 +215,8 @@ export interface ProcessStartEvent extends EventBase<'process.start'> {
   /** The pid inside the sandbox. */
   pid: number
   command: string[]
-  /** Identifies the exec/spawn call (not emitted by this version yet). */
-  execId?: string
+  /** Identifies the exec/spawn call (also on `process.exit`, the egress events and `dns.query`). */
+  execId: string
 }
 
 /** A command ended (docs/audit-log.md#processexit). */
@@ -201,8 +229,8 @@ export interface ProcessExitEvent extends EventBase<'process.exit'> {
   signal: string | null
   /** Why hive ended it, when it did. */
   reason?: 'oom' | 'timeout' | 'limit'
-  /** Identifies the exec/spawn call (not emitted by this version yet). */
-  execId?: string
+  /** Identifies the exec/spawn call. */
+  execId: string
 }
 
 /** The file ACLs refused an access (docs/audit-log.md#fsdenied). */
@@ -369,12 +397,16 @@ export interface ExecResult {
   stderr: string
   /** Present (true) when `timeoutMs` ended the process. */
   timedOut?: boolean
+  /** The `execId` of this call's events. */
+  execId: string
 }
 
 /** A process running in a sandbox. */
 export declare class SandboxProcess {
   /** The pid inside the sandbox; `undefined` until the process has started. */
   readonly pid: number | undefined
+  /** The `execId` of this call's events; `undefined` until the process has started. */
+  readonly execId: string | undefined
   readonly stdin: import('node:stream').Writable
   readonly stdout: import('node:stream').Readable
   readonly stderr: import('node:stream').Readable
@@ -435,6 +467,8 @@ export declare class HostProxy {
 export declare class NativeProcess {
   /** The pid inside the sandbox. */
   get pid(): number
+  /** The exec id its events carry (`execId`). */
+  get execId(): string
   /** `[stdin, stdout, stderr]` fds, handed over once: the caller owns (and closes) them. */
   takeStdio(): Array<number> | null
   /** Resolves when the process has ended. */
@@ -500,8 +534,10 @@ export interface DecisionResult {
   access: 'allowed' | 'denied'
   /** Index of the deciding rule, `null` when none matched. */
   rule: number | null
-  /** `"rule"`, `"no-rule"`, `"plaintext-credentials"`, … */
+  /** `"rule"`, `"no-rule"`, `"method"`, `"path"`, `"port"`, `"plaintext-credentials"`, … */
   reason: string
+  /** Present (true) when report mode allowed what the policy would deny. */
+  wouldDeny?: boolean
 }
 
 /** Closes the live sandbox of this name, if any, and removes its data from the hive home. */
@@ -530,8 +566,10 @@ export interface EventsStreamOptions {
 /**
  * Returns the live sandbox of this name in this process (applying `config` to it when given), or
  * opens it: its data, CA and audit log persist under the hive home.
+ * `onUnmatched` (set, replaced or, when absent, removed by every call) is asked about requests
+ * no rule matches (docs/network-access.md#asking-about-unmatched-requests).
  */
-export declare function getOrCreateSandbox(name: string, config?: SandboxConfig): Promise<Sandbox>
+export declare function getOrCreateSandbox(name: string, config?: SandboxConfig, options?: SandboxOptions): Promise<Sandbox>
 
 /** How a process ended. */
 export interface NativeExit {
@@ -574,4 +612,19 @@ export interface SandboxStats {
   processes: Array<SandboxProcessInfo>
   /** What the sandbox sent through hive's proxy since it was opened in this process. */
   egress: EgressStats
+}
+
+/**
+ * What the `onUnmatched` callback is given (index.js wraps the user's callback so that it always
+ * returns a Promise and never throws).
+ */
+export interface UnmatchedRequest {
+  host: string
+  port: number
+  method: string
+  path: string
+  scheme: string
+  pid?: number
+  command?: Array<string>
+  execId?: string
 }

@@ -246,9 +246,45 @@ const nativeDelete = wrapAsync(binding.deleteSandbox)
 // wrapper each time, so keep the first wrapper of each live engine-side sandbox.
 const live = new Map()
 
-async function getOrCreateSandbox(name, config) {
+// `onUnmatched` as the native side calls it: always a Promise, never a throw; the answer reduced to
+// plain JSON (anything else becomes null, which the native side treats as a denial).
+function wrapOnUnmatched(onUnmatched) {
+  const plain = (answer) => {
+    if (typeof answer === 'string') return answer
+    if (answer !== null && typeof answer === 'object') {
+      const out = { access: answer.access }
+      if (answer.remember !== undefined) out.remember = answer.remember
+      return typeof out.access === 'string' && (out.remember === undefined || typeof out.remember === 'string') ? out : null
+    }
+    return null
+  }
+  return (request) => {
+    try {
+      return Promise.resolve(onUnmatched(request)).then(plain, () => null)
+    } catch {
+      return Promise.resolve(null)
+    }
+  }
+}
+
+async function getOrCreateSandbox(name, config, options) {
   checkName(name)
-  const sandbox = await nativeGetOrCreate(name, toPlainConfig(config))
+  if (options !== undefined && (options === null || typeof options !== 'object')) {
+    throw hiveError('HIVE_INVALID_ARGUMENT', 'options: expected an object such as { onUnmatched }')
+  }
+  const { onUnmatched, onUnmatchedTimeoutMs } = options ?? {}
+  if (onUnmatched !== undefined && typeof onUnmatched !== 'function') {
+    throw hiveError('HIVE_INVALID_ARGUMENT', 'options.onUnmatched: expected an async function (request) => "allow" | "deny" | { access, remember }')
+  }
+  if (onUnmatchedTimeoutMs !== undefined && !(Number.isFinite(onUnmatchedTimeoutMs) && onUnmatchedTimeoutMs >= 1)) {
+    throw hiveError('HIVE_INVALID_ARGUMENT', 'options.onUnmatchedTimeoutMs: expected a number of milliseconds >= 1')
+  }
+  const sandbox = await nativeGetOrCreate(
+    name,
+    toPlainConfig(config),
+    onUnmatched === undefined ? undefined : wrapOnUnmatched(onUnmatched),
+    onUnmatchedTimeoutMs,
+  )
   const known = live.get(name)
   if (known && !known.closed && known.instanceId === sandbox.instanceId) return known
   live.set(name, sandbox)

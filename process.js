@@ -42,12 +42,14 @@ class SandboxProcess {
 
   constructor(started) {
     this.pid = undefined
+    this.execId = undefined
     this.stdin = new PassThrough()
     this.stdout = new PassThrough()
     this.stderr = new PassThrough()
     this.#started = started.then((native) => {
       this.#native = native
       this.pid = native.pid
+      this.execId = native.execId
       const [stdinFd, stdoutFd, stderrFd] = native.takeStdio()
       const stdin = new net.Socket({ fd: stdinFd, readable: false, writable: true })
       stdin.on('error', () => {}) // EPIPE when the process exits without reading its input
@@ -149,6 +151,7 @@ async function exec(sandbox, nativeSpawn, command, options = {}) {
       signal: status.signal,
       stdout: Buffer.concat(out.stdout).toString('utf8'),
       stderr: Buffer.concat(out.stderr).toString('utf8'),
+      execId: child.execId,
     }
     if (timedOut) result.timedOut = true
     return result

@@ -5,6 +5,7 @@
 //! Dependencies point one way: `napi -> sandbox, proxy -> policy, tls, events -> config -> error`.
 //! Everything below [`napi`](mod@napi) is plain Rust and runs under `cargo test`.
 
+pub mod attribution;
 pub mod config;
 #[cfg_attr(not(feature = "napi"), allow(dead_code))]
 mod diagnostics;

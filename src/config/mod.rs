@@ -11,12 +11,14 @@
 //! Optional keys given as `null` count as absent (JS `undefined` arrives as `null`, so
 //! `{ ...rule, override: undefined }` works); required keys given as `null` are missing.
 
+mod digest;
 mod host;
 mod path_glob;
 mod render;
 mod secret;
 mod validate;
 
+pub use digest::{canonical_json, content_hash};
 pub use host::{normalize_host, HostPattern};
 pub use path_glob::{normalize_path, PathGlob};
 pub(crate) use path_glob::{plain_glob_form, push_normalized as push_glob_form};
@@ -47,6 +49,28 @@ pub struct Config {
     pub audit: AuditRetention,
     /// Resource limits for the whole sandbox (docs/decisions.md#resource-limits).
     pub limits: Limits,
+    /// Whether policy denials are enforced or only reported (docs/network-access.md#report-mode).
+    pub mode: Mode,
+}
+
+/// `mode`, of the sandbox and of a rule: `enforce` (the default) or `report`, where a request the
+/// policy would deny is let through and recorded with `wouldDeny: true`
+/// (docs/network-access.md#report-mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Report,
+}
+
+impl Mode {
+    /// `"enforce"` / `"report"`, as in configs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Report => "report",
+        }
+    }
 }
 
 /// `audit`: the audit log's retention. The log is `audit.jsonl`, rotated when a write would take
@@ -125,6 +149,8 @@ pub struct EgressRule {
     pub paths: Option<Vec<PathGlob>>,
     /// Only on `allow` rules.
     pub override_: Option<Override>,
+    /// `None`: the sandbox's mode.
+    pub mode: Option<Mode>,
 }
 
 /// Headers set on every request a rule allows.

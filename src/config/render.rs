@@ -27,6 +27,9 @@ pub(super) fn config(config: &Config) -> Value {
     if !config.limits.is_empty() {
         out["limits"] = limits(&config.limits);
     }
+    if config.mode != super::Mode::Enforce {
+        out["mode"] = config.mode.as_str().into();
+    }
     out
 }
 
@@ -79,6 +82,9 @@ fn egress_rule(rule: &EgressRule) -> Value {
             ov.insert("allowPlaintext".into(), true.into());
         }
         out.insert("override".into(), Value::Object(ov));
+    }
+    if let Some(mode) = rule.mode {
+        out.insert("mode".into(), mode.as_str().into());
     }
     Value::Object(out)
 }

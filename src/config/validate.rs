@@ -25,12 +25,12 @@ use serde_json::{Map, Value};
 use super::host::quote;
 use super::{
     normalize_host, AuditRetention, Config, EgressRule, FsAccess, FsAcl, FsBackend, FsMount,
-    HostPattern, Limits, Override, PathGlob, RuleAccess, Secret, Upstream, REDACTED,
+    HostPattern, Limits, Mode, Override, PathGlob, RuleAccess, Secret, Upstream, REDACTED,
 };
 use crate::error::{ConfigIssue, HiveError, Result};
 
 /// Keys of the root object.
-const ROOT_KEYS: &[&str] = &["fs", "egress", "upstream", "audit", "limits"];
+const ROOT_KEYS: &[&str] = &["fs", "egress", "upstream", "audit", "limits", "mode"];
 /// Keys of `audit`.
 const AUDIT_KEYS: &[&str] = &["maxBytes", "keep"];
 /// Keys of `limits`.
@@ -43,7 +43,9 @@ const LIMIT_KEYS: &[&str] = &[
     "diskBytes",
 ];
 /// Keys of an egress rule.
-const RULE_KEYS: &[&str] = &["access", "host", "ports", "methods", "paths", "override"];
+const RULE_KEYS: &[&str] = &[
+    "access", "host", "ports", "methods", "paths", "override", "mode",
+];
 /// Keys of an egress rule's `override`.
 const OVERRIDE_KEYS: &[&str] = &["headers", "allowPlaintext"];
 /// Keys of `upstream`.
@@ -220,12 +222,17 @@ impl Validator {
             Some(v) => self.limits(v, "limits"),
             None => Some(Limits::default()),
         };
+        let mode = match optional(map, "mode") {
+            Some(v) => self.mode(v, "mode"),
+            None => Some(Mode::default()),
+        };
         Some(Config {
             fs: fs?,
             egress: egress?,
             upstream: upstream?,
             audit: audit?,
             limits: limits?,
+            mode: mode?,
         })
     }
 
@@ -376,6 +383,10 @@ impl Validator {
                 }
             }
         };
+        let mode = match optional(map, "mode") {
+            None => Some(None),
+            Some(v) => self.mode(v, &key_path(path, "mode")).map(Some),
+        };
         Some(EgressRule {
             access: access?,
             host: host?,
@@ -383,7 +394,26 @@ impl Validator {
             methods: methods?,
             paths: paths?,
             override_: override_?,
+            mode: mode?,
         })
+    }
+
+    /// `"enforce"` or `"report"` (docs/network-access.md#report-mode).
+    fn mode(&mut self, value: &Value, path: &str) -> Option<Mode> {
+        match value.as_str() {
+            Some("enforce") => Some(Mode::Enforce),
+            Some("report") => Some(Mode::Report),
+            _ => {
+                self.issue(
+                    path,
+                    format!(
+                        "expected \"enforce\" or \"report\", got {}; omit it to enforce",
+                        value
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// An optional non-empty list under `key`: `Some(None)` when absent, `None` on error.

@@ -53,6 +53,12 @@ impl NativeProcess {
         self.spawned.pid()
     }
 
+    /// The exec id its events carry (`execId`).
+    #[napi(getter)]
+    pub fn exec_id(&self) -> String {
+        self.spawned.exec_id().to_owned()
+    }
+
     /// `[stdin, stdout, stderr]` fds, handed over once: the caller owns (and closes) them.
     #[napi]
     pub fn take_stdio(&self) -> Option<Vec<i32>> {

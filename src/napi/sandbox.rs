@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use napi::bindgen_prelude::*;
+use napi::threadsafe_function::ThreadsafeFunction;
 use napi_derive::napi;
 use serde_json::Value;
 
@@ -15,20 +16,77 @@ use crate::policy::Scheme;
 use crate::sandbox as core;
 use crate::sandbox::DryRunRequest;
 
+/// What the `onUnmatched` callback is given (index.js wraps the user's callback so that it always
+/// returns a Promise and never throws).
+#[napi(object)]
+pub struct UnmatchedRequest {
+    pub host: String,
+    pub port: u32,
+    pub method: String,
+    pub path: String,
+    pub scheme: String,
+    pub pid: Option<i32>,
+    pub command: Option<Vec<String>>,
+    pub exec_id: Option<String>,
+}
+
+/// The wrapped callback: resolves to the answer as JSON. Weak: it never keeps Node alive.
+type UnmatchedCallback =
+    ThreadsafeFunction<UnmatchedRequest, Promise<Value>, UnmatchedRequest, Status, false, true>;
+
 /// Returns the live sandbox of this name in this process (applying `config` to it when given), or
 /// opens it: its data, CA and audit log persist under the hive home.
+/// `onUnmatched` (set, replaced or, when absent, removed by every call) is asked about requests
+/// no rule matches (docs/network-access.md#asking-about-unmatched-requests).
 #[napi(
-    ts_args_type = "name: string, config?: SandboxConfig",
+    ts_args_type = "name: string, config?: SandboxConfig, options?: SandboxOptions",
     ts_return_type = "Promise<Sandbox>"
 )]
 pub fn get_or_create_sandbox(
     env: &Env,
     name: String,
     config: Option<Value>,
+    on_unmatched: Option<UnmatchedCallback>,
+    on_unmatched_timeout_ms: Option<f64>,
 ) -> Result<PromiseRaw<'_, Sandbox>> {
     let owner = super::owner_of(env);
+    let timeout = match on_unmatched_timeout_ms {
+        None => None,
+        Some(ms) if ms.is_finite() && ms >= 1.0 => {
+            Some(std::time::Duration::from_millis(ms as u64))
+        }
+        Some(ms) => {
+            let message = format!(
+                "options.onUnmatchedTimeoutMs: expected a number of milliseconds >= 1, got {ms}"
+            );
+            return Err(to_napi(HiveError::InvalidArgument(message)));
+        }
+    };
+    let ask = on_unmatched.map(|callback| -> crate::proxy::ask::AskFn {
+        let callback = Arc::new(callback);
+        Arc::new(move |request| {
+            let callback = callback.clone();
+            Box::pin(async move {
+                let origin = request.origin.as_deref();
+                let request = UnmatchedRequest {
+                    host: request.host,
+                    port: u32::from(request.port),
+                    method: request.method,
+                    path: request.path,
+                    scheme: request.scheme.as_str().to_owned(),
+                    pid: origin.map(|o| o.pid),
+                    command: origin.map(|o| o.command.clone()),
+                    exec_id: origin.and_then(|o| o.exec_id.as_deref().map(str::to_owned)),
+                };
+                let promise = callback.call_async_catch(request).await.ok()?;
+                let answer = promise.await.ok()?;
+                crate::proxy::ask::parse_answer(&answer)
+            })
+        })
+    });
     env.spawn_future(async move {
         let inner = core::get_or_create_for(name, config, owner).await.napi()?;
+        inner.set_on_unmatched(ask, timeout).napi()?;
         Ok(Sandbox { inner })
     })
 }
@@ -58,8 +116,10 @@ pub struct DecisionResult {
     pub access: String,
     /// Index of the deciding rule, `null` when none matched.
     pub rule: Either<u32, Null>,
-    /// `"rule"`, `"no-rule"`, `"plaintext-credentials"`, …
+    /// `"rule"`, `"no-rule"`, `"method"`, `"path"`, `"port"`, `"plaintext-credentials"`, …
     pub reason: String,
+    /// Present (true) when report mode allowed what the policy would deny.
+    pub would_deny: Option<bool>,
 }
 
 /// A sandbox: its policy, its event stream and (on Linux) its processes.
@@ -150,6 +210,7 @@ impl Sandbox {
                 .rule
                 .map_or(Either::B(Null), |r| Either::A(r as u32)),
             reason: decision.reason.to_owned(),
+            would_deny: decision.would_deny.then_some(true),
         })
     }
 

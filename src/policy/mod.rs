@@ -14,6 +14,7 @@
 //! 4. the request path is normalized at most once, and only when a candidate rule has `paths`;
 //!    when it is already normal no allocation happens.
 
+mod explain;
 mod index;
 mod paths;
 
@@ -21,7 +22,7 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 
 use crate::config::{host_ip, is_normalized_host, PathGlob};
-use crate::config::{normalize_host, Config, EgressRule, RuleAccess};
+use crate::config::{normalize_host, Config, EgressRule, Mode, RuleAccess};
 use index::HostIndex;
 use paths::PathReadings;
 
@@ -54,6 +55,14 @@ pub mod reason {
     pub const UPGRADE: &str = "upgrade";
     /// `TRACE` or `TRACK` under an override rule (the upstream would echo the credential back).
     pub const TRACE_WITH_CREDENTIALS: &str = "trace-with-credentials";
+    /// No rule matched, but an allow rule names the host: its `methods` do not hold the method.
+    pub const METHOD: &str = "method";
+    /// No rule matched, but an allow rule names the host: its `paths` do not match the path.
+    pub const PATH: &str = "path";
+    /// No rule matched, but an allow rule names the host: its `ports` do not hold the port.
+    pub const PORT: &str = "port";
+    /// No rule matched and the `onUnmatched` callback decided.
+    pub const CALLBACK: &str = "callback";
 }
 
 /// The outcome of a decision.
@@ -113,6 +122,8 @@ pub struct Decision {
     pub access: Access,
     pub rule: Option<usize>,
     pub reason: &'static str,
+    /// Allowed only because report mode let a denial through ([`Policy::apply_mode`]).
+    pub would_deny: bool,
 }
 
 /// The answer to "could any request to host:port be allowed?" (asked before accepting a CONNECT
@@ -130,6 +141,8 @@ pub struct ConnectDecision {
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<EgressRule>,
+    /// The sandbox's mode (a rule's own `mode` wins for decisions it makes).
+    mode: Mode,
     /// Per rule: a deny rule's `paths` in folded case (see [`paths`]); `None` otherwise.
     folded: Vec<Option<Vec<PathGlob>>>,
     index: HostIndex,
@@ -141,7 +154,10 @@ const NONE: usize = usize::MAX;
 impl Policy {
     /// Compiles the egress rules of a validated config.
     pub fn compile(config: &Config) -> Policy {
-        Policy::from_rules(config.egress.clone())
+        Policy {
+            mode: config.mode,
+            ..Policy::from_rules(config.egress.clone())
+        }
     }
 
     /// Compiles a list of validated rules.
@@ -156,6 +172,7 @@ impl Policy {
             .collect();
         Policy {
             rules,
+            mode: Mode::Enforce,
             folded,
             index,
         }
@@ -194,7 +211,7 @@ impl Policy {
             if ambiguous != NONE {
                 return Decision::denied(Some(ambiguous), reason::PATH_AMBIGUOUS);
             }
-            return Decision::denied(None, reason::NO_RULE);
+            return self.nearest_miss(&host, request, ips);
         };
         match rule.access {
             RuleAccess::Deny => Decision::denied(Some(best), reason::RULE),
@@ -307,7 +324,7 @@ impl Policy {
         } else if scan.first_deny != NONE {
             Decision::denied(Some(scan.first_deny), reason::RULE)
         } else {
-            Decision::denied(None, reason::NO_RULE)
+            self.nearest_port_miss(&host, ip)
         };
         let raw_tunnel = decision.access == Access::Allowed
             && scan.first == scan.first_allow
@@ -363,14 +380,19 @@ impl Policy {
                     let rule = &self.rules[i];
                     match rule.access {
                         RuleAccess::Allow => first_allow = first_allow.min(i),
-                        RuleAccess::Deny if rule.ports.is_none() && !inspects_request(rule) => {
+                        RuleAccess::Deny
+                            if rule.ports.is_none()
+                                && !inspects_request(rule)
+                                && self.mode_of(Some(i)) == Mode::Enforce =>
+                        {
                             first_deny = first_deny.min(i)
                         }
                         RuleAccess::Deny => {}
                     }
                 }
             });
-        first_allow < first_deny
+        // In report mode a name no rule allows is let through too (docs/network-access.md#report-mode).
+        first_allow < first_deny || (self.mode == Mode::Report && first_deny == NONE)
     }
 
     /// Whether some rule has an IP/CIDR host, so that a decision may depend on the address the
@@ -464,14 +486,17 @@ impl Decision {
             access: Access::Allowed,
             rule: Some(rule),
             reason: reason::RULE,
+            would_deny: false,
         }
     }
 
-    fn denied(rule: Option<usize>, reason: &'static str) -> Decision {
+    /// A denial by `rule` (if any) for `reason`.
+    pub const fn denied(rule: Option<usize>, reason: &'static str) -> Decision {
         Decision {
             access: Access::Denied,
             rule,
             reason,
+            would_deny: false,
         }
     }
 }
@@ -529,15 +554,23 @@ fn inspects_http(rule: &EgressRule) -> bool {
 pub struct Compiled {
     pub config: std::sync::Arc<Config>,
     pub policy: Policy,
+    /// The config as `getConfig()` shows it (secrets redacted), for `config.applied`.
+    pub rendered: serde_json::Value,
+    /// [`crate::config::content_hash`] of `rendered`: `configHash` in events.
+    pub hash: std::sync::Arc<str>,
 }
 
 impl Compiled {
     /// Compiles a validated config.
     pub fn new(config: Config) -> Compiled {
         let policy = Policy::compile(&config);
+        let rendered = config.to_json();
+        let hash = crate::config::content_hash(&rendered).into();
         Compiled {
             config: std::sync::Arc::new(config),
             policy,
+            rendered,
+            hash,
         }
     }
 }
@@ -592,7 +625,8 @@ mod tests {
                 Decision {
                     access,
                     rule,
-                    reason: why
+                    reason: why,
+                    would_deny: false,
                 },
                 "{egress}\n  {request:?}"
             );
@@ -614,19 +648,19 @@ mod tests {
                 ("api.anthropic.com", 443, "POST", "/v1/messages", HTTPS, None, A, Some(0), reason::RULE),
                 ("api.anthropic.com", 8443, "GET", "/", HTTPS, None, A, Some(0), reason::RULE), // ports default: any
                 ("pypi.org", 443, "GET", "/simple/", HTTPS, None, A, Some(1), reason::RULE),
-                ("pypi.org", 80, "GET", "/simple/", HTTP, None, D, None, reason::NO_RULE),
+                ("pypi.org", 80, "GET", "/simple/", HTTP, None, D, Some(1), reason::PORT),
                 ("api.github.com", 443, "GET", "/zen", HTTPS, None, A, Some(2), reason::RULE),
                 ("api.github.com", 443, "get", "/zen", HTTPS, None, A, Some(2), reason::RULE), // method case
                 ("api.github.com", 443, "Post", "/repos", HTTPS, None, A, Some(2), reason::RULE),
-                ("api.github.com", 443, "DELETE", "/repos/x", HTTPS, None, D, None, reason::NO_RULE),
+                ("api.github.com", 443, "DELETE", "/repos/x", HTTPS, None, D, Some(2), reason::METHOD),
                 ("API.GITHUB.COM.", 443, "GET", "/zen", HTTPS, None, A, Some(2), reason::RULE),
                 ("api.github.com.evil.com", 443, "GET", "/zen", HTTPS, None, D, None, reason::NO_RULE),
                 ("github.com", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
                 ("api.example.com", 443, "GET", "/v1/models", HTTPS, None, A, Some(3), reason::RULE),
                 ("api.example.com", 443, "GET", "/v1/models?key=1", HTTPS, None, A, Some(3), reason::RULE),
-                ("api.example.com", 443, "GET", "/v1/a/b", HTTPS, None, D, None, reason::NO_RULE),
-                ("api.example.com", 443, "GET", "/v1/../admin", HTTPS, None, D, None, reason::NO_RULE),
-                ("api.example.com", 443, "GET", "/v1/%2e%2e/admin", HTTPS, None, D, None, reason::NO_RULE),
+                ("api.example.com", 443, "GET", "/v1/a/b", HTTPS, None, D, Some(3), reason::PATH),
+                ("api.example.com", 443, "GET", "/v1/../admin", HTTPS, None, D, Some(3), reason::PATH),
+                ("api.example.com", 443, "GET", "/v1/%2e%2e/admin", HTTPS, None, D, Some(3), reason::PATH),
                 ("api.example.com", 443, "GET", "/v1//x", HTTPS, None, A, Some(3), reason::RULE),
                 ("api.example.com", 443, "GET", "/admin/../v1/x", HTTPS, None, A, Some(3), reason::RULE),
                 ("api.finnhub.io", 443, "GET", "/api/v1/quote", HTTPS, None, A, Some(4), reason::RULE),
@@ -677,7 +711,7 @@ mod tests {
                 ("github.com.evil.com", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
                 ("evilpypi.org", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
                 ("files.pypi.org", 443, "GET", "/", HTTPS, None, A, Some(1), reason::RULE),
-                ("files.pypi.org", 80, "GET", "/", HTTP, None, D, None, reason::NO_RULE),
+                ("files.pypi.org", 80, "GET", "/", HTTP, None, D, Some(1), reason::PORT),
             ],
         );
     }
@@ -750,7 +784,7 @@ mod tests {
                 ("11.0.0.1", 80, "GET", "/", HTTP, None, D, None, reason::NO_RULE),
                 ("[2001:db8::1]", 443, "GET", "/", HTTPS, None, A, Some(2), reason::RULE),
                 ("2001:db8::1", 443, "GET", "/", HTTPS, None, A, Some(2), reason::RULE),
-                ("2001:db8::1", 80, "GET", "/", HTTP, None, D, None, reason::NO_RULE),
+                ("2001:db8::1", 80, "GET", "/", HTTP, None, D, Some(2), reason::PORT),
                 ("2001:db9::1", 443, "GET", "/", HTTPS, None, D, None, reason::NO_RULE),
                 ("[::1]", 80, "GET", "/", HTTP, None, A, Some(3), reason::RULE),
                 ("[0:0::1]", 80, "GET", "/", HTTP, None, A, Some(3), reason::RULE),
@@ -802,7 +836,7 @@ mod tests {
             ]),
             &[
                 ("git.example.com", 22, "", "", TCP, None, A, Some(0), reason::RULE),
-                ("git.example.com", 23, "", "", TCP, None, D, None, reason::NO_RULE),
+                ("git.example.com", 23, "", "", TCP, None, D, Some(0), reason::PORT),
                 ("api.example.com", 443, "", "", TCP, None, D, Some(1), reason::NOT_HTTP),
                 ("x.example.com", 443, "", "", TCP, None, D, Some(2), reason::NOT_HTTP),
             ],
@@ -846,7 +880,7 @@ mod tests {
             ("c.example.com", 22, None, D, Some(7), reason::RULE, false),
             ("c.example.com", 443, None, A, Some(8), reason::RULE, true),
             ("d.example.com", 443, None, A, Some(9), reason::RULE, true),
-            ("d.example.com", 22, None, D, None, reason::NO_RULE, false),
+            ("d.example.com", 22, None, D, Some(9), reason::PORT, false),
             ("e.example.com", 443, None, A, Some(10), reason::RULE, false),
             ("internal.corp", 5432, Some("10.0.0.5"), A, Some(11), reason::RULE, true),
             ("internal.corp", 5432, None, D, None, reason::NO_RULE, false),
@@ -862,7 +896,8 @@ mod tests {
                     decision: Decision {
                         access,
                         rule,
-                        reason: why
+                        reason: why,
+                        would_deny: false,
                     },
                     raw_tunnel: raw
                 },
@@ -939,7 +974,7 @@ mod tests {
                 ("a.example", 443, "GET", "/v1/..\\admin\\x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
                 ("a.example", 443, "GET", "/v1/..%5cadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
                 ("a.example", 443, "GET", "/v1/..%252fadmin/x", HTTPS, None, D, Some(0), reason::PATH_AMBIGUOUS),
-                ("a.example", 443, "GET", "/admin/x", HTTPS, None, D, None, reason::NO_RULE),
+                ("a.example", 443, "GET", "/admin/x", HTTPS, None, D, Some(0), reason::PATH),
             ],
         );
         check(
@@ -1110,7 +1145,9 @@ mod tests {
                         scheme: HTTPS,
                         ip,
                     });
-                    assert_eq!(got.rule, want, "{host} {port} {method} {path} {ip:?}");
+                    // A near miss (`method`, `path`, `port`) names the closest rule without it deciding.
+                    let decided = got.rule.filter(|_| !matches!(got.reason, reason::METHOD | reason::PATH | reason::PORT));
+                    assert_eq!(decided, want, "{host} {port} {method} {path} {ip:?}");
                 }
             }
         }

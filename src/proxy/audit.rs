@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use serde_json::{Map, Value};
 
+use crate::attribution::Origin;
 use crate::events::{kind, EventBus};
 use crate::policy::{Access, Decision, Scheme};
 
@@ -42,6 +43,8 @@ pub mod field {
     pub const BYTES_IN: &str = "bytesIn";
     pub const BYTES_OUT: &str = "bytesOut";
     pub const DURATION_MS: &str = "durationMs";
+    pub const CONFIG_HASH: &str = "configHash";
+    pub const WOULD_DENY: &str = "wouldDeny";
 }
 
 /// What one decision was about, for its `egress.request` event.
@@ -54,6 +57,10 @@ pub struct Subject<'a> {
     pub path: &'a str,
     pub scheme: Scheme,
     pub via: Via,
+    /// The process inside that sent it ([`crate::attribution`]), when known.
+    pub origin: Option<Arc<Origin>>,
+    /// The content hash of the config decided under (`configHash`).
+    pub config_hash: Option<Arc<str>>,
 }
 
 /// Emits the proxy's events into a sandbox's bus.
@@ -86,7 +93,16 @@ impl Auditor {
             decision.rule.map_or(Value::Null, |r| r.into()),
         );
         f.insert(field::REASON.into(), decision.reason.into());
+        if decision.would_deny {
+            f.insert(field::WOULD_DENY.into(), true.into());
+        }
         f.insert(field::VIA.into(), subject.via.as_str().into());
+        if let Some(hash) = &subject.config_hash {
+            f.insert(field::CONFIG_HASH.into(), hash.to_string().into());
+        }
+        if let Some(origin) = &subject.origin {
+            origin.insert_fields(&mut f);
+        }
         let names = injected
             .iter()
             .map(|n| Value::from(n.as_str()))
@@ -106,6 +122,7 @@ impl Auditor {
             inner: Arc::new(ExchangeInner {
                 events: self.events.clone(),
                 request_id: event.id,
+                origin: subject.origin.clone(),
                 start: Instant::now(),
                 status: AtomicU16::new(0),
                 bytes_in: AtomicU64::new(0),
@@ -124,6 +141,7 @@ pub struct Exchange {
 struct ExchangeInner {
     events: Arc<EventBus>,
     request_id: String,
+    origin: Option<Arc<Origin>>,
     start: Instant,
     status: AtomicU16,
     bytes_in: AtomicU64,
@@ -151,6 +169,9 @@ impl Drop for ExchangeInner {
     fn drop(&mut self) {
         let mut f = Map::new();
         f.insert(field::REQUEST_ID.into(), self.request_id.clone().into());
+        if let Some(origin) = &self.origin {
+            origin.insert_fields(&mut f);
+        }
         f.insert(
             field::STATUS.into(),
             self.status.load(Ordering::Relaxed).into(),

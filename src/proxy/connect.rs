@@ -39,7 +39,12 @@ const TLS_HANDSHAKE: u8 = 0x16;
 const CONNECT: &str = "CONNECT";
 
 /// How a tunnel request is recorded: method `CONNECT`, no path, scheme `https` on 443, else `tcp`.
-fn tunnel_subject(host: &str, port: u16, via: crate::proxy::Via) -> Subject<'_> {
+fn tunnel_subject<'a>(
+    host: &'a str,
+    port: u16,
+    conn: &Conn,
+    compiled: &crate::policy::Compiled,
+) -> Subject<'a> {
     let scheme = if port == 443 {
         Scheme::Https
     } else {
@@ -51,7 +56,9 @@ fn tunnel_subject(host: &str, port: u16, via: crate::proxy::Via) -> Subject<'_> 
         method: CONNECT,
         path: "",
         scheme,
-        via,
+        via: conn.via(),
+        origin: conn.origin(),
+        config_hash: Some(compiled.hash.clone()),
     }
 }
 
@@ -65,7 +72,7 @@ pub async fn handle(conn: Conn, mut req: Request<Incoming>) -> Response<ProxyBod
     };
     let engine = &conn.engine;
     let compiled = engine.cell.load_full();
-    let subject = tunnel_subject(&host, port, conn.via());
+    let subject = tunnel_subject(&host, port, &conn, &compiled);
     match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
         Outcome::Denied(decision) => {
             Auditor::new(engine.events.clone()).request(&subject, &decision, &[]);
@@ -102,7 +109,7 @@ where
     };
     let engine = &conn.engine;
     let compiled = engine.cell.load_full();
-    let subject = tunnel_subject(&host, port, conn.via());
+    let subject = tunnel_subject(&host, port, &conn, &compiled);
     match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
         Outcome::Allowed { raw_tunnel, .. } => tunnel(conn, stream, host, port, raw_tunnel).await,
         Outcome::Denied(decision) => {
@@ -175,6 +182,8 @@ where
         path: "",
         scheme: Scheme::Tcp,
         via: conn.via(),
+        origin: conn.origin(),
+        config_hash: Some(compiled.hash.clone()),
     };
     let (decision, addrs) = match gate::check(engine, &compiled, host, port, Ask::Connect).await {
         Outcome::Allowed {

@@ -61,11 +61,7 @@ pub enum Outcome {
 
 /// A denial with a fixed reason and no deciding rule.
 pub const fn denied(reason: &'static str) -> Decision {
-    Decision {
-        access: Access::Denied,
-        rule: None,
-        reason,
-    }
+    Decision::denied(None, reason)
 }
 
 /// Runs the pipeline for `host` (normalized) and `port` against `compiled`.
@@ -75,6 +71,21 @@ pub async fn check(
     host: &str,
     port: u16,
     ask: Ask<'_>,
+) -> Outcome {
+    check_from(engine, compiled, host, port, ask, None).await
+}
+
+/// [`check`] for a request from a known process (told to the `onUnmatched` callback).
+///
+/// A tunnel no rule matches is, with an `onUnmatched` handler, `Allowed` with no addresses and
+/// no raw tunnel: nothing is resolved, and each request inside is asked about ([`super::ask`]).
+pub async fn check_from(
+    engine: &Engine,
+    compiled: &Compiled,
+    host: &str,
+    port: u16,
+    ask: Ask<'_>,
+    origin: Option<Arc<crate::attribution::Origin>>,
 ) -> Outcome {
     let policy = &compiled.policy;
     let client = match engine.upstream.get(&compiled.config) {
@@ -112,6 +123,42 @@ pub async fn check(
             (c.decision, c.raw_tunnel)
         }
     };
+    // Report mode (docs/network-access.md#report-mode): a policy denial goes on, marked; a raw
+    // tunnel only where no rule that inspects HTTP decided.
+    let mut decision = policy.apply_mode(decision);
+    let raw_tunnel = match decision.would_deny {
+        true => decision.rule.is_none_or(|i| !policy.inspects_http(i)),
+        false => raw_tunnel,
+    };
+    if decision.access == Access::Denied && decision.reason == reason::NO_RULE {
+        if let Some(unmatched) = engine.unmatched.load_full() {
+            match ask {
+                Ask::Connect => {
+                    return Outcome::Allowed {
+                        decision: Decision {
+                            access: Access::Allowed,
+                            ..decision
+                        },
+                        raw_tunnel: false,
+                        addrs: Arc::from([]),
+                        client,
+                    }
+                }
+                Ask::Request(request, _) => {
+                    decision = unmatched
+                        .decide(super::ask::UnmatchedRequest {
+                            host: host.to_owned(),
+                            port,
+                            method: request.method.to_owned(),
+                            path: super::audit::strip_query(request.path).to_owned(),
+                            scheme: request.scheme,
+                            origin,
+                        })
+                        .await;
+                }
+            }
+        }
+    }
     if decision.access == Access::Denied {
         return Outcome::Denied(decision);
     }
@@ -184,11 +231,7 @@ fn decide_with_overrides(policy: &Policy, request: &Request<'_>, overrides: &[St
     for method in overrides {
         let other = policy.decide(&Request { method, ..*request });
         if other.access == Access::Denied {
-            return Decision {
-                access: Access::Denied,
-                rule: other.rule.or(decision.rule),
-                reason: reason::METHOD_OVERRIDE,
-            };
+            return Decision::denied(other.rule.or(decision.rule), reason::METHOD_OVERRIDE);
         }
     }
     decision

@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::config::normalize_host;
-use crate::policy::{reason, Access, Decision, Scheme};
+use crate::policy::{reason, Decision, Scheme};
 
 use super::audit::{Auditor, CountingBody, Direction, Exchange, Subject};
 use super::deny::{self, ProxyBody};
@@ -119,6 +119,8 @@ async fn handle_tunneled_request(
             path: &path,
             scheme: tunnel.scheme,
             via: conn.via(),
+            origin: conn.origin(),
+            config_hash: Some(conn.engine.cell.load().hash.clone()),
         };
         Auditor::new(conn.engine.events.clone()).request(
             &subject,
@@ -152,6 +154,7 @@ pub async fn forward(
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
     let event_path = path_and_query.split('?').next().unwrap_or("/").to_string();
+    let compiled = engine.cell.load_full();
     let subject = Subject {
         host,
         port,
@@ -159,6 +162,8 @@ pub async fn forward(
         path: &event_path,
         scheme,
         via: conn.via(),
+        origin: conn.origin(),
+        config_hash: Some(compiled.hash.clone()),
     };
 
     let refuse = |decision: &Decision| {
@@ -172,7 +177,6 @@ pub async fn forward(
         return refuse(&gate::denied(reason::METHOD_OVERRIDE));
     };
 
-    let compiled = engine.cell.load_full();
     let request = crate::policy::Request {
         host,
         port,
@@ -181,12 +185,13 @@ pub async fn forward(
         scheme,
         ip: None,
     };
-    let (decision, client) = match gate::check(
+    let (decision, client) = match gate::check_from(
         engine,
         &compiled,
         host,
         port,
         Ask::Request(request, &overrides),
+        subject.origin.clone(),
     )
     .await
     {
@@ -209,11 +214,7 @@ pub async fn forward(
         .rule
         .is_some_and(|i| compiled.policy.inspects_http(i));
     if upgrade && inspected && !only_websocket(&headers::upgrade_protocols(req.headers())) {
-        return refuse(&Decision {
-            access: Access::Denied,
-            rule: decision.rule,
-            reason: reason::UPGRADE,
-        });
+        return refuse(&Decision::denied(decision.rule, reason::UPGRADE));
     }
 
     // Rewrite the request for the upstream.
@@ -223,6 +224,7 @@ pub async fn forward(
     parts.headers.remove(header::HOST);
     let injected = match decision
         .rule
+        .filter(|_| compiled.policy.may_inject(&decision))
         .and_then(|i| compiled.policy.rule(i))
         .and_then(|r| r.override_.as_ref())
     {

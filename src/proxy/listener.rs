@@ -27,6 +27,7 @@ use super::{
     connect, http, Engine, TransparentTarget, Via, DRAIN_TIMEOUT, HEADER_READ_TIMEOUT,
     MAX_HEADER_BYTES,
 };
+use crate::attribution::PeerOrigin;
 
 /// Lifecycle of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -185,11 +186,19 @@ pub struct Conn {
     pub _permits: Arc<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
     /// The accepted socket's activity (requests waiting for an upstream mark it busy).
     pub idle: Arc<IdleState>,
+    /// The process inside that opened the connection, looked up once.
+    pub peer: Arc<crate::attribution::PeerOrigin>,
 }
 
 impl Conn {
     pub fn via(&self) -> Via {
         self.ctl.via
+    }
+
+    /// The process inside the sandbox that opened this connection, when it can be found
+    /// (docs/audit-log.md#attribution). The first call reads `/proc`; later ones are free.
+    pub fn origin(&self) -> Option<Arc<crate::attribution::Origin>> {
+        self.peer.get()
     }
 }
 
@@ -266,8 +275,8 @@ pub fn spawn_accept_loop(
                 _ = &mut draining => break,
                 accepted = listener.accept() => accepted,
             };
-            let stream = match accepted {
-                Ok((stream, _peer)) => stream,
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(error = %e, "proxy accept failed");
@@ -283,6 +292,12 @@ pub fn spawn_accept_loop(
                 ctl: ctl.clone(),
                 _permits: Arc::new((permit, sandbox_permit)),
                 idle: stream.state(),
+                peer: Arc::new(match (ctl.via, local) {
+                    (Via::Proxy | Via::Transparent, Some(local)) => {
+                        PeerOrigin::new(engine.attribution.clone(), peer, local)
+                    }
+                    _ => PeerOrigin::none(),
+                }),
             };
             match &transparent {
                 None => ctl.spawn(serve_connection(stream, conn, None)),

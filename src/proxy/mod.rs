@@ -27,6 +27,7 @@
 //! with scheme `tcp`. `bytesOut` counts body bytes the sandbox sent upstream, `bytesIn` body bytes
 //! the upstream sent back (for tunnels and WebSockets: every byte each way).
 
+pub mod ask;
 mod audit;
 mod connect;
 mod deny;
@@ -170,6 +171,10 @@ pub struct Engine {
     limits: Limits,
     /// The budget all listeners inside the sandbox share.
     sandbox_connections: Arc<Semaphore>,
+    /// Which process inside opened a connection (docs/audit-log.md#attribution).
+    attribution: Arc<crate::attribution::Attribution>,
+    /// Asked about requests no rule matches (`onUnmatched`), when set.
+    unmatched: arc_swap::ArcSwapOption<ask::Unmatched>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -218,7 +223,19 @@ impl Engine {
             listeners: Mutex::new(Vec::new()),
             limits,
             sandbox_connections: Arc::new(Semaphore::new(limits.sandbox)),
+            attribution: crate::attribution::Attribution::new(),
+            unmatched: arc_swap::ArcSwapOption::empty(),
         })
+    }
+
+    /// The attribution state the sandbox updates as its namespaces and execs start.
+    pub fn attribution(&self) -> &Arc<crate::attribution::Attribution> {
+        &self.attribution
+    }
+
+    /// Sets (or with `None` clears) the handler asked about requests no rule matches.
+    pub fn set_unmatched(&self, unmatched: Option<ask::Unmatched>) {
+        self.unmatched.store(unmatched.map(Arc::new));
     }
 
     /// The sandbox this engine serves.

@@ -630,7 +630,7 @@ async fn ports_restrict_the_allowed_ports() {
     assert_eq!(h.get_https("pypi.org", "/").await.0, StatusCode::OK);
     let (status, headers, _) = h.get_http("http://pypi.org/").await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(headers[DENIED_HEADER], "no-rule");
+    assert_eq!(headers[DENIED_HEADER], "port");
     assert_eq!(h.http.hits.count(), 0);
 }
 
@@ -650,7 +650,7 @@ async fn methods_are_decided_inside_the_tunnel() {
         .unwrap();
     let (status, headers, body) = send(&mut c, post).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    assert_eq!(headers[DENIED_HEADER], "no-rule");
+    assert_eq!(headers[DENIED_HEADER], "method");
     assert!(body.contains("POST api.github.com/repos"), "{body}");
     assert_eq!(h.https.hits.count(), 1);
     let hit = h.https.hits.last();

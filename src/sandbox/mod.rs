@@ -15,6 +15,7 @@
 //!    remembers which owners got each sandbox, and when an environment exits
 //!    ([`release_owner`]) only the sandboxes no other environment holds are closed.
 
+mod ask;
 mod home;
 #[cfg(target_os = "linux")]
 pub mod linux;
@@ -319,6 +320,11 @@ impl Sandbox {
     fn swap_config(&self, config: Config) -> Result<()> {
         self.ensure_open()?;
         let _order = self.apply_lock.lock();
+        self.swap_config_locked(config)
+    }
+
+    /// [`Sandbox::swap_config`] for a caller holding `apply_lock`.
+    fn swap_config_locked(&self, config: Config) -> Result<()> {
         #[cfg(target_os = "linux")]
         self.stop_if_mounts_changed(&config.fs);
         #[cfg(target_os = "linux")]
@@ -327,12 +333,16 @@ impl Sandbox {
         self.events.set_retention(config.audit);
         #[cfg(target_os = "linux")]
         let capture_ports = runtime::capture_ports(&config);
-        self.cell.store(Arc::new(Compiled::new(config)));
+        let compiled = Arc::new(Compiled::new(config));
+        self.cell.store(compiled.clone());
         #[cfg(target_os = "linux")]
         self.sync_capture_ports(&capture_ports);
         let mut fields = Map::new();
         fields.insert("egressRules".into(), json!(egress_rules));
         fields.insert("fsMounts".into(), json!(fs_mounts));
+        // The redacted config and its hash: a rule index in a later event reads against this.
+        fields.insert("configHash".into(), json!(&*compiled.hash));
+        fields.insert("config".into(), compiled.rendered.clone());
         self.emit(kind::CONFIG_APPLIED, fields);
         Ok(())
     }
@@ -347,14 +357,15 @@ impl Sandbox {
             ))
         })?;
         let compiled = self.cell.load();
-        Ok(compiled.policy.decide(&Request {
+        let decision = compiled.policy.decide(&Request {
             host: &host,
             port: request.port,
             method: &request.method,
             path: &request.path,
             scheme: request.scheme,
             ip: host.parse().ok(),
-        }))
+        });
+        Ok(compiled.policy.apply_mode(decision))
     }
 
     /// A new event subscriber (`getEventsStream`). Does no file I/O.
@@ -427,6 +438,9 @@ impl Sandbox {
                 })
                 .await?;
                 self.engine.serve_sandbox_listener(handover.proxy)?;
+                self.engine
+                    .attribution()
+                    .set_init(Some(host.init_host_pid()));
                 let net = runtime::Transparent::start(
                     &self.name,
                     &self.cell,
@@ -448,10 +462,17 @@ impl Sandbox {
             env: runtime::process_env(&env),
             cwd,
         };
-        let process = runtime::spawn(&runtime.host, &self.events, spec).await?;
+        let exec_id = ask::new_exec_id()?;
+        let process = runtime::spawn(
+            &runtime.host,
+            &self.events,
+            spec,
+            (self.engine.attribution(), &exec_id),
+        )
+        .await?;
         Spawned::watch(
             process,
-            argv,
+            (argv, exec_id),
             self.events.clone(),
             runtime.host.limits().clone(),
         )

@@ -30,6 +30,7 @@ use super::linux::limits::{Hits, SandboxLimits};
 use super::linux::{
     self, BindMount, ExitStatus, LaunchSpec, ProcessSpec, SandboxHost, SandboxProcess, Subtree,
 };
+use crate::attribution::Attribution;
 use crate::config::{Config, FsAccess, FsMount, RuleAccess};
 use crate::dns::{self, DnsResponder, NameTable};
 use crate::error::{HiveError, Result};
@@ -444,17 +445,21 @@ pub fn process_env(extra: &[(String, String)]) -> Vec<(String, String)> {
     env
 }
 
-/// Spawns `spec` and emits `process.start`.
+/// Spawns `spec`, records it as the root of exec `exec_id` for attribution
+/// (docs/audit-log.md#attribution) and emits `process.start`.
 pub async fn spawn(
     host: &SandboxHost,
     events: &EventBus,
     spec: ProcessSpec,
+    (attribution, exec_id): (&Attribution, &Arc<str>),
 ) -> Result<SandboxProcess> {
     let command = spec.argv.clone();
     let process = host.spawn_async(spec).await?;
+    attribution.register_exec(process.pid, process.host_pid(), exec_id.clone());
     let mut fields = Map::new();
     fields.insert("pid".into(), json!(process.pid));
     fields.insert("command".into(), json!(command));
+    fields.insert("execId".into(), json!(&**exec_id));
     events.emit(kind::PROCESS_START, fields);
     Ok(process)
 }
@@ -463,7 +468,7 @@ pub async fn spawn(
 /// limit killed it.
 pub fn emit_exit(
     events: &EventBus,
-    pid: i32,
+    (pid, exec_id): (i32, &str),
     command: &[String],
     status: ExitStatus,
     reason: Option<&str>,
@@ -471,6 +476,7 @@ pub fn emit_exit(
     let mut fields = Map::new();
     fields.insert("pid".into(), json!(pid));
     fields.insert("command".into(), json!(command));
+    fields.insert("execId".into(), json!(exec_id));
     fields.insert("exitCode".into(), json!(status.code));
     fields.insert("signal".into(), json!(status.signal.map(signal_name)));
     if let Some(reason) = reason {
@@ -563,6 +569,7 @@ pub fn parse_signal(signal: &str) -> Result<i32> {
 /// (also reported as `process.exit` whether or not anyone waits), and `kill`.
 pub struct Spawned {
     pid: i32,
+    exec_id: Arc<str>,
     stdio: parking_lot::Mutex<Option<[std::os::fd::OwnedFd; 3]>>,
     process: std::sync::Arc<SandboxProcess>,
     exit: tokio::sync::watch::Receiver<Option<std::result::Result<ExitStatus, String>>>,
@@ -581,7 +588,7 @@ impl Spawned {
     /// `limit.exceeded` and `process.exit`.
     pub fn watch(
         mut process: SandboxProcess,
-        command: Vec<String>,
+        (command, exec_id): (Vec<String>, Arc<str>),
         events: std::sync::Arc<EventBus>,
         limits: Arc<SandboxLimits>,
     ) -> Result<Spawned> {
@@ -598,18 +605,20 @@ impl Spawned {
         let process = std::sync::Arc::new(process);
         let (tx, exit) = tokio::sync::watch::channel(None);
         let waited = process.clone();
+        let id = exec_id.clone();
         tokio::spawn(async move {
             let status = waited.wait().await;
             if let Ok(status) = &status {
                 let hits = limits.check(status.signal);
                 emit_limit_hits(&events, &hits, Some((pid, &command)));
                 let reason = hits.oom_this.then_some("oom");
-                emit_exit(&events, pid, &command, *status, reason);
+                emit_exit(&events, (pid, &id), &command, *status, reason);
             }
             let _ = tx.send(Some(status.map_err(|e| e.to_string())));
         });
         Ok(Spawned {
             pid,
+            exec_id,
             stdio: parking_lot::Mutex::new(Some(stdio)),
             process,
             exit,
@@ -619,6 +628,11 @@ impl Spawned {
     /// The pid inside the sandbox.
     pub fn pid(&self) -> i32 {
         self.pid
+    }
+
+    /// The id `process.start`, `process.exit` and the egress events of this exec carry.
+    pub fn exec_id(&self) -> &str {
+        &self.exec_id
     }
 
     /// `[stdin (write end), stdout, stderr (read ends)]`, once.

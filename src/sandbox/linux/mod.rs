@@ -1252,6 +1252,11 @@ impl SandboxProcess {
         }
     }
 
+    /// The process's pid in the host's PID namespace (for attribution, docs/audit-log.md#attribution).
+    pub fn host_pid(&self) -> i32 {
+        self.state.host_pid
+    }
+
     /// The status if the process has ended, without waiting.
     pub fn try_wait(&self) -> Result<Option<ExitStatus>> {
         self.state

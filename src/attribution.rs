@@ -1,0 +1,428 @@
+//! Which process inside a sandbox opened a connection or sent a DNS query
+//! (docs/audit-log.md#attribution): `pid`, `command` and `execId` on `egress.request`,
+//! `egress.response` and `dns.query`.
+//!
+//! The proxy and the DNS responder hold the server side of sockets that live in the sandbox's
+//! network namespace; the peer's address names the client socket there. For one peer:
+//! 1. the socket's inode: the line of `/proc/<init>/net/{tcp,tcp6,udp,udp6}` (the sandbox's
+//!    network namespace, seen through its init) whose local address is the peer's (and, for TCP,
+//!    whose remote address is the proxy's side);
+//! 2. its owner: the sandbox's process tree, walked from init through
+//!    `/proc/<pid>/task/<tid>/children`, each process's `/proc/<pid>/fd` searched for
+//!    `socket:[<inode>]` (a socket shared after `fork` goes to the first process found, parents
+//!    before children);
+//! 3. pid and session as the sandbox numbers them (`NSpid`, `NSsid` of `/proc/<pid>/status` at
+//!    the sandbox's PID-namespace level), the same numbers `process.start` and `stats().processes`
+//!    show; `command` from `/proc/<pid>/cmdline`;
+//! 4. `execId`: the exec whose root process is the session leader (every exec's root calls
+//!    `setsid`), else the first exec root on the parent chain (a process that started its own
+//!    session).
+//!
+//! The proxy resolves a connection once, at its first event ([`PeerOrigin`]); a DNS query is
+//! resolved when it is answered. Nothing here ever fails a request: an owner that cannot be found
+//! (the process exited, `/proc` unreadable) leaves the fields out.
+//!
+//! # Security
+//! Only hive's own reads of `/proc` are involved; the sandbox cannot choose what is recorded except
+//! by being the process that sent the bytes. `command` is the process's argv, which the sandbox
+//! controls: treat it as untrusted text.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::{Mutex, RwLock};
+use serde_json::{Map, Value};
+
+/// Field names attribution adds to events.
+pub mod field {
+    pub const PID: &str = "pid";
+    pub const COMMAND: &str = "command";
+    pub const EXEC_ID: &str = "execId";
+}
+
+/// The process behind a connection or query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Pid inside the sandbox.
+    pub pid: i32,
+    /// argv (untrusted: the sandbox chose it).
+    pub command: Vec<String>,
+    /// The `exec` / `spawn` call the process descends from, when known.
+    pub exec_id: Option<Arc<str>>,
+}
+
+impl Origin {
+    /// Adds `pid`, `command` and (when known) `execId` to an event's fields.
+    pub fn insert_fields(&self, fields: &mut Map<String, Value>) {
+        fields.insert(field::PID.into(), self.pid.into());
+        fields.insert(
+            field::COMMAND.into(),
+            Value::Array(self.command.iter().map(|a| a.as_str().into()).collect()),
+        );
+        if let Some(id) = &self.exec_id {
+            fields.insert(field::EXEC_ID.into(), Value::String(id.to_string()));
+        }
+    }
+}
+
+/// The running namespaces attribution reads through.
+#[derive(Debug, Clone, Copy)]
+struct Namespaces {
+    /// init's pid on the host.
+    init: i32,
+    /// Index of the sandbox's PID namespace in `NSpid` lines.
+    level: usize,
+}
+
+/// One sandbox's attribution state: its namespaces while they run, and the exec roots.
+#[derive(Debug, Default)]
+pub struct Attribution {
+    namespaces: RwLock<Option<Namespaces>>,
+    /// Exec root pid (inside) -> exec id and the root's host pid.
+    execs: Mutex<HashMap<i32, ExecRoot>>,
+}
+
+/// The root process of one exec.
+#[derive(Debug, Clone)]
+struct ExecRoot {
+    id: Arc<str>,
+    /// Its pid on the host: execs are children of the host process, not of init, so their trees
+    /// are walked from here.
+    host_pid: i32,
+}
+
+/// Most exec roots remembered (pids inside are bounded anyway; this bounds a long-lived sandbox
+/// that has had its PID namespace replaced many times).
+const MAX_EXECS: usize = 65_536;
+/// Longest parent chain followed.
+const MAX_DEPTH: usize = 64;
+
+/// Transport of the socket to attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Attribution {
+    /// New, with no namespaces yet.
+    pub fn new() -> Arc<Attribution> {
+        Arc::new(Attribution::default())
+    }
+
+    /// The namespaces now running, by init's host pid (`None`: stopped). Exec roots of earlier
+    /// namespaces are forgotten.
+    pub fn set_init(&self, init_host_pid: Option<i32>) {
+        let ns = init_host_pid.map(|init| Namespaces {
+            init,
+            level: read_status(init)
+                .map(|s| s.nspid.len().saturating_sub(1))
+                .unwrap_or(1),
+        });
+        *self.namespaces.write() = ns;
+        self.execs.lock().clear();
+    }
+
+    /// Records that `pid` (inside; `host_pid` on the host) is the root process of exec `id`.
+    pub fn register_exec(&self, pid: i32, host_pid: i32, id: Arc<str>) {
+        let mut execs = self.execs.lock();
+        if execs.len() >= MAX_EXECS {
+            execs.clear();
+        }
+        execs.insert(pid, ExecRoot { id, host_pid });
+    }
+
+    /// The exec `pid` (inside) is the root of, if it is one.
+    pub fn exec_of_root(&self, pid: i32) -> Option<Arc<str>> {
+        self.execs.lock().get(&pid).map(|r| r.id.clone())
+    }
+
+    /// The process that owns the sandbox-side socket `peer` (connected to `local`, for TCP).
+    /// Blocking (reads `/proc`; tens to hundreds of microseconds).
+    pub fn lookup(
+        &self,
+        transport: Transport,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Origin> {
+        let ns = (*self.namespaces.read())?;
+        let inode = socket_inode(ns.init, transport, peer, local)?;
+        // Newest exec roots first (the likeliest senders), then init's tree (orphans).
+        let mut roots: Vec<i32> = self.execs.lock().values().map(|r| r.host_pid).collect();
+        roots.sort_unstable_by(|a, b| b.cmp(a));
+        roots.push(ns.init);
+        let owner = find_owner(&roots, inode)?;
+        let status = read_status(owner)?;
+        let pid = *status.nspid.get(ns.level)?;
+        let command = read_command(owner);
+        let exec_id = self.exec_of(ns, &status);
+        Some(Origin {
+            pid,
+            command,
+            exec_id,
+        })
+    }
+
+    /// The exec of a process: its session's, else the first exec root among its ancestors.
+    fn exec_of(&self, ns: Namespaces, status: &Status) -> Option<Arc<str>> {
+        let execs = self.execs.lock();
+        if let Some(root) = status.nssid.get(ns.level).and_then(|sid| execs.get(sid)) {
+            return Some(root.id.clone());
+        }
+        if let Some(root) = status.nspid.get(ns.level).and_then(|pid| execs.get(pid)) {
+            return Some(root.id.clone());
+        }
+        drop(execs);
+        let mut parent = status.ppid;
+        for _ in 0..MAX_DEPTH {
+            if parent <= 1 || parent == ns.init {
+                return None;
+            }
+            let up = read_status(parent)?;
+            if let Some(id) = up
+                .nspid
+                .get(ns.level)
+                .and_then(|pid| self.exec_of_root(*pid))
+            {
+                return Some(id);
+            }
+            parent = up.ppid;
+        }
+        None
+    }
+}
+
+/// A connection's peer, resolved to its [`Origin`] at most once.
+#[derive(Debug)]
+pub struct PeerOrigin {
+    peer: SocketAddr,
+    local: SocketAddr,
+    attribution: Option<Arc<Attribution>>,
+    resolved: OnceLock<Option<Arc<Origin>>>,
+}
+
+impl PeerOrigin {
+    /// A TCP peer of a listener inside the sandbox.
+    pub fn new(attribution: Arc<Attribution>, peer: SocketAddr, local: SocketAddr) -> PeerOrigin {
+        PeerOrigin {
+            peer,
+            local,
+            attribution: Some(attribution),
+            resolved: OnceLock::new(),
+        }
+    }
+
+    /// A peer outside any sandbox (the host-side listener): never attributed.
+    pub fn none() -> PeerOrigin {
+        let unspecified = SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0);
+        PeerOrigin {
+            peer: unspecified,
+            local: unspecified,
+            attribution: None,
+            resolved: OnceLock::new(),
+        }
+    }
+
+    /// The origin, looked up on the first call.
+    pub fn get(&self) -> Option<Arc<Origin>> {
+        self.resolved
+            .get_or_init(|| {
+                let attribution = self.attribution.as_ref()?;
+                attribution
+                    .lookup(Transport::Tcp, self.peer, self.local)
+                    .map(Arc::new)
+            })
+            .clone()
+    }
+}
+
+// ----- /proc -----
+
+/// What attribution reads of `/proc/<pid>/status`.
+struct Status {
+    nspid: Vec<i32>,
+    nssid: Vec<i32>,
+    ppid: i32,
+}
+
+fn read_status(host_pid: i32) -> Option<Status> {
+    let text = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+    let numbers = |name: &str| -> Vec<i32> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let nspid = numbers("NSpid:");
+    if nspid.is_empty() {
+        return None;
+    }
+    Some(Status {
+        nssid: numbers("NSsid:"),
+        ppid: numbers("PPid:").first().copied().unwrap_or(0),
+        nspid,
+    })
+}
+
+fn read_command(host_pid: i32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{host_pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// `addr` as `/proc/net/{tcp,udp}*` prints it: the address as 32-bit words in host byte order,
+/// each `%08X`, then `:%04X` port.
+fn proc_net_addr(addr: SocketAddr) -> String {
+    let words: Vec<u32> = match addr.ip() {
+        IpAddr::V4(v4) => vec![u32::from_ne_bytes(v4.octets())],
+        IpAddr::V6(v6) => v6
+            .octets()
+            .chunks_exact(4)
+            .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    };
+    let mut out: String = words.iter().map(|w| format!("{w:08X}")).collect();
+    out.push_str(&format!(":{:04X}", addr.port()));
+    out
+}
+
+/// The inode of the socket whose local address is `peer` (and, for TCP, remote `local`) in the
+/// network namespace of `init`.
+fn socket_inode(
+    init: i32,
+    transport: Transport,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Option<u64> {
+    let files: &[&str] = match (transport, peer.ip()) {
+        (Transport::Tcp, IpAddr::V4(_)) => &["tcp", "tcp6"],
+        (Transport::Tcp, IpAddr::V6(_)) => &["tcp6", "tcp"],
+        (Transport::Udp, IpAddr::V4(_)) => &["udp", "udp6"],
+        (Transport::Udp, IpAddr::V6(_)) => &["udp6", "udp"],
+    };
+    let want_local = proc_net_addr(peer);
+    let want_remote = proc_net_addr(local);
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{init}/net/{file}")) else {
+            continue;
+        };
+        if let Some(inode) = find_inode(
+            &text,
+            &want_local,
+            transport.eq(&Transport::Tcp).then_some(&want_remote),
+        ) {
+            return Some(inode);
+        }
+    }
+    None
+}
+
+/// The inode on the first line of a `/proc/net/*` table with `local` (and `remote`, if given).
+fn find_inode(table: &str, local: &str, remote: Option<&String>) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let matches =
+            f.get(1) == Some(&local) && remote.is_none_or(|r| f.get(2) == Some(&r.as_str()));
+        if !matches {
+            return None;
+        }
+        f.get(9)?.parse().ok().filter(|inode| *inode != 0)
+    })
+}
+
+/// The first process holding socket `inode` in the trees under `roots` (the last root is init,
+/// which itself is not searched; each tree parents before children).
+fn find_owner(roots: &[i32], inode: u64) -> Option<i32> {
+    let target = format!("socket:[{inode}]");
+    let (init, execs) = roots.split_last()?;
+    let mut queue: std::collections::VecDeque<i32> = execs.iter().copied().collect();
+    queue.extend(children(*init));
+    let mut seen = std::collections::HashSet::new();
+    while let Some(pid) = queue.pop_front() {
+        if !seen.insert(pid) || seen.len() > 65_536 {
+            continue;
+        }
+        if holds(pid, &target) {
+            return Some(pid);
+        }
+        queue.extend(children(pid));
+    }
+    None
+}
+
+/// Children of every thread of `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let path = task.path().join("children");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// Whether `pid` has an fd that is `target` (`socket:[inode]`).
+fn holds(pid: i32, target: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn proc_net_addresses_are_printed_like_the_kernel_does() {
+        let v4: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let v6: SocketAddr = "[::1]:53".parse().unwrap();
+        if cfg!(target_endian = "little") {
+            assert_eq!(proc_net_addr(v4), "0100007F:1F90");
+            assert_eq!(proc_net_addr(v6), "00000000000000000000000001000000:0035");
+        }
+    }
+
+    #[test]
+    fn find_inode_matches_local_and_remote() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+            0: 0100007F:0C38 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1\n\
+            1: 0100007F:9C40 0100007F:0C38 01 00000000:00000000 00:00000000 00000000     0        0 222 1\n\
+            2: 0100007F:0C38 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 333 1\n";
+        let remote = "0100007F:0C38".to_string();
+        assert_eq!(find_inode(table, "0100007F:9C40", Some(&remote)), Some(222));
+        assert_eq!(find_inode(table, "0100007F:9C40", None), Some(222));
+        assert_eq!(find_inode(table, "0100007F:9C41", Some(&remote)), None);
+    }
+
+    // The whole lookup against this test process: a loopback connection's client side is ours.
+    #[test]
+    fn a_connection_is_attributed_to_the_process_holding_its_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        let me = std::process::id() as i32;
+        let inode = socket_inode(me, Transport::Tcp, peer, server.local_addr().unwrap()).unwrap();
+        assert!(holds(me, &format!("socket:[{inode}]")));
+        let status = read_status(me).unwrap();
+        assert_eq!(status.nspid.first(), Some(&me));
+        assert!(!read_command(me).is_empty());
+        drop(client);
+    }
+}
