@@ -140,6 +140,18 @@ describe('attribution', () => {
     }
   })
 
+  it('dns.query names the process that asked', async () => {
+    const events = collect(sandbox)
+    const code = "import socket; print(socket.getaddrinfo('api.github.com', 443, socket.AF_INET)[0][4][0])"
+    const r = await sandbox.exec(['python3', '-c', code])
+    expect(r.exitCode).toBe(0)
+    const [query] = await events.waitFor((e) => e.type === 'dns.query' && e.name === 'api.github.com')
+    const [start] = await events.waitFor((e) => e.type === 'process.start' && e.execId === r.execId)
+    await events.stop()
+    expect(query).toMatchObject({ access: 'allowed', pid: start.pid, execId: r.execId })
+    expect(query.command).toEqual(['python3', '-c', code])
+  })
+
   it('the host-side proxy has no process to attribute', async () => {
     const events = collect(sandbox)
     const proxy = await sandbox.proxy()

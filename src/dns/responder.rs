@@ -30,7 +30,7 @@
 //! world. Negative answers carry no SOA, so resolvers do not cache them (RFC 2308 §5) and a name
 //! allowed by `applyConfig` resolves on the next query. Every byte is untrusted: see [`wire`].
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,7 @@ use tokio::sync::{watch, Semaphore};
 use super::names::NameTable;
 use super::wire::{self, rcode, rtype, Answer, Query, RData, Reject};
 use super::{field, ANSWER_TTL};
+use crate::attribution::{Attribution, Origin};
 use crate::config::normalize_host;
 use crate::error::{HiveError, Result};
 use crate::events::{kind, EventBus};
@@ -73,6 +74,8 @@ pub struct DnsResponder {
     tcp_idle_timeout: Duration,
     stop: watch::Sender<bool>,
     tcp_slots: Arc<Semaphore>,
+    /// Names the asking process in `dns.query` (docs/audit-log.md#attribution), when set.
+    attribution: Option<Arc<Attribution>>,
 }
 
 impl std::fmt::Debug for DnsResponder {
@@ -130,7 +133,14 @@ impl DnsResponder {
             tcp_idle_timeout: TCP_IDLE_TIMEOUT,
             stop: watch::Sender::new(false),
             tcp_slots: Arc::new(Semaphore::new(TCP_MAX_CONNECTIONS)),
+            attribution: None,
         }
+    }
+
+    /// Adds `pid`, `command` and `execId` of the asking process to `dns.query` events.
+    pub fn with_attribution(mut self, attribution: Arc<Attribution>) -> DnsResponder {
+        self.attribution = Some(attribution);
+        self
     }
 
     /// Whether AAAA queries for an allowed name get the mapped `fd68:6976:65::/96` address
@@ -203,6 +213,17 @@ impl DnsResponder {
 
     /// The response to one packet, or `None` when it is not answered (see the module steps).
     pub fn answer(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        self.answer_from(packet, transport, None)
+    }
+
+    /// [`DnsResponder::answer`] for a query from `peer` (the client's address) to `local`: the
+    /// event names the process that sent it, looked up only when an event is due.
+    pub fn answer_from(
+        &self,
+        packet: &[u8],
+        transport: Transport,
+        from: Option<(SocketAddr, SocketAddr)>,
+    ) -> Option<Vec<u8>> {
         let query = match wire::parse_query(packet) {
             Ok(query) => query,
             Err(Reject::Ignore) => return None,
@@ -214,7 +235,17 @@ impl DnsResponder {
         };
         let outcome = self.decide(&query);
         if let Some((name, access)) = outcome.event {
-            self.emit(name, query.question.qtype, access);
+            let origin = match (&self.attribution, from) {
+                (Some(attribution), Some((peer, local))) => {
+                    let kind = match transport {
+                        Transport::Udp => crate::attribution::Transport::Udp,
+                        Transport::Tcp => crate::attribution::Transport::Tcp,
+                    };
+                    attribution.lookup(kind, peer, local)
+                }
+                _ => None,
+            };
+            self.emit(name, query.question.qtype, access, origin.as_ref());
         }
         Some(wire::encode_response(
             &query,
@@ -317,7 +348,7 @@ impl DnsResponder {
         }
     }
 
-    fn emit(&self, name: String, qtype: u16, access: Access) {
+    fn emit(&self, name: String, qtype: u16, access: Access, origin: Option<&Origin>) {
         let mut fields = Map::new();
         fields.insert(field::NAME.to_owned(), Value::String(name));
         fields.insert(
@@ -328,11 +359,15 @@ impl DnsResponder {
             field::ACCESS.to_owned(),
             Value::String(access.as_str().to_owned()),
         );
+        if let Some(origin) = origin {
+            origin.insert_fields(&mut fields);
+        }
         self.events.emit(kind::DNS_QUERY, fields);
     }
 
     async fn udp_loop(self: Arc<Self>, socket: tokio::net::UdpSocket) {
         let mut buf = vec![0u8; UDP_BUFFER];
+        let local = socket.local_addr().ok();
         loop {
             let (len, peer) = match socket.recv_from(&mut buf).await {
                 Ok(got) => got,
@@ -342,7 +377,11 @@ impl DnsResponder {
                     return;
                 }
             };
-            let Some(response) = buf.get(..len).and_then(|p| self.answer(p, Transport::Udp)) else {
+            let from = local.map(|local| (peer, local));
+            let Some(response) = buf
+                .get(..len)
+                .and_then(|p| self.answer_from(p, Transport::Udp, from))
+            else {
                 continue;
             };
             if let Err(e) = socket.send_to(&response, peer).await {
@@ -381,6 +420,7 @@ impl DnsResponder {
 
     async fn tcp_connection(&self, mut stream: tokio::net::TcpStream) {
         let mut buf = Vec::new();
+        let from = stream.peer_addr().ok().zip(stream.local_addr().ok());
         loop {
             let read = tokio::time::timeout(self.tcp_idle_timeout, async {
                 let len = usize::from(stream.read_u16().await?);
@@ -395,7 +435,7 @@ impl DnsResponder {
             if len == 0 {
                 return;
             }
-            let Some(response) = self.answer(&buf, Transport::Tcp) else {
+            let Some(response) = self.answer_from(&buf, Transport::Tcp, from) else {
                 continue;
             };
             let Ok(prefix) = u16::try_from(response.len()) else {

@@ -127,12 +127,10 @@ impl Transparent {
         wanted: &[u16],
     ) -> Result<Transparent> {
         let names = Arc::new(NameTable::new());
-        let dns = Arc::new(DnsResponder::new(
-            name.to_owned(),
-            cell.clone(),
-            events.clone(),
-            names.clone(),
-        ));
+        let dns = Arc::new(
+            DnsResponder::new(name.to_owned(), cell.clone(), events.clone(), names.clone())
+                .with_attribution(engine.attribution().clone()),
+        );
         let mut net = Transparent {
             names,
             dns,
