@@ -54,7 +54,7 @@ afterAll(async () => {
 describe(`exec and spawn (${whoami})`, () => {
   it('runs argv and collects output and the exit code', async () => {
     const r = await sandbox.exec(['sh', '-c', 'echo out; echo err >&2; exit 3'])
-    expect(r).toEqual({ exitCode: 3, signal: null, stdout: 'out\n', stderr: 'err\n' })
+    expect(r).toEqual({ exitCode: 3, signal: null, stdout: 'out\n', stderr: 'err\n', execId: expect.stringMatching(/^[0-9a-f]{16}$/) })
   })
 
   it('runs a string through /bin/sh -c, and a missing command exits 127', async () => {

@@ -25,7 +25,7 @@
 //! resolved when it is answered. Nothing here ever fails a request: an owner that cannot be found
 //! (the process exited, `/proc` unreadable) leaves the fields out. Cost: about 0.6 ms per new
 //! connection in a debug build on a loaded two-core host, with or without 20 other processes in
-//! the sandbox (docs/decisions.md#process-attribution).
+//! the sandbox (docs/decisions.md#process-attribution-config-hash-report-mode-and-onunmatched-2026-12-02).
 //!
 //! # Security
 //! The sandbox cannot choose what is recorded except by being the process that sent the bytes.
