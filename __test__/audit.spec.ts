@@ -140,6 +140,17 @@ describe('attribution', () => {
     }
   })
 
+  it('a captured connection (no proxy variables) is attributed too', async () => {
+    const events = collect(sandbox)
+    const noProxy = { HTTPS_PROXY: '', https_proxy: '', HTTP_PROXY: '', http_proxy: '', ALL_PROXY: '', all_proxy: '' }
+    const r = await sandbox.exec(['curl', '-s', '-o', '/dev/null', '-w', '%{http_code}', 'https://api.github.com/captured'], { env: noProxy })
+    expect(r.stdout).toBe('200')
+    const [req] = await events.waitFor((e) => e.type === 'egress.request' && e.path === '/captured')
+    const [start] = await events.waitFor((e) => e.type === 'process.start' && e.execId === r.execId)
+    await events.stop()
+    expect(req).toMatchObject({ via: 'transparent', access: 'allowed', pid: start.pid, execId: r.execId })
+  })
+
   it('dns.query names the process that asked', async () => {
     const events = collect(sandbox)
     const code = "import socket; print(socket.getaddrinfo('api.github.com', 443, socket.AF_INET)[0][4][0])"
