@@ -355,12 +355,16 @@ describe('onUnmatched', () => {
   })
 
   it('100 requests waiting on a slow callback do not delay an allowed request by more than 50 ms', async () => {
-    const sandbox = await open('audit-slow', () => new Promise((r) => setTimeout(() => r('deny'), 3000)))
+    let asked = 0
+    const sandbox = await open('audit-slow', () => {
+      asked++
+      return new Promise((r) => setTimeout(() => r('deny'), 5000))
+    })
     const proxy = await sandbox.proxy()
     const median = (xs: number[]) => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)]
     const timed = async () => {
       const ms: number[] = []
-      for (let i = 0; i < 9; i++) {
+      for (let i = 0; i < 15; i++) {
         const r = await viaProxy(proxy.url, 'http://fast.example/fast')
         expect(r.status).toBe(200)
         ms.push(r.ms)
@@ -369,11 +373,19 @@ describe('onUnmatched', () => {
     }
     try {
       const baseline = await timed()
+      const before = plain.hits.length
       const waiting = Array.from({ length: 100 }, (_, i) => viaProxy(proxy.url, `http://slow.example/${i}`))
-      await new Promise((r) => setTimeout(r, 200))
+      // Measure while all 100 are held (each has reached the callback), not while they connect.
+      const deadline = Date.now() + 5000
+      while (asked < 100 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10))
+      expect(asked).toBe(100)
       const during = await timed()
+      expect(asked).toBe(100)
       const slow = await Promise.all(waiting)
       expect(slow.every((r) => r.status === 403)).toBe(true)
+      expect(plain.hits.filter((h) => h.host === 'slow.example')).toHaveLength(0)
+      expect(plain.hits.length - before).toBe(15)
+      console.log(`[onUnmatched] allowed request, median of 15: ${baseline.toFixed(1)} ms alone, ${during.toFixed(1)} ms with 100 held`)
       expect(during - baseline).toBeLessThan(50)
     } finally {
       await proxy.close()
