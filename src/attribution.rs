@@ -24,8 +24,7 @@
 //! The proxy resolves a connection once, at its first event ([`PeerOrigin`]); a DNS query is
 //! resolved when it is answered. Nothing here ever fails a request: an owner that cannot be found
 //! (the process exited, `/proc` unreadable) leaves the fields out. Cost: about 0.6 ms per new
-//! connection in a debug build on a loaded two-core host, with or without 20 other processes in
-//! the sandbox (docs/decisions.md#process-attribution-config-hash-report-mode-and-onunmatched-2026-12-02).
+//! connection in a debug build on a loaded two-core host, 0.85 ms with 20 other execs running (docs/decisions.md#process-attribution-config-hash-report-mode-and-onunmatched-2026-12-02).
 //!
 //! # Security
 //! The sandbox cannot choose what is recorded except by being the process that sent the bytes.
@@ -80,6 +79,9 @@ struct Namespaces {
     init: i32,
     /// Index of the sandbox's PID namespace in `NSpid` lines.
     level: usize,
+    /// Inode of the sandbox's PID namespace (`/proc/<pid>/ns/pid`), to tell a live exec root
+    /// from a host process that reused its number.
+    pid_ns: u64,
 }
 
 /// One sandbox's attribution state: its namespaces while they run, and the exec roots.
@@ -126,6 +128,7 @@ impl Attribution {
             level: read_status(init)
                 .map(|s| s.nspid.len().saturating_sub(1))
                 .unwrap_or(1),
+            pid_ns: pid_namespace(init).unwrap_or(0),
         });
         *self.namespaces.write() = ns;
         self.execs.lock().clear();
@@ -154,8 +157,8 @@ impl Attribution {
         local: SocketAddr,
     ) -> Option<Origin> {
         let ns = (*self.namespaces.read())?;
-        // Newest exec roots first (the likeliest senders), then init's tree (orphans).
-        let mut roots: Vec<i32> = self.execs.lock().values().map(|r| r.host_pid).collect();
+        // Live exec roots, newest first (the likeliest senders), then init's tree (orphans).
+        let mut roots = self.live_roots(ns);
         roots.sort_unstable_by(|a, b| b.cmp(a));
         roots.push(ns.init);
         let want = Endpoints::new(transport, peer, local);
@@ -186,6 +189,21 @@ impl Attribution {
             command,
             exec_id,
         })
+    }
+
+    /// Host pids of the exec roots still running in the sandbox; roots found gone are marked so
+    /// that later lookups skip them without a syscall (their ids stay for session lookups).
+    fn live_roots(&self, ns: Namespaces) -> Vec<i32> {
+        let mut execs = self.execs.lock();
+        let mut live = Vec::new();
+        for root in execs.values_mut().filter(|r| r.host_pid > 0) {
+            if pid_namespace(root.host_pid) == Some(ns.pid_ns) {
+                live.push(root.host_pid);
+            } else {
+                root.host_pid = 0;
+            }
+        }
+        live
     }
 
     /// The exec of a process: its session's, else the first exec root among its ancestors.
@@ -296,6 +314,14 @@ fn read_status(host_pid: i32) -> Option<Status> {
         ppid: numbers("PPid:").first().copied().unwrap_or(0),
         nspid,
     })
+}
+
+/// The inode of `host_pid`'s PID namespace.
+fn pid_namespace(host_pid: i32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{host_pid}/ns/pid"))
+        .ok()
+        .map(|m| m.ino())
 }
 
 fn read_command(host_pid: i32) -> Vec<String> {
