@@ -260,8 +260,14 @@ export interface LimitExceededEvent extends EventBase<'limit.exceeded'> {
 
 /** A degradation that weakens nothing but matters (docs/audit-log.md#sandboxwarning). */
 export interface SandboxWarningEvent extends EventBase<'sandbox.warning'> {
-  /** A stable code. */
-  code: string
+  /** A stable code (docs/security.md#diagnostics). */
+  code:
+    | 'HIVE_LANDLOCK_ABI_LOW'
+    | 'HIVE_LANDLOCK_UNAVAILABLE'
+    | 'HIVE_IDMAP_FALLBACK'
+    | 'HIVE_FS_PASSTHROUGH_UNAVAILABLE'
+    | 'HIVE_FS_CACHE_SHORT'
+    | (string & {})
   message: string
 }
 

@@ -426,6 +426,7 @@ impl Sandbox {
                     }
                 })
                 .await?;
+                crate::diagnostics::take_deferred(&self.events, linux::landlock::launcher_abi());
                 self.engine.serve_sandbox_listener(handover.proxy)?;
                 let net = runtime::Transparent::start(
                     &self.name,
