@@ -2072,3 +2072,54 @@ fn upstream_timeouts_are_validated_naming_the_field() {
     assert_eq!(default.upstream.connect_timeout, Duration::from_secs(10));
     assert_eq!(default.upstream.response_timeout, Duration::from_secs(120));
 }
+
+/// What intercepting denied TLS costs per connection: CONNECT, TLS handshake with a leaf, one GET
+/// answered 403, close; against a denied absolute-form plain-HTTP request (no TLS) on a fresh
+/// connection each. Names repeat (leaf cached) or are fresh each time (a leaf minted per
+/// connection). Run: `cargo test --release --lib denied_tls_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement; prints a table"]
+async fn denied_tls_cost() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let rounds = 300;
+    let time = |start: std::time::Instant| start.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
+    // Warm-up: pools, the CA's config cache for the repeated name, the allocator.
+    for _ in 0..20 {
+        let _ = h.get_http("http://github.com/login").await;
+        let _ = h.get_https("github.com", "/login").await;
+    }
+
+    let start = std::time::Instant::now();
+    for _ in 0..rounds {
+        let (status, _, _) = h.get_http("http://github.com/login").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+    let plain = time(start);
+
+    let start = std::time::Instant::now();
+    for _ in 0..rounds {
+        let (status, _, _) = h.get_https("github.com", "/login").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+    let tls_cached = time(start);
+
+    let start = std::time::Instant::now();
+    for i in 0..rounds {
+        let (status, _, _) = h.get_https(&format!("n{i}.denied.example"), "/login").await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+    let tls_fresh = time(start);
+    assert_eq!(h.hits(), 0);
+
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!("denied request, fresh connection each ({profile} build, {rounds} sequential, client in-process):");
+    println!("| path | µs per connection |");
+    println!("| --- | --- |");
+    println!("| plain HTTP, absolute-form 403 (no TLS) | {plain:.0} |");
+    println!("| CONNECT + TLS + 403 inside, same name (leaf cached) | {tls_cached:.0} |");
+    println!("| CONNECT + TLS + 403 inside, new name (leaf minted) | {tls_fresh:.0} |");
+}
