@@ -46,9 +46,12 @@ const TLS_HANDSHAKE: u8 = 0x16;
 /// The `method` recorded for tunnel-level decisions.
 const CONNECT: &str = "CONNECT";
 
-/// How long a refused tunnel waits for the client's first bytes (TLS and HTTP clients speak at
-/// once; a server-speaks-first client is recorded as `tcp` after this).
+/// How long a refused tunnel to a web port ([`WEB_PORTS`]) waits for the client's first bytes
+/// (TLS and HTTP clients speak at once); on other ports it waits [`SNIFF_TIMEOUT`], so that a
+/// server-speaks-first client (ssh, smtp) is closed and recorded as `tcp` soon.
 pub const REFUSED_SNIFF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Ports where a refused tunnel expects HTTP or TLS.
+const WEB_PORTS: [u16; 4] = [80, 443, 8080, 8443];
 
 /// Why a tunnel is accepted only to explain itself: every request inside is answered with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,8 +158,10 @@ pub async fn tunnel<I>(
 {
     let wait = if raw_allowed {
         SNIFF_TIMEOUT
-    } else if refusal.is_some() {
+    } else if refusal.is_some() && WEB_PORTS.contains(&port) {
         REFUSED_SNIFF_TIMEOUT
+    } else if refusal.is_some() {
+        SNIFF_TIMEOUT
     } else {
         HEADER_READ_TIMEOUT
     };

@@ -2123,3 +2123,32 @@ async fn denied_tls_cost() {
     println!("| CONNECT + TLS + 403 inside, same name (leaf cached) | {tls_cached:.0} |");
     println!("| CONNECT + TLS + 403 inside, new name (leaf minted) | {tls_fresh:.0} |");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_client_of_a_denied_tunnel_to_a_non_web_port_is_closed_soon_as_tcp() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let mut s = TcpStream::connect(h.proxy).await.unwrap();
+    assert_eq!(
+        connect_head(&mut s, "mail.example:25", None).await,
+        StatusCode::OK
+    );
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(4), s.read(&mut buf))
+        .await
+        .expect("closed within the sniff timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let events = h.drain_events().await;
+    assert_eq!(
+        decisions(&events),
+        vec![(
+            "CONNECT".into(),
+            "".into(),
+            "tcp".into(),
+            "denied".into(),
+            "no-rule".into()
+        )]
+    );
+}
