@@ -79,6 +79,11 @@ export interface UpstreamConfig {
   resolve?: Record<string, string>
   /** Extra PEM roots the proxy trusts upstream. */
   ca?: string[]
+  /** TCP connect plus TLS handshake to an upstream, in ms (1 to 3600000; default 10000); a 504 after it. */
+  connectTimeoutMs?: number
+  /** From sending a request until the upstream's response head arrives, in ms (1 to 3600000;
+   * default 120000); a 504 after it. */
+  responseTimeoutMs?: number
 }
 
 export interface FsMount {
@@ -175,20 +180,21 @@ export interface EgressErrorEvent extends EventBase<'egress.error'> {
   requestId: string
   host: string
   port: number
-  cause: 'dns' | 'refused' | 'tls-verify' | 'timeout' | 'reset' | (string & {})
+  cause: 'dns' | 'refused' | 'tls-verify' | 'tls' | 'timeout' | 'reset' | (string & {})
   /** What failed, in words (never a secret). */
   detail: string
 }
 
 /** A DNS question to hive's responder inside the sandbox (docs/audit-log.md#dnsquery). */
 export interface DnsQueryEvent extends EventBase<'dns.query'> {
-  /** The name asked for. */
+  /** The name asked for, under the field name `egress.request` uses. */
+  host: string
+  /** The same as `host` (its first name, kept for existing readers). */
   name: string
-  /** The same name under the field name `egress.request` uses (not emitted by this version yet). */
-  host?: string
   /** `"A"`, `"AAAA"`, `"PTR"`, … */
   qtype: string
-  /** `allowed`: some rule could allow the name; `denied`: it was never looked up. */
+  /** `allowed`: some rule could allow the name; `denied`: it was never looked up (the answer is a
+   * local address whose HTTP(S) connections get a 403 naming method and path). */
   access: 'allowed' | 'denied'
   /** The asking process, where known. */
   pid?: number
@@ -282,8 +288,14 @@ export interface LimitExceededEvent extends EventBase<'limit.exceeded'> {
 
 /** A degradation that weakens nothing but matters (docs/audit-log.md#sandboxwarning). */
 export interface SandboxWarningEvent extends EventBase<'sandbox.warning'> {
-  /** A stable code. */
-  code: string
+  /** A stable code (docs/security.md#diagnostics). */
+  code:
+    | 'HIVE_LANDLOCK_ABI_LOW'
+    | 'HIVE_LANDLOCK_UNAVAILABLE'
+    | 'HIVE_IDMAP_FALLBACK'
+    | 'HIVE_FS_PASSTHROUGH_UNAVAILABLE'
+    | 'HIVE_FS_CACHE_SHORT'
+    | (string & {})
   message: string
 }
 

@@ -192,7 +192,7 @@ describe('the examples run', () => {
     expect(out).toContain("{ access: 'denied', rule: 0, reason: 'rule' }")
     expect(out.split('\n')[1]).toMatch(/^\{ access: 'denied', rule: (null|2), reason: '(no-rule|method)' \}$/)
     expect(out).toContain('ok /v1/models')
-    expect(out).toContain('after applyConfig: curl: (56) CONNECT tunnel failed, response 403')
+    expect(out).toContain("after applyConfig: hive: GET api.example.com/v1/models denied by this sandbox's egress policy (no rule matches host api.example.com)")
     expect(out).toContain('through sandbox.proxy(): ok /zen')
     // The credential reached the upstream once; the request after applyConfig never did.
     const models = upstream.hits.filter((h) => h.path === '/v1/models')
@@ -211,7 +211,7 @@ describe('the examples run', () => {
 
   it('audit-log.mjs: live denials and a replay', async () => {
     const out = await run('audit-log.mjs')
-    expect(out).toMatch(/denied while running: \[ 'CONNECT example\.com' \]/)
+    expect(out).toMatch(/denied while running: \[ 'GET example\.com\/' \]/)
     expect(out).toMatch(/last event id replayed: 0{10}\d{6}/)
   }, 60_000)
 

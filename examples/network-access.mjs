@@ -31,7 +31,7 @@ console.log(models.stdout); // the upstream saw the Authorization header; the sa
 const current = await sandbox.getConfig(); // the override value comes back as "[redacted]"
 await sandbox.applyConfig({ ...current, egress: current.egress?.filter((rule) => rule.host !== "api.example.com") });
 const after = await sandbox.exec(["curl", "-sS", "https://api.example.com/v1/models"]);
-console.log("after applyConfig:", after.stderr); // CONNECT tunnel failed, response 403
+console.log("after applyConfig:", after.stdout); // hive: GET api.example.com/v1/models denied by this sandbox's egress policy (…)
 
 // The same policy for a client that runs outside any sandbox.
 const proxy = await sandbox.proxy();

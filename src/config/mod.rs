@@ -162,13 +162,38 @@ pub struct Override {
     pub allow_plaintext: bool,
 }
 
-/// `upstream`: resolve overrides and extra CA roots.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// `upstream`: resolve overrides, extra CA roots and timeouts.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
     /// `"host:port"` (host normalized) -> address the proxy connects to instead of resolving.
     pub resolve: HashMap<(String, u16), SocketAddr>,
     /// Extra PEM roots trusted upstream, as given (validated to parse as certificates).
     pub ca: Vec<String>,
+    /// `connectTimeoutMs`: TCP connect plus TLS handshake to an upstream (`504` after it).
+    pub connect_timeout: std::time::Duration,
+    /// `responseTimeoutMs`: from sending a request until the response head arrives (`504`).
+    pub response_timeout: std::time::Duration,
+}
+
+impl Upstream {
+    /// Default of `upstream.connectTimeoutMs`.
+    pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+    /// Default of `upstream.responseTimeoutMs`: long enough for slow APIs that answer only when
+    /// done (model completions), short enough that a hung upstream is reported.
+    pub const DEFAULT_RESPONSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+    /// Largest value of either timeout, in milliseconds (one hour).
+    pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+}
+
+impl Default for Upstream {
+    fn default() -> Upstream {
+        Upstream {
+            resolve: HashMap::new(),
+            ca: Vec::new(),
+            connect_timeout: Upstream::DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: Upstream::DEFAULT_RESPONSE_TIMEOUT,
+        }
+    }
 }
 
 /// One `fs` entry.

@@ -104,7 +104,12 @@ fn upstream(upstream: &Upstream) -> Value {
         .collect();
     entries.sort();
     let resolve: Map<String, Value> = entries.into_iter().map(|(k, v)| (k, v.into())).collect();
-    json!({ "resolve": resolve, "ca": upstream.ca })
+    json!({
+        "resolve": resolve,
+        "ca": upstream.ca,
+        "connectTimeoutMs": upstream.connect_timeout.as_millis() as u64,
+        "responseTimeoutMs": upstream.response_timeout.as_millis() as u64,
+    })
 }
 
 fn fs_mount(mount: &FsMount) -> Value {
@@ -189,7 +194,7 @@ mod tests {
         );
         assert_eq!(
             Config::default().to_json(),
-            json!({ "fs": [], "egress": [], "upstream": { "resolve": {}, "ca": [] } })
+            json!({ "fs": [], "egress": [], "upstream": { "resolve": {}, "ca": [], "connectTimeoutMs": 10000, "responseTimeoutMs": 120000 } })
         );
     }
 

@@ -19,6 +19,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -49,7 +50,7 @@ const RULE_KEYS: &[&str] = &[
 /// Keys of an egress rule's `override`.
 const OVERRIDE_KEYS: &[&str] = &["headers", "allowPlaintext"];
 /// Keys of `upstream`.
-const UPSTREAM_KEYS: &[&str] = &["resolve", "ca"];
+const UPSTREAM_KEYS: &[&str] = &["resolve", "ca", "connectTimeoutMs", "responseTimeoutMs"];
 /// Keys of an `fs` entry.
 const FS_KEYS: &[&str] = &["backend", "mount", "source", "acls", "audit"];
 /// Keys of an ACL entry.
@@ -707,9 +708,25 @@ impl Validator {
                 Self::ca_pem,
             ),
         };
+        let mut timeout = |key: &str, default: Duration| match optional(map, key) {
+            None => Some(default),
+            Some(v) => self
+                .integer_in(
+                    v,
+                    &key_path(path, key),
+                    1,
+                    Upstream::MAX_TIMEOUT_MS,
+                    "milliseconds",
+                )
+                .map(Duration::from_millis),
+        };
+        let connect_timeout = timeout("connectTimeoutMs", Upstream::DEFAULT_CONNECT_TIMEOUT);
+        let response_timeout = timeout("responseTimeoutMs", Upstream::DEFAULT_RESPONSE_TIMEOUT);
         Some(Upstream {
             resolve: resolve?,
             ca: ca?,
+            connect_timeout: connect_timeout?,
+            response_timeout: response_timeout?,
         })
     }
 

@@ -6,7 +6,8 @@
 //! - [`wire`]: DNS messages (RFC 1035), parsed and built by hand, every byte treated as hostile;
 //! - [`names`]: the [`NameTable`] mapping each name some rule could allow to a stable
 //!   sandbox-local address in `127.1.0.0/16` (and `fd68:6976:65::/96`) and back, which the
-//!   proxy's transparent listeners use to learn the name of a connection;
+//!   proxy's transparent listeners use to learn the name of a connection; denied names get an
+//!   address from a bounded ring in `127.2.0.0/16`, whose connections are answered `403`;
 //! - [`responder`]: the [`DnsResponder`] serving UDP and TCP and emitting `dns.query` events.
 //!
 //! No DNS crate is used: the responder needs one question in and a handful of record types out,
@@ -27,6 +28,9 @@ pub const ANSWER_TTL: u32 = 5;
 /// Field names of the `dns.query` event (docs/audit-log.md).
 pub mod field {
     /// The queried name, normalized; names that are no hostname in presentation form (`\DDD`).
+    /// The same field name as in `egress.request`, so one filter on `host` sees both.
+    pub const HOST: &str = "host";
+    /// The same as [`HOST`] (the field's first name, kept for existing readers).
     pub const NAME: &str = "name";
     /// The query type mnemonic: `"A"`, `"AAAA"`, `"PTR"`, … or `"TYPE<n>"`.
     pub const QTYPE: &str = "qtype";

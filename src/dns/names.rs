@@ -9,9 +9,15 @@
 //! 3. The proxy's transparent listeners call [`NameTable::name_for`] with the address a connection
 //!    was made to and get the name back.
 //!
+//! 4. A name the policy denies gets an address from a separate, small ring in `127.2.0.0/16`
+//!    ([`NameTable::denied_address_for`], [`DENIED_CAPACITY`] names, the oldest evicted first), so
+//!    that an HTTP client's connection reaches a transparent listener and is answered `403` with
+//!    its method and path; [`NameTable::target_for`] tells the listener that such a connection is
+//!    refused whatever it names.
+//!
 //! # Security
 //!
-//! Entries are never evicted or reused: a connection that dialled an address while a name was
+//! Entries of allowed names are never evicted or reused: a connection that dialled an address while a name was
 //! mapped must not later be taken for another name. The table is bounded by the address space
 //! ([`CAPACITY`] names); once full, new names get no address (the responder answers `SERVFAIL`)
 //! while every existing mapping stays valid. A sandbox that may resolve `*.example.com` can fill its
@@ -21,12 +27,18 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 /// The IPv4 range names are mapped into: `127.1.0.0/16`.
 pub const V4_PREFIX: [u8; 2] = [127, 1];
 /// The IPv6 range names are mapped into: `fd68:6976:65::/96`.
 pub const V6_PREFIX: [u16; 6] = [0xfd68, 0x6976, 0x0065, 0, 0, 0];
+/// The IPv4 range denied names are mapped into: `127.2.0.0/16` (only the first
+/// [`DENIED_CAPACITY`] addresses are used).
+pub const DENIED_V4_PREFIX: [u8; 2] = [127, 2];
+/// The most denied names remembered at once; the oldest is evicted for a new one, so a sandbox
+/// resolving millions of random names holds this many at most (about 1 MiB).
+pub const DENIED_CAPACITY: usize = 4096;
 /// Usable last octets per third octet (1..=254).
 const PER_BLOCK: usize = 254;
 /// The most names a table holds: 256 blocks of 254 addresses.
@@ -37,6 +49,36 @@ pub const CAPACITY: usize = 256 * PER_BLOCK;
 pub struct NameTable {
     inner: RwLock<Inner>,
     capacity: usize,
+    denied: Mutex<DeniedRing>,
+}
+
+/// Denied names by slot, reused oldest first.
+#[derive(Debug)]
+struct DeniedRing {
+    by_name: HashMap<Arc<str>, u32>,
+    slots: Vec<Arc<str>>,
+    next: u32,
+    capacity: u32,
+}
+
+impl DeniedRing {
+    fn index_for(&mut self, name: &str) -> u32 {
+        if let Some(index) = self.by_name.get(name) {
+            return *index;
+        }
+        let index = self.next;
+        self.next = (self.next + 1) % self.capacity;
+        let name: Arc<str> = Arc::from(name);
+        match self.slots.get_mut(index as usize) {
+            Some(slot) => {
+                let old = std::mem::replace(slot, name.clone());
+                self.by_name.remove(&old);
+            }
+            None => self.slots.push(name.clone()),
+        }
+        self.by_name.insert(name, index);
+        index
+    }
 }
 
 #[derive(Debug, Default)]
@@ -60,10 +102,65 @@ impl NameTable {
     /// An empty table holding up to `capacity` names (at most [`CAPACITY`]); small ones are for
     /// tests of the full table.
     pub fn with_capacity(capacity: usize) -> NameTable {
+        NameTable::with_capacities(capacity, DENIED_CAPACITY)
+    }
+
+    /// [`NameTable::with_capacity`] with another ring size for denied names (1 to
+    /// [`DENIED_CAPACITY`]); small ones are for tests of the eviction.
+    pub fn with_capacities(capacity: usize, denied: usize) -> NameTable {
+        let denied = denied.clamp(1, DENIED_CAPACITY) as u32;
         NameTable {
             inner: RwLock::new(Inner::default()),
             capacity: capacity.min(CAPACITY),
+            denied: Mutex::new(DeniedRing {
+                by_name: HashMap::new(),
+                slots: Vec::new(),
+                next: 0,
+                capacity: denied,
+            }),
         }
+    }
+
+    /// The address standing for a name the policy denies (in `127.2.0.0/16`): the same while the
+    /// name is among the last [`DENIED_CAPACITY`] denied names, then reused for another one.
+    /// `None` for an empty name.
+    pub fn denied_address_for(&self, name: &str) -> Option<Ipv4Addr> {
+        if name.is_empty() {
+            return None;
+        }
+        let index = self.denied.lock().index_for(name);
+        let [_, _, third, fourth] = v4_of(index).octets();
+        Some(Ipv4Addr::new(
+            DENIED_V4_PREFIX[0],
+            DENIED_V4_PREFIX[1],
+            third,
+            fourth,
+        ))
+    }
+
+    /// How many denied names are remembered (at most the ring size).
+    pub fn denied_len(&self) -> usize {
+        self.denied.lock().by_name.len()
+    }
+
+    /// What a connection to `ip` meant: `(name, refused)` with `refused` set for an address of a
+    /// denied name; `None` for an address neither range handed out.
+    pub fn target_for(&self, ip: IpAddr) -> Option<(String, bool)> {
+        if let Some(name) = self.name_for(ip) {
+            return Some((name, false));
+        }
+        let IpAddr::V4(v4) = canonical(ip) else {
+            return None;
+        };
+        let [a, b, third, fourth] = v4.octets();
+        if [a, b] != DENIED_V4_PREFIX || fourth == 0 || fourth == 255 {
+            return None;
+        }
+        let index = u32::from(third) * PER_BLOCK as u32 + u32::from(fourth) - 1;
+        let ring = self.denied.lock();
+        ring.slots
+            .get(index as usize)
+            .map(|name| (name.to_string(), true))
     }
 
     /// The IPv4 address of `name` (a normalized hostname, see [`crate::config::normalize_host`]),
@@ -130,6 +227,11 @@ impl NameTable {
         inner.by_name.insert(name, index);
         Some(index)
     }
+}
+
+/// Whether `ip` lies in the range of denied names (`127.2.0.0/16`, IPv4-mapped accepted).
+pub fn is_denied_range(ip: IpAddr) -> bool {
+    matches!(canonical(ip), IpAddr::V4(v4) if v4.octets()[..2] == DENIED_V4_PREFIX)
 }
 
 /// Whether `ip` lies in one of the mapped ranges (whether or not it was handed out): a connection
@@ -316,6 +418,55 @@ mod tests {
             table.name_for(IpAddr::V4(Ipv4Addr::new(127, 1, 255, 254))),
             Some(format!("h{}.example", CAPACITY - 1))
         );
+    }
+
+    #[test]
+    fn denied_names_get_ring_addresses_and_are_refused() {
+        let table = NameTable::with_capacities(CAPACITY, 3);
+        let a = table.denied_address_for("a.example").expect("a");
+        assert_eq!(a, Ipv4Addr::new(127, 2, 0, 1));
+        assert_eq!(table.denied_address_for("a.example"), Some(a));
+        let b = table.denied_address_for("b.example").expect("b");
+        let c = table.denied_address_for("c.example").expect("c");
+        assert_eq!(
+            table.target_for(b.into()),
+            Some(("b.example".to_string(), true))
+        );
+        // A fourth name evicts the oldest and takes its address.
+        assert_eq!(table.denied_address_for("d.example"), Some(a));
+        assert_eq!(
+            table.target_for(a.into()),
+            Some(("d.example".to_string(), true))
+        );
+        assert_eq!(table.denied_len(), 3);
+        assert!(table.is_empty(), "denied names take no allowed slot");
+        assert_eq!(table.target_for(Ipv4Addr::new(127, 2, 0, 9).into()), None);
+        assert!(is_denied_range(c.into()));
+        assert!(!is_mapped_range(c.into()));
+        // Allowed names keep their own range.
+        let allowed = table.address_for("ok.example").expect("ok");
+        assert_eq!(
+            table.target_for(allowed.into()),
+            Some(("ok.example".to_string(), false))
+        );
+    }
+
+    /// A million random denied names (as an agent might resolve) leave the table at its bound.
+    #[test]
+    fn a_million_denied_names_stay_bounded() {
+        let table = NameTable::new();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..1_000_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let name = format!("{seed:016x}.exfil.example");
+            let ip = table.denied_address_for(&name).expect("address");
+            assert!(is_denied_range(ip.into()));
+        }
+        assert_eq!(table.denied_len(), DENIED_CAPACITY);
+        assert_eq!(table.denied.lock().slots.len(), DENIED_CAPACITY);
+        assert!(table.is_empty());
     }
 
     #[test]

@@ -15,8 +15,12 @@
 //!    each query, so `applyConfig` takes effect at once), A gets its mapped address from the
 //!    [`NameTable`] with a TTL of [`ANSWER_TTL`] seconds, AAAA an empty answer (or the mapped IPv6
 //!    address, see [`DnsResponder::with_ipv6_answers`]), every other type an empty answer.
-//!    Otherwise NXDOMAIN. A full table gets `SERVFAIL` and a warning in the log.
-//! 5. Every query answered by these steps emits one `dns.query` event `{ name, qtype, access }`,
+//!    Otherwise (a name the policy denies) A gets an address from the table's ring of denied names
+//!    ([`NameTable::denied_address_for`]), which transparent listeners answer with `403` and the
+//!    request's method and path; other types an empty answer. A full table gets `SERVFAIL` and a
+//!    warning in the log.
+//! 5. Every query answered by these steps emits one `dns.query` event `{ host, name, qtype, access }`
+//!    (`name` = `host`),
 //!    except those dropped or answered `FORMERR`, `NOTIMP` or `BADVERS`, `localhost` and the
 //!    loopback reverse names.
 //!
@@ -287,7 +291,20 @@ impl DnsResponder {
         }
         let compiled = self.cell.load();
         if !compiled.policy.could_resolve_name(&host) {
-            return Outcome::denied(rcode::NXDOMAIN, host);
+            // Denied: a local address that leads to the proxy's `403` (HTTP clients read why);
+            // nothing is looked up anywhere.
+            let answers = match question.qtype {
+                rtype::A | rtype::ANY => self
+                    .names
+                    .denied_address_for(&host)
+                    .map_or_else(Vec::new, |ip| vec![a_record(ip)]),
+                _ => Vec::new(),
+            };
+            return Outcome {
+                rcode: rcode::NOERROR,
+                answers,
+                event: Some((host, Access::Denied)),
+            };
         }
         let mapped = match question.qtype {
             rtype::A | rtype::ANY => self.names.address_for(&host).map(|ip| vec![a_record(ip)]),
@@ -350,6 +367,7 @@ impl DnsResponder {
 
     fn emit(&self, name: String, qtype: u16, access: Access, origin: Option<&Origin>) {
         let mut fields = Map::new();
+        fields.insert(field::HOST.to_owned(), Value::String(name.clone()));
         fields.insert(field::NAME.to_owned(), Value::String(name));
         fields.insert(
             field::QTYPE.to_owned(),
@@ -651,9 +669,22 @@ mod tests {
         }
     }
 
+    /// The address of a denied name: NOERROR and one A record in the ring's range.
+    fn denied_a(response: &ParsedResponse) -> Ipv4Addr {
+        assert_eq!(response.rcode, rcode::NOERROR);
+        let ip = only_a(response);
+        assert!(super::super::names::is_denied_range(ip.into()), "{ip}");
+        ip
+    }
+
     fn dns_event(event: &Event) -> (&str, &str, &str) {
         assert_eq!(event.kind, kind::DNS_QUERY);
         let get = |key: &str| event.fields.get(key).and_then(Value::as_str).unwrap_or("");
+        assert_eq!(
+            get(field::HOST),
+            get(field::NAME),
+            "host and its alias agree"
+        );
         (get(field::NAME), get(field::QTYPE), get(field::ACCESS))
     }
 
@@ -728,15 +759,18 @@ mod tests {
     #[tokio::test]
     async fn wildcard_rules_allow_the_apex_and_subdomains_only() {
         let h = Harness::start(&["*.example.com"]).await;
-        let cases: &[(&str, u16)] = &[
-            ("example.com", rcode::NOERROR),
-            ("a.example.com", rcode::NOERROR),
-            ("a.b.c.example.com", rcode::NOERROR),
-            ("notexample.com", rcode::NXDOMAIN),
-            ("example.com.evil.net", rcode::NXDOMAIN),
+        let cases: &[(&str, bool)] = &[
+            ("example.com", true),
+            ("a.example.com", true),
+            ("a.b.c.example.com", true),
+            ("notexample.com", false),
+            ("example.com.evil.net", false),
         ];
-        for (name, expected) in cases {
-            assert_eq!(h.udp(name, rtype::A).await.rcode, *expected, "{name}");
+        for (name, allowed) in cases {
+            let r = h.udp(name, rtype::A).await;
+            assert_eq!(r.rcode, rcode::NOERROR, "{name}");
+            let denied = super::super::names::is_denied_range(only_a(&r).into());
+            assert_eq!(denied, !allowed, "{name}");
         }
     }
 
@@ -753,8 +787,8 @@ mod tests {
     async fn a_cidr_rule_never_makes_a_name_resolvable() {
         // Resolving it would make the proxy look up attacker-chosen names: exfiltration.
         let h = Harness::start(&["10.0.0.0/8"]).await;
-        let r = h.udp("c2VjcmV0.attacker.example", rtype::A).await;
-        assert_eq!(r.rcode, rcode::NXDOMAIN);
+        denied_a(&h.udp("c2VjcmV0.attacker.example", rtype::A).await);
+        assert!(h.names.is_empty());
         let literal = only_a(&h.udp("10.1.2.3", rtype::A).await);
         assert_eq!(
             h.names.name_for(literal.into()).as_deref(),
@@ -806,27 +840,35 @@ mod tests {
     // Denied names.
 
     #[tokio::test]
-    async fn denied_name_gets_nxdomain_and_one_denied_event() {
+    async fn denied_name_gets_a_refused_address_and_one_denied_event() {
         let h = Harness::start(&["api.github.com"]).await;
-        let r = h.udp("evil.example", rtype::A).await;
-        assert_eq!(r.rcode, rcode::NXDOMAIN);
-        assert!(r.answers.is_empty());
+        let ip = denied_a(&h.udp("evil.example", rtype::A).await);
+        // AAAA and other types of a denied name: empty answers.
+        let aaaa = h.udp("evil.example", rtype::AAAA).await;
+        assert_eq!((aaaa.rcode, aaaa.answers.len()), (rcode::NOERROR, 0));
         let events = h.events().await;
-        assert_eq!(events.len(), 1);
+        assert_eq!(events.len(), 2);
         assert_eq!(dns_event(&events[0]), ("evil.example", "A", "denied"));
         assert!(h.names.is_empty());
+        // The proxy learns the name back, marked refused.
+        assert_eq!(
+            h.names.target_for(ip.into()),
+            Some(("evil.example".to_string(), true))
+        );
     }
 
     #[tokio::test]
-    async fn exfiltration_through_names_gets_nxdomain_over_udp_and_tcp() {
+    async fn exfiltration_through_names_gets_only_a_refused_address_over_udp_and_tcp() {
+        // The answer comes from the responder alone: nothing is forwarded or looked up.
         let h = Harness::start(&["api.github.com"]).await;
         let leak = "c2VjcmV0LXRva2VuLTEyMzQ.attacker.example";
-        assert_eq!(h.udp(leak, rtype::A).await.rcode, rcode::NXDOMAIN);
-        assert_eq!(h.tcp(leak, rtype::A).await.rcode, rcode::NXDOMAIN);
-        assert_eq!(h.tcp(leak, rtype::TXT).await.rcode, rcode::NXDOMAIN);
+        let ip = denied_a(&h.udp(leak, rtype::A).await);
+        assert_eq!(denied_a(&h.tcp(leak, rtype::A).await), ip);
+        let txt = h.tcp(leak, rtype::TXT).await;
+        assert_eq!((txt.rcode, txt.answers.len()), (rcode::NOERROR, 0));
         // A name under an allowed host's parent is no way through either.
         let sibling = "c2VjcmV0.github.com";
-        assert_eq!(h.udp(sibling, rtype::A).await.rcode, rcode::NXDOMAIN);
+        denied_a(&h.udp(sibling, rtype::A).await);
         let events = h.events().await;
         assert_eq!(events.len(), 4);
         assert!(events.iter().all(|e| dns_event(e).2 == "denied"));
@@ -864,11 +906,12 @@ mod tests {
     #[tokio::test]
     async fn apply_config_flips_answers_at_once() {
         let h = Harness::start(&["api.github.com"]).await;
-        assert_eq!(h.udp("pypi.org", rtype::A).await.rcode, rcode::NXDOMAIN);
+        denied_a(&h.udp("pypi.org", rtype::A).await);
         h.apply(&["api.github.com", "pypi.org"]);
         let ip = only_a(&h.udp("pypi.org", rtype::A).await);
+        assert_eq!(ip.octets()[..2], [127, 1]);
         h.apply(&["api.github.com"]);
-        assert_eq!(h.tcp("pypi.org", rtype::A).await.rcode, rcode::NXDOMAIN);
+        denied_a(&h.tcp("pypi.org", rtype::A).await);
         // The mapping itself outlives the rule: connections made meanwhile keep their name.
         assert_eq!(h.names.name_for(ip.into()).as_deref(), Some("pypi.org"));
         h.apply(&["pypi.org"]);
@@ -1122,7 +1165,7 @@ mod tests {
     // A real client, when the machine has one.
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn dig_resolves_allowed_names_and_gets_nxdomain_for_others() {
+    async fn dig_resolves_allowed_names_and_refused_addresses_for_others() {
         if std::process::Command::new("dig")
             .arg("-v")
             .output()
@@ -1168,9 +1211,14 @@ mod tests {
         for transport in ["+notcp", "+tcp"] {
             let addr = if transport == "+tcp" { h.tcp } else { h.udp };
             let mut args = server(addr);
-            args.extend([transport.into(), "secret.attacker.example".into()]);
-            let full = dig(args).await.expect("dig");
-            assert!(full.contains("status: NXDOMAIN"), "{transport}: {full}");
+            args.extend([
+                transport.into(),
+                "secret.attacker.example".into(),
+                "+short".into(),
+            ]);
+            let short = dig(args).await.expect("dig");
+            let ip: Ipv4Addr = short.trim().parse().expect("an address from dig");
+            assert_eq!(ip.octets()[..2], [127, 2], "{transport}: {short}");
         }
 
         let mut args = server(h.udp);

@@ -62,6 +62,8 @@ const WRITE_WAIT: Duration = Duration::from_secs(10);
 pub mod kind {
     pub const EGRESS_REQUEST: &str = "egress.request";
     pub const EGRESS_RESPONSE: &str = "egress.response";
+    /// An allowed request the upstream could not serve: `{ requestId, host, port, cause, detail }`.
+    pub const EGRESS_ERROR: &str = "egress.error";
     pub const DNS_QUERY: &str = "dns.query";
     pub const CONFIG_APPLIED: &str = "config.applied";
     pub const PROCESS_START: &str = "process.start";

@@ -387,12 +387,13 @@ impl Shared {
         }
     }
 
-    /// Emits a `sandbox.warning`.
+    /// Emits a `sandbox.warning` (and its stderr line).
     pub(crate) fn warn(&self, code: &str, message: &str) {
         let mut fields = Map::new();
         fields.insert("code".into(), Value::String(code.to_owned()));
         fields.insert("message".into(), Value::String(message.to_owned()));
         self.events.emit(kind::SANDBOX_WARNING, fields);
+        crate::diagnostics::stderr_line(None, code, message);
     }
 
     /// The mount path inside the sandbox.
@@ -841,8 +842,15 @@ impl Server {
                     return Some(id);
                 }
                 Err(err) => {
-                    tracing::debug!(%err, "FUSE passthrough unavailable; serving reads and writes");
                     self.passthrough.store(false, Ordering::Relaxed);
+                    self.shared.warn(
+                        crate::diagnostics::code::FS_PASSTHROUGH_UNAVAILABLE,
+                        &format!(
+                            "FUSE passthrough is unavailable ({err}); {} serves every read and \
+                             write itself (slower, not weaker)",
+                            self.shared.mount()
+                        ),
+                    );
                 }
             }
         }
@@ -1088,6 +1096,15 @@ impl Filesystem for Server {
             if stacked.is_ok() && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
                 self.passthrough.store(true, Ordering::Relaxed);
             }
+        } else if self.passthrough_wanted {
+            self.shared.warn(
+                crate::diagnostics::code::FS_PASSTHROUGH_UNAVAILABLE,
+                &format!(
+                    "this kernel offers no FUSE passthrough; {} serves every read and write \
+                     itself (slower, not weaker)",
+                    self.shared.mount()
+                ),
+            );
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ use crate::attribution::Origin;
 use crate::events::{kind, EventBus};
 use crate::policy::{Access, Decision, Scheme};
 
+use super::deny::UpstreamFailure;
 use super::Via;
 
 /// Field names of `egress.request` and `egress.response` (camelCase, as JS sees them).
@@ -45,6 +46,8 @@ pub mod field {
     pub const DURATION_MS: &str = "durationMs";
     pub const CONFIG_HASH: &str = "configHash";
     pub const WOULD_DENY: &str = "wouldDeny";
+    pub const CAUSE: &str = "cause";
+    pub const DETAIL: &str = "detail";
 }
 
 /// What one decision was about, for its `egress.request` event.
@@ -163,6 +166,45 @@ impl Exchange {
     pub fn add_out(&self, n: u64) {
         self.inner.bytes_out.fetch_add(n, Ordering::Relaxed);
     }
+
+    /// Records an upstream failure: the status answered (`502`/`504`) and an `egress.error` event
+    /// `{ requestId, host, port, cause, detail }` (docs/audit-log.md). `detail` is error text from
+    /// the connector or resolver, never request content.
+    pub fn fail(&self, failure: UpstreamFailure, host: &str, port: u16, detail: &str) {
+        self.set_status(failure.status().as_u16());
+        let mut f = Map::new();
+        f.insert(
+            field::REQUEST_ID.into(),
+            self.inner.request_id.clone().into(),
+        );
+        f.insert(field::HOST.into(), host.into());
+        f.insert(field::PORT.into(), port.into());
+        f.insert(field::CAUSE.into(), failure.cause().into());
+        let detail: String = detail.chars().take(MAX_DETAIL_CHARS).collect();
+        tracing::debug!(host, port, cause = failure.cause(), %detail, "upstream failure");
+        f.insert(field::DETAIL.into(), detail.into());
+        if let Some(origin) = &self.inner.origin {
+            origin.insert_fields(&mut f);
+        }
+        self.inner.events.emit(kind::EGRESS_ERROR, f);
+    }
+}
+
+/// Longest `detail` of an `egress.error` event.
+const MAX_DETAIL_CHARS: usize = 300;
+
+/// The messages of an error and its sources, joined by `": "` (for `egress.error` details).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p == &text) {
+            parts.push(text);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
 }
 
 impl Drop for ExchangeInner {

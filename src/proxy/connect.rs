@@ -1,16 +1,24 @@
-//! `CONNECT` tunnels (docs/network-access.md): decide host:port first (`403` before any TLS), answer `200`, take
-//! the upgraded stream and sniff its first bytes:
+//! `CONNECT` tunnels and transparent connections (docs/network-access.md): decide host:port
+//! first, answer `200`, take the upgraded stream and sniff its first bytes:
 //!
 //! 1. A TLS ClientHello (`0x16`) is intercepted ([`intercept`](super::intercept)): every request
 //!    inside is decided on its own.
-//! 2. Anything else (or silence for [`SNIFF_TIMEOUT`], a server-speaks-first protocol) becomes a
+//! 2. Plain HTTP is served the same way, request by request.
+//! 3. Anything else (or silence for [`SNIFF_TIMEOUT`], a server-speaks-first protocol) becomes a
 //!    raw TCP tunnel only when, decided again at that moment, the first rule matching host and
 //!    port allows raw TCP (no `methods`, `paths` or `override`); otherwise the tunnel is closed
-//!    and a `not-http` denial recorded.
+//!    and a denial recorded with scheme `tcp`.
+//!
+//! A tunnel the policy denies (or whose host cannot be reached) is accepted all the same and run
+//! as a *refused* tunnel ([`Refusal`]): TLS is terminated with a leaf for the SNI (or the CONNECT
+//! name, an IP SAN for addresses), and every request inside is answered `403` (or `502`) with its
+//! real method and path, so the agent reads why. Nothing is resolved on the host and nothing is
+//! sent upstream for it.
 //!
 //! # Security
 //! A raw tunnel is never opened for a host whose rule inspects HTTP or injects credentials, so
-//! those rules cannot be bypassed by speaking something other than HTTP.
+//! those rules cannot be bypassed by speaking something other than HTTP. A refused tunnel never
+//! reaches the gate again: no later request on it can be allowed.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,45 +32,46 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::policy::{reason, Access, Scheme};
+use crate::policy::{reason, Access, Decision, Scheme};
 
 use super::audit::{Auditor, Subject};
-use super::deny::{self, ProxyBody};
+use super::deny::{self, ProxyBody, UpstreamFailure};
 use super::gate::{self, Ask, Outcome};
 use super::http::{split_authority, Tunnel};
 use super::listener::{serve_connection, Conn};
-use super::{intercept, HEADER_READ_TIMEOUT, SNIFF_TIMEOUT, UPSTREAM_CONNECT_TIMEOUT};
+use super::{intercept, HEADER_READ_TIMEOUT, SNIFF_TIMEOUT};
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 /// The `method` recorded for tunnel-level decisions.
 const CONNECT: &str = "CONNECT";
 
-/// How a tunnel request is recorded: method `CONNECT`, no path, scheme `https` on 443, else `tcp`.
-fn tunnel_subject<'a>(
-    host: &'a str,
-    port: u16,
-    conn: &Conn,
-    compiled: &crate::policy::Compiled,
-) -> Subject<'a> {
-    let scheme = if port == 443 {
-        Scheme::Https
-    } else {
-        Scheme::Tcp
-    };
-    Subject {
-        host,
-        port,
-        method: CONNECT,
-        path: "",
-        scheme,
-        via: conn.via(),
-        origin: conn.origin(),
-        config_hash: Some(compiled.hash.clone()),
+/// How long a refused tunnel to a web port ([`WEB_PORTS`]) waits for the client's first bytes
+/// (TLS and HTTP clients speak at once); on other ports it waits [`SNIFF_TIMEOUT`], so that a
+/// server-speaks-first client (ssh, smtp) is closed and recorded as `tcp` soon.
+pub const REFUSED_SNIFF_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Ports where a refused tunnel expects HTTP or TLS.
+const WEB_PORTS: [u16; 4] = [80, 443, 8080, 8443];
+
+/// Why a tunnel is accepted only to explain itself: every request inside is answered with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The policy (or a gate guard) denied host:port: `403`.
+    Denied(Decision),
+    /// The policy allowed it but the upstream cannot be reached: `502`.
+    Unreachable(Decision, UpstreamFailure),
+}
+
+impl Refusal {
+    fn decision(&self) -> &Decision {
+        match self {
+            Refusal::Denied(d) | Refusal::Unreachable(d, _) => d,
+        }
     }
 }
 
-/// Handles a `CONNECT` request on a proxy connection.
+/// Handles a `CONNECT` request on a proxy connection: the tunnel is accepted whatever the
+/// decision (a refused one answers each request inside with the reason).
 pub async fn handle(conn: Conn, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let Some(authority) = req.uri().authority().map(|a| a.as_str().to_string()) else {
         return deny::bad_request("CONNECT needs a host:port target");
@@ -72,64 +81,86 @@ pub async fn handle(conn: Conn, mut req: Request<Incoming>) -> Response<ProxyBod
     };
     let engine = &conn.engine;
     let compiled = engine.cell.load_full();
-    let subject = tunnel_subject(&host, port, &conn, &compiled);
-    match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
-        Outcome::Denied(decision) => {
-            Auditor::new(engine.events.clone()).request(&subject, &decision, &[]);
-            deny::forbidden(decision.reason, &host, CONNECT, "")
-        }
-        Outcome::Unreachable(decision, failure) => {
-            if let Some(ex) = Auditor::new(engine.events.clone()).request(&subject, &decision, &[])
-            {
-                ex.set_status(StatusCode::BAD_GATEWAY.as_u16());
+    let (raw_tunnel, refusal) =
+        match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
+            Outcome::Denied(decision) => (false, Some(Refusal::Denied(decision))),
+            Outcome::Unreachable(decision, failure) => {
+                (false, Some(Refusal::Unreachable(decision, failure)))
             }
-            deny::bad_gateway(failure, &host)
+            Outcome::Allowed { raw_tunnel, .. } => (raw_tunnel, None),
+        };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_conn = conn.clone();
+    conn.ctl.spawn(async move {
+        if let Ok(upgraded) = on_upgrade.await {
+            tunnel(
+                task_conn,
+                TokioIo::new(upgraded),
+                host,
+                port,
+                raw_tunnel,
+                refusal,
+            )
+            .await;
         }
-        Outcome::Allowed { raw_tunnel, .. } => {
-            let on_upgrade = hyper::upgrade::on(&mut req);
-            let task_conn = conn.clone();
-            conn.ctl.spawn(async move {
-                if let Ok(upgraded) = on_upgrade.await {
-                    tunnel(task_conn, TokioIo::new(upgraded), host, port, raw_tunnel).await;
-                }
-            });
-            Response::new(deny::empty_body())
-        }
-    }
+    });
+    Response::new(deny::empty_body())
 }
 
-/// Handles a transparent connection meant for host:port: decided like a `CONNECT` (a denial
-/// closes the connection), then run as a tunnel.
-pub async fn transparent<I>(conn: Conn, stream: I, host: String, port: u16)
+/// Handles a transparent connection meant for host:port: decided like a `CONNECT`, then run as a
+/// tunnel (a refused one answers each request inside with the reason). `refused` marks a
+/// connection to a name the DNS responder already answered as denied.
+pub async fn transparent<I>(conn: Conn, stream: I, host: String, port: u16, refused: bool)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Some(host) = crate::config::normalize_host(&host) else {
         return;
     };
+    if refused {
+        let refusal = Refusal::Denied(gate::denied(reason::NO_RULE));
+        return tunnel(conn, stream, host, port, false, Some(refusal)).await;
+    }
     let engine = &conn.engine;
     let compiled = engine.cell.load_full();
-    let subject = tunnel_subject(&host, port, &conn, &compiled);
     match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
-        Outcome::Allowed { raw_tunnel, .. } => tunnel(conn, stream, host, port, raw_tunnel).await,
-        Outcome::Denied(decision) => {
-            Auditor::new(engine.events.clone()).request(&subject, &decision, &[]);
+        Outcome::Allowed { raw_tunnel, .. } => {
+            tunnel(conn, stream, host, port, raw_tunnel, None).await
         }
-        Outcome::Unreachable(decision, _) => {
-            if let Some(ex) = Auditor::new(engine.events.clone()).request(&subject, &decision, &[])
-            {
-                ex.set_status(StatusCode::BAD_GATEWAY.as_u16());
-            }
+        Outcome::Denied(decision) => {
+            tunnel(
+                conn,
+                stream,
+                host,
+                port,
+                false,
+                Some(Refusal::Denied(decision)),
+            )
+            .await
+        }
+        Outcome::Unreachable(decision, failure) => {
+            let refusal = Refusal::Unreachable(decision, failure);
+            tunnel(conn, stream, host, port, false, Some(refusal)).await
         }
     }
 }
 
-/// Runs an accepted tunnel: intercept TLS, else a raw tunnel where allowed.
-pub async fn tunnel<I>(conn: Conn, mut io: I, host: String, port: u16, raw_allowed: bool)
-where
+/// Runs an accepted tunnel: intercept TLS, serve HTTP, else a raw tunnel where allowed.
+pub async fn tunnel<I>(
+    conn: Conn,
+    mut io: I,
+    host: String,
+    port: u16,
+    raw_allowed: bool,
+    refusal: Option<Refusal>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let wait = if raw_allowed {
+        SNIFF_TIMEOUT
+    } else if refusal.is_some() && WEB_PORTS.contains(&port) {
+        REFUSED_SNIFF_TIMEOUT
+    } else if refusal.is_some() {
         SNIFF_TIMEOUT
     } else {
         HEADER_READ_TIMEOUT
@@ -143,7 +174,7 @@ where
     match sniffed {
         Ok(Ok(0)) | Ok(Err(_)) => {}
         Ok(Ok(_)) if prefixed.prefix[0] == TLS_HANDSHAKE => {
-            intercept::serve(conn, prefixed, Arc::from(host.as_str()), port).await;
+            intercept::serve(conn, prefixed, Arc::from(host.as_str()), port, refusal).await;
         }
         // Plain HTTP inside the tunnel (CONNECT to port 80, transparent port 80): every request
         // is decided like an absolute-form one.
@@ -153,11 +184,62 @@ where
                 port,
                 sni_mismatch: None,
                 scheme: Scheme::Http,
+                refusal,
             };
             serve_connection(prefixed, conn, Some(tunnel)).await;
         }
         // Other bytes, or silence from a server-speaks-first protocol.
-        Ok(Ok(_)) | Err(_) => raw(conn, prefixed, &host, port).await,
+        Ok(Ok(_)) | Err(_) => raw(conn, prefixed, &host, port, refusal).await,
+    }
+}
+
+/// Answers one request inside a refused tunnel: `403` (or `502`) with its real method and path,
+/// recorded as such. The request's own policy decision supplies the reason when it denies (it
+/// explains better: a method or path), else the tunnel's; nothing is resolved or sent upstream.
+pub fn refuse_request(
+    conn: &Conn,
+    tunnel: &Tunnel,
+    refusal: &Refusal,
+    method: &str,
+    path_and_query: &str,
+) -> Response<ProxyBody> {
+    let path = path_and_query.split('?').next().unwrap_or("/");
+    let compiled = conn.engine.cell.load_full();
+    let subject = Subject {
+        host: &tunnel.host,
+        port: tunnel.port,
+        method,
+        path,
+        scheme: tunnel.scheme,
+        via: conn.via(),
+        origin: conn.origin(),
+        config_hash: Some(compiled.hash.clone()),
+    };
+    let auditor = Auditor::new(conn.engine.events.clone());
+    match refusal {
+        Refusal::Denied(connect) => {
+            let own = compiled.policy.decide(&crate::policy::Request {
+                host: &tunnel.host,
+                port: tunnel.port,
+                method,
+                path: path_and_query,
+                scheme: tunnel.scheme,
+                ip: tunnel.host.parse().ok(),
+            });
+            let decision = if own.access == Access::Denied {
+                own
+            } else {
+                *connect
+            };
+            auditor.request(&subject, &decision, &[]);
+            deny::forbidden(decision.reason, &tunnel.host, method, path)
+        }
+        Refusal::Unreachable(decision, failure) => {
+            if let Some(ex) = auditor.request(&subject, decision, &[]) {
+                ex.fail(*failure, &tunnel.host, tunnel.port, failure.describe());
+            }
+            deny::bad_gateway(*failure, &tunnel.host, method, path)
+        }
     }
 }
 
@@ -167,8 +249,9 @@ pub(super) fn looks_like_http(prefix: &[u8]) -> bool {
     (3..=16).contains(&token) && prefix.get(token) == Some(&b' ')
 }
 
-/// Decides a raw TCP tunnel now and, if allowed, splices it to the upstream.
-async fn raw<I>(conn: Conn, mut io: Prefixed<I>, host: &str, port: u16)
+/// Decides a raw TCP tunnel now and, if allowed, splices it to the upstream. A refused tunnel is
+/// recorded (scheme `tcp`) and closed.
+async fn raw<I>(conn: Conn, mut io: Prefixed<I>, host: &str, port: u16, refusal: Option<Refusal>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -185,6 +268,16 @@ where
         origin: conn.origin(),
         config_hash: Some(compiled.hash.clone()),
     };
+    if let Some(refusal) = refusal {
+        let decision = *refusal.decision();
+        if let Some(ex) = auditor.request(&subject, &decision, &[]) {
+            if let Refusal::Unreachable(_, failure) = refusal {
+                ex.fail(failure, host, port, failure.describe());
+            }
+        }
+        return;
+    }
+    let compiled = engine.cell.load_full();
     let (decision, addrs) = match gate::check(engine, &compiled, host, port, Ask::Connect).await {
         Outcome::Allowed {
             decision,
@@ -200,9 +293,9 @@ where
             auditor.request(&subject, &decision, &[]);
             return;
         }
-        Outcome::Unreachable(decision, _) => {
+        Outcome::Unreachable(decision, failure) => {
             if let Some(ex) = auditor.request(&subject, &decision, &[]) {
-                ex.set_status(StatusCode::BAD_GATEWAY.as_u16());
+                ex.fail(failure, host, port, failure.describe());
             }
             return;
         }
@@ -211,9 +304,14 @@ where
     let Some(exchange) = auditor.request(&subject, &decision, &[]) else {
         return;
     };
-    let Some(mut upstream) = connect_any(&addrs).await else {
-        exchange.set_status(StatusCode::BAD_GATEWAY.as_u16());
-        return;
+    let timeout = compiled.config.upstream.connect_timeout;
+    let mut upstream = match connect_any(&addrs, timeout).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            let failure = super::upstream::classify(&e);
+            exchange.fail(failure, host, port, &super::audit::error_chain(&e));
+            return;
+        }
     };
     exchange.set_status(StatusCode::OK.as_u16());
     if let Ok((out, inn)) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
@@ -222,17 +320,24 @@ where
     }
 }
 
-/// Connects to the first reachable checked address.
-pub async fn connect_any(addrs: &[SocketAddr]) -> Option<TcpStream> {
+/// Connects to the first reachable checked address within `timeout` each; the last error when
+/// none is.
+pub async fn connect_any(
+    addrs: &[SocketAddr],
+    timeout: std::time::Duration,
+) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::from(std::io::ErrorKind::AddrNotAvailable);
     for addr in addrs {
-        if let Ok(Ok(stream)) =
-            tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(addr)).await
-        {
-            let _ = stream.set_nodelay(true);
-            return Some(stream);
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::ErrorKind::TimedOut.into(),
         }
     }
-    None
+    Err(last)
 }
 
 /// A stream that first replays bytes already read from it (the sniffed prefix).

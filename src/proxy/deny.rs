@@ -1,5 +1,11 @@
 //! The answers the proxy writes itself: `403` policy denials, `400` malformed requests, `407`
-//! missing proxy credentials and `502` upstream failures (docs/network-access.md).
+//! missing proxy credentials and `502`/`504` upstream failures (docs/network-access.md).
+//!
+//! A denial is `403 Blocked by hive egress policy` (HTTP/1.1 reason phrase; h2 has none) with an
+//! `X-Hive-Denied: <reason>` header and a one-line body naming the method, host, path and why:
+//! `hive: GET github.com/login denied by this sandbox's egress policy (no rule matches host
+//! github.com)`. An upstream failure is `502` (`504` for a timeout) with an
+//! `X-Hive-Upstream-Error: <cause>` header and a body naming the cause.
 //!
 //! # Security
 //! Every body here is fixed text plus the host, method and path the client itself sent: no
@@ -11,31 +17,37 @@ use http_body_util::{BodyExt, Full};
 
 /// The header naming the reason of a denial, so an agent can tell policy from network failure.
 pub const DENIED_HEADER: &str = "x-hive-denied";
+/// The header naming the cause of an upstream failure (`dns`, `refused`, …).
+pub const UPSTREAM_ERROR_HEADER: &str = "x-hive-upstream-error";
+/// The HTTP/1.1 reason phrase of a policy `403`.
+pub const DENIED_REASON_PHRASE: &str = "Blocked by hive egress policy";
 
 /// The body type every proxy response uses (streamed upstream bodies and our own short texts).
 pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 /// Errors inside bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Which upstream failure a `502` reports.
+/// Which upstream failure a `502`/`504` reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
     /// Name resolution failed.
     Resolve,
-    /// The upstream refused or reset the TCP connection.
+    /// The upstream refused the TCP connection (or no route led to it).
     ConnectRefused,
     /// The upstream's certificate did not verify against the trusted roots.
     TlsVerification,
     /// The TLS handshake with the upstream failed for another reason.
     TlsHandshake,
-    /// Connecting or the handshake took too long.
+    /// Connecting or the handshake took longer than `upstream.connectTimeoutMs`.
     Timeout,
-    /// The connection broke while the request was exchanged.
+    /// The response head took longer than `upstream.responseTimeoutMs`.
+    ResponseTimeout,
+    /// The connection was reset or closed while the request was exchanged.
     Exchange,
 }
 
 impl UpstreamFailure {
-    /// The fixed sentence of the `502` body.
+    /// The fixed sentence of the body.
     pub const fn describe(self) -> &'static str {
         match self {
             UpstreamFailure::Resolve => "the upstream host name could not be resolved",
@@ -45,8 +57,53 @@ impl UpstreamFailure {
             }
             UpstreamFailure::TlsHandshake => "the TLS handshake with the upstream failed",
             UpstreamFailure::Timeout => "connecting to the upstream timed out",
-            UpstreamFailure::Exchange => "the upstream connection failed during the exchange",
+            UpstreamFailure::ResponseTimeout => "the upstream did not answer in time",
+            UpstreamFailure::Exchange => "the upstream connection was reset during the exchange",
         }
+    }
+
+    /// The cause as events and the `X-Hive-Upstream-Error` header name it.
+    pub const fn cause(self) -> &'static str {
+        match self {
+            UpstreamFailure::Resolve => "dns",
+            UpstreamFailure::ConnectRefused => "refused",
+            UpstreamFailure::TlsVerification => "tls-verify",
+            UpstreamFailure::TlsHandshake => "tls",
+            UpstreamFailure::Timeout | UpstreamFailure::ResponseTimeout => "timeout",
+            UpstreamFailure::Exchange => "reset",
+        }
+    }
+
+    /// `504` for timeouts, else `502`.
+    pub const fn status(self) -> StatusCode {
+        match self {
+            UpstreamFailure::Timeout | UpstreamFailure::ResponseTimeout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Why a request was denied, in words, from the decision's reason (the `X-Hive-Denied` value).
+pub fn explain(reason: &str, host: &str) -> String {
+    match reason {
+        "no-rule" => format!("no rule matches host {host}"),
+        "rule" => "a deny rule matches".to_string(),
+        "method" => format!("a rule names {host} but not this method"),
+        "path" => format!("a rule names {host} but not this path"),
+        "port" => format!("a rule names {host} but not this port"),
+        "private-address" => format!("{host} resolves to a private address no rule names"),
+        "host-mismatch" => "the TLS name, tunnel target and Host header disagree".to_string(),
+        "proxy-loop" => "the request is aimed at the proxy itself".to_string(),
+        "plaintext-credentials" => {
+            "the rule injects credentials, which never travel over plain HTTP".to_string()
+        }
+        "path-ambiguous" => "the path reads differently on common servers".to_string(),
+        "method-override" => "a method-override header names a denied method".to_string(),
+        "upgrade" => "the rule cannot inspect this protocol upgrade".to_string(),
+        "trace-with-credentials" => "TRACE would echo the injected credentials".to_string(),
+        other => format!("reason: {other}"),
     }
 }
 
@@ -72,24 +129,25 @@ fn text_response(status: StatusCode, text: String) -> Response<ProxyBody> {
     res
 }
 
-/// `403` for a request the egress policy denied, naming host, method and path.
+/// `403 Blocked by hive egress policy` for a request the egress policy denied, naming method,
+/// host, path and why.
 pub fn forbidden(
     reason: &'static str,
     host: &str,
     method: &str,
     path: &str,
 ) -> Response<ProxyBody> {
-    let target = if path.is_empty() {
-        host.to_string()
-    } else {
-        format!("{host}{path}")
-    };
     let text = format!(
-        "hive: {method} {target} was denied by this sandbox's egress policy (reason: {reason})\n"
+        "hive: {method} {host}{path} denied by this sandbox's egress policy ({})\n",
+        explain(reason, host)
     );
     let mut res = text_response(StatusCode::FORBIDDEN, sanitize(&text));
     res.headers_mut()
         .insert(DENIED_HEADER, HeaderValue::from_static(reason));
+    res.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(
+            DENIED_REASON_PHRASE.as_bytes(),
+        ));
     res
 }
 
@@ -114,12 +172,34 @@ pub fn proxy_auth_required() -> Response<ProxyBody> {
     res
 }
 
-/// `502` saying which upstream failure happened.
-pub fn bad_gateway(failure: UpstreamFailure, host: &str) -> Response<ProxyBody> {
-    text_response(
-        StatusCode::BAD_GATEWAY,
-        sanitize(&format!("hive: {host}: {}\n", failure.describe())),
-    )
+/// `502` (`504` for a timeout) naming the cause of an upstream failure.
+pub fn bad_gateway(
+    failure: UpstreamFailure,
+    host: &str,
+    method: &str,
+    path: &str,
+) -> Response<ProxyBody> {
+    let text = format!(
+        "hive: {method} {host}{path} failed upstream ({}): {}\n",
+        failure.cause(),
+        failure.describe()
+    );
+    let mut res = text_response(failure.status(), sanitize(&text));
+    res.headers_mut().insert(
+        UPSTREAM_ERROR_HEADER,
+        HeaderValue::from_static(failure.cause()),
+    );
+    let phrase: &'static [u8] = match failure {
+        UpstreamFailure::Timeout | UpstreamFailure::ResponseTimeout => b"Upstream timed out",
+        UpstreamFailure::Resolve => b"Upstream name not resolvable",
+        UpstreamFailure::ConnectRefused => b"Upstream refused the connection",
+        UpstreamFailure::TlsVerification => b"Upstream certificate not verified",
+        UpstreamFailure::TlsHandshake => b"Upstream TLS handshake failed",
+        UpstreamFailure::Exchange => b"Upstream connection reset",
+    };
+    res.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(phrase));
+    res
 }
 
 /// `503` while the proxy shuts down.
@@ -150,7 +230,7 @@ mod tests {
                 "api.github.com",
                 "GET",
                 "/zen",
-                "GET api.github.com/zen",
+                "GET api.github.com/zen denied by this sandbox's egress policy (no rule matches host api.github.com)",
                 "no-rule",
             ),
             (
@@ -158,7 +238,7 @@ mod tests {
                 "pypi.org",
                 "CONNECT",
                 "",
-                "CONNECT pypi.org was",
+                "CONNECT pypi.org denied",
                 "host-mismatch",
             ),
             (
@@ -174,6 +254,11 @@ mod tests {
             let res = forbidden(reason, host, method, path);
             assert_eq!(res.status(), StatusCode::FORBIDDEN);
             assert_eq!(res.headers()[DENIED_HEADER], want_header);
+            let phrase = res.extensions().get::<hyper::ext::ReasonPhrase>().cloned();
+            assert_eq!(
+                phrase.as_ref().map(|p| p.as_bytes()),
+                Some(DENIED_REASON_PHRASE.as_bytes())
+            );
             let body = futures_body(res);
             assert!(body.contains(want_text), "{body}");
             assert!(body.contains("egress policy"), "{body}");
@@ -193,13 +278,31 @@ mod tests {
     #[test]
     fn bad_gateway_names_the_failure() {
         let cases = [
-            (UpstreamFailure::ConnectRefused, "refused"),
-            (UpstreamFailure::TlsVerification, "could not be verified"),
-            (UpstreamFailure::Timeout, "timed out"),
+            (
+                UpstreamFailure::ConnectRefused,
+                502,
+                "(refused): the upstream refused",
+            ),
+            (UpstreamFailure::Resolve, 502, "(dns): "),
+            (UpstreamFailure::TlsVerification, 502, "(tls-verify): "),
+            (UpstreamFailure::Timeout, 504, "(timeout): connecting"),
+            (
+                UpstreamFailure::ResponseTimeout,
+                504,
+                "(timeout): the upstream did not",
+            ),
+            (UpstreamFailure::Exchange, 502, "(reset): "),
         ];
-        for (failure, want) in cases {
-            let body = futures_body(bad_gateway(failure, "pypi.org"));
-            assert!(body.contains(want) && body.contains("pypi.org"), "{body}");
+        for (failure, status, want) in cases {
+            let res = bad_gateway(failure, "pypi.org", "GET", "/simple/");
+            assert_eq!(res.status().as_u16(), status);
+            assert_eq!(res.headers()[UPSTREAM_ERROR_HEADER], failure.cause());
+            let body = futures_body(res);
+            assert!(body.contains(want), "{body}");
+            assert!(
+                body.starts_with("hive: GET pypi.org/simple/ failed upstream"),
+                "{body}"
+            );
         }
     }
 

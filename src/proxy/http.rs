@@ -38,6 +38,8 @@ pub struct Tunnel {
     pub sni_mismatch: Option<Arc<str>>,
     /// `Https` for an intercepted TLS tunnel, `Http` for plain HTTP spoken inside a tunnel.
     pub scheme: Scheme,
+    /// Set when the tunnel was accepted only to answer every request with this refusal.
+    pub refusal: Option<connect::Refusal>,
 }
 
 /// Answers one request on a proxy connection (`tunnel: None`) or inside an intercepted tunnel.
@@ -108,6 +110,21 @@ async fn handle_tunneled_request(
     let Some((named_host, named_port)) = split_authority(&authority) else {
         return deny::bad_request("the Host header is not a valid host");
     };
+    if let Some(refusal) = &tunnel.refusal {
+        let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        // A transparent connection's name may only be the DNS responder's: show the name the
+        // client meant (everything here is refused whatever it names).
+        let shown = if conn.via() == super::Via::Transparent {
+            Tunnel {
+                host: Arc::from(named_host.as_str()),
+                ..tunnel.clone()
+            }
+        } else {
+            tunnel.clone()
+        };
+        let method = req.method().as_str();
+        return connect::refuse_request(&conn, &shown, refusal, method, path_and_query);
+    }
     let port_ok = named_port.is_none_or(|p| p == tunnel.port);
     let mismatch = named_host != *tunnel.host || !port_ok || tunnel.sni_mismatch.is_some();
     if mismatch {
@@ -198,9 +215,9 @@ pub async fn forward(
         Outcome::Denied(decision) => return refuse(&decision),
         Outcome::Unreachable(decision, failure) => {
             if let Some(ex) = auditor.request(&subject, &decision, &[]) {
-                ex.set_status(StatusCode::BAD_GATEWAY.as_u16());
+                ex.fail(failure, host, port, failure.describe());
             }
-            return deny::bad_gateway(failure, host);
+            return deny::bad_gateway(failure, host, method.as_str(), &event_path);
         }
         Outcome::Allowed {
             decision, client, ..
@@ -248,17 +265,28 @@ pub async fn forward(
         .map_err(|e| Box::new(e) as deny::BoxError)
         .boxed_unsync();
 
-    let result = client
-        .client(upgrade)
-        .request(Request::from_parts(parts, body))
-        .await;
+    let result = tokio::time::timeout(
+        compiled.config.upstream.response_timeout,
+        client
+            .client(upgrade)
+            .request(Request::from_parts(parts, body)),
+    )
+    .await;
     let mut res = match result {
-        Ok(res) => res,
-        Err(e) => {
-            exchange.set_status(StatusCode::BAD_GATEWAY.as_u16());
+        Ok(Ok(res)) => res,
+        Ok(Err(e)) => {
             let failure = upstream::classify(&e);
-            tracing::debug!(host, port, ?failure, "upstream request failed");
-            return deny::bad_gateway(failure, host);
+            exchange.fail(failure, host, port, &super::audit::error_chain(&e));
+            return deny::bad_gateway(failure, host, method.as_str(), &event_path);
+        }
+        Err(_) => {
+            let failure = deny::UpstreamFailure::ResponseTimeout;
+            let detail = format!(
+                "no response head within upstream.responseTimeoutMs ({} ms)",
+                compiled.config.upstream.response_timeout.as_millis()
+            );
+            exchange.fail(failure, host, port, &detail);
+            return deny::bad_gateway(failure, host, method.as_str(), &event_path);
         }
     };
     exchange.set_status(res.status().as_u16());
@@ -268,7 +296,12 @@ pub async fn forward(
         let Some(client_upgrade) = client_upgrade.filter(|_| followable) else {
             // A switch nobody asked for, or to something the rule cannot follow: cut it.
             exchange.set_status(StatusCode::BAD_GATEWAY.as_u16());
-            return deny::bad_gateway(deny::UpstreamFailure::Exchange, host);
+            return deny::bad_gateway(
+                deny::UpstreamFailure::Exchange,
+                host,
+                method.as_str(),
+                &event_path,
+            );
         };
         let upstream_upgrade = hyper::upgrade::on(&mut res);
         conn.ctl.spawn(splice_upgrade(

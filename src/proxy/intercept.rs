@@ -6,6 +6,9 @@
 //! 3. Serve the decrypted stream with hyper again; every request inside is decided on its own
 //!    ([`http`](super::http)), against the policy in force when it arrives.
 //!
+//! A refused tunnel ([`Refusal`]) is intercepted the same way, so that each request inside gets
+//! its `403`/`502` with its method and path; its leaf names the SNI the client sent.
+//!
 //! # Security
 //! When the SNI names another host than the CONNECT target the handshake still completes (so the
 //! client can read the reason), but every request on that connection is refused as
@@ -21,6 +24,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use crate::config::normalize_host;
 use crate::policy::Scheme;
 
+use super::connect::Refusal;
 use super::http::Tunnel;
 use super::listener::{serve_connection, Conn};
 use super::TLS_HANDSHAKE_TIMEOUT;
@@ -34,14 +38,15 @@ pub fn serve<I>(
     io: I,
     host: Arc<str>,
     port: u16,
+    refusal: Option<Refusal>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Box::pin(serve_inner(conn, io, host, port))
+    Box::pin(serve_inner(conn, io, host, port, refusal))
 }
 
-async fn serve_inner<I>(conn: Conn, io: I, host: Arc<str>, port: u16)
+async fn serve_inner<I>(conn: Conn, io: I, host: Arc<str>, port: u16, refusal: Option<Refusal>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -63,6 +68,12 @@ where
         }
         None => Vec::new(),
     };
+    // In a refused transparent tunnel every request is refused whatever it names, and the name
+    // may only be the DNS responder's: the client's SNI is taken as the host it meant.
+    let host = match (&refusal, &sni) {
+        (Some(_), Some(sni)) if conn.via() == super::Via::Transparent => Arc::from(sni.as_str()),
+        _ => host,
+    };
     let sni_mismatch = sni.as_deref().filter(|s| *s != &*host).map(Arc::from);
     let cert_host = sni.as_deref().unwrap_or(&host);
     let config = match conn.engine.ca.server_config(cert_host, &alpn) {
@@ -81,6 +92,7 @@ where
         port,
         sni_mismatch,
         scheme: Scheme::Https,
+        refusal,
     };
     serve_connection(tls, conn, Some(tunnel)).await;
 }

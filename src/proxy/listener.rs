@@ -302,8 +302,8 @@ pub fn spawn_accept_loop(
             match &transparent {
                 None => ctl.spawn(serve_connection(stream, conn, None)),
                 Some(target) => {
-                    if let Some((host, port)) = local.and_then(|local| target(local)) {
-                        ctl.spawn(connect::transparent(conn, stream, host, port));
+                    if let Some((host, port, refused)) = local.and_then(|local| target(local)) {
+                        ctl.spawn(connect::transparent(conn, stream, host, port, refused));
                     }
                 }
             }

@@ -9,7 +9,8 @@
 //!    a header-read timeout, a header-size limit and an idle timeout ([`listener`], [`idle`]).
 //! 2. Each request is dispatched ([`http`]): on the host listener the per-listener credential is
 //!    checked first (`407` without it). Absolute-form requests are decided and forwarded; `CONNECT`
-//!    is decided for host:port before anything else ([`connect`]).
+//!    is decided for host:port before anything else ([`connect`]); a refused one is still accepted
+//!    so that every request inside gets its `403` (or `502`) with method and path.
 //! 3. An accepted tunnel is sniffed: TLS is terminated with a leaf for the SNI signed by the
 //!    sandbox CA, and the decrypted requests are served again and decided one by one
 //!    ([`intercept`]); other bytes become a raw TCP tunnel only where the policy allows it.
@@ -22,9 +23,10 @@
 //!
 //! Denials and failures are answered by [`deny`] with fixed text (no secrets, no internals).
 //!
-//! Event conventions (docs/audit-log.md): a `CONNECT` refused before any TLS is recorded with method
-//! `CONNECT`, an empty path and scheme `https` for port 443 (else `tcp`); a raw tunnel is recorded
-//! with scheme `tcp`. `bytesOut` counts body bytes the sandbox sent upstream, `bytesIn` body bytes
+//! Event conventions (docs/audit-log.md): a denied `CONNECT` or transparent connection is accepted
+//! and each request inside recorded with its real method, path and scheme; bytes that are neither
+//! TLS nor HTTP (and raw tunnels) are recorded with method `CONNECT`, an empty path and scheme
+//! `tcp`. `bytesOut` counts body bytes the sandbox sent upstream, `bytesIn` body bytes
 //! the upstream sent back (for tunnels and WebSockets: every byte each way).
 
 pub mod ask;
@@ -149,8 +151,9 @@ impl Via {
 }
 
 /// Maps a transparent connection, by the sandbox-local address it dialed, to the host name (as
-/// the sandbox asked DNS for it) and port the client meant; `None` closes the connection.
-pub type TransparentTarget = Arc<dyn Fn(SocketAddr) -> Option<(String, u16)> + Send + Sync>;
+/// the sandbox asked DNS for it) and port the client meant, and whether that name was answered as
+/// denied (the connection is then refused request by request); `None` closes the connection.
+pub type TransparentTarget = Arc<dyn Fn(SocketAddr) -> Option<(String, u16, bool)> + Send + Sync>;
 
 /// The egress proxy of one sandbox: serves any number of listeners against the policy in the
 /// shared [`PolicyCell`].

@@ -115,8 +115,8 @@ impl UpstreamClient {
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .set_host(true);
         Ok(UpstreamClient {
-            client: builder.build(TimeoutConnector(both)),
-            h1_client: builder.build(TimeoutConnector(h1)),
+            client: builder.build(TimeoutConnector(both, upstream.connect_timeout)),
+            h1_client: builder.build(TimeoutConnector(h1, upstream.connect_timeout)),
             pins,
             dns,
         })
@@ -243,9 +243,9 @@ impl tower_service::Service<Uri> for PinnedConnector {
     }
 }
 
-/// Bounds TCP connect plus TLS handshake by [`UPSTREAM_CONNECT_TIMEOUT`].
+/// Bounds TCP connect plus TLS handshake (`upstream.connectTimeoutMs`).
 #[derive(Clone)]
-pub struct TimeoutConnector<C>(C);
+pub struct TimeoutConnector<C>(C, Duration);
 
 impl<C> tower_service::Service<Uri> for TimeoutConnector<C>
 where
@@ -265,8 +265,9 @@ where
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         let fut = self.0.call(uri);
+        let limit = self.1;
         Box::pin(async move {
-            match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, fut).await {
+            match tokio::time::timeout(limit, fut).await {
                 Ok(res) => res.map_err(Into::into),
                 Err(_) => Err(Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut)) as _),
             }
@@ -319,8 +320,10 @@ pub fn classify(err: &(dyn std::error::Error + 'static)) -> UpstreamFailure {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             match io.kind() {
                 std::io::ErrorKind::TimedOut => return UpstreamFailure::Timeout,
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe => return UpstreamFailure::Exchange,
                 std::io::ErrorKind::ConnectionRefused
-                | std::io::ErrorKind::ConnectionReset
                 | std::io::ErrorKind::AddrNotAvailable
                 | std::io::ErrorKind::NetworkUnreachable
                 | std::io::ErrorKind::HostUnreachable => return UpstreamFailure::ConnectRefused,

@@ -437,6 +437,7 @@ impl Sandbox {
                     }
                 })
                 .await?;
+                crate::diagnostics::take_deferred(&self.events, linux::landlock::launcher_abi());
                 self.engine.serve_sandbox_listener(handover.proxy)?;
                 self.engine
                     .attribution()

@@ -80,7 +80,7 @@ pub fn capture_ports(config: &Config) -> Vec<u16> {
 
 /// Maps the local address a captured connection dialled to the host and port it meant: a
 /// sandbox-local address from the DNS responder to its name (an unknown one to `None`, which
-/// closes the connection), the sandbox's own loopback to `None`, any other address to its IP
+/// closes the connection; one of a denied name to that name, refused), the sandbox's own loopback to `None`, any other address to its IP
 /// literal, decided like a CONNECT to that address.
 ///
 /// # Security
@@ -92,13 +92,15 @@ pub fn transparent_target(names: Arc<NameTable>) -> TransparentTarget {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             v4 => v4,
         };
-        if dns::names::is_mapped_range(ip) {
-            return names.name_for(ip).map(|name| (name, local.port()));
+        if dns::names::is_mapped_range(ip) || dns::names::is_denied_range(ip) {
+            return names
+                .target_for(ip)
+                .map(|(name, refused)| (name, local.port(), refused));
         }
         if ip.is_loopback() || ip.is_unspecified() {
             return None;
         }
-        Some((ip.to_string(), local.port()))
+        Some((ip.to_string(), local.port(), false))
     })
 }
 

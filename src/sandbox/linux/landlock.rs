@@ -89,7 +89,7 @@ pub(crate) const ABI_ENV: &str = "HIVE_TEST_LANDLOCK_ABI";
 /// The ABI the launcher uses: the kernel's, unless [`DISABLE_ENV`] is `1` (none) or [`ABI_ENV`]
 /// asks for a lower one. Neither can give more than the kernel has, and nothing the file ACLs
 /// promise depends on Landlock (docs/isolation.md), so a switch left set only costs the scoping.
-fn launcher_abi() -> Option<i32> {
+pub(crate) fn launcher_abi() -> Option<i32> {
     if std::env::var(DISABLE_ENV).is_ok_and(|v| v == "1") {
         return None;
     }

@@ -624,10 +624,13 @@ fn start_on_launcher(
                 _trees = t;
                 (uid, gid) = (idmap::ROOT_MAPPED_ID, idmap::ROOT_MAPPED_ID);
             }
-            Err(e) => tracing::warn!(
-                sandbox = %spec.name,
-                error = %e,
-                "idmapped mounts unavailable: the sandbox's root is host root (without capabilities)"
+            Err(e) => crate::diagnostics::defer(
+                &spec.name,
+                crate::diagnostics::code::IDMAP_FALLBACK,
+                format!(
+                    "a mount could not be idmapped ({e}): the sandbox's root is host root \
+                     (without capabilities) instead of nobody"
+                ),
             ),
         }
     }
