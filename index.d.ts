@@ -183,6 +183,10 @@ export interface EgressErrorEvent extends EventBase<'egress.error'> {
   cause: 'dns' | 'refused' | 'tls-verify' | 'tls' | 'timeout' | 'reset' | (string & {})
   /** What failed, in words (never a secret). */
   detail: string
+  /** The process inside that opened the connection, as in `egress.request`, where known. */
+  pid?: number
+  command?: string[]
+  execId?: string
 }
 
 /** A DNS question to hive's responder inside the sandbox (docs/audit-log.md#dnsquery). */
