@@ -1296,12 +1296,16 @@ impl Filesystem for Server {
         })();
         match result {
             Ok(attr) => {
-                reply.entry(&self.ttl_in(newparent.0, &attr), &attr, Generation(0));
                 // The existing name is its own node, cached as a file with one link: it must not
                 // be cached any more (a write through the new name must show through it at once).
-                // Both notifications take no lock the kernel holds during a link.
+                // The kernel must have forgotten its attributes before the link returns, so the
+                // notifications go out before the reply (the kernel handles a notification
+                // within the write that sends it); neither takes a lock the kernel holds during
+                // a link, and a getattr answered meanwhile with the old attributes is dropped by
+                // the kernel (its attribute version predates the invalidation).
                 self.shared.forget_attrs(ino.0);
                 self.shared.forget_entries();
+                reply.entry(&self.ttl_in(newparent.0, &attr), &attr, Generation(0));
             }
             Err(err) => reply.error(err),
         }

@@ -1342,7 +1342,6 @@ fn a_directory_moved_under_a_hidden_name_hides_its_cached_entries_at_once() {
 }
 
 #[test]
-#[ignore = "flaky under load: the old name's attributes are invalidated asynchronously after a link; run: cargo test --lib a_write_through_a_new_hard_link -- --ignored"]
 fn a_write_through_a_new_hard_link_shows_through_the_cached_old_name() {
     let Some(m) = Mounted::configured(Some(ISSUE_ACLS), seed_issue_tree, |fs| fs) else {
         return;
