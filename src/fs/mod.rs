@@ -73,6 +73,7 @@
 
 pub mod acl;
 mod cache;
+mod listing;
 mod ops;
 mod session;
 #[cfg(test)]
