@@ -64,7 +64,9 @@
 //! one must show through the others at once). No decision depends on the cache: every request
 //! that reaches the server (open, readdir, readlink, create, …) is decided again on the node's
 //! current path. Because repeated lookups of a hidden name are answered by the kernel, they are
-//! reported (`fs.denied`) once per cache lifetime, not once per attempt.
+//! reported (`fs.denied`) once per cache lifetime, not once per attempt. The kernel also keeps the
+//! listings of watched directories ([`listing`]); a listing decided before any of those changes is
+//! neither kept nor read.
 //!
 //! For a sandbox, the launcher mounts `/dev/fuse` with
 //! `fd=N,rootmode=40000,user_id=0,group_id=0,allow_other` and `MS_NOSUID | MS_NODEV` (no
@@ -73,6 +75,7 @@
 
 pub mod acl;
 mod cache;
+mod listing;
 mod ops;
 mod session;
 #[cfg(test)]

@@ -35,6 +35,7 @@ use serde_json::{Map, Value};
 
 use super::acl::{rank, Acl, Decision};
 use super::cache::{Kernel, LONG_TTL, SHORT_TTL};
+use super::listing::Listings;
 use super::ops::{split, Source};
 use super::watch::{Batch, Watch};
 use super::{field, op, EventSink};
@@ -281,7 +282,8 @@ struct DirEntryOut {
 #[derive(Debug)]
 enum Handle {
     File(Arc<OpenFile>),
-    Dir(Arc<Vec<DirEntryOut>>),
+    /// A listing decided at `opendir`, and the generation of [`Listings`] it was decided under.
+    Dir(Arc<Vec<DirEntryOut>>, u64),
 }
 
 /// What the server shares with the threads outside its request loop: `applyConfig` (new rules)
@@ -300,6 +302,8 @@ pub(crate) struct Shared {
     budget_spent: AtomicBool,
     /// The kernel's FUSE protocol minor version (from `init`).
     minor: std::sync::atomic::AtomicU32,
+    /// Directory listings the kernel keeps.
+    listings: Listings,
     events: Arc<dyn EventSink>,
 }
 
@@ -320,6 +324,7 @@ impl Shared {
 
     /// Makes the kernel look every cached entry up again before using it.
     fn forget_entries(&self) {
+        self.listings.changed();
         if let Some(kernel) = self.kernel.get() {
             if let Err(err) = kernel.inc_epoch() {
                 tracing::debug!(%err, "FUSE epoch increment refused");
@@ -559,6 +564,7 @@ impl Server {
                 watch: OnceLock::new(),
                 budget_spent: AtomicBool::new(false),
                 minor: std::sync::atomic::AtomicU32::new(0),
+                listings: Listings::default(),
                 events: events.clone(),
             }),
             source,
@@ -1037,7 +1043,10 @@ impl Server {
         Ok(())
     }
 
-    fn do_opendir(&self, ino: INodeNo) -> Result<FileHandle, Errno> {
+    /// Decides the listing of `ino` and returns its handle and open flags.
+    fn do_opendir(&self, ino: INodeNo) -> Result<(FileHandle, FopenFlags), Errno> {
+        // Read before anything is decided: a change from now on makes this listing old.
+        let generation = self.shared.listings.generation();
         let loc = self.locate(ino)?;
         if !loc.rel.as_os_str().is_empty() {
             self.check(&loc, op::READDIR, Need::See)?;
@@ -1066,7 +1075,15 @@ impl Server {
                 });
             }
         }
-        Ok(self.insert_handle(Handle::Dir(Arc::new(entries))))
+        let fh = self.insert_handle(Handle::Dir(Arc::new(entries), generation));
+        let keepable = self.shared.long() && self.shared.nodes.lock().watched(ino.0);
+        let flags = self.shared.listings.open(ino.0, generation, keepable, || {
+            match self.shared.kernel.get() {
+                Some(kernel) => kernel.inval_inode(ino.0, true).is_ok(),
+                None => false,
+            }
+        });
+        Ok((fh, flags))
     }
 }
 
@@ -1141,6 +1158,12 @@ impl Filesystem for Server {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let gone = self.shared.nodes.lock().forget(ino.0, nlookup);
+        if gone
+            .as_ref()
+            .is_some_and(|node| node.kind == FileType::Directory)
+        {
+            self.shared.listings.forget(ino.0);
+        }
         if let (Some(node), Some(watch)) = (gone, self.shared.watch.get()) {
             if node.watched {
                 watch.forget_dir(ino.0);
@@ -1313,12 +1336,16 @@ impl Filesystem for Server {
         })();
         match result {
             Ok(attr) => {
-                reply.entry(&self.ttl_in(newparent.0, &attr), &attr, Generation(0));
                 // The existing name is its own node, cached as a file with one link: it must not
                 // be cached any more (a write through the new name must show through it at once).
-                // Both notifications take no lock the kernel holds during a link.
+                // The kernel must have forgotten its attributes before the link returns, so the
+                // notifications go out before the reply (the kernel handles a notification
+                // within the write that sends it); neither takes a lock the kernel holds during
+                // a link, and a getattr answered meanwhile with the old attributes is dropped by
+                // the kernel (its attribute version predates the invalidation).
                 self.shared.forget_attrs(ino.0);
                 self.shared.forget_entries();
+                reply.entry(&self.ttl_in(newparent.0, &attr), &attr, Generation(0));
             }
             Err(err) => reply.error(err),
         }
@@ -1457,7 +1484,7 @@ impl Filesystem for Server {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.do_opendir(ino) {
-            Ok(fh) => reply.opened(fh, FopenFlags::empty()),
+            Ok((fh, flags)) => reply.opened(fh, flags),
             Err(err) => reply.error(err),
         }
     }
@@ -1471,7 +1498,7 @@ impl Filesystem for Server {
         mut reply: ReplyDirectory,
     ) {
         let entries = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Dir(entries)) => entries.clone(),
+            Some(Handle::Dir(entries, _)) => entries.clone(),
             _ => return reply.error(Errno::EBADF),
         };
         for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
@@ -1496,7 +1523,7 @@ impl Filesystem for Server {
         mut reply: ReplyDirectoryPlus,
     ) {
         let entries = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Dir(entries)) => entries.clone(),
+            Some(Handle::Dir(entries, _)) => entries.clone(),
             _ => return reply.error(Errno::EBADF),
         };
         // The listing was decided at opendir: only visible entries are in it.
@@ -1551,12 +1578,15 @@ impl Filesystem for Server {
     fn releasedir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.handles.lock().remove(&fh.0);
+        let handle = self.handles.lock().remove(&fh.0);
+        if let Some(Handle::Dir(_, generation)) = handle {
+            self.shared.listings.release(ino.0, generation);
+        }
         reply.ok();
     }
 

@@ -1342,7 +1342,6 @@ fn a_directory_moved_under_a_hidden_name_hides_its_cached_entries_at_once() {
 }
 
 #[test]
-#[ignore = "flaky under load: the old name's attributes are invalidated asynchronously after a link; run: cargo test --lib a_write_through_a_new_hard_link -- --ignored"]
 fn a_write_through_a_new_hard_link_shows_through_the_cached_old_name() {
     let Some(m) = Mounted::configured(Some(ISSUE_ACLS), seed_issue_tree, |fs| fs) else {
         return;
@@ -1360,4 +1359,121 @@ fn a_write_through_a_new_hard_link_shows_through_the_cached_old_name() {
     );
     assert_eq!(old.metadata().expect("fstat").len(), 12);
     assert_eq!(fs::read(m.t("notes.txt")).expect("read"), b"longer notes");
+}
+
+/// Serves `$HIVE_FS_PROFILE_SOURCE` (with the ACLs of the tests, mounted as `/workspace`) on
+/// `$HIVE_FS_PROFILE_TARGET` until `$HIVE_FS_PROFILE_TARGET.stop` exists, for profiling by hand
+/// (`perf`, `strace -c`, the `fuse:fuse_request_send` tracepoint) with any workload.
+#[test]
+#[ignore = "profiling aid; see its doc comment"]
+fn serve_a_directory_for_profiling() {
+    let (Some(source), Some(target)) = (
+        std::env::var_os("HIVE_FS_PROFILE_SOURCE"),
+        std::env::var_os("HIVE_FS_PROFILE_TARGET"),
+    ) else {
+        eprintln!("skipped: set HIVE_FS_PROFILE_SOURCE and HIVE_FS_PROFILE_TARGET");
+        return;
+    };
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipped: {reason}");
+        return;
+    }
+    let (source, target) = (PathBuf::from(source), PathBuf::from(target));
+    let source_fd = rustix::fs::open(
+        &source,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open source");
+    let sink: Arc<dyn EventSink> = Arc::new(Collected::default());
+    let mut fs =
+        AclFs::with_sink(&fs_mount(Some(ISSUE_ACLS), false), source_fd, sink).expect("AclFs");
+    if std::env::var_os("HIVE_FS_PROFILE_NO_PASSTHROUGH").is_some() {
+        fs = fs.without_passthrough();
+    }
+    let fuse_fd = mount_fuse_on(&target).expect("mount FUSE");
+    let handle = fs.serve(fuse_fd).expect("serve");
+    let mut stop = target.into_os_string();
+    stop.push(".stop");
+    while !Path::new(&stop).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = fs::remove_file(&stop);
+    let _ = rustix::mount::unmount(
+        Path::new(&stop.to_string_lossy().trim_end_matches(".stop").to_owned()),
+        rustix::mount::UnmountFlags::DETACH,
+    );
+    handle.join().expect("served");
+}
+
+#[test]
+fn kept_listings_follow_new_rules_and_host_changes_at_once() {
+    let all_rw: &[(&str, FsAccess)] = &[("/workspace/**", FsAccess::Rw)];
+    let hide_pem: &[(&str, FsAccess)] = &[
+        ("/workspace/**/*.pem", FsAccess::None),
+        ("/workspace/**", FsAccess::Rw),
+    ];
+    let seed = |src: &Path| {
+        seed_issue_tree(src);
+        fs::write(src.join("x.pem"), b"key").expect("seed");
+        fs::create_dir(src.join("d")).expect("seed");
+        fs::write(src.join("d/y.pem"), b"key").expect("seed");
+    };
+    let Some(m) = Mounted::configured(Some(all_rw), seed, |fs| fs) else {
+        return;
+    };
+    if !long_caching(&m) {
+        return;
+    }
+    let has = |dir: &str, name: &str| names(&m.t(dir)).contains(&name.to_owned());
+    // listed twice: the second listing may come from the kernel's cache
+    for _ in 0..2 {
+        assert!(has("", "x.pem") && has("d", "y.pem"));
+    }
+    // a directory handle opened under the old rules stays open across the change
+    let old = fs::read_dir(m.t("d")).expect("opendir");
+    m.handle().reconfigure(&fs_mount(Some(hide_pem), false));
+    assert!(!has("", "x.pem") && !has("d", "y.pem"));
+    drop(old);
+    assert!(!has("", "x.pem") && !has("d", "y.pem"));
+    m.handle().reconfigure(&fs_mount(Some(all_rw), false));
+    assert!(has("", "x.pem") && has("d", "y.pem"));
+    // while another process lists all the time, every listing after a change obeys the new rules
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lister = {
+        let (stop, dir) = (stop.clone(), m.t("d"));
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = names(&dir);
+            }
+        })
+    };
+    for round in 0..100 {
+        let hidden = round % 2 == 0;
+        let rules = if hidden { hide_pem } else { all_rw };
+        m.handle().reconfigure(&fs_mount(Some(rules), false));
+        assert_eq!(has("d", "y.pem"), !hidden, "round {round}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    lister.join().expect("lister");
+    // names the host adds, removes and renames show in a kept listing within 100 ms
+    let limit = std::time::Duration::from_millis(100);
+    assert!(!has("d", "z.txt"));
+    fs::write(m.s("d/z.txt"), b"z").expect("host create");
+    assert!(within(limit, || has("d", "z.txt")).is_some(), "host create");
+    fs::rename(m.s("d/z.txt"), m.s("d/w.txt")).expect("host rename");
+    assert!(
+        within(limit, || !has("d", "z.txt") && has("d", "w.txt")).is_some(),
+        "host rename"
+    );
+    fs::remove_file(m.s("d/w.txt")).expect("host delete");
+    assert!(
+        within(limit, || !has("d", "w.txt")).is_some(),
+        "host delete"
+    );
+    // and the sandbox's own changes at once
+    fs::write(m.t("d/v.txt"), b"v").expect("create");
+    assert!(has("d", "v.txt"));
+    fs::remove_file(m.t("d/v.txt")).expect("unlink");
+    assert!(!has("d", "v.txt"));
 }
