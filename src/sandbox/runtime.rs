@@ -28,7 +28,8 @@ use serde_json::{json, Map};
 use super::linux::capture::{self, CaptureListeners};
 use super::linux::limits::{Hits, SandboxLimits};
 use super::linux::{
-    self, BindMount, ExitStatus, LaunchSpec, ProcessSpec, SandboxHost, SandboxProcess, Subtree,
+    self, BindMount, ExitStatus, LaunchSpec, ProcessHandle, ProcessSpec, SandboxHost,
+    SandboxProcess, Subtree,
 };
 use crate::config::{Config, FsAccess, FsMount, RuleAccess};
 use crate::dns::{self, DnsResponder, NameTable};
@@ -564,7 +565,7 @@ pub fn parse_signal(signal: &str) -> Result<i32> {
 pub struct Spawned {
     pid: i32,
     stdio: parking_lot::Mutex<Option<[std::os::fd::OwnedFd; 3]>>,
-    process: std::sync::Arc<SandboxProcess>,
+    process: ProcessHandle,
     exit: tokio::sync::watch::Receiver<Option<std::result::Result<ExitStatus, String>>>,
 }
 
@@ -580,22 +581,17 @@ impl Spawned {
     /// Wraps a process just spawned; a task waits for it, checks the sandbox's limits and emits
     /// `limit.exceeded` and `process.exit`.
     pub fn watch(
-        mut process: SandboxProcess,
+        process: SandboxProcess,
         command: Vec<String>,
         events: std::sync::Arc<EventBus>,
         limits: Arc<SandboxLimits>,
     ) -> Result<Spawned> {
-        let stdin = process
-            .stdin
-            .take()
-            .ok_or_else(|| HiveError::Internal("spawned process has no stdin pipe".into()))?;
-        let dup = |fd: &std::os::fd::OwnedFd| {
-            fd.try_clone()
-                .map_err(|e| HiveError::io("duplicating a stdio pipe", e))
-        };
-        let stdio = [stdin, dup(&process.stdout)?, dup(&process.stderr)?];
         let pid = process.pid;
-        let process = std::sync::Arc::new(process);
+        // The fds move on (to the caller, who closes them), so none stays open here.
+        let (process, stdin, stdout, stderr) = process.into_parts();
+        let stdin =
+            stdin.ok_or_else(|| HiveError::Internal("spawned process has no stdin pipe".into()))?;
+        let stdio = [stdin, stdout, stderr];
         let (tx, exit) = tokio::sync::watch::channel(None);
         let waited = process.clone();
         tokio::spawn(async move {
@@ -643,6 +639,12 @@ impl Spawned {
     /// Sends a signal by name or number.
     pub fn kill(&self, signal: &str) -> Result<()> {
         self.process.kill(parse_signal(signal)?)
+    }
+
+    /// Closes the pidfd of a process that ended (see [`ProcessHandle::release`]); the caller
+    /// calls it once the output was read to its end.
+    pub fn release(&self) {
+        self.process.release();
     }
 }
 

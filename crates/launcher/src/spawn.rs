@@ -267,6 +267,11 @@ fn confine(plan: &Plan, seccomp: &[SockFilter]) -> Result<(), Fail> {
     // 2. A new session: no controlling terminal for TIOCSTI, and a process group of its own that
     //    the host signals as a whole (docs/isolation.md).
     sys::setsid().map_err(at(Stage::Setsid))?;
+    // 2b. A subreaper: while the command's first process lives, every process it starts that
+    //     is orphaned (a `setsid` daemon, a double fork) becomes its child again instead of
+    //     init's, so the host finds them all below it to kill them (docs/processes.md). The flag
+    //     survives execve and is not inherited.
+    sys::prctl(sys::PR_SET_CHILD_SUBREAPER, 1, 0).map_err(at(Stage::Setsid))?;
     // 3. Working directory (setns put us at the sandbox's root).
     sys::chdir(plan.cwd).map_err(at(Stage::Chdir))?;
     // 4. Identity: uid/gid 0 of the sandbox (setns keeps the host ids, which may be unmapped).

@@ -392,14 +392,45 @@ impl SandboxCgroup {
             .collect()
     }
 
-    /// Host pids of the processes in the sandbox's cgroups (v2 first: it sees every process).
+    /// Host pids of the processes in the sandbox's cgroups, its commands' cgroups included (v2
+    /// first: it sees every process).
     pub fn pids(&self) -> Option<Vec<i32>> {
-        let g = self
-            .v2()
+        let g = self.tracking()?;
+        let mut pids = read_procs(&g.dir)?;
+        for sub in subdirs(&g.dir) {
+            pids.extend(read_procs(&sub).unwrap_or_default());
+        }
+        Some(pids)
+    }
+
+    /// The hierarchy that tracks processes: v2 (where `cgroup.kill` exists), else pids, else any.
+    fn tracking(&self) -> Option<&Group> {
+        self.v2()
             .or_else(|| self.group(Controller::Pids))
-            .or(self.groups.first())?;
-        let text = std::fs::read_to_string(g.dir.join("cgroup.procs")).ok()?;
-        Some(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .or(self.groups.first())
+    }
+
+    /// Creates a command's own cgroup below the sandbox's in the tracking hierarchy and opens
+    /// its `cgroup.procs` for writing; `None` where the sandbox has no cgroup (or the kernel
+    /// refuses one). The `usize` is the index, in [`Self::procs_files`], of the file it replaces
+    /// for the command: limits still hold, as every hierarchy charges a child to its parent.
+    pub fn exec_cgroup(&self) -> Option<(usize, ExecCgroup, OwnedFd)> {
+        let g = self.tracking()?;
+        let index = self.groups.iter().position(|x| std::ptr::eq(x, g))?;
+        let dir = g
+            .dir
+            .join(format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+        if let Err(e) = std::fs::create_dir(&dir) {
+            tracing::debug!(dir = %dir.display(), error = %e, "no command cgroup");
+            return None;
+        }
+        let exec = ExecCgroup { dir, v2: g.v2 };
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(exec.dir.join("cgroup.procs"))
+            .ok()?;
+        Some((index, exec, OwnedFd::from(procs)))
     }
 
     /// Current usage (cheap: a few small files).
@@ -461,19 +492,7 @@ impl SandboxCgroup {
                 return;
             }
         }
-        for _ in 0..100 {
-            let pids = self.pids().unwrap_or_default();
-            if pids.is_empty() {
-                return;
-            }
-            for pid in pids {
-                // SAFETY: plain syscall. The pid was listed in our cgroup a moment ago; it is
-                // either still there or gone (a reused pid would not be in our cgroup, but the
-                // window between read and kill is not closed; v2's cgroup.kill has none).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        kill_listed(|| self.pids().unwrap_or_default(), libc::SIGKILL);
     }
 
     /// Kills what is left and removes the directories (retrying while the kernel still counts
@@ -484,9 +503,12 @@ impl SandboxCgroup {
         }
         self.kill();
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-        for g in std::mem::take(&mut self.groups) {
+        let dirs = std::mem::take(&mut self.groups)
+            .into_iter()
+            .flat_map(|g| subdirs(&g.dir).into_iter().chain([g.dir]));
+        for dir in dirs {
             loop {
-                match std::fs::remove_dir(&g.dir) {
+                match std::fs::remove_dir(&dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == ErrorKind::NotFound => break,
                     Err(e)
@@ -496,7 +518,7 @@ impl SandboxCgroup {
                         std::thread::sleep(std::time::Duration::from_millis(2));
                     }
                     Err(e) => {
-                        tracing::warn!(dir = %g.dir.display(), error = %e, "removing a sandbox cgroup");
+                        tracing::warn!(dir = %dir.display(), error = %e, "removing a sandbox cgroup");
                         break;
                     }
                 }
@@ -509,6 +531,88 @@ impl Drop for SandboxCgroup {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+/// A command's own cgroup, a child of its sandbox's in one hierarchy
+/// ([`SandboxCgroup::exec_cgroup`]): every process the command starts stays in it, whatever
+/// session, process group or parent it takes, so a signal or kill reaches all of them, also
+/// after the command's first process has ended (docs/processes.md).
+#[derive(Debug)]
+pub struct ExecCgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl ExecCgroup {
+    /// Host pids of its processes.
+    pub fn pids(&self) -> Vec<i32> {
+        read_procs(&self.dir).unwrap_or_default()
+    }
+
+    /// Sends `signal` to every process in it. SIGKILL: `cgroup.kill` on v2 (atomic, no fork can
+    /// race it), else SIGKILL to each listed pid until none is left (a killed process cannot
+    /// fork, so this ends). Other signals: to each process listed now but `skip` (which the
+    /// caller signalled first).
+    pub fn signal(&self, signal: i32, skip: Option<i32>) {
+        if signal == libc::SIGKILL {
+            if self.v2 && write(&self.dir, "cgroup.kill", "1").is_ok() {
+                return;
+            }
+            kill_listed(|| self.pids(), libc::SIGKILL);
+        } else {
+            for pid in self.pids().into_iter().filter(|p| Some(*p) != skip) {
+                // SAFETY: plain syscall; see `kill_listed` on the pid's identity.
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+    }
+
+    /// Removes the directory if no process is left in it (else it goes with the sandbox's).
+    pub fn remove_if_empty(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Drop for ExecCgroup {
+    fn drop(&mut self) {
+        self.remove_if_empty();
+    }
+}
+
+/// SIGKILLs every pid `list` returns until it returns none (at most 100 rounds, 1 ms apart).
+fn kill_listed(list: impl Fn() -> Vec<i32>, signal: i32) {
+    for _ in 0..100 {
+        let pids = list();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: plain syscall. The pid was listed in our cgroup a moment ago; it is either
+            // still there or gone (a reused pid would not be in our cgroup, but the window
+            // between read and kill is not closed; v2's cgroup.kill has none).
+            unsafe { libc::kill(pid, signal) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The pids in `dir/cgroup.procs`.
+fn read_procs(dir: &Path) -> Option<Vec<i32>> {
+    let text = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    Some(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+/// The cgroup directories directly below `dir` (commands' cgroups).
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The v2 controllers (of memory, pids, cpu) a child of `own` gets, enabling them in `own`'s

@@ -269,6 +269,20 @@ impl SandboxLimits {
         out
     }
 
+    /// [`Self::child`] for one command, which gets a cgroup of its own where the sandbox has
+    /// cgroups ([`cgroup::ExecCgroup`]); the returned fd backs a slot of the limits and must stay
+    /// open until the spawn shim has joined it.
+    pub fn command(&self) -> (ChildLimits, Option<(cgroup::ExecCgroup, OwnedFd)>) {
+        let mut out = self.child();
+        let Some((index, exec, procs)) = self.cgroup.lock().exec_cgroup() else {
+            return (out, None);
+        };
+        if let Some(slot) = out.cgroup_procs.get_mut(index) {
+            *slot = procs.as_raw_fd();
+        }
+        (out, Some((exec, procs)))
+    }
+
     /// `applyConfig`: writes new cgroup limits in place; new rlimits apply to later spawns.
     ///
     /// # Errors

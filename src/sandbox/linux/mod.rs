@@ -101,6 +101,7 @@ pub mod limits;
 pub(crate) mod mounts;
 pub(crate) mod netns;
 pub(crate) mod plan;
+mod reach;
 pub(crate) mod seccomp;
 #[cfg(test)]
 mod tests;
@@ -265,14 +266,24 @@ pub struct SandboxProcess {
     pub stdout: OwnedFd,
     /// Read end of its stderr pipe.
     pub stderr: OwnedFd,
+    handle: ProcessHandle,
+}
+
+/// Waiting for and signalling a sandboxed process, apart from its stdio
+/// ([`SandboxProcess::into_parts`]); [`SandboxProcess`] derefs to it.
+#[derive(Clone)]
+pub struct ProcessHandle {
     state: Arc<ProcState>,
 }
 
 struct ProcState {
-    pidfd: OwnedFd,
+    /// Closed by [`ProcessHandle::release`] once the process is reaped.
+    pidfd: Mutex<Option<OwnedFd>>,
     /// The workload's pid in the host's PID namespace (also its process group and session).
     host_pid: i32,
     status: Mutex<Option<ExitStatus>>,
+    /// The command's own cgroup, where the sandbox has cgroups.
+    exec_cgroup: Option<cgroup::ExecCgroup>,
 }
 
 impl fmt::Debug for SandboxProcess {
@@ -1013,7 +1024,9 @@ fn spawn_on_launcher(
     let (err_r, err_w) = pipe()?;
     let (pid_r, pid_w) = pipe()?;
     let landlock = inner.landlock.as_ref().map(|f| f.as_raw_fd());
-    let child_limits = inner.limits.child();
+    // `_exec_procs` backs a cgroup slot of `child_limits` until the shim has joined it.
+    let (child_limits, exec_cgroup) = inner.limits.command();
+    let (exec_cgroup, _exec_procs) = exec_cgroup.unzip();
     let shim_argv = cmd.shim_argv(landlock.is_some(), &child_limits.rlimits);
     let argv_ptrs = ptr_array(&shim_argv);
     let envp_ptrs = ptr_array(&cmd.envp);
@@ -1084,9 +1097,10 @@ fn spawn_on_launcher(
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
     let inner_pid = sandbox_pid(host_pid).unwrap_or(0);
     let state = Arc::new(ProcState {
-        pidfd,
+        pidfd: Mutex::new(Some(pidfd)),
         host_pid,
         status: Mutex::new(None),
+        exec_cgroup,
     });
     let n = read_full(err_r.as_raw_fd(), &mut report)
         .map_err(|e| HiveError::io("reading the exec status", e))?;
@@ -1106,7 +1120,7 @@ fn spawn_on_launcher(
         stdin: Some(stdin_w),
         stdout: stdout_r,
         stderr: stderr_r,
-        state,
+        handle: ProcessHandle { state },
     })
 }
 
@@ -1192,11 +1206,21 @@ impl ProcState {
         if let Some(s) = *st {
             return Ok(Some(s));
         }
-        let got = waitid_pidfd(self.pidfd.as_raw_fd(), flags | libc::WEXITED)?;
+        let got = waitid_pidfd(self.raw_pidfd(), flags | libc::WEXITED)?;
         if got.is_some() {
             *st = got;
         }
         Ok(got)
+    }
+
+    /// The pidfd, or -1 once released (only after the process was reaped, when nothing waits
+    /// on it any more).
+    fn raw_pidfd(&self) -> RawFd {
+        self.pidfd
+            .lock()
+            .ok()
+            .and_then(|fd| fd.as_ref().map(AsRawFd::as_raw_fd))
+            .unwrap_or(-1)
     }
 }
 
@@ -1205,11 +1229,27 @@ struct WatchedPidfd(Arc<ProcState>);
 
 impl AsRawFd for WatchedPidfd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.pidfd.as_raw_fd()
+        self.0.raw_pidfd()
     }
 }
 
 impl SandboxProcess {
+    /// The handle and the stdio fds (`stdin`, `stdout`, `stderr`), apart: the fds can then be
+    /// handed on and closed while the handle still waits and signals.
+    pub fn into_parts(self) -> (ProcessHandle, Option<OwnedFd>, OwnedFd, OwnedFd) {
+        (self.handle, self.stdin, self.stdout, self.stderr)
+    }
+}
+
+impl std::ops::Deref for SandboxProcess {
+    type Target = ProcessHandle;
+
+    fn deref(&self) -> &ProcessHandle {
+        &self.handle
+    }
+}
+
+impl ProcessHandle {
     /// Waits for the process to end without blocking a tokio worker (pidfd + `AsyncFd`).
     ///
     /// # Errors
@@ -1259,17 +1299,70 @@ impl SandboxProcess {
             .map_err(|e| HiveError::io("waitid", e))
     }
 
-    /// Sends `signal` to every process of the command: its process group. The workload called
-    /// `setsid`, so the group is its own and holds everything it started, except processes that
-    /// started a session or group of their own (docs/isolation.md). A group whose processes all
-    /// ended is not an error.
+    /// Once the process was reaped: closes its pidfd and removes its cgroup if nothing is left in
+    /// it, instead of when the last handle goes. Later `kill`s still reach what is left in its
+    /// cgroup; without one there is nothing left to reach (the caller releases after the output
+    /// ended, so no process of the command holds its pipes). A no-op before the reap.
+    pub fn release(&self) {
+        let Ok(status) = self.state.status.lock() else {
+            return;
+        };
+        if status.is_none() {
+            return;
+        }
+        if let Ok(mut pidfd) = self.state.pidfd.lock() {
+            pidfd.take();
+        }
+        if let Some(cg) = &self.state.exec_cgroup {
+            cg.remove_if_empty();
+        }
+    }
+
+    /// Sends `signal` to every process of the command (docs/processes.md). A command whose
+    /// processes all ended is not an error.
     ///
-    /// The group is named by the leader's pidfd (`PIDFD_SIGNAL_PROCESS_GROUP`, Linux 6.9), which
-    /// stays right after the leader was reaped and its number reused. Older kernels get the group
-    /// by number only while the leader is unreaped (its number cannot be reused then), else the
-    /// leader alone.
+    /// 1. With a cgroup of its own: to every process in it (SIGKILL: `cgroup.kill` on v2), which
+    ///    holds everything the command started, whatever session, group or parent it took, also
+    ///    after the first process ended.
+    /// 2. Else, while the first process is unreaped: to its tree of descendants ([`reach`]; it is
+    ///    a subreaper, so orphans of the command stay in that tree), then to its process group.
+    ///    The group is named by the leader's pidfd (`PIDFD_SIGNAL_PROCESS_GROUP`, Linux 6.9),
+    ///    which stays right after the leader was reaped and its number reused. Older kernels get
+    ///    the group by number only while the leader is unreaped (its number cannot be reused
+    ///    then), else the leader alone.
     pub fn kill(&self, signal: i32) -> Result<()> {
-        let pidfd = self.state.pidfd.as_raw_fd();
+        // Holding the status lock keeps a concurrent `reap` from freeing the number meanwhile.
+        let status = self
+            .state
+            .status
+            .lock()
+            .map_err(|_| HiveError::Internal("status poisoned".into()))?;
+        let pidfd_slot = self
+            .state
+            .pidfd
+            .lock()
+            .map_err(|_| HiveError::Internal("pidfd poisoned".into()))?;
+        let pidfd = pidfd_slot.as_ref().map(AsRawFd::as_raw_fd);
+        if let Some(cg) = &self.state.exec_cgroup {
+            // The first process first: a shell waiting for its children would otherwise see
+            // them end and exit 0 before its own signal arrives.
+            let first = match pidfd {
+                Some(fd) if status.is_none() && signal != libc::SIGKILL => {
+                    pidfd_send_signal(fd, signal)
+                        .ok()
+                        .map(|()| self.state.host_pid)
+                }
+                _ => None,
+            };
+            cg.signal(signal, first);
+            return Ok(());
+        }
+        let Some(pidfd) = pidfd else {
+            return Ok(()); // released: ended, output drained
+        };
+        if status.is_none() {
+            reach::signal_tree(pidfd, self.state.host_pid, signal);
+        }
         let sent = |r: std::io::Result<()>| match r {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
@@ -1279,12 +1372,6 @@ impl SandboxProcess {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
             r => return sent(r),
         }
-        // Holding the status lock keeps a concurrent `reap` from freeing the number meanwhile.
-        let status = self
-            .state
-            .status
-            .lock()
-            .map_err(|_| HiveError::Internal("status poisoned".into()))?;
         if status.is_none() {
             // SAFETY: plain syscall; the group's leader is our unreaped child.
             if unsafe { libc::kill(-self.state.host_pid, signal) } == 0 {
