@@ -566,6 +566,8 @@ pub struct Spawned {
     pid: i32,
     stdio: parking_lot::Mutex<Option<[std::os::fd::OwnedFd; 3]>>,
     process: ProcessHandle,
+    /// Where `kill` runs (see there).
+    runtime: tokio::runtime::Handle,
     exit: tokio::sync::watch::Receiver<Option<std::result::Result<ExitStatus, String>>>,
 }
 
@@ -608,6 +610,7 @@ impl Spawned {
             pid,
             stdio: parking_lot::Mutex::new(Some(stdio)),
             process,
+            runtime: tokio::runtime::Handle::current(),
             exit,
         })
     }
@@ -636,9 +639,19 @@ impl Spawned {
         }
     }
 
-    /// Sends a signal by name or number.
+    /// Sends a signal by name or number. Reaching every process of the command can take a few
+    /// milliseconds without a cgroup (a walk of its process tree until none is left), so that
+    /// runs on a blocking thread, never the caller's (the JS main thread). A SIGKILL there ends
+    /// the command's first process last, so `wait()` resolves once the rest are gone.
     pub fn kill(&self, signal: &str) -> Result<()> {
-        self.process.kill(parse_signal(signal)?)
+        let signal = parse_signal(signal)?;
+        let process = self.process.clone();
+        self.runtime.spawn_blocking(move || {
+            if let Err(e) = process.kill(signal) {
+                tracing::debug!(error = %e, "signalling a process");
+            }
+        });
+        Ok(())
     }
 
     /// Closes the pidfd of a process that ended (see [`ProcessHandle::release`]); the caller

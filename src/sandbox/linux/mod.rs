@@ -91,6 +91,7 @@
 pub mod capture;
 pub mod cgroup;
 pub(crate) mod child;
+pub(crate) mod etc_scan;
 #[cfg(test)]
 mod fuse_tests;
 pub(crate) mod idmap;
@@ -590,6 +591,7 @@ fn start_on_launcher(
     spec: &LaunchSpec,
     limits: &crate::config::Limits,
 ) -> Result<(SandboxHost, Handover)> {
+    let t0 = std::time::Instant::now();
     let ruleset = landlock::create_ruleset()
         .map_err(|e| HiveError::io("creating the Landlock ruleset", e))?;
     if ruleset.is_none() {
@@ -621,6 +623,7 @@ fn start_on_launcher(
     };
     let mut plan = InitPlan::build(spec, theirs.as_raw_fd(), ll_fd, ll_fs)?;
     plan.image = image;
+    let t_plan = t0.elapsed();
     // SAFETY: trivial getters.
     let (mut uid, mut gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // Kept open until init has inherited them (dropped when this function returns).
@@ -653,6 +656,7 @@ fn start_on_launcher(
         })
         .collect();
     let fuse_count = fuse_targets.iter().flatten().count();
+    let t_idmap = t0.elapsed();
     let stack = SetupStack::new()?;
     // SAFETY: plain prctl query.
     let dumpable_before = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
@@ -706,10 +710,12 @@ fn start_on_launcher(
     };
     // Limits: init joins the sandbox's cgroups before it runs anything of the sandbox's;
     // RLIMIT_NPROC binds the sandbox only if its root is not host root.
+    let t_clone = t0.elapsed();
     let limits = match limits::SandboxLimits::start(limits, pid as i32, uid != 0) {
         Ok(l) => Arc::new(l),
         Err(e) => return Err(fail(e)),
     };
+    let t_limits = t0.elapsed();
     // Opened before "go", while the child is still the host's uid.
     let ns_fds = match open_namespaces(pid as i32) {
         Ok(fds) => fds,
@@ -723,6 +729,7 @@ fn start_on_launcher(
     if let Err(e) = write_id_maps(pid as i32, uid, gid) {
         return Err(fail(e));
     }
+    let t_go = t0.elapsed();
     // ---- After clone, before "go": the child waits on the control socket and nothing of the
     // sandbox runs yet. Host-side set-up of the new sandbox (its cgroup: move `pid` there) goes
     // here; on failure return `Err(fail(e))`, which kills and reaps the child. ----
@@ -779,6 +786,7 @@ fn start_on_launcher(
             _ => return Err(fail(init_error(stage, errno))),
         }
     };
+    let t_setup = t0.elapsed();
     // The setup child executes hive-init, whose first message says it runs.
     match netns::recv_report(ours.as_raw_fd()) {
         Ok(Some((buf, _))) => match child::decode_report(&buf) {
@@ -792,6 +800,19 @@ fn start_on_launcher(
         }
         Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
     }
+    let us = |d: std::time::Duration| d.as_micros() as u64;
+    // Where a cold start's time goes (cumulative microseconds; docs/decisions.md has a table).
+    tracing::debug!(
+        sandbox = %spec.name,
+        plan_us = us(t_plan),
+        idmap_us = us(t_idmap),
+        clone_us = us(t_clone),
+        cgroups_us = us(t_limits),
+        id_maps_us = us(t_go),
+        setup_us = us(t_setup),
+        init_exec_us = us(t0.elapsed()),
+        "sandbox started"
+    );
     // hive-init runs: the child no longer uses `plan` or `stack`.
     setup_child.armed = false;
     drop(setup_child);
@@ -946,7 +967,22 @@ fn idmapped_trees(plan: &InitPlan) -> std::io::Result<Vec<OwnedFd>> {
     if !plan.mounts.iter().any(|m| m.binds_source()) {
         return Ok(Vec::new());
     }
-    let userns = idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?;
+    // One mapping namespace serves every sandbox of the process (it only describes the mapping;
+    // making one costs a clone and two writes).
+    static USERNS: Mutex<Option<Arc<OwnedFd>>> = Mutex::new(None);
+    let userns = {
+        let mut cached = USERNS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*cached {
+            Some(fd) => fd.clone(),
+            None => {
+                let fd = Arc::new(idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?);
+                *cached = Some(fd.clone());
+                fd
+            }
+        }
+    };
     plan.mounts
         .iter()
         .filter(|m| m.binds_source())
@@ -1122,6 +1158,24 @@ fn spawn_on_launcher(
         stderr: stderr_r,
         handle: ProcessHandle { state },
     })
+}
+
+/// Starts, once per process and on a background thread, the part of a sandbox's start that
+/// depends on no config: the scan of `/etc` ([`etc_scan`]), the cgroup hierarchies, and the
+/// hive-init and seccomp images. The first sandbox's start then finds them ready (or waits for
+/// the thread's result rather than doing the work twice).
+pub fn prewarm() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("hive-prewarm".into())
+            .spawn(|| {
+                let _ = etc_scan::hidden();
+                let _ = cgroup::hierarchies();
+                let _ = image::init_image();
+                let _ = seccomp::image_fd();
+            });
+    });
 }
 
 /// Stack of the spawn helper, which only moves fds and calls `execveat`.
