@@ -155,8 +155,11 @@ pub const MAX_RLIMITS: usize = 3;
 /// What a child applies, as plain data (see the child-side functions below).
 #[derive(Debug, Clone, Copy)]
 pub struct ChildLimits {
-    /// `cgroup.procs` of each sandbox cgroup, open for writing; -1: unused.
+    /// The join file of each sandbox cgroup (`cgroup::SandboxCgroup::procs_files`), open for
+    /// writing; -1: unused.
     pub cgroup_procs: [RawFd; MAX_GROUPS],
+    /// The command's own cgroup v2 directory to fork it into; -1: none.
+    pub cgroup_into: RawFd,
     /// `(resource, value)`; value 0: unused.
     pub rlimits: [(u32, u64); MAX_RLIMITS],
 }
@@ -258,6 +261,7 @@ impl SandboxLimits {
     pub fn child(&self) -> ChildLimits {
         let mut out = ChildLimits {
             cgroup_procs: [-1; MAX_GROUPS],
+            cgroup_into: -1,
             rlimits: [(0, 0); MAX_RLIMITS],
         };
         for (slot, fd) in out.cgroup_procs.iter_mut().zip(&self.procs_files) {
@@ -274,13 +278,19 @@ impl SandboxLimits {
     /// open until the spawn shim has joined it.
     pub fn command(&self) -> (ChildLimits, Option<(cgroup::ExecCgroup, OwnedFd)>) {
         let mut out = self.child();
-        let Some((index, exec, procs)) = self.cgroup.lock().exec_cgroup() else {
+        let Some((index, exec, fd)) = self.cgroup.lock().exec_cgroup() else {
             return (out, None);
         };
         if let Some(slot) = out.cgroup_procs.get_mut(index) {
-            *slot = procs.as_raw_fd();
+            if exec.is_v2() {
+                // Forked straight into the command's cgroup, below the sandbox's.
+                *slot = -1;
+                out.cgroup_into = fd.as_raw_fd();
+            } else {
+                *slot = fd.as_raw_fd();
+            }
         }
-        (out, Some((exec, procs)))
+        (out, Some((exec, fd)))
     }
 
     /// `applyConfig`: writes new cgroup limits in place; new rlimits apply to later spawns.

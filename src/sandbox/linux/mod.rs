@@ -1080,6 +1080,7 @@ fn spawn_on_launcher(
     for (i, fd) in child_limits.cgroup_procs.iter().enumerate() {
         fds[slot::CGROUPS as usize + i] = *fd;
     }
+    fds[slot::CGROUP_INTO as usize] = child_limits.cgroup_into;
     let shim = ShimExec {
         image: image::init_image()?,
         fds,
