@@ -306,6 +306,11 @@ impl SandboxCgroup {
         self.group(controller).is_some()
     }
 
+    /// For each cgroup, in [`Self::procs_files`] order: whether it is cgroup v2.
+    pub fn v2_flags(&self) -> Vec<bool> {
+        self.groups.iter().map(|g| g.v2).collect()
+    }
+
     /// Whether any cgroup was created.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()

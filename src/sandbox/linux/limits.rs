@@ -2,9 +2,10 @@
 //! and the per-sandbox state that applies, changes, reads and removes them ([`SandboxLimits`]).
 //! docs/decisions.md#resource-limits has the table of what holds where.
 //!
-//! 1. [`SandboxLimits::start`] (the parent, right after init is cloned and before it is told to
-//!    go) creates the sandbox's cgroups ([`cgroup`]), decides, writes the cgroup limits and moves
-//!    init in; every process of the sandbox descends from it or joins the same cgroups.
+//! 1. [`SandboxLimits::prepare`] (the parent, before init is cloned) creates the sandbox's
+//!    cgroups ([`cgroup`]), decides and writes the cgroup limits; init joins the v1 ones itself
+//!    right after "go" ([`SandboxLimits::init_join_files`]), and every workload joins all of them
+//!    before it is forked.
 //! 2. [`decide`]: memory and cpu need a cgroup with that controller; pids uses the pids cgroup,
 //!    else `RLIMIT_NPROC`, which the kernel counts per (user namespace, uid) and so bounds the
 //!    whole sandbox, but only where the sandbox's root is not host root; open files and file size
@@ -220,13 +221,29 @@ impl std::fmt::Debug for SandboxLimits {
 }
 
 impl SandboxLimits {
-    /// Creates the sandbox's cgroups, decides ([`decide`]), writes the limits and moves init
-    /// (`init_pid`, host view, not yet running the sandbox's setup) in. `nproc` says whether
-    /// `RLIMIT_NPROC` binds this sandbox (see [`Mechanisms::nproc`]). Blocking, ~0.1-0.3 ms.
+    /// [`Self::prepare`], then moves `init_pid` (host view) into every cgroup by pid, which takes
+    /// the kernel's global migration lock (see `cgroup::join_file`); the launcher lets init join
+    /// by itself instead ([`Self::init_join_files`]).
+    ///
+    /// # Errors
+    /// As [`Self::prepare`].
+    pub fn start(limits: &Limits, init_pid: i32, nproc: bool) -> Result<SandboxLimits> {
+        let mut l = Self::prepare(limits, nproc)?;
+        l.cgroup
+            .lock()
+            .adopt(init_pid)
+            .map_err(|e| HiveError::io("moving the sandbox init into its cgroups", e))?;
+        l.attach(init_pid);
+        Ok(l)
+    }
+
+    /// Creates the sandbox's cgroups, decides ([`decide`]) and writes the limits, before init
+    /// exists. `nproc` says whether `RLIMIT_NPROC` binds this sandbox (see
+    /// [`Mechanisms::nproc`]). Blocking, ~0.1-0.3 ms. Then [`Self::attach`].
     ///
     /// # Errors
     /// `HIVE_LIMITS_UNENFORCEABLE` ([`decide`], or a limit the kernel refused to set).
-    pub fn start(limits: &Limits, init_pid: i32, nproc: bool) -> Result<SandboxLimits> {
+    pub fn prepare(limits: &Limits, nproc: bool) -> Result<SandboxLimits> {
         let wanted = cgroup::needed(&cgroup::hierarchies(), limits.cpus.is_some());
         let cgroup = SandboxCgroup::create(&wanted);
         let mechanisms = Mechanisms {
@@ -237,24 +254,42 @@ impl SandboxLimits {
         };
         let decision = decide(limits, &mechanisms, default_memory())?;
         write_cgroup_limits(&cgroup, &decision)?;
-        cgroup
-            .adopt(init_pid)
-            .map_err(|e| HiveError::io("moving the sandbox init into its cgroups", e))?;
         let procs_files = cgroup
             .procs_files()
             .map_err(|e| HiveError::io("opening the sandbox's cgroup.procs", e))?;
-        let pid_ns = std::fs::metadata(format!("/proc/{init_pid}/ns/pid"))
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .unwrap_or(0);
         Ok(SandboxLimits {
             seen: Mutex::new(cgroup.counters()),
             cgroup: Mutex::new(cgroup),
             procs_files,
             mechanisms,
             decision: Mutex::new(decision),
-            init_pid,
-            pid_ns,
+            init_pid: 0,
+            pid_ns: 0,
         })
+    }
+
+    /// The sandbox's init is `init_pid` (host view).
+    pub fn attach(&mut self, init_pid: i32) {
+        self.init_pid = init_pid;
+        self.pid_ns = std::fs::metadata(format!("/proc/{init_pid}/ns/pid"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap_or(0);
+    }
+
+    /// The files init joins the sandbox's cgroup v1 hierarchies through (`tasks`, written `0` by
+    /// the single-threaded setup child itself: no global migration lock); -1: unused. Init stays
+    /// out of the v2 cgroup, where joining would take that lock: it only reaps orphans, forks
+    /// nothing, and its few kB are not worth a grace period on every start. Every workload joins
+    /// every cgroup.
+    pub fn init_join_files(&self) -> [RawFd; MAX_GROUPS] {
+        let mut out = [-1; MAX_GROUPS];
+        let v2 = self.cgroup.lock().v2_flags();
+        for ((slot, fd), v2) in out.iter_mut().zip(&self.procs_files).zip(v2) {
+            if !v2 {
+                *slot = fd.as_raw_fd();
+            }
+        }
+        out
     }
 
     /// What the spawn helper and the workload apply (fds stay open as long as `self`).

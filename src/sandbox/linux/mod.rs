@@ -657,6 +657,11 @@ fn start_on_launcher(
         .collect();
     let fuse_count = fuse_targets.iter().flatten().count();
     let t_idmap = t0.elapsed();
+    // Limits before the clone (a refusal costs no child); init joins the cgroups itself after
+    // "go". RLIMIT_NPROC binds the sandbox only if its root is not host root.
+    let mut limits = limits::SandboxLimits::prepare(limits, uid != 0)?;
+    plan.cgroup_join = limits.init_join_files();
+    let t_limits = t0.elapsed();
     let stack = SetupStack::new()?;
     // SAFETY: plain prctl query.
     let dumpable_before = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
@@ -708,14 +713,9 @@ fn start_on_launcher(
         let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
         err
     };
-    // Limits: init joins the sandbox's cgroups before it runs anything of the sandbox's;
-    // RLIMIT_NPROC binds the sandbox only if its root is not host root.
     let t_clone = t0.elapsed();
-    let limits = match limits::SandboxLimits::start(limits, pid as i32, uid != 0) {
-        Ok(l) => Arc::new(l),
-        Err(e) => return Err(fail(e)),
-    };
-    let t_limits = t0.elapsed();
+    limits.attach(pid as i32);
+    let limits = Arc::new(limits);
     // Opened before "go", while the child is still the host's uid.
     let ns_fds = match open_namespaces(pid as i32) {
         Ok(fds) => fds,
@@ -806,8 +806,8 @@ fn start_on_launcher(
         sandbox = %spec.name,
         plan_us = us(t_plan),
         idmap_us = us(t_idmap),
-        clone_us = us(t_clone),
         cgroups_us = us(t_limits),
+        clone_us = us(t_clone),
         id_maps_us = us(t_go),
         setup_us = us(t_setup),
         init_exec_us = us(t0.elapsed()),

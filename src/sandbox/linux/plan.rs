@@ -141,6 +141,8 @@ pub(crate) struct InitPlan {
     /// The sealed `hive-init` memfd init executes at the end ([`super::image`]); set by the
     /// launcher before `clone`.
     pub image: RawFd,
+    /// Files init joins the sandbox's cgroups through by writing `0` (-1: unused).
+    pub cgroup_join: [RawFd; super::limits::MAX_GROUPS],
 }
 
 /// `/etc/resolv.conf` inside: hive's DNS responder only, one try, one second.
@@ -367,6 +369,7 @@ impl InitPlan {
                 etc_file("hosts", &hosts)?,
             ],
             image: -1,
+            cgroup_join: [-1; super::limits::MAX_GROUPS],
         })
     }
 }
