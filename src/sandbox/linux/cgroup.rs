@@ -14,8 +14,10 @@
 //!    write it), this process first moves itself into a leaf `<own>/hive-host` (the "no internal
 //!    processes" rule), as systemd's docs/CGROUP_DELEGATION.md describes.
 //! 3. Limits are plain file writes ([`SandboxCgroup::set`]), so `applyConfig` can change them
-//!    while the sandbox runs. The sandbox's init is moved in by pid before it is told to go
-//!    ([`SandboxCgroup::adopt`]); every process it and the workloads start inherits the cgroup.
+//!    while the sandbox runs. Processes join by writing `0` themselves ([`join_file`]: no global
+//!    migration lock): the sandbox's init joins the v1 cgroups, each command's spawn shim joins
+//!    them all and forks the command into a cgroup of its own ([`ExecCgroup`]); whatever they
+//!    start inherits the cgroups.
 //! 4. [`SandboxCgroup::remove`] kills what is left (`cgroup.kill` on v2, else SIGKILL per pid) and
 //!    removes the directories.
 //!
