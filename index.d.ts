@@ -489,6 +489,11 @@ export declare class NativeProcess {
   takeStdio(): Array<number> | null
   /** Resolves when the process has ended. */
   wait(): Promise<NativeExit>
+  /**
+   * Once the process ended and its output was read to the end: closes its pidfd now rather
+   * than when this object is collected. A no-op before the process ended.
+   */
+  release(): void
   /** Sends a signal (`"SIGTERM"` by default); a process that already ended is not an error. */
   kill(signal?: string | undefined | null): void
 }

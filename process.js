@@ -60,6 +60,16 @@ class SandboxProcess {
       stderr.pipe(this.stderr)
       this.#sockets = [stdin, stdout, stderr]
       if (this.#killed) native.kill(this.#killed)
+      // Once the process ended and its output was read to the end, close the pipes and the
+      // pidfd now instead of when this object is collected.
+      const done = (socket) => new Promise((resolve) => socket.once('end', resolve).once('close', resolve))
+      Promise.all([native.wait(), done(stdout), done(stderr)]).then(
+        () => {
+          for (const socket of this.#sockets) socket.destroy()
+          native.release()
+        },
+        () => {},
+      )
       return native
     })
     this.#started.catch((error) => {

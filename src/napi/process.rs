@@ -77,6 +77,13 @@ impl NativeProcess {
         })
     }
 
+    /// Once the process ended and its output was read to the end: closes its pidfd now rather
+    /// than when this object is collected. A no-op before the process ended.
+    #[napi]
+    pub fn release(&self) {
+        self.spawned.release();
+    }
+
     /// Sends a signal (`"SIGTERM"` by default); a process that already ended is not an error.
     #[napi]
     pub fn kill(&self, signal: Option<String>) -> Result<()> {

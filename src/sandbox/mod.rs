@@ -248,6 +248,8 @@ impl Sandbox {
         config: Config,
         runtime_handle: Option<tokio::runtime::Handle>,
     ) -> Result<Arc<Sandbox>> {
+        #[cfg(target_os = "linux")]
+        linux::prewarm();
         let dir = sandbox_dir(home, &name);
         home::create_private_dir(&dir)?;
         let folder_lock = home::FolderLock::acquire(&dir, &name)?;

@@ -28,7 +28,8 @@ use serde_json::{json, Map};
 use super::linux::capture::{self, CaptureListeners};
 use super::linux::limits::{Hits, SandboxLimits};
 use super::linux::{
-    self, BindMount, ExitStatus, LaunchSpec, ProcessSpec, SandboxHost, SandboxProcess, Subtree,
+    self, BindMount, ExitStatus, LaunchSpec, ProcessHandle, ProcessSpec, SandboxHost,
+    SandboxProcess, Subtree,
 };
 use crate::attribution::Attribution;
 use crate::config::{Config, FsAccess, FsMount, RuleAccess};
@@ -571,7 +572,9 @@ pub struct Spawned {
     pid: i32,
     exec_id: Arc<str>,
     stdio: parking_lot::Mutex<Option<[std::os::fd::OwnedFd; 3]>>,
-    process: std::sync::Arc<SandboxProcess>,
+    process: ProcessHandle,
+    /// Where `kill` runs (see there).
+    runtime: tokio::runtime::Handle,
     exit: tokio::sync::watch::Receiver<Option<std::result::Result<ExitStatus, String>>>,
 }
 
@@ -587,22 +590,17 @@ impl Spawned {
     /// Wraps a process just spawned; a task waits for it, checks the sandbox's limits and emits
     /// `limit.exceeded` and `process.exit`.
     pub fn watch(
-        mut process: SandboxProcess,
+        process: SandboxProcess,
         (command, exec_id): (Vec<String>, Arc<str>),
         events: std::sync::Arc<EventBus>,
         limits: Arc<SandboxLimits>,
     ) -> Result<Spawned> {
-        let stdin = process
-            .stdin
-            .take()
-            .ok_or_else(|| HiveError::Internal("spawned process has no stdin pipe".into()))?;
-        let dup = |fd: &std::os::fd::OwnedFd| {
-            fd.try_clone()
-                .map_err(|e| HiveError::io("duplicating a stdio pipe", e))
-        };
-        let stdio = [stdin, dup(&process.stdout)?, dup(&process.stderr)?];
         let pid = process.pid;
-        let process = std::sync::Arc::new(process);
+        // The fds move on (to the caller, who closes them), so none stays open here.
+        let (process, stdin, stdout, stderr) = process.into_parts();
+        let stdin =
+            stdin.ok_or_else(|| HiveError::Internal("spawned process has no stdin pipe".into()))?;
+        let stdio = [stdin, stdout, stderr];
         let (tx, exit) = tokio::sync::watch::channel(None);
         let waited = process.clone();
         let id = exec_id.clone();
@@ -621,6 +619,7 @@ impl Spawned {
             exec_id,
             stdio: parking_lot::Mutex::new(Some(stdio)),
             process,
+            runtime: tokio::runtime::Handle::current(),
             exit,
         })
     }
@@ -654,9 +653,25 @@ impl Spawned {
         }
     }
 
-    /// Sends a signal by name or number.
+    /// Sends a signal by name or number. Reaching every process of the command can take a few
+    /// milliseconds without a cgroup (a walk of its process tree until none is left), so that
+    /// runs on a blocking thread, never the caller's (the JS main thread). A SIGKILL there ends
+    /// the command's first process last, so `wait()` resolves once the rest are gone.
     pub fn kill(&self, signal: &str) -> Result<()> {
-        self.process.kill(parse_signal(signal)?)
+        let signal = parse_signal(signal)?;
+        let process = self.process.clone();
+        self.runtime.spawn_blocking(move || {
+            if let Err(e) = process.kill(signal) {
+                tracing::debug!(error = %e, "signalling a process");
+            }
+        });
+        Ok(())
+    }
+
+    /// Closes the pidfd of a process that ended (see [`ProcessHandle::release`]); the caller
+    /// calls it once the output was read to its end.
+    pub fn release(&self) {
+        self.process.release();
     }
 }
 

@@ -117,7 +117,7 @@ pub unsafe fn shim_main(argc: usize, argv: StrArray, envp: StrArray) -> ! {
         }
         let _ = sys::close(fd);
     }
-    match sys::fork(sys::CLONE_PARENT) {
+    match fork_workload() {
         Ok(0) => {
             let _ = sys::close(slot::PID);
             let f = match confine(&plan, seccomp) {
@@ -131,8 +131,37 @@ pub unsafe fn shim_main(argc: usize, argv: StrArray, envp: StrArray) -> ! {
             sys::write_all(slot::PID, &pid.to_le_bytes());
             sys::exit(0)
         }
-        Err(e) => fail((Stage::Fork, e)),
+        Err(f) => fail(f),
     }
+}
+
+/// Forks the workload (a child of the host, see the module doc): into the command's own cgroup
+/// v2 directory in [`slot::CGROUP_INTO`] when there is one (`clone3` with `CLONE_INTO_CGROUP`;
+/// where the kernel lacks it, by joining it first through its `cgroup.procs`).
+fn fork_workload() -> Result<i32, Fail> {
+    let at = |stage: Stage| move |e: Errno| (stage, e);
+    let into = slot::CGROUP_INTO;
+    // Closed slot (EBADF): no cgroup of its own (a failed clone3 would first copy the process).
+    if sys::set_cloexec(into).is_err() {
+        return sys::fork(sys::CLONE_PARENT).map_err(at(Stage::Fork));
+    }
+    let pid = match sys::fork_into_cgroup(sys::CLONE_PARENT, into) {
+        Err(Errno(e)) if [sys::ENOSYS, sys::E2BIG, sys::EINVAL].contains(&(e as u32)) => {
+            let procs = sys::open_write_at(into, c"cgroup.procs").map_err(at(Stage::Limits))?;
+            let joined = sys::write(procs, b"0");
+            let _ = sys::close(procs);
+            match joined {
+                Ok(1) => {}
+                Ok(_) => return Err((Stage::Limits, Errno(sys::EIO as i32))),
+                Err(e) => return Err((Stage::Limits, e)),
+            }
+            sys::fork(sys::CLONE_PARENT)
+        }
+        r => r,
+    }
+    .map_err(at(Stage::Fork))?;
+    let _ = sys::close(into);
+    Ok(pid)
 }
 
 /// Reports `f` on the exec-status pipe and exits.
@@ -267,6 +296,11 @@ fn confine(plan: &Plan, seccomp: &[SockFilter]) -> Result<(), Fail> {
     // 2. A new session: no controlling terminal for TIOCSTI, and a process group of its own that
     //    the host signals as a whole (docs/isolation.md).
     sys::setsid().map_err(at(Stage::Setsid))?;
+    // 2b. A subreaper: while the command's first process lives, every process it starts that
+    //     is orphaned (a `setsid` daemon, a double fork) becomes its child again instead of
+    //     init's, so the host finds them all below it to kill them (docs/processes.md). The flag
+    //     survives execve and is not inherited.
+    sys::prctl(sys::PR_SET_CHILD_SUBREAPER, 1, 0).map_err(at(Stage::Setsid))?;
     // 3. Working directory (setns put us at the sandbox's root).
     sys::chdir(plan.cwd).map_err(at(Stage::Chdir))?;
     // 4. Identity: uid/gid 0 of the sandbox (setns keeps the host ids, which may be unmapped).

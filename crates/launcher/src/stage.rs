@@ -143,7 +143,7 @@ impl Stage {
             Stage::Seccomp => "applying the seccomp filter",
             Stage::CloseFds => "closing inherited file descriptors",
             Stage::Exec => "executing the command",
-            Stage::Setsid => "starting a new session",
+            Stage::Setsid => "starting a new session as its subreaper",
             Stage::Identity => "switching to the sandbox's uid/gid 0",
             Stage::OpenFuse => "opening /dev/fuse",
             Stage::MountFuse => "mounting a FUSE file system",

@@ -31,14 +31,20 @@ pub mod slot {
     pub const LANDLOCK: i32 = 12;
     /// The seccomp programs ([`crate::spawn::SeccompImage`]).
     pub const SECCOMP: i32 = 13;
-    /// `cgroup.procs` of each sandbox cgroup, open for writing (unused slots stay closed).
+    /// A file of each sandbox cgroup the shim joins by writing `0` to it, open for writing:
+    /// `tasks` on cgroup v1 (moves only the writing thread, which the single-threaded shim is,
+    /// without the kernel's global migration lock), else `cgroup.procs`. Unused slots stay
+    /// closed.
     pub const CGROUPS: i32 = 14;
     /// How many cgroup slots follow [`CGROUPS`].
     pub const CGROUPS_COUNT: i32 = 6;
-    /// Number of slots the host fills (0 ..= 19).
-    pub const COUNT: usize = 20;
+    /// The command's own cgroup v2 directory (`O_DIRECTORY`), which the workload is forked into
+    /// (`clone3` with `CLONE_INTO_CGROUP`), or closed.
+    pub const CGROUP_INTO: i32 = 20;
+    /// Number of slots the host fills (0 ..= 20).
+    pub const COUNT: usize = 21;
     /// The `hive-init` image itself, close-on-exec.
-    pub const IMAGE: i32 = 20;
+    pub const IMAGE: i32 = 21;
 }
 
 /// What [`exec_spawn_shim`] needs, prepared by the parent before `clone`.

@@ -296,6 +296,62 @@ pub fn fork(flags: u32) -> SysResult<i32> {
     unsafe { sys(g::__NR_clone, [flags as usize, 0, 0, 0, 0, 0]) }.map(|v| v as i32)
 }
 
+/// `clone3` like [`fork`] (`flags` without an exit signal: used with `CLONE_PARENT`), the child
+/// starting in the cgroup v2 directory `cgroup_dir` (`CLONE_INTO_CGROUP`, Linux 5.7): no
+/// migration, so none of the global lock a write to `cgroup.procs` takes.
+///
+/// Safe for this crate's single-threaded, lock-free programs, as [`fork`].
+pub fn fork_into_cgroup(flags: u32, cgroup_dir: i32) -> SysResult<i32> {
+    let args = g::clone_args {
+        flags: u64::from(flags) | g::CLONE_INTO_CGROUP,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: 0,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: cgroup_dir as u64,
+    };
+    // SAFETY: `args` is a valid clone_args of the size passed; no stack is given, so the child
+    // runs on its own copy of the caller's stack (no CLONE_VM), as after fork.
+    unsafe {
+        sys(
+            g::__NR_clone3,
+            [
+                &args as *const g::clone_args as usize,
+                core::mem::size_of::<g::clone_args>(),
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+    .map(|v| v as i32)
+}
+
+/// `openat(dir, path, O_WRONLY | O_CLOEXEC)`.
+pub fn open_write_at(dir: i32, path: &CStr) -> SysResult<i32> {
+    // SAFETY: path is NUL-terminated; the kernel reads up to the NUL.
+    unsafe {
+        sys(
+            g::__NR_openat,
+            [
+                dir as usize,
+                path.as_ptr() as usize,
+                (g::O_WRONLY | g::O_CLOEXEC) as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+    .map(|v| v as i32)
+}
+
 /// `setsid()`.
 pub fn setsid() -> SysResult {
     // SAFETY: no pointers.
@@ -503,12 +559,14 @@ pub const fn sigbit(sig: u32) -> u64 {
     1 << (sig - 1)
 }
 
-pub use e::{EACCES, EBADF, EINTR, EINVAL, EIO, ELOOP, ENAMETOOLONG, ENOENT, ENOTDIR};
+pub use e::{
+    E2BIG, EACCES, EBADF, EINTR, EINVAL, EIO, ELOOP, ENAMETOOLONG, ENOENT, ENOSYS, ENOTDIR, EPERM,
+};
 pub use g::{
     CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER,
     CLONE_NEWUTS, CLONE_PARENT, SIGCHLD, SIG_BLOCK, SIG_SETMASK,
 };
 pub use linux_raw_sys::prctl::{
-    PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_SET_DUMPABLE,
-    PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PR_SET_SECUREBITS,
+    PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_SET_CHILD_SUBREAPER,
+    PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG, PR_SET_SECUREBITS,
 };

@@ -14,8 +14,10 @@
 //!    write it), this process first moves itself into a leaf `<own>/hive-host` (the "no internal
 //!    processes" rule), as systemd's docs/CGROUP_DELEGATION.md describes.
 //! 3. Limits are plain file writes ([`SandboxCgroup::set`]), so `applyConfig` can change them
-//!    while the sandbox runs. The sandbox's init is moved in by pid before it is told to go
-//!    ([`SandboxCgroup::adopt`]); every process it and the workloads start inherits the cgroup.
+//!    while the sandbox runs. Processes join by writing `0` themselves ([`join_file`]: no global
+//!    migration lock): the sandbox's init joins the v1 cgroups, each command's spawn shim joins
+//!    them all and forks the command into a cgroup of its own ([`ExecCgroup`]); whatever they
+//!    start inherits the cgroups.
 //! 4. [`SandboxCgroup::remove`] kills what is left (`cgroup.kill` on v2, else SIGKILL per pid) and
 //!    removes the directories.
 //!
@@ -306,6 +308,11 @@ impl SandboxCgroup {
         self.group(controller).is_some()
     }
 
+    /// For each cgroup, in [`Self::procs_files`] order: whether it is cgroup v2.
+    pub fn v2_flags(&self) -> Vec<bool> {
+        self.groups.iter().map(|g| g.v2).collect()
+    }
+
     /// Whether any cgroup was created.
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
@@ -376,30 +383,63 @@ impl SandboxCgroup {
         Ok(())
     }
 
-    /// Every `cgroup.procs`, opened for writing (`O_CLOEXEC`): a child that writes `0` to them
-    /// joins the sandbox's cgroups (the opener's credentials decide, so a child that has joined
-    /// the sandbox's user namespace still may).
+    /// For each cgroup, a file a single-threaded child joins it through by writing `0`, opened
+    /// for writing (`O_CLOEXEC`; the opener's credentials decide, so a child that has joined the
+    /// sandbox's user namespace still may): [`join_file`].
     pub fn procs_files(&self) -> std::io::Result<Vec<OwnedFd>> {
         self.groups
             .iter()
-            .map(|g| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_CLOEXEC)
-                    .open(g.dir.join("cgroup.procs"))
-                    .map(OwnedFd::from)
-            })
+            .map(|g| open_write(&g.dir.join(join_file(g.v2))))
             .collect()
     }
 
-    /// Host pids of the processes in the sandbox's cgroups (v2 first: it sees every process).
+    /// Host pids of the processes in the sandbox's cgroups, its commands' cgroups included (v2
+    /// first: it sees every process).
     pub fn pids(&self) -> Option<Vec<i32>> {
-        let g = self
-            .v2()
+        let g = self.tracking()?;
+        let mut pids = read_procs(&g.dir)?;
+        for sub in subdirs(&g.dir) {
+            pids.extend(read_procs(&sub).unwrap_or_default());
+        }
+        Some(pids)
+    }
+
+    /// The hierarchy that tracks processes: v2 (where `cgroup.kill` exists), else pids, else any.
+    fn tracking(&self) -> Option<&Group> {
+        self.v2()
             .or_else(|| self.group(Controller::Pids))
-            .or(self.groups.first())?;
-        let text = std::fs::read_to_string(g.dir.join("cgroup.procs")).ok()?;
-        Some(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .or(self.groups.first())
+    }
+
+    /// Creates a command's own cgroup below the sandbox's in the tracking hierarchy and opens
+    /// its `cgroup.procs` for writing; `None` where the sandbox has no cgroup (or the kernel
+    /// refuses one). The `usize` is the index, in [`Self::procs_files`], of the file it replaces
+    /// for the command: limits still hold, as every hierarchy charges a child to its parent.
+    ///
+    /// On v2 the fd is the directory, which the spawn shim forks the command into
+    /// (`CLONE_INTO_CGROUP`) instead of joining the sandbox's v2 cgroup; on v1 it is the
+    /// command cgroup's [`join_file`].
+    pub fn exec_cgroup(&self) -> Option<(usize, ExecCgroup, OwnedFd)> {
+        let g = self.tracking()?;
+        let index = self.groups.iter().position(|x| std::ptr::eq(x, g))?;
+        let dir = g
+            .dir
+            .join(format!("exec-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+        if let Err(e) = std::fs::create_dir(&dir) {
+            tracing::debug!(dir = %dir.display(), error = %e, "no command cgroup");
+            return None;
+        }
+        let exec = ExecCgroup { dir, v2: g.v2 };
+        let fd = if g.v2 {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY)
+                .open(&exec.dir)
+                .map(OwnedFd::from)
+        } else {
+            open_write(&exec.dir.join(join_file(false)))
+        };
+        Some((index, exec, fd.ok()?))
     }
 
     /// Current usage (cheap: a few small files).
@@ -461,19 +501,7 @@ impl SandboxCgroup {
                 return;
             }
         }
-        for _ in 0..100 {
-            let pids = self.pids().unwrap_or_default();
-            if pids.is_empty() {
-                return;
-            }
-            for pid in pids {
-                // SAFETY: plain syscall. The pid was listed in our cgroup a moment ago; it is
-                // either still there or gone (a reused pid would not be in our cgroup, but the
-                // window between read and kill is not closed; v2's cgroup.kill has none).
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        kill_listed(|| self.pids().unwrap_or_default(), libc::SIGKILL);
     }
 
     /// Kills what is left and removes the directories (retrying while the kernel still counts
@@ -484,9 +512,12 @@ impl SandboxCgroup {
         }
         self.kill();
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
-        for g in std::mem::take(&mut self.groups) {
+        let dirs = std::mem::take(&mut self.groups)
+            .into_iter()
+            .flat_map(|g| subdirs(&g.dir).into_iter().chain([g.dir]));
+        for dir in dirs {
             loop {
-                match std::fs::remove_dir(&g.dir) {
+                match std::fs::remove_dir(&dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == ErrorKind::NotFound => break,
                     Err(e)
@@ -496,7 +527,7 @@ impl SandboxCgroup {
                         std::thread::sleep(std::time::Duration::from_millis(2));
                     }
                     Err(e) => {
-                        tracing::warn!(dir = %g.dir.display(), error = %e, "removing a sandbox cgroup");
+                        tracing::warn!(dir = %dir.display(), error = %e, "removing a sandbox cgroup");
                         break;
                     }
                 }
@@ -509,6 +540,114 @@ impl Drop for SandboxCgroup {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+/// A command's own cgroup, a child of its sandbox's in one hierarchy
+/// ([`SandboxCgroup::exec_cgroup`]): every process the command starts stays in it, whatever
+/// session, process group or parent it takes, so a signal or kill reaches all of them, also
+/// after the command's first process has ended (docs/processes.md).
+#[derive(Debug)]
+pub struct ExecCgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl ExecCgroup {
+    /// Whether it is in the cgroup v2 hierarchy.
+    pub fn is_v2(&self) -> bool {
+        self.v2
+    }
+
+    /// Host pids of its processes.
+    pub fn pids(&self) -> Vec<i32> {
+        read_procs(&self.dir).unwrap_or_default()
+    }
+
+    /// Sends `signal` to every process in it. SIGKILL: `cgroup.kill` on v2 (atomic, no fork can
+    /// race it), else SIGKILL to each listed pid until none is left (a killed process cannot
+    /// fork, so this ends). Other signals: to each process listed now but `skip` (which the
+    /// caller signalled first).
+    pub fn signal(&self, signal: i32, skip: Option<i32>) {
+        if signal == libc::SIGKILL {
+            if self.v2 && write(&self.dir, "cgroup.kill", "1").is_ok() {
+                return;
+            }
+            kill_listed(|| self.pids(), libc::SIGKILL);
+        } else {
+            for pid in self.pids().into_iter().filter(|p| Some(*p) != skip) {
+                // SAFETY: plain syscall; see `kill_listed` on the pid's identity.
+                unsafe { libc::kill(pid, signal) };
+            }
+        }
+    }
+
+    /// Removes the directory if no process is left in it (else it goes with the sandbox's).
+    pub fn remove_if_empty(&self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Drop for ExecCgroup {
+    fn drop(&mut self) {
+        self.remove_if_empty();
+    }
+}
+
+/// The file a process joins a cgroup through by writing `0`: on v1 `tasks`, which moves only the
+/// writing thread (the spawn shim is single-threaded, so that is the whole process) and, unlike
+/// `cgroup.procs`, does not take the kernel's global migration lock, whose first taker waits for
+/// an RCU grace period (measured: 6-18 ms on a loaded 2-core host, the largest part of a cold
+/// start). v2 has no such file outside threaded subtrees: `cgroup.procs`.
+fn join_file(v2: bool) -> &'static str {
+    if v2 {
+        "cgroup.procs"
+    } else {
+        "tasks"
+    }
+}
+
+fn open_write(path: &Path) -> std::io::Result<OwnedFd> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map(OwnedFd::from)
+}
+
+/// SIGKILLs every pid `list` returns until it returns none (at most 100 rounds, 1 ms apart).
+fn kill_listed(list: impl Fn() -> Vec<i32>, signal: i32) {
+    for _ in 0..100 {
+        let pids = list();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            // SAFETY: plain syscall. The pid was listed in our cgroup a moment ago; it is either
+            // still there or gone (a reused pid would not be in our cgroup, but the window
+            // between read and kill is not closed; v2's cgroup.kill has none).
+            unsafe { libc::kill(pid, signal) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The pids in `dir/cgroup.procs`.
+fn read_procs(dir: &Path) -> Option<Vec<i32>> {
+    let text = std::fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    Some(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+/// The cgroup directories directly below `dir` (commands' cgroups).
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The v2 controllers (of memory, pids, cpu) a child of `own` gets, enabling them in `own`'s

@@ -58,6 +58,19 @@ pub(crate) unsafe fn init_main(plan: &mut InitPlan) -> ! {
     if n != 1 {
         libc::_exit(1);
     }
+    // The sandbox's cgroups, before anything is charged (see SandboxLimits::init_join_files):
+    // `0` moves the writer, this single-threaded child.
+    for fd in plan.cgroup_join.iter().copied().filter(|fd| *fd >= 0) {
+        if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+            report_and_exit(
+                ctrl,
+                Fail {
+                    stage: Stage::Limits,
+                    errno: super::child::errno(),
+                },
+            );
+        }
+    }
     // Still the host's uid: the only moment init can open a root-only /dev/fuse (see
     // mounts::open_fuse).
     if let Err(f) = mounts::open_fuse(plan) {

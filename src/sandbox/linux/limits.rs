@@ -2,9 +2,10 @@
 //! and the per-sandbox state that applies, changes, reads and removes them ([`SandboxLimits`]).
 //! docs/decisions.md#resource-limits has the table of what holds where.
 //!
-//! 1. [`SandboxLimits::start`] (the parent, right after init is cloned and before it is told to
-//!    go) creates the sandbox's cgroups ([`cgroup`]), decides, writes the cgroup limits and moves
-//!    init in; every process of the sandbox descends from it or joins the same cgroups.
+//! 1. [`SandboxLimits::prepare`] (the parent, before init is cloned) creates the sandbox's
+//!    cgroups ([`cgroup`]), decides and writes the cgroup limits; init joins the v1 ones itself
+//!    right after "go" ([`SandboxLimits::init_join_files`]), and every workload joins all of them
+//!    before it is forked.
 //! 2. [`decide`]: memory and cpu need a cgroup with that controller; pids uses the pids cgroup,
 //!    else `RLIMIT_NPROC`, which the kernel counts per (user namespace, uid) and so bounds the
 //!    whole sandbox, but only where the sandbox's root is not host root; open files and file size
@@ -155,8 +156,11 @@ pub const MAX_RLIMITS: usize = 3;
 /// What a child applies, as plain data (see the child-side functions below).
 #[derive(Debug, Clone, Copy)]
 pub struct ChildLimits {
-    /// `cgroup.procs` of each sandbox cgroup, open for writing; -1: unused.
+    /// The join file of each sandbox cgroup (`cgroup::SandboxCgroup::procs_files`), open for
+    /// writing; -1: unused.
     pub cgroup_procs: [RawFd; MAX_GROUPS],
+    /// The command's own cgroup v2 directory to fork it into; -1: none.
+    pub cgroup_into: RawFd,
     /// `(resource, value)`; value 0: unused.
     pub rlimits: [(u32, u64); MAX_RLIMITS],
 }
@@ -217,13 +221,29 @@ impl std::fmt::Debug for SandboxLimits {
 }
 
 impl SandboxLimits {
-    /// Creates the sandbox's cgroups, decides ([`decide`]), writes the limits and moves init
-    /// (`init_pid`, host view, not yet running the sandbox's setup) in. `nproc` says whether
-    /// `RLIMIT_NPROC` binds this sandbox (see [`Mechanisms::nproc`]). Blocking, ~0.1-0.3 ms.
+    /// [`Self::prepare`], then moves `init_pid` (host view) into every cgroup by pid, which takes
+    /// the kernel's global migration lock (see `cgroup::join_file`); the launcher lets init join
+    /// by itself instead ([`Self::init_join_files`]).
+    ///
+    /// # Errors
+    /// As [`Self::prepare`].
+    pub fn start(limits: &Limits, init_pid: i32, nproc: bool) -> Result<SandboxLimits> {
+        let mut l = Self::prepare(limits, nproc)?;
+        l.cgroup
+            .lock()
+            .adopt(init_pid)
+            .map_err(|e| HiveError::io("moving the sandbox init into its cgroups", e))?;
+        l.attach(init_pid);
+        Ok(l)
+    }
+
+    /// Creates the sandbox's cgroups, decides ([`decide`]) and writes the limits, before init
+    /// exists. `nproc` says whether `RLIMIT_NPROC` binds this sandbox (see
+    /// [`Mechanisms::nproc`]). Blocking, ~0.1-0.3 ms. Then [`Self::attach`].
     ///
     /// # Errors
     /// `HIVE_LIMITS_UNENFORCEABLE` ([`decide`], or a limit the kernel refused to set).
-    pub fn start(limits: &Limits, init_pid: i32, nproc: bool) -> Result<SandboxLimits> {
+    pub fn prepare(limits: &Limits, nproc: bool) -> Result<SandboxLimits> {
         let wanted = cgroup::needed(&cgroup::hierarchies(), limits.cpus.is_some());
         let cgroup = SandboxCgroup::create(&wanted);
         let mechanisms = Mechanisms {
@@ -234,30 +254,49 @@ impl SandboxLimits {
         };
         let decision = decide(limits, &mechanisms, default_memory())?;
         write_cgroup_limits(&cgroup, &decision)?;
-        cgroup
-            .adopt(init_pid)
-            .map_err(|e| HiveError::io("moving the sandbox init into its cgroups", e))?;
         let procs_files = cgroup
             .procs_files()
             .map_err(|e| HiveError::io("opening the sandbox's cgroup.procs", e))?;
-        let pid_ns = std::fs::metadata(format!("/proc/{init_pid}/ns/pid"))
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .unwrap_or(0);
         Ok(SandboxLimits {
             seen: Mutex::new(cgroup.counters()),
             cgroup: Mutex::new(cgroup),
             procs_files,
             mechanisms,
             decision: Mutex::new(decision),
-            init_pid,
-            pid_ns,
+            init_pid: 0,
+            pid_ns: 0,
         })
+    }
+
+    /// The sandbox's init is `init_pid` (host view).
+    pub fn attach(&mut self, init_pid: i32) {
+        self.init_pid = init_pid;
+        self.pid_ns = std::fs::metadata(format!("/proc/{init_pid}/ns/pid"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap_or(0);
+    }
+
+    /// The files init joins the sandbox's cgroup v1 hierarchies through (`tasks`, written `0` by
+    /// the single-threaded setup child itself: no global migration lock); -1: unused. Init stays
+    /// out of the v2 cgroup, where joining would take that lock: it only reaps orphans, forks
+    /// nothing, and its few kB are not worth a grace period on every start. Every workload joins
+    /// every cgroup.
+    pub fn init_join_files(&self) -> [RawFd; MAX_GROUPS] {
+        let mut out = [-1; MAX_GROUPS];
+        let v2 = self.cgroup.lock().v2_flags();
+        for ((slot, fd), v2) in out.iter_mut().zip(&self.procs_files).zip(v2) {
+            if !v2 {
+                *slot = fd.as_raw_fd();
+            }
+        }
+        out
     }
 
     /// What the spawn helper and the workload apply (fds stay open as long as `self`).
     pub fn child(&self) -> ChildLimits {
         let mut out = ChildLimits {
             cgroup_procs: [-1; MAX_GROUPS],
+            cgroup_into: -1,
             rlimits: [(0, 0); MAX_RLIMITS],
         };
         for (slot, fd) in out.cgroup_procs.iter_mut().zip(&self.procs_files) {
@@ -267,6 +306,26 @@ impl SandboxLimits {
             *slot = *r;
         }
         out
+    }
+
+    /// [`Self::child`] for one command, which gets a cgroup of its own where the sandbox has
+    /// cgroups ([`cgroup::ExecCgroup`]); the returned fd backs a slot of the limits and must stay
+    /// open until the spawn shim has joined it.
+    pub fn command(&self) -> (ChildLimits, Option<(cgroup::ExecCgroup, OwnedFd)>) {
+        let mut out = self.child();
+        let Some((index, exec, fd)) = self.cgroup.lock().exec_cgroup() else {
+            return (out, None);
+        };
+        if let Some(slot) = out.cgroup_procs.get_mut(index) {
+            if exec.is_v2() {
+                // Forked straight into the command's cgroup, below the sandbox's.
+                *slot = -1;
+                out.cgroup_into = fd.as_raw_fd();
+            } else {
+                *slot = fd.as_raw_fd();
+            }
+        }
+        (out, Some((exec, fd)))
     }
 
     /// `applyConfig`: writes new cgroup limits in place; new rlimits apply to later spawns.

@@ -91,6 +91,7 @@
 pub mod capture;
 pub mod cgroup;
 pub(crate) mod child;
+pub(crate) mod etc_scan;
 #[cfg(test)]
 mod fuse_tests;
 pub(crate) mod idmap;
@@ -101,6 +102,7 @@ pub mod limits;
 pub(crate) mod mounts;
 pub(crate) mod netns;
 pub(crate) mod plan;
+mod reach;
 pub(crate) mod seccomp;
 #[cfg(test)]
 mod tests;
@@ -265,14 +267,24 @@ pub struct SandboxProcess {
     pub stdout: OwnedFd,
     /// Read end of its stderr pipe.
     pub stderr: OwnedFd,
+    handle: ProcessHandle,
+}
+
+/// Waiting for and signalling a sandboxed process, apart from its stdio
+/// ([`SandboxProcess::into_parts`]); [`SandboxProcess`] derefs to it.
+#[derive(Clone)]
+pub struct ProcessHandle {
     state: Arc<ProcState>,
 }
 
 struct ProcState {
-    pidfd: OwnedFd,
+    /// Closed by [`ProcessHandle::release`] once the process is reaped.
+    pidfd: Mutex<Option<OwnedFd>>,
     /// The workload's pid in the host's PID namespace (also its process group and session).
     host_pid: i32,
     status: Mutex<Option<ExitStatus>>,
+    /// The command's own cgroup, where the sandbox has cgroups.
+    exec_cgroup: Option<cgroup::ExecCgroup>,
 }
 
 impl fmt::Debug for SandboxProcess {
@@ -579,6 +591,7 @@ fn start_on_launcher(
     spec: &LaunchSpec,
     limits: &crate::config::Limits,
 ) -> Result<(SandboxHost, Handover)> {
+    let t0 = std::time::Instant::now();
     let ruleset = landlock::create_ruleset()
         .map_err(|e| HiveError::io("creating the Landlock ruleset", e))?;
     if ruleset.is_none() {
@@ -610,6 +623,7 @@ fn start_on_launcher(
     };
     let mut plan = InitPlan::build(spec, theirs.as_raw_fd(), ll_fd, ll_fs)?;
     plan.image = image;
+    let t_plan = t0.elapsed();
     // SAFETY: trivial getters.
     let (mut uid, mut gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     // Kept open until init has inherited them (dropped when this function returns).
@@ -645,6 +659,12 @@ fn start_on_launcher(
         })
         .collect();
     let fuse_count = fuse_targets.iter().flatten().count();
+    let t_idmap = t0.elapsed();
+    // Limits before the clone (a refusal costs no child); init joins the cgroups itself after
+    // "go". RLIMIT_NPROC binds the sandbox only if its root is not host root.
+    let mut limits = limits::SandboxLimits::prepare(limits, uid != 0)?;
+    plan.cgroup_join = limits.init_join_files();
+    let t_limits = t0.elapsed();
     let stack = SetupStack::new()?;
     // SAFETY: plain prctl query.
     let dumpable_before = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
@@ -696,12 +716,9 @@ fn start_on_launcher(
         let _ = waitid_pidfd(init_pidfd.as_raw_fd(), libc::WEXITED);
         err
     };
-    // Limits: init joins the sandbox's cgroups before it runs anything of the sandbox's;
-    // RLIMIT_NPROC binds the sandbox only if its root is not host root.
-    let limits = match limits::SandboxLimits::start(limits, pid as i32, uid != 0) {
-        Ok(l) => Arc::new(l),
-        Err(e) => return Err(fail(e)),
-    };
+    let t_clone = t0.elapsed();
+    limits.attach(pid as i32);
+    let limits = Arc::new(limits);
     // Opened before "go", while the child is still the host's uid.
     let ns_fds = match open_namespaces(pid as i32) {
         Ok(fds) => fds,
@@ -715,6 +732,7 @@ fn start_on_launcher(
     if let Err(e) = write_id_maps(pid as i32, uid, gid) {
         return Err(fail(e));
     }
+    let t_go = t0.elapsed();
     // ---- After clone, before "go": the child waits on the control socket and nothing of the
     // sandbox runs yet. Host-side set-up of the new sandbox (its cgroup: move `pid` there) goes
     // here; on failure return `Err(fail(e))`, which kills and reaps the child. ----
@@ -771,6 +789,7 @@ fn start_on_launcher(
             _ => return Err(fail(init_error(stage, errno))),
         }
     };
+    let t_setup = t0.elapsed();
     // The setup child executes hive-init, whose first message says it runs.
     match netns::recv_report(ours.as_raw_fd()) {
         Ok(Some((buf, _))) => match child::decode_report(&buf) {
@@ -784,6 +803,19 @@ fn start_on_launcher(
         }
         Err(e) => return Err(fail(HiveError::io("reading the sandbox init's report", e))),
     }
+    let us = |d: std::time::Duration| d.as_micros() as u64;
+    // Where a cold start's time goes (cumulative microseconds; docs/decisions.md has a table).
+    tracing::debug!(
+        sandbox = %spec.name,
+        plan_us = us(t_plan),
+        idmap_us = us(t_idmap),
+        cgroups_us = us(t_limits),
+        clone_us = us(t_clone),
+        id_maps_us = us(t_go),
+        setup_us = us(t_setup),
+        init_exec_us = us(t0.elapsed()),
+        "sandbox started"
+    );
     // hive-init runs: the child no longer uses `plan` or `stack`.
     setup_child.armed = false;
     drop(setup_child);
@@ -938,7 +970,22 @@ fn idmapped_trees(plan: &InitPlan) -> std::io::Result<Vec<OwnedFd>> {
     if !plan.mounts.iter().any(|m| m.binds_source()) {
         return Ok(Vec::new());
     }
-    let userns = idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?;
+    // One mapping namespace serves every sandbox of the process (it only describes the mapping;
+    // making one costs a clone and two writes).
+    static USERNS: Mutex<Option<Arc<OwnedFd>>> = Mutex::new(None);
+    let userns = {
+        let mut cached = USERNS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*cached {
+            Some(fd) => fd.clone(),
+            None => {
+                let fd = Arc::new(idmap::mapping_userns(idmap::ROOT_MAPPED_ID)?);
+                *cached = Some(fd.clone());
+                fd
+            }
+        }
+    };
     plan.mounts
         .iter()
         .filter(|m| m.binds_source())
@@ -1016,7 +1063,9 @@ fn spawn_on_launcher(
     let (err_r, err_w) = pipe()?;
     let (pid_r, pid_w) = pipe()?;
     let landlock = inner.landlock.as_ref().map(|f| f.as_raw_fd());
-    let child_limits = inner.limits.child();
+    // `_exec_procs` backs a cgroup slot of `child_limits` until the shim has joined it.
+    let (child_limits, exec_cgroup) = inner.limits.command();
+    let (exec_cgroup, _exec_procs) = exec_cgroup.unzip();
     let shim_argv = cmd.shim_argv(landlock.is_some(), &child_limits.rlimits);
     let argv_ptrs = ptr_array(&shim_argv);
     let envp_ptrs = ptr_array(&cmd.envp);
@@ -1034,6 +1083,7 @@ fn spawn_on_launcher(
     for (i, fd) in child_limits.cgroup_procs.iter().enumerate() {
         fds[slot::CGROUPS as usize + i] = *fd;
     }
+    fds[slot::CGROUP_INTO as usize] = child_limits.cgroup_into;
     let shim = ShimExec {
         image: image::init_image()?,
         fds,
@@ -1087,9 +1137,10 @@ fn spawn_on_launcher(
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
     let inner_pid = sandbox_pid(host_pid).unwrap_or(0);
     let state = Arc::new(ProcState {
-        pidfd,
+        pidfd: Mutex::new(Some(pidfd)),
         host_pid,
         status: Mutex::new(None),
+        exec_cgroup,
     });
     let n = read_full(err_r.as_raw_fd(), &mut report)
         .map_err(|e| HiveError::io("reading the exec status", e))?;
@@ -1109,8 +1160,26 @@ fn spawn_on_launcher(
         stdin: Some(stdin_w),
         stdout: stdout_r,
         stderr: stderr_r,
-        state,
+        handle: ProcessHandle { state },
     })
+}
+
+/// Starts, once per process and on a background thread, the part of a sandbox's start that
+/// depends on no config: the scan of `/etc` ([`etc_scan`]), the cgroup hierarchies, and the
+/// hive-init and seccomp images. The first sandbox's start then finds them ready (or waits for
+/// the thread's result rather than doing the work twice).
+pub fn prewarm() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = std::thread::Builder::new()
+            .name("hive-prewarm".into())
+            .spawn(|| {
+                let _ = etc_scan::hidden();
+                let _ = cgroup::hierarchies();
+                let _ = image::init_image();
+                let _ = seccomp::image_fd();
+            });
+    });
 }
 
 /// Stack of the spawn helper, which only moves fds and calls `execveat`.
@@ -1195,11 +1264,21 @@ impl ProcState {
         if let Some(s) = *st {
             return Ok(Some(s));
         }
-        let got = waitid_pidfd(self.pidfd.as_raw_fd(), flags | libc::WEXITED)?;
+        let got = waitid_pidfd(self.raw_pidfd(), flags | libc::WEXITED)?;
         if got.is_some() {
             *st = got;
         }
         Ok(got)
+    }
+
+    /// The pidfd, or -1 once released (only after the process was reaped, when nothing waits
+    /// on it any more).
+    fn raw_pidfd(&self) -> RawFd {
+        self.pidfd
+            .lock()
+            .ok()
+            .and_then(|fd| fd.as_ref().map(AsRawFd::as_raw_fd))
+            .unwrap_or(-1)
     }
 }
 
@@ -1208,11 +1287,27 @@ struct WatchedPidfd(Arc<ProcState>);
 
 impl AsRawFd for WatchedPidfd {
     fn as_raw_fd(&self) -> RawFd {
-        self.0.pidfd.as_raw_fd()
+        self.0.raw_pidfd()
     }
 }
 
 impl SandboxProcess {
+    /// The handle and the stdio fds (`stdin`, `stdout`, `stderr`), apart: the fds can then be
+    /// handed on and closed while the handle still waits and signals.
+    pub fn into_parts(self) -> (ProcessHandle, Option<OwnedFd>, OwnedFd, OwnedFd) {
+        (self.handle, self.stdin, self.stdout, self.stderr)
+    }
+}
+
+impl std::ops::Deref for SandboxProcess {
+    type Target = ProcessHandle;
+
+    fn deref(&self) -> &ProcessHandle {
+        &self.handle
+    }
+}
+
+impl ProcessHandle {
     /// Waits for the process to end without blocking a tokio worker (pidfd + `AsyncFd`).
     ///
     /// # Errors
@@ -1267,17 +1362,70 @@ impl SandboxProcess {
             .map_err(|e| HiveError::io("waitid", e))
     }
 
-    /// Sends `signal` to every process of the command: its process group. The workload called
-    /// `setsid`, so the group is its own and holds everything it started, except processes that
-    /// started a session or group of their own (docs/isolation.md). A group whose processes all
-    /// ended is not an error.
+    /// Once the process was reaped: closes its pidfd and removes its cgroup if nothing is left in
+    /// it, instead of when the last handle goes. Later `kill`s still reach what is left in its
+    /// cgroup; without one there is nothing left to reach (the caller releases after the output
+    /// ended, so no process of the command holds its pipes). A no-op before the reap.
+    pub fn release(&self) {
+        let Ok(status) = self.state.status.lock() else {
+            return;
+        };
+        if status.is_none() {
+            return;
+        }
+        if let Ok(mut pidfd) = self.state.pidfd.lock() {
+            pidfd.take();
+        }
+        if let Some(cg) = &self.state.exec_cgroup {
+            cg.remove_if_empty();
+        }
+    }
+
+    /// Sends `signal` to every process of the command (docs/processes.md). A command whose
+    /// processes all ended is not an error.
     ///
-    /// The group is named by the leader's pidfd (`PIDFD_SIGNAL_PROCESS_GROUP`, Linux 6.9), which
-    /// stays right after the leader was reaped and its number reused. Older kernels get the group
-    /// by number only while the leader is unreaped (its number cannot be reused then), else the
-    /// leader alone.
+    /// 1. With a cgroup of its own: to every process in it (SIGKILL: `cgroup.kill` on v2), which
+    ///    holds everything the command started, whatever session, group or parent it took, also
+    ///    after the first process ended.
+    /// 2. Else, while the first process is unreaped: to its tree of descendants ([`reach`]; it is
+    ///    a subreaper, so orphans of the command stay in that tree), then to its process group.
+    ///    The group is named by the leader's pidfd (`PIDFD_SIGNAL_PROCESS_GROUP`, Linux 6.9),
+    ///    which stays right after the leader was reaped and its number reused. Older kernels get
+    ///    the group by number only while the leader is unreaped (its number cannot be reused
+    ///    then), else the leader alone.
     pub fn kill(&self, signal: i32) -> Result<()> {
-        let pidfd = self.state.pidfd.as_raw_fd();
+        // Holding the status lock keeps a concurrent `reap` from freeing the number meanwhile.
+        let status = self
+            .state
+            .status
+            .lock()
+            .map_err(|_| HiveError::Internal("status poisoned".into()))?;
+        let pidfd_slot = self
+            .state
+            .pidfd
+            .lock()
+            .map_err(|_| HiveError::Internal("pidfd poisoned".into()))?;
+        let pidfd = pidfd_slot.as_ref().map(AsRawFd::as_raw_fd);
+        if let Some(cg) = &self.state.exec_cgroup {
+            // The first process first: a shell waiting for its children would otherwise see
+            // them end and exit 0 before its own signal arrives.
+            let first = match pidfd {
+                Some(fd) if status.is_none() && signal != libc::SIGKILL => {
+                    pidfd_send_signal(fd, signal)
+                        .ok()
+                        .map(|()| self.state.host_pid)
+                }
+                _ => None,
+            };
+            cg.signal(signal, first);
+            return Ok(());
+        }
+        let Some(pidfd) = pidfd else {
+            return Ok(()); // released: ended, output drained
+        };
+        if status.is_none() {
+            reach::signal_tree(pidfd, self.state.host_pid, signal);
+        }
         let sent = |r: std::io::Result<()>| match r {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
@@ -1287,12 +1435,6 @@ impl SandboxProcess {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
             r => return sent(r),
         }
-        // Holding the status lock keeps a concurrent `reap` from freeing the number meanwhile.
-        let status = self
-            .state
-            .status
-            .lock()
-            .map_err(|_| HiveError::Internal("status poisoned".into()))?;
         if status.is_none() {
             // SAFETY: plain syscall; the group's leader is our unreaped child.
             if unsafe { libc::kill(-self.state.host_pid, signal) } == 0 {

@@ -14,7 +14,7 @@
 use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
 use super::{BindMount, LaunchSpec, ProcessSpec, CA_BUNDLE_PATH};
@@ -141,6 +141,8 @@ pub(crate) struct InitPlan {
     /// The sealed `hive-init` memfd init executes at the end ([`super::image`]); set by the
     /// launcher before `clone`.
     pub image: RawFd,
+    /// Files init joins the sandbox's cgroups through by writing `0` (-1: unused).
+    pub cgroup_join: [RawFd; super::limits::MAX_GROUPS],
 }
 
 /// `/etc/resolv.conf` inside: hive's DNS responder only, one try, one second.
@@ -338,8 +340,7 @@ impl InitPlan {
                 )));
             }
         }
-        let mut hidden = Vec::new();
-        scan_secrets(Path::new("/etc"), 0, &mut hidden)?;
+        let hidden = super::etc_scan::hidden()?;
         let mut hostname = spec.name.as_bytes().to_vec();
         hostname.truncate(64);
         let source_fds = vec![-1; system.len() + 1 + dev_host.len() + mounts.len()];
@@ -368,6 +369,7 @@ impl InitPlan {
                 etc_file("hosts", &hosts)?,
             ],
             image: -1,
+            cgroup_join: [-1; super::limits::MAX_GROUPS],
         })
     }
 }
@@ -553,43 +555,6 @@ fn mount_point_dirs(rel: &str, is_file: bool) -> Result<Vec<CString>> {
     (1..=dirs)
         .map(|i| cstring(parts[..i].join("/").as_bytes()))
         .collect()
-}
-
-/// Collects files under `dir` that are not world-readable (shadow, gshadow, their `-` backups,
-/// ssh host keys, TLS private keys...) and directories not world-searchable, without following
-/// symlinks. As root the sandbox's uid 0 is the host's uid 0 and would read them as their owner.
-///
-/// # Security
-/// This is a snapshot at sandbox start; a secret created later under `/etc` is not hidden. As an
-/// unprivileged user the kernel's DAC checks already keep them out.
-fn scan_secrets(dir: &Path, depth: usize, out: &mut Vec<Hidden>) -> Result<()> {
-    const MAX_DEPTH: usize = 8;
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        let Ok(meta) = entry.path().symlink_metadata() else {
-            continue;
-        };
-        let mode = meta.permissions().mode();
-        let path = entry.path();
-        if meta.is_file() && mode & 0o004 == 0 {
-            out.push(Hidden {
-                path: path_cstring(&path)?,
-                is_dir: false,
-            });
-        } else if meta.is_dir() {
-            if mode & 0o005 != 0o005 {
-                out.push(Hidden {
-                    path: path_cstring(&path)?,
-                    is_dir: true,
-                });
-            } else if depth < MAX_DEPTH {
-                scan_secrets(&path, depth + 1, out)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `PATH` used for the command lookup when the caller's env has none.
