@@ -473,6 +473,7 @@ mod tests {
                 methods: None,
                 paths: None,
                 override_: None,
+                tls: Default::default(),
             })
             .collect();
         Config {

@@ -42,6 +42,8 @@ pub mod field {
     pub const BYTES_IN: &str = "bytesIn";
     pub const BYTES_OUT: &str = "bytesOut";
     pub const DURATION_MS: &str = "durationMs";
+    /// Only on passed-through TLS connections: `"passthrough"`.
+    pub const TLS: &str = "tls";
 }
 
 /// What one decision was about, for its `egress.request` event.
@@ -131,6 +133,21 @@ struct ExchangeInner {
 }
 
 impl Exchange {
+    /// An exchange for the `egress.request` event `request_id` emitted just now (for events built
+    /// outside [`Auditor::request`], such as a passed-through TLS connection's).
+    pub fn started(events: Arc<EventBus>, request_id: String) -> Exchange {
+        Exchange {
+            inner: Arc::new(ExchangeInner {
+                events,
+                request_id,
+                start: Instant::now(),
+                status: AtomicU16::new(0),
+                bytes_in: AtomicU64::new(0),
+                bytes_out: AtomicU64::new(0),
+            }),
+        }
+    }
+
     /// Records the status answered to the sandbox.
     pub fn set_status(&self, status: u16) {
         self.inner.status.store(status, Ordering::Relaxed);

@@ -88,6 +88,7 @@ impl ListenerCtl {
         F: Future<Output = ()> + Send + 'static,
     {
         self.active.fetch_add(1, Ordering::AcqRel);
+        super::memory::opened();
         let guard = ActiveGuard(self.clone());
         let killed = self.reached(Phase::Killed);
         tokio::spawn(async move {
@@ -138,6 +139,7 @@ struct ActiveGuard(Arc<ListenerCtl>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        super::memory::closed();
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }

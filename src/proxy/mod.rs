@@ -39,6 +39,8 @@ mod http;
 mod idle;
 mod intercept;
 mod listener;
+mod memory;
+mod passthrough;
 mod upstream;
 
 #[cfg(test)]
