@@ -55,7 +55,7 @@ describe('generated samples', () => {
   beforeAll(async () => {
     valid = {
       egress: [
-        { access: 'allow', host: 'api.example.com', ports: [443], methods: ['GET'], paths: ['/v1/**'], override: { headers: { Authorization: 'Bearer x' }, allowPlaintext: false } },
+        { access: 'allow', host: 'api.example.com', ports: [443], methods: ['GET'], paths: ['/v1/**'], override: { headers: { Authorization: 'Bearer x' }, allowPlaintext: false }, tls: 'intercept' },
         { access: 'deny', host: '*' },
       ],
       fs: [{ backend: 'local', mount: '/workspace', source: home.dir, acls: [{ path: '/workspace/**', access: 'rw' }], audit: false }],

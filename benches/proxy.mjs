@@ -1,217 +1,290 @@
-// Proxy benchmark (issue 3): loopback only, each scenario measured directly and through
-// `sandbox.proxy()` in the same run. The upstreams run in a child process so the load generator's
-// event loop is not also the upstream's; the proxy runs on the addon's tokio threads. Prints a
-// markdown table: requests/s, p50/p99 latency and MiB/s, each with its ratio to direct.
+// Proxy benchmark: a native load generator in its own process (`oha`) against nginx on loopback,
+// each scenario measured directly and through `sandbox.proxy()` in the same run. nginx resumes no
+// TLS session (no cache, no tickets), so every new connection is a full handshake. Prints cores,
+// load average, requests/s and latency with their ratio to direct, errors, the hive process's CPU
+// time per request, and its RSS before, at the peak of and 30 s after the c1000 run.
 //
-//   node benches/proxy.mjs [seconds-per-scenario]   (build the addon first: npm run build)
-import { execFileSync, fork } from 'node:child_process'
-import http from 'node:http'
-import https from 'node:https'
+//   node benches/proxy.mjs [seconds-per-scenario] [name filter]   (build the addon first: npm run build)
+//
+// Tools: `oha` from PATH or ~/.cache/hive-bench/bin, else installed there from crates.io
+// (`cargo install oha --locked`, minutes on 2 cores); nginx from PATH or /usr/sbin, else
+// `apt-get install -y nginx-light` when running as root.
+import { execFileSync, spawn, spawnSync } from 'node:child_process'
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
-import os, { tmpdir } from 'node:os'
+import os, { homedir, tmpdir } from 'node:os'
 import { join } from 'node:path'
-import tls from 'node:tls'
-import { fileURLToPath } from 'node:url'
+import { setTimeout as sleep } from 'node:timers/promises'
 
 const HOST = 'bench.hive.test'
+/** Allowed by a `tls: "passthrough"` rule. */
+const PASS_HOST = 'pass.hive.test'
 const MIB = 1024 * 1024
-const SECONDS = Number(process.argv[2] ?? 3)
-/** Optional substring filter on scenario names (third argument). */
+const SECONDS = Number(process.argv[2] ?? process.env.BENCH_SECONDS ?? 5)
 const ONLY = process.argv[3]
+const SETTLE_SECONDS = 30
+const CACHE = join(homedir(), '.cache', 'hive-bench')
 
 // ---------------------------------------------------------------------------------------------
-// Upstream child process
+// Tools
 
-function makeCA() {
-  const dir = mkdtempSync(join(tmpdir(), 'hive-bench-ca-'))
-  const run = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' })
-  try {
-    run('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
-      '-subj', '/CN=hive bench CA', '-keyout', 'ca.key', '-out', 'ca.pem',
-      '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
-    run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', '/CN=bench',
-      '-keyout', 'leaf.key', '-out', 'leaf.csr')
-    writeFileSync(join(dir, 'ext.cnf'), `subjectAltName=DNS:${HOST}\nextendedKeyUsage=serverAuth\n`)
-    run('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
-      '-extfile', 'ext.cnf', '-out', 'leaf.pem')
-    const read = (f) => readFileSync(join(dir, f), 'utf8')
-    return { caPem: read('ca.pem'), certPem: read('leaf.pem') + read('ca.pem'), keyPem: read('leaf.key') }
-  } finally {
-    rmSync(dir, { recursive: true, force: true })
+function which(name, extra = []) {
+  for (const dir of [...(process.env.PATH ?? '').split(':'), ...extra]) {
+    if (dir && existsSync(join(dir, name))) return join(dir, name)
   }
+  return null
 }
 
-// ---------------------------------------------------------------------------------------------
-// Clients
-
-/** An https.Agent that opens each connection with CONNECT through the proxy, then TLS. */
-class TunnelAgent extends https.Agent {
-  constructor(proxyPort, auth, ca, options) {
-    super(options)
-    this.proxyPort = proxyPort
-    this.auth = auth
-    this.proxyCa = ca
-  }
-  createConnection(options, callback) {
-    // A raw CONNECT (as curl writes it), then TLS over the same socket.
-    const socket = net.connect({ host: '127.0.0.1', port: this.proxyPort, noDelay: true })
-    socket.once('error', callback)
-    socket.once('connect', () =>
-      socket.write(`CONNECT ${HOST}:443 HTTP/1.1\r\nHost: ${HOST}:443\r\nProxy-Authorization: ${this.auth}\r\n\r\n`),
-    )
-    let head = ''
-    const onData = (chunk) => {
-      head += chunk.toString('latin1')
-      if (!head.includes('\r\n\r\n')) return
-      socket.off('data', onData)
-      socket.off('error', callback)
-      if (!head.startsWith('HTTP/1.1 200')) return callback(new Error(`CONNECT: ${head.split('\r\n')[0]}`))
-      // Resume TLS sessions the way https.Agent does for direct connections, so both sides of the
-      // comparison do the same kind of handshake.
-      const key = options._agentKey
-      const t = tls.connect({ socket, servername: HOST, ca: this.proxyCa, ALPNProtocols: ['http/1.1'], session: this._getSession(key) })
-      t.on('session', (s) => this._cacheSession(key, s))
-      t.once('secureConnect', () => callback(null, t))
-      t.once('error', callback)
-    }
-    socket.on('data', onData)
-  }
+function ensureOha() {
+  const found = which('oha', [join(CACHE, 'bin')])
+  if (found) return found
+  console.error(`installing oha into ${CACHE} (cargo install oha --locked; takes minutes)…`)
+  const r = spawnSync('cargo', ['install', 'oha', '--locked', '--root', CACHE], { stdio: 'inherit' })
+  if (r.status !== 0) throw new Error('cargo install oha failed; install it and put it on PATH')
+  return join(CACHE, 'bin', 'oha')
 }
 
-function once(mod, options) {
+function ensureNginx() {
+  const found = which('nginx', ['/usr/sbin'])
+  if (found) return found
+  if (process.getuid?.() === 0) {
+    console.error('installing nginx-light (apt-get)…')
+    spawnSync('apt-get', ['install', '-y', 'nginx-light'], { stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } })
+    const again = which('nginx', ['/usr/sbin'])
+    if (again) return again
+  }
+  throw new Error('nginx not found: apt-get install -y nginx-light')
+}
+
+function freePort() {
   return new Promise((resolve, reject) => {
-    const start = process.hrtime.bigint()
-    const req = mod.request(options, (res) => {
-      let bytes = 0
-      res.on('data', (c) => (bytes += c.length))
-      res.on('end', () => {
-        if (res.statusCode !== 200) return reject(new Error(`status ${res.statusCode}`))
-        resolve({ ns: Number(process.hrtime.bigint() - start), bytes })
-      })
+    const s = net.createServer()
+    s.once('error', reject)
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address()
+      s.close(() => resolve(port))
     })
-    req.on('error', reject)
-    req.end()
   })
 }
 
-/** Runs `connections` sequential loops of `request()` for SECONDS; returns the stats. */
-async function measure(connections, request) {
-  const latencies = []
-  let bytes = 0
-  const deadline = Date.now() + SECONDS * 1000
-  const started = process.hrtime.bigint()
-  await Promise.all(
-    Array.from({ length: connections }, async () => {
-      while (Date.now() < deadline) {
-        const r = await request()
-        latencies.push(r.ns)
-        bytes += r.bytes
-      }
-    }),
-  )
-  const secs = Number(process.hrtime.bigint() - started) / 1e9
-  latencies.sort((a, b) => a - b)
-  const pct = (p) => latencies[Math.min(latencies.length - 1, Math.floor(latencies.length * p))] / 1e6
-  return { rps: latencies.length / secs, p50: pct(0.5), p99: pct(0.99), mibs: bytes / MIB / secs }
+function makeCerts(dir) {
+  const run = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' })
+  run('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
+    '-subj', '/CN=hive bench CA', '-keyout', 'ca.key', '-out', 'ca.pem',
+    '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
+  run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', '/CN=bench',
+    '-keyout', 'leaf.key', '-out', 'leaf.csr')
+  writeFileSync(join(dir, 'ext.cnf'), `subjectAltName=DNS:${HOST},DNS:${PASS_HOST}\nextendedKeyUsage=serverAuth\n`)
+  run('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
+    '-extfile', 'ext.cnf', '-out', 'leaf.pem')
+  writeFileSync(join(dir, 'chain.pem'), readFileSync(join(dir, 'leaf.pem'), 'utf8') + readFileSync(join(dir, 'ca.pem'), 'utf8'))
+  return readFileSync(join(dir, 'ca.pem'), 'utf8')
+}
+
+async function startNginx(bin, dir, ports) {
+  writeFileSync(join(dir, 'mib'), Buffer.alloc(MIB, 0x61))
+  const root = process.getuid?.() === 0
+  writeFileSync(join(dir, 'nginx.conf'), `
+${root ? 'user root;' : ''}
+daemon off;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid ${dir}/nginx.pid;
+error_log ${dir}/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path ${dir}/tmp-body;
+  proxy_temp_path ${dir}/tmp-proxy;
+  fastcgi_temp_path ${dir}/tmp-fastcgi;
+  uwsgi_temp_path ${dir}/tmp-uwsgi;
+  scgi_temp_path ${dir}/tmp-scgi;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  sendfile on;
+  server {
+    listen 127.0.0.1:${ports.http};
+    listen 127.0.0.1:${ports.https} ssl;
+    ssl_certificate ${dir}/chain.pem;
+    ssl_certificate_key ${dir}/leaf.key;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    location = / { default_type application/octet-stream; return 200 "ok"; }
+    location = /mib { default_type application/octet-stream; alias ${dir}/mib; }
+  }
+}
+`)
+  const child = spawn(bin, ['-c', join(dir, 'nginx.conf'), '-p', dir], { stdio: ['ignore', 'inherit', 'inherit'] })
+  for (let i = 0; i < 100; i++) {
+    if (await new Promise((r) => net.connect(ports.http, '127.0.0.1').once('connect', function () { this.destroy(); r(true) }).once('error', () => r(false)))) {
+      return child
+    }
+    if (child.exitCode !== null) break
+    await sleep(50)
+  }
+  child.kill()
+  throw new Error(`nginx did not start (see ${dir}/error.log)`)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring
+
+/** Runs oha; resolves with requests/s, latency, errors and requests counted. */
+function oha(bin, args) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(bin, ['--no-tui', '--output-format', 'json', '-w', '-z', `${SECONDS}s`, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    })
+    let out = ''
+    let err = ''
+    child.stdout.on('data', (c) => (out += c))
+    child.stderr.on('data', (c) => (err += c))
+    child.once('error', reject)
+    child.once('exit', (code) => {
+      if (code !== 0) return reject(new Error(`oha exited ${code}: ${err.trim().slice(0, 500)}`))
+      const j = JSON.parse(out)
+      const sum = (o) => Object.values(o ?? {}).reduce((a, b) => a + b, 0)
+      const statuses = j.statusCodeDistribution ?? {}
+      const ok = statuses['200'] ?? 0
+      const errors = sum(j.errorDistribution) + (sum(statuses) - ok)
+      resolve({
+        rps: ok / j.summary.total,
+        requests: sum(statuses),
+        errors,
+        errorKinds: Object.keys(j.errorDistribution ?? {}).slice(0, 2).join('; '),
+        p50: j.metrics?.latency_ms?.p50 ?? (j.latencyPercentiles?.p50 ?? 0) * 1000,
+        p99: j.metrics?.latency_ms?.p99 ?? (j.latencyPercentiles?.p99 ?? 0) * 1000,
+        mibs: j.summary.sizePerSec / MIB,
+      })
+    })
+  })
+}
+
+const rssMib = () => process.memoryUsage.rss() / MIB
+
+/** Runs oha through the proxy, with this process's CPU time and RSS peak over the run. */
+async function viaProxy(bin, args) {
+  const cpu = process.cpuUsage()
+  let peak = rssMib()
+  const sampler = setInterval(() => (peak = Math.max(peak, rssMib())), 100)
+  try {
+    const r = await oha(bin, args)
+    const used = process.cpuUsage(cpu)
+    return { ...r, cpuUs: (used.user + used.system) / Math.max(1, r.requests), peak: Math.max(peak, rssMib()) }
+  } finally {
+    clearInterval(sampler)
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
 
 async function main() {
-  const { getOrCreateSandbox } = await import('../index.js')
-  process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
-  const ca = makeCA()
-  const child = fork(fileURLToPath(import.meta.url), ['--upstream'], {
-    env: { ...process.env, BENCH_TLS: JSON.stringify(ca) },
-    stdio: 'inherit',
+  const ohaBin = ensureOha()
+  const nginxBin = ensureNginx()
+  const dir = mkdtempSync(join(tmpdir(), 'hive-bench-nginx-'))
+  const ca = makeCerts(dir)
+  const ports = { http: await freePort(), https: await freePort() }
+  const nginx = await startNginx(nginxBin, dir, ports)
+  process.on('exit', () => {
+    nginx.kill()
+    rmSync(dir, { recursive: true, force: true })
   })
-  process.on('exit', () => child.kill())
-  const ports = await new Promise((r) => child.once('message', r))
 
-  const sandbox = await getOrCreateSandbox('bench-proxy', {
-    egress: [{ access: 'allow', host: HOST }],
-    upstream: {
-      resolve: { [`${HOST}:80`]: `127.0.0.1:${ports.http}`, [`${HOST}:443`]: `127.0.0.1:${ports.https}` },
-      ca: [ca.caPem],
-    },
-  })
+  process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
+  const { getOrCreateSandbox } = await import('../index.js')
+  const resolve = {
+    [`${HOST}:80`]: `127.0.0.1:${ports.http}`,
+    [`${HOST}:443`]: `127.0.0.1:${ports.https}`,
+    [`${PASS_HOST}:443`]: `127.0.0.1:${ports.https}`,
+  }
+  const egress = [{ access: 'allow', host: HOST }]
+  let passthrough = true
+  let sandbox
+  try {
+    sandbox = await getOrCreateSandbox('bench-proxy-oha', {
+      egress: [...egress, { access: 'allow', host: PASS_HOST, tls: 'passthrough' }],
+      upstream: { resolve, ca: [ca] },
+    })
+  } catch (e) {
+    // An addon without passthrough rules: measure the rest.
+    console.error(`no passthrough rule (${e.code ?? e.message}); skipping the passthrough row`)
+    passthrough = false
+    sandbox = await getOrCreateSandbox('bench-proxy-oha-intercept', { egress, upstream: { resolve, ca: [ca] } })
+  }
   const proxy = await sandbox.proxy()
   const url = new URL(proxy.url)
-  const auth = `Basic ${Buffer.from(`${url.username}:${url.password}`).toString('base64')}`
-  const proxyPort = Number(url.port)
-
-  const httpVia = (path, agent) => () =>
-    once(http, { host: '127.0.0.1', port: proxyPort, path: `http://${HOST}${path}`, agent, headers: { host: HOST, 'proxy-authorization': auth } })
-  const httpDirect = (path, agent) => () =>
-    once(http, { host: '127.0.0.1', port: ports.http, path, agent, headers: { host: HOST } })
-  const httpsVia = (path, agent) => () => once(https, { host: HOST, port: 443, path, agent })
-  const httpsDirect = (path, agent) => () =>
-    once(https, { host: '127.0.0.1', port: ports.https, servername: HOST, path, agent, headers: { host: HOST } })
-
-  const keepAlive = (n) => ({ keepAlive: true, maxSockets: n, maxFreeSockets: n })
-  const scenarios = [
-    ['plain HTTP keep-alive, 1 conn', 1, '/', 'http', keepAlive(1)],
-    ['plain HTTP keep-alive, 32 conns', 32, '/', 'http', keepAlive(32)],
-    ['HTTPS keep-alive, 1 conn', 1, '/', 'https', keepAlive(1)],
-    ['HTTPS keep-alive, 32 conns', 32, '/', 'https', keepAlive(32)],
-    ['HTTPS new connection per request, 1 at a time', 1, '/', 'https', { keepAlive: false }],
-    ['HTTPS new connection per request, 8 at once', 8, '/', 'https', { keepAlive: false }],
-    ['plain HTTP 1 MiB, 4 conns', 4, '/mib', 'http', keepAlive(4)],
-    ['HTTPS 1 MiB, 4 conns', 4, '/mib', 'https', keepAlive(4)],
+  const auth = `Proxy-Authorization: Basic ${Buffer.from(`${decodeURIComponent(url.username)}:${decodeURIComponent(url.password)}`).toString('base64')}`
+  const via = ['-x', `http://127.0.0.1:${url.port}`, '--proxy-header', auth, '--no-pre-lookup', '--insecure']
+  const direct = (scheme) => [
+    '--insecure',
+    '--connect-to', `${HOST}:${scheme === 'https' ? 443 : 80}:127.0.0.1:${scheme === 'https' ? ports.https : ports.http}`,
   ]
 
+  // [name, connections, url, direct url, extra oha args, via host]
+  const scenarios = [
+    ['plain HTTP keep-alive c32', 32, `http://${HOST}/`, 'http', []],
+    ['HTTPS keep-alive c32 (intercepted)', 32, `https://${HOST}/`, 'https', []],
+    ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
+    ...(passthrough ? [['HTTPS keep-alive c32 (passthrough)', 32, `https://${PASS_HOST}/`, 'https', []]] : []),
+    ['HTTPS new connection per request c8 (intercepted)', 8, `https://${HOST}/`, 'https', ['--disable-keepalive']],
+    ['HTTPS 1 MiB c4 (intercepted)', 4, `https://${HOST}/mib`, 'https', []],
+    // Last: the memory columns are read around it.
+    ['HTTPS keep-alive c1000 (intercepted)', 1000, `https://${HOST}/`, 'https', []],
+  ]
+
+  const rssStart = rssMib()
   const rows = []
-  for (const [name, conns, path, scheme, agentOptions] of scenarios) {
+  const memory = {}
+  for (const [name, conns, target, scheme, extra] of scenarios) {
     if (ONLY && !name.includes(ONLY)) continue
-    let direct
-    let via
-    if (scheme === 'http') {
-      direct = await measure(conns, httpDirect(path, new http.Agent(agentOptions)))
-      via = await measure(conns, httpVia(path, new http.Agent(agentOptions)))
-    } else {
-      direct = await measure(conns, httpsDirect(path, new https.Agent({ ...agentOptions, ca: ca.caPem })))
-      via = await measure(conns, httpsVia(path, new TunnelAgent(proxyPort, auth, proxy.ca, agentOptions)))
+    const c1000 = conns === 1000
+    const load = os.loadavg()[0]
+    try {
+      const directUrl = target.replace(PASS_HOST, HOST)
+      const d = await oha(ohaBin, ['-c', String(conns), ...direct(scheme), ...extra, directUrl])
+      if (c1000) memory.before = rssMib()
+      const v = await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target])
+      if (c1000) {
+        memory.peak = v.peak
+        await sleep(SETTLE_SECONDS * 1000)
+        memory.after = rssMib()
+      }
+      rows.push({ name, d, v, load })
+    } catch (e) {
+      rows.push({ name, failed: e.message, load })
     }
-    rows.push([name, direct, via])
     console.error(`done: ${name}`)
   }
 
-  const f = (n, d = 0) => n.toFixed(d)
-  const load = os.loadavg().map((l) => l.toFixed(2)).join(' ')
-  console.log(`Loopback, ${SECONDS} s per measurement, Node ${process.version}, ${os.cpus().length} cores, load average ${load}; "via" = through sandbox.proxy() (intercepted for HTTPS).\n`)
-  console.log('| scenario | direct req/s | via req/s | ratio | direct p50/p99 ms | via p50/p99 ms | direct MiB/s | via MiB/s | MiB/s ratio |')
-  console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
-  for (const [name, d, v] of rows) {
+  const f = (n, d = 0) => (Number.isFinite(n) ? n.toFixed(d) : '-')
+  console.log(
+    `oha ${execFileSync(ohaBin, ['--version']).toString().trim().split(' ').pop()} (own process) against nginx ` +
+      `(TLS sessions not resumed by nginx), loopback, ${SECONDS} s per measurement, ${os.cpus().length} cores, ` +
+      `load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}; "via" = through sandbox.proxy(); ` +
+      `CPU = hive process CPU time / requests through it.\n`,
+  )
+  console.log('| scenario | load 1m | direct req/s | via req/s | ratio | direct p50/p99 ms | via p50/p99 ms | via errors | CPU µs/req | direct MiB/s | via MiB/s |')
+  console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
+  for (const { name, d, v, load, failed } of rows) {
+    if (failed) {
+      console.log(`| ${name} | ${f(load, 2)} | failed: ${failed.replace(/\|/g, '/')} | | | | | | | | |`)
+      continue
+    }
+    const errs = v.errors + d.errors > 0 ? `${v.errors} (direct ${d.errors}) ${v.errorKinds}` : '0'
     console.log(
-      `| ${name} | ${f(d.rps)} | ${f(v.rps)} | ${f(v.rps / d.rps, 2)}× | ${f(d.p50, 2)}/${f(d.p99, 2)} | ${f(v.p50, 2)}/${f(v.p99, 2)} | ${f(d.mibs, 1)} | ${f(v.mibs, 1)} | ${f(v.mibs / d.mibs, 2)}× |`,
+      `| ${name} | ${f(load, 2)} | ${f(d.rps)} | ${f(v.rps)} | ${f(v.rps / d.rps, 2)}× | ${f(d.p50, 2)}/${f(d.p99, 2)} | ${f(v.p50, 2)}/${f(v.p99, 2)} | ${errs} | ${f(v.cpuUs, 1)} | ${f(d.mibs, 1)} | ${f(v.mibs, 1)} |`,
     )
   }
-
+  if (memory.before !== undefined) {
+    console.log(
+      `\nhive process RSS: ${f(rssStart)} MiB at start, ${f(memory.before)} MiB before the c1000 run, ` +
+        `${f(memory.peak)} MiB at its peak, ${f(memory.after)} MiB ${SETTLE_SECONDS} s after ` +
+        `(${f((memory.after / memory.before - 1) * 100)} % of before).`,
+    )
+  }
   await proxy.close()
   await sandbox.close()
-  child.kill()
+  if (rows.some((r) => r.failed)) process.exitCode = 1
 }
 
-if (process.argv[2] === '--upstream') {
-  await upstream()
-} else {
-  await main()
-}
-
-async function upstream() {
-  const { certPem, keyPem } = JSON.parse(process.env.BENCH_TLS)
-  const big = Buffer.alloc(MIB, 0x61)
-  const small = Buffer.from('ok')
-  const handler = (req, res) => {
-    const body = req.url.startsWith('/mib') ? big : small
-    res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': body.length })
-    res.end(body)
-  }
-  const plain = http.createServer({ keepAliveTimeout: 60_000 }, handler)
-  const secure = https.createServer({ cert: certPem, key: keyPem, keepAliveTimeout: 60_000 }, handler)
-  await new Promise((r) => plain.listen(0, '127.0.0.1', r))
-  await new Promise((r) => secure.listen(0, '127.0.0.1', r))
-  process.send({ http: plain.address().port, https: secure.address().port })
-  process.on('disconnect', () => process.exit(0))
-}
+await main()

@@ -151,6 +151,31 @@ pub struct EgressRule {
     pub override_: Option<Override>,
     /// `None`: the sandbox's mode.
     pub mode: Option<Mode>,
+    /// How TLS through this rule is handled (`tls`; only `allow` rules may pass it through).
+    pub tls: TlsMode,
+}
+
+/// `tls` on an egress rule (docs/network-access.md#tls-passthrough).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Terminate TLS with the sandbox CA and decide every request inside (the default).
+    #[default]
+    Intercept,
+    /// Relay the TLS bytes unopened to the upstream, decided once on the SNI and the tunnel's
+    /// target: the client sees the upstream's own certificate and may present its own (mTLS), but
+    /// hive sees no method, path or header, so the rule can carry no `methods`, `paths` or
+    /// `override`.
+    Passthrough,
+}
+
+impl TlsMode {
+    /// The config and event spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Intercept => "intercept",
+            TlsMode::Passthrough => "passthrough",
+        }
+    }
 }
 
 /// Headers set on every request a rule allows.

@@ -10,8 +10,8 @@
 use serde_json::{json, Map, Value};
 
 use super::{
-    AuditRetention, Config, EgressRule, FsAccess, FsBackend, FsMount, Limits, RuleAccess, Upstream,
-    REDACTED,
+    AuditRetention, Config, EgressRule, FsAccess, FsBackend, FsMount, Limits, RuleAccess, TlsMode,
+    Upstream, REDACTED,
 };
 
 /// Renders a whole config (see [`Config::to_json`]).
@@ -85,6 +85,9 @@ fn egress_rule(rule: &EgressRule) -> Value {
     }
     if let Some(mode) = rule.mode {
         out.insert("mode".into(), mode.as_str().into());
+    }
+    if rule.tls != TlsMode::Intercept {
+        out.insert("tls".into(), rule.tls.as_str().into());
     }
     Value::Object(out)
 }

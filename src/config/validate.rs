@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 use super::host::quote;
 use super::{
     normalize_host, AuditRetention, Config, EgressRule, FsAccess, FsAcl, FsBackend, FsMount,
-    HostPattern, Limits, Mode, Override, PathGlob, RuleAccess, Secret, Upstream, REDACTED,
+    HostPattern, Limits, Mode, Override, PathGlob, RuleAccess, Secret, TlsMode, Upstream, REDACTED,
 };
 use crate::error::{ConfigIssue, HiveError, Result};
 
@@ -45,7 +45,7 @@ const LIMIT_KEYS: &[&str] = &[
 ];
 /// Keys of an egress rule.
 const RULE_KEYS: &[&str] = &[
-    "access", "host", "ports", "methods", "paths", "override", "mode",
+    "access", "host", "ports", "methods", "paths", "override", "mode", "tls",
 ];
 /// Keys of an egress rule's `override`.
 const OVERRIDE_KEYS: &[&str] = &["headers", "allowPlaintext"];
@@ -388,6 +388,10 @@ impl Validator {
             None => Some(None),
             Some(v) => self.mode(v, &key_path(path, "mode")).map(Some),
         };
+        let tls = optional(map, "tls").map_or(Some(TlsMode::Intercept), |v| {
+            self.tls_mode(v, &key_path(path, "tls"))
+        });
+        let tls = tls.and_then(|tls| self.passthrough_rule(map, path, tls, access).then_some(tls));
         Some(EgressRule {
             access: access?,
             host: host?,
@@ -396,6 +400,7 @@ impl Validator {
             paths: paths?,
             override_: override_?,
             mode: mode?,
+            tls: tls?,
         })
     }
 
@@ -415,6 +420,62 @@ impl Validator {
                 None
             }
         }
+    }
+
+    fn tls_mode(&mut self, value: &Value, path: &str) -> Option<TlsMode> {
+        const EXPECTED: &str = "expected \"intercept\" or \"passthrough\"";
+        match value {
+            Value::String(s) if s == "intercept" => Some(TlsMode::Intercept),
+            Value::String(s) if s == "passthrough" => Some(TlsMode::Passthrough),
+            Value::String(s) => {
+                self.issue(path, format!("{EXPECTED}, got {}", quote(s)));
+                None
+            }
+            other => {
+                self.issue(path, format!("{EXPECTED}, got {}", type_name(other)));
+                None
+            }
+        }
+    }
+
+    /// Whether a `tls: "passthrough"` rule is consistent: only on allow rules, and without what
+    /// only an opened stream could enforce (docs/network-access.md#tls-passthrough).
+    fn passthrough_rule(
+        &mut self,
+        map: &Map<String, Value>,
+        path: &str,
+        tls: TlsMode,
+        access: Option<RuleAccess>,
+    ) -> bool {
+        if tls != TlsMode::Passthrough {
+            return true;
+        }
+        let mut ok = true;
+        if access == Some(RuleAccess::Deny) {
+            self.issue(
+                &key_path(path, "tls"),
+                "tls: \"passthrough\" is only for allow rules (a deny rule opens nothing); remove tls",
+            );
+            ok = false;
+        }
+        for key in ["methods", "paths", "override"] {
+            if optional(map, key).is_some() {
+                self.issue(
+                    &key_path(path, key),
+                    format!(
+                        "a tls: \"passthrough\" rule relays encrypted bytes hive cannot read, so it cannot \
+                         check or change {}; remove {key}, or use tls: \"intercept\" (the default)",
+                        match key {
+                            "methods" => "methods",
+                            "paths" => "paths",
+                            _ => "headers",
+                        }
+                    ),
+                );
+                ok = false;
+            }
+        }
+        ok
     }
 
     /// An optional non-empty list under `key`: `Some(None)` when absent, `None` on error.
@@ -1302,6 +1363,11 @@ mod tests {
             (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [1.5] }] }), "egress[0].ports[0]", "got 1.5"),
             (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": [-1] }] }), "egress[0].ports[0]", "got -1"),
             (json!({ "egress": [{ "access": "allow", "host": "a.com", "ports": "443" }] }), "egress[0].ports", "got a string"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "tls": "open" }] }), "egress[0].tls", "got \"open\""),
+            (json!({ "egress": [{ "access": "deny", "host": "a.com", "tls": "passthrough" }] }), "egress[0].tls", "only for allow rules"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "tls": "passthrough", "methods": ["GET"] }] }), "egress[0].methods", "cannot read, so it cannot check or change methods"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "tls": "passthrough", "paths": ["/x"] }] }), "egress[0].paths", "remove paths"),
+            (json!({ "egress": [{ "access": "allow", "host": "a.com", "tls": "passthrough", "override": { "headers": { "X-A": "1" } } }] }), "egress[0].override", "cannot check or change headers"),
             (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Proxy-Authorization": "x" } } }] }), "egress[0].override.headers[\"Proxy-Authorization\"]", "cannot be overridden"),
             (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "TE": "x" } } }] }), "egress[0].override.headers[\"TE\"]", "cannot be overridden"),
             (json!({ "egress": [{ "access": "allow", "host": "a.com", "override": { "headers": { "Bad Name": "x" } } }] }), "egress[0].override.headers[\"Bad Name\"]", "not a valid header name"),

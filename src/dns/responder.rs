@@ -532,6 +532,7 @@ mod tests {
                 paths: None,
                 override_: None,
                 mode: None,
+                tls: Default::default(),
             })
             .collect();
         Config {

@@ -72,6 +72,11 @@ export interface EgressRule {
   /** `report`: what this rule denies is let through (recorded `wouldDeny`), and it never injects
    * headers. Default: the sandbox's `mode`. */
   mode?: 'enforce' | 'report'
+  /** `"intercept"` (default): TLS is opened and every request inside decided. `"passthrough"`
+   * (allow rules only, without `methods`, `paths`, `override`): TLS bytes are relayed unopened,
+   * decided once on the SNI and target, so pinned certificates and mTLS work but nothing inside is
+   * seen (docs/network-access.md#tls-passthrough). */
+  tls?: 'intercept' | 'passthrough'
 }
 
 export interface UpstreamConfig {
@@ -133,10 +138,11 @@ export interface EgressRequestEvent extends EventBase<'egress.request'> {
   /** The host the sandbox asked for (lowercase; the name, not the address it resolved to). */
   host: string
   port: number
-  /** The HTTP method; `"CONNECT"` for a raw tunnel. */
-  method: string
-  /** The request path without the query string (query strings are never recorded). */
-  path: string
+  /** The HTTP method; `"CONNECT"` for a raw tunnel; `null` for passed-through TLS. */
+  method: string | null
+  /** The request path without the query string (query strings are never recorded); `null` for
+   * passed-through TLS. */
+  path: string | null
   scheme: 'http' | 'https' | 'tcp'
   access: 'allowed' | 'denied'
   /** Index of the deciding rule in `egress`, or `null` when no rule matched. */
@@ -146,6 +152,8 @@ export interface EgressRequestEvent extends EventBase<'egress.request'> {
   via: 'proxy' | 'transparent' | 'host'
   /** Names (never values) of the headers an `override` set. */
   injectedHeaders: string[]
+  /** `"passthrough"` on a TLS connection relayed unopened (one event per connection). */
+  tls?: 'passthrough'
   /** In report mode: the request was allowed but the policy would have denied it. */
   wouldDeny?: boolean
   /** The process inside that opened the connection (pid inside the sandbox, as in `process.start`), where known. */

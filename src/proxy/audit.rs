@@ -48,6 +48,8 @@ pub mod field {
     pub const WOULD_DENY: &str = "wouldDeny";
     pub const CAUSE: &str = "cause";
     pub const DETAIL: &str = "detail";
+    /// Only on passed-through TLS connections: `"passthrough"`.
+    pub const TLS: &str = "tls";
 }
 
 /// What one decision was about, for its `egress.request` event.
@@ -152,6 +154,26 @@ struct ExchangeInner {
 }
 
 impl Exchange {
+    /// An exchange for the `egress.request` event `request_id` emitted just now (for events built
+    /// outside [`Auditor::request`], such as a passed-through TLS connection's).
+    pub fn started(
+        events: Arc<EventBus>,
+        request_id: String,
+        origin: Option<Arc<Origin>>,
+    ) -> Exchange {
+        Exchange {
+            inner: Arc::new(ExchangeInner {
+                events,
+                request_id,
+                origin,
+                start: Instant::now(),
+                status: AtomicU16::new(0),
+                bytes_in: AtomicU64::new(0),
+                bytes_out: AtomicU64::new(0),
+            }),
+        }
+    }
+
     /// Records the status answered to the sandbox.
     pub fn set_status(&self, status: u16) {
         self.inner.status.store(status, Ordering::Relaxed);

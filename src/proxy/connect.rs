@@ -39,7 +39,7 @@ use super::deny::{self, ProxyBody, UpstreamFailure};
 use super::gate::{self, Ask, Outcome};
 use super::http::{split_authority, Tunnel};
 use super::listener::{serve_connection, Conn};
-use super::{intercept, HEADER_READ_TIMEOUT, SNIFF_TIMEOUT};
+use super::{intercept, passthrough, HEADER_READ_TIMEOUT, SNIFF_TIMEOUT};
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -174,7 +174,11 @@ pub async fn tunnel<I>(
     match sniffed {
         Ok(Ok(0)) | Ok(Err(_)) => {}
         Ok(Ok(_)) if prefixed.prefix[0] == TLS_HANDSHAKE => {
-            intercept::serve(conn, prefixed, Arc::from(host.as_str()), port, refusal).await;
+            if refusal.is_some() {
+                intercept::serve(conn, prefixed, Arc::from(host.as_str()), port, refusal).await;
+            } else {
+                passthrough::serve_or_intercept(conn, prefixed, host, port, raw_allowed).await;
+            }
         }
         // Plain HTTP inside the tunnel (CONNECT to port 80, transparent port 80): every request
         // is decided like an absolute-form one.
@@ -344,6 +348,13 @@ pub async fn connect_any(
 pub struct Prefixed<I> {
     prefix: Bytes,
     inner: I,
+}
+
+impl<I> Prefixed<I> {
+    /// `inner`, replaying `prefix` first.
+    pub fn new(prefix: Bytes, inner: I) -> Self {
+        Prefixed { prefix, inner }
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {

@@ -89,6 +89,7 @@ impl ListenerCtl {
         F: Future<Output = ()> + Send + 'static,
     {
         self.active.fetch_add(1, Ordering::AcqRel);
+        super::memory::opened();
         let guard = ActiveGuard(self.clone());
         let killed = self.reached(Phase::Killed);
         tokio::spawn(async move {
@@ -139,6 +140,7 @@ struct ActiveGuard(Arc<ListenerCtl>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        super::memory::closed();
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
@@ -224,6 +226,11 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let draining = conn.ctl.reached(Phase::Draining);
+    // Over TLS, a vectored write of head and body would become one TLS record (one seal, one
+    // header) per slice: flatten them into one buffer first. Plain TCP keeps writev.
+    let tls = tunnel
+        .as_ref()
+        .is_some_and(|t| t.scheme == crate::policy::Scheme::Https);
     let service = service_fn(move |req| {
         let conn = conn.clone();
         let tunnel = tunnel.clone();
@@ -232,7 +239,10 @@ where
             Ok::<_, std::convert::Infallible>(http::handle(conn, tunnel, req).await)
         }
     });
-    let builder = server_builder();
+    let mut builder = server_builder();
+    if tls {
+        builder.http1().writev(false);
+    }
     let served = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
     tokio::select! {

@@ -42,6 +42,8 @@ mod http;
 mod idle;
 mod intercept;
 mod listener;
+mod memory;
+mod passthrough;
 mod upstream;
 
 #[cfg(test)]
@@ -75,8 +77,10 @@ pub const MAX_LISTENER_CONNECTIONS: usize = 768;
 /// process may open few file descriptors: see [`Limits::default`]).
 pub const MAX_SANDBOX_CONNECTIONS: usize = 1024;
 /// Most connections one host-side `sandbox.proxy()` listener serves at once (its own budget:
-/// the sandbox cannot use it up).
-pub const MAX_HOST_CONNECTIONS: usize = 256;
+/// the sandbox cannot use it up; lowered like the sandbox's when descriptors are few). Clients
+/// past it wait in the listen backlog behind keep-alive connections that may never close, so it
+/// is sized for a thousand concurrent clients of the (trusted) host application.
+pub const MAX_HOST_CONNECTIONS: usize = 1024;
 /// How long an accepted connection may move no byte either way (keep-alive HTTP, intercepted TLS,
 /// tunnels, WebSockets) while no request on it waits for an upstream.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -115,7 +119,7 @@ impl Default for Limits {
         Limits {
             listener: MAX_LISTENER_CONNECTIONS.min(sandbox),
             sandbox,
-            host: MAX_HOST_CONNECTIONS,
+            host: MAX_HOST_CONNECTIONS.min(share),
             idle: IDLE_TIMEOUT,
         }
     }

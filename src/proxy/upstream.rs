@@ -8,6 +8,8 @@
 //!    resolves on its own.
 //! 3. TLS gets the requested host name as SNI and for verification (hyper-rustls takes it from the
 //!    URI), whatever address the name was pinned to.
+//! 4. The pool grows with demand and shrinks by time ([`POOL_MAX_IDLE_PER_HOST`],
+//!    [`POOL_IDLE_TIMEOUT`]).
 //!
 //! # Security
 //! Connecting to the address that was checked (instead of resolving again in the connector) closes
@@ -40,8 +42,13 @@ const PIN_CAPACITY: u64 = 10_000;
 const PIN_TTL: Duration = Duration::from_secs(300);
 /// How long a DNS answer is reused.
 const DNS_TTL: Duration = Duration::from_secs(30);
-/// Idle pooled connections kept per upstream host.
-const POOL_MAX_IDLE_PER_HOST: usize = 64;
+/// Most idle pooled connections kept per upstream host. The pool sizes itself to demand: every
+/// request that finds no idle connection opens one, and every connection goes back to the pool when
+/// its exchange ends, so as many stay as were in use at the busiest moment; each closes after
+/// [`POOL_IDLE_TIMEOUT`] unused. This cap only bounds a burst's leftovers (a few file descriptors
+/// each), and is well above what the proxy's listeners let be active at once, so that a busy host
+/// never has connections closed after use and reopened (a TLS handshake each) while busy.
+const POOL_MAX_IDLE_PER_HOST: usize = 4096;
 
 type Pins = moka::sync::Cache<(String, u16), Arc<[SocketAddr]>>;
 type Connector = TimeoutConnector<HttpsConnector<PinnedConnector>>;

@@ -91,6 +91,7 @@ impl Sandbox {
             paths: None,
             override_: None,
             mode: None,
+            tls: Default::default(),
         });
         self.swap_config_locked(config)
     }

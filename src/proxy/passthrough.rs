@@ -1,0 +1,282 @@
+//! TLS passthrough (docs/network-access.md#tls-passthrough): a tunnel whose rule says
+//! `tls: "passthrough"` relays the TLS bytes unopened, so the client talks to the upstream's own
+//! certificate (pinning works) and may present its own (mTLS).
+//!
+//! 1. Only a tunnel that starts with a TLS record, whose CONNECT (or transparent) target was allowed
+//!    by a rule that allows raw bytes (no `methods`, `paths`, `override`), and only while some rule
+//!    of the config in force says `passthrough`, gets here; everything else is intercepted as
+//!    before, at no extra cost.
+//! 2. Read the whole ClientHello (bounded in time and size) and take its SNI. An SNI naming
+//!    another host than the target is not passed through: interception then refuses every
+//!    request on it (`host-mismatch`), so an allowed target cannot front for another name.
+//! 3. Decide the target again, against the policy in force now: the deciding rule must still be a
+//!    passthrough rule, else the tunnel is intercepted.
+//! 4. Record one `egress.request` (`scheme: "https"`, `method` and `path` null,
+//!    `tls: "passthrough"`), connect to the checked addresses, replay the ClientHello and relay
+//!    both ways until either side closes; `egress.response` carries the byte counts.
+//!
+//! # Security
+//! Nothing inside a passed-through connection is seen: no per-request decision, audit or
+//! credential injection. Validation keeps `methods`, `paths` and `override` off passthrough
+//! rules, and the policy only lets raw bytes through when the first rule matching host and port
+//! is that rule, so a passthrough rule cannot bypass a rule that inspects HTTP.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use http::StatusCode;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::config::{normalize_host, TlsMode};
+use crate::events::kind;
+use crate::policy::{Access, Compiled, Decision, Scheme};
+
+use super::audit::{field, Exchange};
+use super::connect::{connect_any, Prefixed, Refusal};
+use super::gate::{self, Ask, Outcome};
+use super::listener::Conn;
+use super::{intercept, TLS_HANDSHAKE_TIMEOUT};
+
+/// Largest ClientHello read before deciding (a TLS record is at most 16 KiB plus its header;
+/// post-quantum key shares make hellos of a few KiB common).
+const MAX_HELLO_BYTES: usize = 32 * 1024;
+/// Relay buffer per direction.
+const RELAY_BUFFER: usize = 64 * 1024;
+/// The `tls` value of a passed-through connection's `egress.request`.
+const PASSTHROUGH: &str = TlsMode::Passthrough.as_str();
+
+/// Serves a tunnel that starts with a TLS record: passed through when a passthrough rule decides
+/// it (see the module doc), else intercepted.
+pub async fn serve_or_intercept<I>(
+    conn: Conn,
+    io: Prefixed<I>,
+    host: String,
+    port: u16,
+    raw_allowed: bool,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let compiled = conn.engine.cell.load_full();
+    if !raw_allowed || !has_passthrough_rule(&compiled) {
+        return intercept::serve(conn, io, Arc::from(host.as_str()), port, None).await;
+    }
+    let Some((sni, io)) = read_client_hello(io).await else {
+        return;
+    };
+    if sni.as_deref().is_some_and(|sni| sni != host) {
+        return intercept::serve(conn, io, Arc::from(host.as_str()), port, None).await;
+    }
+    let engine = &conn.engine;
+    let (decision, addrs) = match gate::check(engine, &compiled, &host, port, Ask::Connect).await {
+        Outcome::Allowed {
+            decision,
+            raw_tunnel: true,
+            addrs,
+            ..
+        } if rule_passes_through(&compiled, &decision) => (decision, addrs),
+        Outcome::Allowed { .. } => {
+            return intercept::serve(conn, io, Arc::from(host.as_str()), port, None).await;
+        }
+        // Refused now (the policy changed since the tunnel opened): explained inside TLS like any
+        // refused tunnel.
+        Outcome::Denied(decision) => {
+            let refusal = Some(Refusal::Denied(decision));
+            return intercept::serve(conn, io, Arc::from(host.as_str()), port, refusal).await;
+        }
+        Outcome::Unreachable(decision, failure) => {
+            let refusal = Some(Refusal::Unreachable(decision, failure));
+            return intercept::serve(conn, io, Arc::from(host.as_str()), port, refusal).await;
+        }
+    };
+    let Some(exchange) = audit(&conn, &host, port, &decision) else {
+        return;
+    };
+    let upstream = match connect_any(&addrs, compiled.config.upstream.connect_timeout).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            let failure = super::upstream::classify(&e);
+            exchange.fail(failure, &host, port, &super::audit::error_chain(&e));
+            return;
+        }
+    };
+    exchange.set_status(StatusCode::OK.as_u16());
+    relay(io, upstream, &exchange).await;
+}
+
+/// Whether any rule of the config in force passes TLS through (else nothing here is needed).
+fn has_passthrough_rule(compiled: &Compiled) -> bool {
+    compiled
+        .config
+        .egress
+        .iter()
+        .any(|r| r.tls == TlsMode::Passthrough)
+}
+
+/// Whether the rule that allowed `decision` passes TLS through.
+fn rule_passes_through(compiled: &Compiled, decision: &Decision) -> bool {
+    decision.access == Access::Allowed
+        && decision
+            .rule
+            .and_then(|r| compiled.policy.rule(r))
+            .is_some_and(|r| r.tls == TlsMode::Passthrough)
+}
+
+/// Reads until the ClientHello is complete; returns its SNI (normalized; `None` when it names no
+/// host) and a stream that replays everything read. `None`: not a ClientHello, too large, too
+/// slow, or the client left.
+async fn read_client_hello<I>(mut io: I) -> Option<(Option<String>, Prefixed<I>)>
+where
+    I: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut fed = 0;
+    let sni = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, async {
+        loop {
+            if buf.len() >= MAX_HELLO_BYTES || io.read_buf(&mut buf).await.ok()? == 0 {
+                return None;
+            }
+            while fed < buf.len() {
+                let mut rest = &buf[fed..];
+                match acceptor.read_tls(&mut rest) {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => fed += n,
+                }
+            }
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    return Some(
+                        accepted
+                            .client_hello()
+                            .server_name()
+                            .and_then(normalize_host),
+                    );
+                }
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .ok()??;
+    Some((sni, Prefixed::new(buf.freeze(), io)))
+}
+
+/// Emits the connection's one `egress.request`; for an allowed decision returns its exchange.
+fn audit(conn: &Conn, host: &str, port: u16, decision: &Decision) -> Option<Exchange> {
+    let events = &conn.engine.events;
+    let mut f = Map::new();
+    f.insert(field::HOST.into(), host.into());
+    f.insert(field::PORT.into(), port.into());
+    f.insert(field::METHOD.into(), Value::Null);
+    f.insert(field::PATH.into(), Value::Null);
+    f.insert(field::SCHEME.into(), Scheme::Https.as_str().into());
+    f.insert(field::ACCESS.into(), decision.access.as_str().into());
+    f.insert(
+        field::RULE.into(),
+        decision.rule.map_or(Value::Null, |r| r.into()),
+    );
+    f.insert(field::REASON.into(), decision.reason.into());
+    if decision.would_deny {
+        f.insert(field::WOULD_DENY.into(), true.into());
+    }
+    f.insert(field::VIA.into(), conn.via().as_str().into());
+    f.insert(
+        field::CONFIG_HASH.into(),
+        conn.engine.cell.load().hash.to_string().into(),
+    );
+    let origin = conn.origin();
+    if let Some(origin) = &origin {
+        origin.insert_fields(&mut f);
+    }
+    f.insert(field::INJECTED_HEADERS.into(), Value::Array(Vec::new()));
+    f.insert(field::TLS.into(), PASSTHROUGH.into());
+    tracing::debug!(
+        host,
+        port,
+        access = decision.access.as_str(),
+        reason = decision.reason,
+        "egress decision (tls passthrough)"
+    );
+    let event = events.emit(kind::EGRESS_REQUEST, f);
+    (decision.access == Access::Allowed)
+        .then(|| Exchange::started(events.clone(), event.id, origin))
+}
+
+/// Copies both ways until both directions are done (a half close is passed on), counting bytes.
+async fn relay<A, B>(mut client: A, mut upstream: B, exchange: &Exchange)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Ok((out, inn)) = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        RELAY_BUFFER,
+        RELAY_BUFFER,
+    )
+    .await
+    {
+        exchange.add_out(out);
+        exchange.add_in(inn);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A real ClientHello, as rustls writes it, for `name`.
+    fn client_hello(name: &str) -> Vec<u8> {
+        let roots = rustls::RootCertStore::empty();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).expect("name");
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+        let mut out = Vec::new();
+        client.write_tls(&mut out).expect("hello");
+        out
+    }
+
+    #[tokio::test]
+    async fn client_hello_sni_is_read_across_reads_and_replayed() {
+        let hello = client_hello("API.Example.com");
+        let (a, mut b) = tokio::io::duplex(64 * 1024);
+        let (first, rest) = hello.split_at(7);
+        let (first, rest) = (first.to_vec(), rest.to_vec());
+        let writer = tokio::spawn(async move {
+            b.write_all(&first).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            b.write_all(&rest).await.unwrap();
+            b.write_all(b"after").await.unwrap();
+            drop(b);
+        });
+        let (sni, mut replay) = read_client_hello(a).await.expect("hello");
+        writer.await.unwrap();
+        assert_eq!(sni.as_deref(), Some("api.example.com"));
+        let mut all = Vec::new();
+        replay.read_to_end(&mut all).await.unwrap();
+        assert_eq!(&all[..hello.len()], &hello[..]);
+        assert_eq!(&all[hello.len()..], b"after");
+    }
+
+    #[tokio::test]
+    async fn not_a_client_hello_is_refused() {
+        for bytes in [
+            &b"\x16\x03\x01\x00\x05hello"[..],
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+        ] {
+            let (a, mut b) = tokio::io::duplex(1024);
+            b.write_all(bytes).await.unwrap();
+            drop(b);
+            assert!(read_client_hello(a).await.is_none(), "{bytes:?}");
+        }
+    }
+}
