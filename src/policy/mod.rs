@@ -529,6 +529,9 @@ fn inspects_http(rule: &EgressRule) -> bool {
 pub struct Compiled {
     pub config: std::sync::Arc<Config>,
     pub policy: Policy,
+    /// Named secrets with the sandbox's placeholders (docs/secrets.md); empty until
+    /// [`Compiled::with_secrets`].
+    pub secrets: std::sync::Arc<crate::secrets::Table>,
 }
 
 impl Compiled {
@@ -538,6 +541,16 @@ impl Compiled {
         Compiled {
             config: std::sync::Arc::new(config),
             policy,
+            secrets: Default::default(),
+        }
+    }
+
+    /// Compiles a validated config with its secrets table over a sandbox's `placeholders`.
+    pub fn with_secrets(config: Config, placeholders: &crate::secrets::Placeholders) -> Compiled {
+        let table = crate::secrets::Table::build(&config, placeholders);
+        Compiled {
+            secrets: std::sync::Arc::new(table),
+            ..Compiled::new(config)
         }
     }
 }

@@ -39,6 +39,8 @@ mod http;
 mod idle;
 mod intercept;
 mod listener;
+mod scrub;
+mod substitute;
 mod upstream;
 
 #[cfg(test)]

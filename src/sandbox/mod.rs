@@ -51,6 +51,9 @@ pub struct Sandbox {
     events: Arc<EventBus>,
     ca: Arc<CertificateAuthority>,
     engine: Arc<Engine>,
+    /// The placeholders of named secrets, one per name for the sandbox's lifetime
+    /// (docs/secrets.md#placeholders).
+    placeholders: crate::secrets::Placeholders,
     /// The namespaces and their processes, started by the first spawn.
     #[cfg(target_os = "linux")]
     runtime: tokio::sync::Mutex<Option<runtime::Runtime>>,
@@ -257,6 +260,7 @@ impl Sandbox {
         let sandbox = Arc::new(Sandbox {
             cell,
             engine,
+            placeholders: Default::default(),
             #[cfg(target_os = "linux")]
             runtime: tokio::sync::Mutex::new(None),
             name,
@@ -311,7 +315,7 @@ impl Sandbox {
 
     /// `applyConfig`: validates the whole config (nothing changes on error), then swaps it in.
     pub fn apply_config(&self, value: &Value) -> Result<()> {
-        let config = Config::from_json(value)?;
+        let config = Config::from_json_over(value, &self.cell.load().config)?;
         config.check_host_paths()?;
         self.swap_config(config)
     }
@@ -327,7 +331,8 @@ impl Sandbox {
         self.events.set_retention(config.audit);
         #[cfg(target_os = "linux")]
         let capture_ports = runtime::capture_ports(&config);
-        self.cell.store(Arc::new(Compiled::new(config)));
+        self.cell
+            .store(Arc::new(Compiled::with_secrets(config, &self.placeholders)));
         #[cfg(target_os = "linux")]
         self.sync_capture_ports(&capture_ports);
         let mut fields = Map::new();
@@ -442,6 +447,10 @@ impl Sandbox {
                     servers,
                 })
             }
+        };
+        let env = {
+            let compiled = self.cell.load();
+            crate::secrets::process_env(&compiled.secrets, &compiled.config.env, &env)?
         };
         let spec = linux::ProcessSpec {
             argv: argv.clone(),
