@@ -29,6 +29,7 @@ describe('keys', () => {
     UPSTREAM_KEYS: schema.properties.upstream.properties,
     AUDIT_KEYS: schema.properties.audit.properties,
     LIMIT_KEYS: schema.properties.limits.properties,
+    SECRET_KEYS: schema.properties.secrets.additionalProperties.oneOf[1].properties,
     FS_KEYS: schema.definitions.fsMount.properties,
     ACL_KEYS: schema.definitions.fsMount.properties.acls.items.properties,
   }

@@ -25,6 +25,7 @@ step('fs', 'cargo', [
 for (const [name, file] of [
   ['proxy', 'benches/proxy.mjs'],
   ['sandbox', 'benches/sandbox.mjs'],
+  ['secrets', 'benches/secrets.mjs'],
 ]) {
   if (existsSync(new URL(`../${file}`, import.meta.url))) step(name, process.execPath, [file])
 }
