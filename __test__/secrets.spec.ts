@@ -334,6 +334,8 @@ describe('config', () => {
     expect(cfg.secrets).toEqual({ OPENAI_KEY: { value: '[redacted]', hosts: ['api.openai.com'] }, GH_TOKEN: { value: '[redacted]', hosts: ['github.com'] } })
     expect(cfg.egress?.[0].override?.headers.authorization).toBe('Bearer {{secrets.OPENAI_KEY}}')
     await sandbox.applyConfig({ ...cfg, egress: [...(cfg.egress ?? []), { access: 'allow', host: 'other.example' }] })
+    // getOrCreateSandbox on the live sandbox applies the same way.
+    expect(await getOrCreateSandbox('secrets-e2e', await sandbox.getConfig())).toBe(sandbox)
     const r = await sandbox.exec(['curl', '-s', 'https://api.openai.com/v1/models'])
     expect(r.exitCode).toBe(0)
     expect(openai.hits[0].headers.authorization).toBe(`Bearer ${VALUE}`)

@@ -93,7 +93,8 @@ pub fn response<B>(
                 .headers
                 .get(header::CONTENT_ENCODING)
                 .map(|v| v.as_bytes()),
-        )?;
+        )
+        .map_err(|_| ())?;
         parts.headers.remove(header::CONTENT_ENCODING);
         parts.headers.remove(header::CONTENT_LENGTH);
         match encoding {

@@ -499,13 +499,14 @@ mod tests {
             })
         };
         // (host, may_send, headers, url, expected)
-        let cases: Vec<(
-            &str,
+        type Case<'a> = (
+            &'a str,
             bool,
-            Vec<(&str, String)>,
+            Vec<(&'a str, String)>,
             String,
             Result<bool, Blocked>,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 "evil.com",
                 true,

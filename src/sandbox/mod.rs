@@ -143,7 +143,22 @@ pub async fn get_or_create_for(
     owner: Option<Owner>,
 ) -> Result<Arc<Sandbox>> {
     validate_name(&name)?;
-    let config = config.map(|value| Config::from_json(&value)).transpose()?;
+    let config = match config.as_ref().map(Config::from_json).transpose() {
+        Ok(config) => config,
+        // The `"[redacted]"` marker of a named secret is valid over the live sandbox's config
+        // (docs/secrets.md#round-trip); for a new sandbox the first error stands.
+        Err(error) => {
+            let live = REGISTRY
+                .lock()
+                .get(&name)
+                .filter(|entry| !entry.sandbox.is_closed())
+                .map(|entry| entry.sandbox.cell.load().config.clone());
+            match (live, &config) {
+                (Some(live), Some(value)) => Some(Config::from_json_over(value, &live)?),
+                _ => return Err(error),
+            }
+        }
+    };
     if let Some(config) = config.clone() {
         blocking(move || config.check_host_paths()).await?;
     }

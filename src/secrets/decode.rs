@@ -10,6 +10,10 @@ use std::io::Write;
 /// Compressed bytes fed to a decoder at a time.
 const SLICE: usize = 1024;
 
+/// A `Content-Encoding` the scrubber cannot decode (unknown, or several stacked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownEncoding;
+
 /// A content coding the scrubber can decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
@@ -21,12 +25,14 @@ pub enum Encoding {
 
 impl Encoding {
     /// Reads a `Content-Encoding` value: `Ok(None)` for none or `identity`, `Ok(Some(..))` for one
-    /// supported coding, `Err(())` for anything else (an unknown or stacked coding).
-    pub fn parse(value: Option<&[u8]>) -> Result<Option<Encoding>, ()> {
+    /// supported coding, an error for anything else (an unknown or stacked coding).
+    pub fn parse(value: Option<&[u8]>) -> Result<Option<Encoding>, UnknownEncoding> {
         let Some(value) = value else {
             return Ok(None);
         };
-        let text = std::str::from_utf8(value).map_err(|_| ())?.trim();
+        let text = std::str::from_utf8(value)
+            .map_err(|_| UnknownEncoding)?
+            .trim();
         let lower = text.to_ascii_lowercase();
         match lower.as_str() {
             "" | "identity" => Ok(None),
@@ -34,7 +40,7 @@ impl Encoding {
             "deflate" => Ok(Some(Encoding::Deflate)),
             "br" => Ok(Some(Encoding::Brotli)),
             "zstd" => Ok(Some(Encoding::Zstd)),
-            _ => Err(()),
+            _ => Err(UnknownEncoding),
         }
     }
 }
@@ -212,14 +218,15 @@ mod tests {
 
     #[test]
     fn parse_cases() {
-        let cases: [(Option<&[u8]>, Result<Option<Encoding>, ()>); 7] = [
+        type Case<'a> = (Option<&'a [u8]>, Result<Option<Encoding>, UnknownEncoding>);
+        let cases: [Case; 7] = [
             (None, Ok(None)),
             (Some(b"identity"), Ok(None)),
             (Some(b"GZIP"), Ok(Some(Encoding::Gzip))),
             (Some(b"br"), Ok(Some(Encoding::Brotli))),
             (Some(b"zstd"), Ok(Some(Encoding::Zstd))),
-            (Some(b"gzip, br"), Err(())),
-            (Some(b"compress"), Err(())),
+            (Some(b"gzip, br"), Err(UnknownEncoding)),
+            (Some(b"compress"), Err(UnknownEncoding)),
         ];
         for (value, want) in cases {
             assert_eq!(Encoding::parse(value), want, "{value:?}");

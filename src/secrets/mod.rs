@@ -18,7 +18,7 @@ mod placeholder;
 pub mod scrub;
 mod table;
 
-pub use decode::{Decoder, Encoding};
+pub use decode::{Decoder, Encoding, UnknownEncoding};
 pub use env::process_env;
 pub use placeholder::{Placeholders, PLACEHOLDER_LEN, PLACEHOLDER_PREFIX};
 pub use table::{Entry, Table};

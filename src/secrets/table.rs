@@ -122,9 +122,7 @@ impl Table {
             while from + PLACEHOLDER_LEN <= text.len() {
                 let at = from + find_bytes(&text[from..], prefix)?;
                 from = at + 1;
-                let Some(candidate) = text.get(at..at + PLACEHOLDER_LEN) else {
-                    return None;
-                };
+                let candidate = text.get(at..at + PLACEHOLDER_LEN)?;
                 if !is_placeholder(candidate) {
                     continue;
                 }
