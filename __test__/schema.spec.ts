@@ -141,6 +141,7 @@ describe('generated samples', () => {
       'ca not PEM', 'ca PEM with a corrupt certificate',
       'mount over /', 'mount under /proc', 'mount over /etc', 'mount under /lib64', 'mount with ..', 'two equal mounts', 'nested mounts',
       'relative source', 'acl outside its mount', 'acl glob reaching beside its mount',
+      'template naming an unknown secret', 'env placeholder of a secret that may go nowhere', '[redacted] marker for a new secret',
     ]
     expect(fixtures.filter((f) => validate(f.config)).map((f) => f.name)).toEqual(onlyTheValidator)
     expect(fixtures.length - onlyTheValidator.length).toBeGreaterThanOrEqual(30)
