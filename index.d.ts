@@ -245,8 +245,9 @@ export interface SecretBlockedEvent extends EventBase<'secret.blocked'> {
   /** The secret's name (never its value). */
   secret: string
   host: string
-  /** Where the placeholder was: `"header"`, `"url"` or `"body"` (its first 64 KiB). */
-  where: 'header' | 'url' | 'body' | (string & {})
+  /** Where the placeholder was: `"header"`, `"url"` or `"body"` (its first 64 KiB); `"override"`
+   * for an override template naming a secret whose `hosts` exclude the request's host. */
+  where: 'header' | 'url' | 'body' | 'override' | (string & {})
 }
 
 /** A response had a secret's value replaced (docs/audit-log.md#secretscrubbed). */

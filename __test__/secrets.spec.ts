@@ -255,6 +255,19 @@ describe('placeholders', () => {
     expect(events).toContainEqual(expect.objectContaining({ type: 'egress.request', access: 'denied', reason: 'secret-blocked', host: 'other.example' }))
   }, 60_000)
 
+  it('never injects a template into a request to a host outside the secret\'s hosts, whatever the rule says', async () => {
+    await sandbox.applyConfig(config({
+      egress: [{ access: 'allow', host: 'other.example', override: { headers: { Authorization: 'Bearer {{secrets.OPENAI_KEY}}' } } }],
+      env: {},
+    }) as never)
+    const events = await eventsDuring(['secret.blocked'], async () => {
+      const r = await sandbox.exec(['curl', '-s', '-o', '/dev/null', '-w', '%{http_code}', 'https://other.example/v1/models'])
+      expect(r.stdout).toBe('403')
+    })
+    expect(events).toEqual([expect.objectContaining({ secret: 'OPENAI_KEY', host: 'other.example', where: 'override' })])
+    expect(other.hits).toHaveLength(0)
+  }, 60_000)
+
   it('refuses the placeholder in the URL query and in the body of a request to another host', async () => {
     for (const mode of ['query', 'body']) {
       const events = await eventsDuring(['secret.blocked'], async () => {

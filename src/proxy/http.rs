@@ -243,7 +243,12 @@ pub async fn forward(
         Err(()) => return refuse(&gate::denied(substitute::SECRET_BLOCKED)),
     };
     let injected = match over {
-        Some(over) if may_send => headers::inject(&mut parts.headers, over, secrets),
+        Some(over) if may_send => {
+            if substitute::check_override(secrets, &engine.events, over, host).is_err() {
+                return refuse(&gate::denied(substitute::SECRET_BLOCKED));
+            }
+            headers::inject(&mut parts.headers, over, secrets)
+        }
         _ => Vec::new(),
     };
     let scrubbing = (substituted || !injected.is_empty())

@@ -32,6 +32,7 @@ use http_body_util::BodyExt;
 use serde_json::{json, Map};
 use zeroize::Zeroizing;
 
+use crate::config::{Override, OverrideValue};
 use crate::events::{kind, EventBus};
 use crate::secrets::{Entry, Table};
 
@@ -80,6 +81,32 @@ where
         fields.insert("where".into(), json!(blocked.place));
         events.emit(kind::SECRET_BLOCKED, fields);
     })
+}
+
+/// Checks that every secret an override template of the deciding rule references may go to
+/// `host`: a secret's `hosts` bounds where its value is ever sent, even through a rule whose host
+/// pattern is wider. On a refusal emits `secret.blocked` (`where: "override"`).
+pub fn check_override(
+    table: &Table,
+    events: &EventBus,
+    over: &Override,
+    host: &str,
+) -> Result<(), ()> {
+    let names = over.headers.iter().flat_map(|(_, value)| match value {
+        OverrideValue::Template(t) => t.secret_names().collect::<Vec<_>>(),
+        OverrideValue::Inline(_) => Vec::new(),
+    });
+    for name in names {
+        if let Some(entry) = table.get(name).filter(|e| !e.allows(host)) {
+            let mut fields = Map::new();
+            fields.insert("secret".into(), json!(&*entry.name));
+            fields.insert("host".into(), json!(host));
+            fields.insert("where".into(), json!("override"));
+            events.emit(kind::SECRET_BLOCKED, fields);
+            return Err(());
+        }
+    }
+    Ok(())
 }
 
 /// Checks and rewrites the head of an allowed request to `host`. `may_send`: the request leaves
