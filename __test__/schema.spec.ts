@@ -29,6 +29,7 @@ describe('keys', () => {
     UPSTREAM_KEYS: schema.properties.upstream.properties,
     AUDIT_KEYS: schema.properties.audit.properties,
     LIMIT_KEYS: schema.properties.limits.properties,
+    SECRET_KEYS: schema.properties.secrets.additionalProperties.oneOf[1].properties,
     FS_KEYS: schema.definitions.fsMount.properties,
     ACL_KEYS: schema.definitions.fsMount.properties.acls.items.properties,
   }
@@ -140,6 +141,7 @@ describe('generated samples', () => {
       'ca not PEM', 'ca PEM with a corrupt certificate',
       'mount over /', 'mount under /proc', 'mount over /etc', 'mount under /lib64', 'mount with ..', 'two equal mounts', 'nested mounts',
       'relative source', 'acl outside its mount', 'acl glob reaching beside its mount',
+      'template naming an unknown secret', 'env placeholder of a secret that may go nowhere', '[redacted] marker for a new secret',
     ]
     expect(fixtures.filter((f) => validate(f.config)).map((f) => f.name)).toEqual(onlyTheValidator)
     expect(fixtures.length - onlyTheValidator.length).toBeGreaterThanOrEqual(30)

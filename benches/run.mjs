@@ -43,6 +43,7 @@ for (const [name, file] of [
   // The older view: Node's own client in the proxy's process against a Node upstream.
   ['proxy-node', 'benches/proxy_node.mjs'],
   ['sandbox', 'benches/sandbox.mjs'],
+  ['secrets', 'benches/secrets.mjs'],
 ]) {
   if (!existsSync(new URL(`../${file}`, import.meta.url))) continue
   if (!built) {

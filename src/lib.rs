@@ -16,6 +16,7 @@ pub mod fs;
 pub mod policy;
 pub mod proxy;
 pub mod sandbox;
+pub mod secrets;
 pub mod tls;
 
 #[cfg(feature = "napi")]

@@ -16,18 +16,20 @@ mod host;
 mod path_glob;
 mod render;
 mod secret;
+mod template;
 mod validate;
 
 pub use digest::{canonical_json, content_hash};
 pub use host::{normalize_host, HostPattern};
 pub use path_glob::{normalize_path, PathGlob};
 pub(crate) use path_glob::{plain_glob_form, push_normalized as push_glob_form};
-pub use secret::Secret;
+pub use secret::{Secret, SecretValue};
+pub use template::{is_secret_name, Part, Template};
 
 pub(crate) use host::{host_ip, is_normalized_host};
 pub(crate) use path_glob::normalize_path_cow;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -51,6 +53,11 @@ pub struct Config {
     pub limits: Limits,
     /// Whether policy denials are enforced or only reported (docs/network-access.md#report-mode).
     pub mode: Mode,
+    /// Named secrets (docs/secrets.md), by name.
+    pub secrets: BTreeMap<String, NamedSecret>,
+    /// Environment variables of every process, in the order given; `{{secrets.NAME}}` in a value
+    /// becomes the secret's placeholder (docs/secrets.md#placeholders).
+    pub env: Vec<(String, Template)>,
 }
 
 /// `mode`, of the sandbox and of a rule: `enforce` (the default) or `report`, where a request the
@@ -71,6 +78,24 @@ impl Mode {
             Mode::Report => "report",
         }
     }
+}
+
+/// One `secrets` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedSecret {
+    /// The value (never rendered).
+    pub value: SecretValue,
+    /// Where the value may be sent; `None`: the hosts of the rules whose override references it.
+    pub hosts: Option<Vec<HostPattern>>,
+}
+
+/// An override header's value: the seed's inline secret, or a template over named secrets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OverrideValue {
+    /// A literal value, itself a secret (rendered as `[redacted]`).
+    Inline(Secret),
+    /// `"Bearer {{secrets.NAME}}"`: not secret itself (rendered verbatim).
+    Template(Template),
 }
 
 /// `audit`: the audit log's retention. The log is `audit.jsonl`, rotated when a write would take
@@ -181,8 +206,8 @@ impl TlsMode {
 /// Headers set on every request a rule allows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Override {
-    /// (lowercased header name, secret value), in the order given.
-    pub headers: Vec<(http::HeaderName, Secret)>,
+    /// (lowercased header name, value), in the order given.
+    pub headers: Vec<(http::HeaderName, OverrideValue)>,
     /// Allow injection over plain HTTP (default false: such requests are denied).
     pub allow_plaintext: bool,
 }
@@ -261,7 +286,13 @@ impl Config {
     /// Validates a config given as JSON (`null` means the empty config). Every problem found is
     /// reported in one [`crate::HiveError::InvalidConfig`].
     pub fn from_json(value: &serde_json::Value) -> Result<Config> {
-        validate::config(value)
+        validate::config(value, None)
+    }
+
+    /// Like [`Config::from_json`], for `applyConfig` over `previous`: a secret given as the
+    /// `"[redacted]"` marker keeps the value it has in `previous` (docs/secrets.md#round-trip).
+    pub fn from_json_over(value: &serde_json::Value, previous: &Config) -> Result<Config> {
+        validate::config(value, Some(previous))
     }
 
     /// Checks what validation cannot see without touching the host: every `fs[].source` must be

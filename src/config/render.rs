@@ -10,8 +10,8 @@
 use serde_json::{json, Map, Value};
 
 use super::{
-    AuditRetention, Config, EgressRule, FsAccess, FsBackend, FsMount, Limits, RuleAccess, TlsMode,
-    Upstream, REDACTED,
+    AuditRetention, Config, EgressRule, FsAccess, FsBackend, FsMount, Limits, OverrideValue,
+    RuleAccess, TlsMode, Upstream, REDACTED,
 };
 
 /// Renders a whole config (see [`Config::to_json`]).
@@ -30,7 +30,38 @@ pub(super) fn config(config: &Config) -> Value {
     if config.mode != super::Mode::Enforce {
         out["mode"] = config.mode.as_str().into();
     }
+    if !config.secrets.is_empty() {
+        out["secrets"] = secrets(config);
+    }
+    if !config.env.is_empty() {
+        let env: Map<String, Value> = config
+            .env
+            .iter()
+            .map(|(name, t)| (name.clone(), t.source().into()))
+            .collect();
+        out["env"] = Value::Object(env);
+    }
     out
+}
+
+/// Each secret as the marker, or `{ value: marker, hosts }` when it has hosts: `applyConfig`
+/// keeps the value of a name given the marker (docs/secrets.md#round-trip).
+fn secrets(config: &Config) -> Value {
+    let out: Map<String, Value> = config
+        .secrets
+        .iter()
+        .map(|(name, secret)| {
+            let value = match &secret.hosts {
+                None => REDACTED.into(),
+                Some(hosts) => json!({
+                    "value": REDACTED,
+                    "hosts": hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                }),
+            };
+            (name.clone(), value)
+        })
+        .collect();
+    Value::Object(out)
 }
 
 /// The limits given (defaults are not shown: they depend on the host).
@@ -74,7 +105,13 @@ fn egress_rule(rule: &EgressRule) -> Value {
         let headers: Map<String, Value> = o
             .headers
             .iter()
-            .map(|(name, _)| (name.as_str().to_string(), REDACTED.into()))
+            .map(|(name, value)| {
+                let shown = match value {
+                    OverrideValue::Inline(_) => REDACTED.into(),
+                    OverrideValue::Template(t) => t.source().into(),
+                };
+                (name.as_str().to_string(), shown)
+            })
             .collect();
         let mut ov = Map::new();
         ov.insert("headers".into(), Value::Object(headers));
@@ -220,5 +257,34 @@ mod tests {
         assert!(err.issues()[0]
             .message
             .contains("pass the secret value again"));
+    }
+
+    // Named secrets come back as the marker and are kept by it; templates and env come back verbatim.
+    #[test]
+    fn named_secrets_round_trip() {
+        let input = json!({
+            "secrets": { "OPENAI_KEY": "sk-live-123456", "GH": { "value": "ghp-abcdefgh", "hosts": ["API.github.com"] } },
+            "egress": [{ "access": "allow", "host": "api.openai.com",
+                "override": { "headers": { "Authorization": "Bearer {{secrets.OPENAI_KEY}}" } } }],
+            "env": { "OPENAI_API_KEY": "{{secrets.OPENAI_KEY}}", "PLAIN": "x{{y}}" },
+        });
+        let config = Config::from_json(&input).unwrap();
+        let rendered = config.to_json();
+        assert!(!rendered.to_string().contains("sk-live") && !rendered.to_string().contains("ghp-"));
+        assert_eq!(rendered["secrets"], json!({ "OPENAI_KEY": "[redacted]", "GH": { "value": "[redacted]", "hosts": ["api.github.com"] } }));
+        assert_eq!(rendered["egress"][0]["override"]["headers"]["authorization"], "Bearer {{secrets.OPENAI_KEY}}");
+        assert_eq!(rendered["env"], json!({ "OPENAI_API_KEY": "{{secrets.OPENAI_KEY}}", "PLAIN": "x{{y}}" }));
+        // Over the config in force, the marker keeps each value.
+        assert_eq!(Config::from_json_over(&rendered, &config).unwrap(), config);
+        // Without one (a new sandbox), the marker is refused, naming the field.
+        let err = Config::from_json(&rendered).unwrap_err();
+        let paths: Vec<&str> = err.issues().iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, ["secrets[\"GH\"].value", "secrets[\"OPENAI_KEY\"]"]);
+        // A new value for a name replaces the old one (rotation).
+        let mut rotated = rendered.clone();
+        rotated["secrets"]["OPENAI_KEY"] = json!("sk-live-rotated");
+        let next = Config::from_json_over(&rotated, &config).unwrap();
+        assert_eq!(next.secrets["OPENAI_KEY"].value.expose(), "sk-live-rotated");
+        assert_eq!(next.secrets["GH"].value.expose(), "ghp-abcdefgh");
     }
 }

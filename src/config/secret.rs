@@ -35,3 +35,37 @@ impl fmt::Display for Secret {
         f.write_str(super::REDACTED)
     }
 }
+
+/// A named secret's value (`secrets.NAME`): text held only in Rust memory and wiped when dropped.
+/// `Debug` and `Display` print `[redacted]`.
+///
+/// # Security
+/// Never rendered by `getConfig()`, never in a message (docs/secrets.md). The bytes are reached
+/// only through [`SecretValue::expose`], where a header is rendered for the upstream or the
+/// response scrubber is built.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(zeroize::Zeroizing<String>);
+
+impl SecretValue {
+    /// Wraps a value already checked for CR, LF, NUL and control characters.
+    pub fn new(value: String) -> Self {
+        SecretValue(zeroize::Zeroizing::new(value))
+    }
+
+    /// The value, for the upstream request and the response scrubber only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(super::REDACTED)
+    }
+}
+
+impl fmt::Display for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(super::REDACTED)
+    }
+}

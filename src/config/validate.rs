@@ -16,7 +16,7 @@
 //! private key. Other user strings are JSON-quoted and shortened by [`quote`].
 
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,12 +26,17 @@ use serde_json::{Map, Value};
 use super::host::quote;
 use super::{
     normalize_host, AuditRetention, Config, EgressRule, FsAccess, FsAcl, FsBackend, FsMount,
-    HostPattern, Limits, Mode, Override, PathGlob, RuleAccess, Secret, TlsMode, Upstream, REDACTED,
+    HostPattern, Limits, Mode, NamedSecret, Override, OverrideValue, PathGlob, RuleAccess, Secret,
+    SecretValue, Template, TlsMode, Upstream, REDACTED,
 };
 use crate::error::{ConfigIssue, HiveError, Result};
 
 /// Keys of the root object.
-const ROOT_KEYS: &[&str] = &["fs", "egress", "upstream", "audit", "limits", "mode"];
+const ROOT_KEYS: &[&str] = &[
+    "fs", "egress", "upstream", "audit", "limits", "mode", "secrets", "env",
+];
+/// Keys of a `secrets` entry given as an object.
+const SECRET_KEYS: &[&str] = &["value", "hosts"];
 /// Keys of `audit`.
 const AUDIT_KEYS: &[&str] = &["maxBytes", "keep"];
 /// Keys of `limits`.
@@ -74,8 +79,11 @@ const FORBIDDEN_HEADERS: &[&str] = &[
 const RESERVED_MOUNT_ROOTS: &[&str] = &["proc", "dev", "sys", "usr", "bin", "sbin", "etc"];
 
 /// Validates a whole config (see [`Config::from_json`]).
-pub(super) fn config(value: &Value) -> Result<Config> {
-    let mut v = Validator::default();
+pub(super) fn config(value: &Value, previous: Option<&Config>) -> Result<Config> {
+    let mut v = Validator {
+        previous: previous.map(|p| p.secrets.clone()).unwrap_or_default(),
+        ..Validator::default()
+    };
     let config = v.root(value);
     match config {
         Some(config) if v.issues.is_empty() => Ok(config),
@@ -87,6 +95,10 @@ pub(super) fn config(value: &Value) -> Result<Config> {
 #[derive(Default)]
 struct Validator {
     issues: Vec<ConfigIssue>,
+    /// The secrets in force, whose values `"[redacted]"` keeps (empty for a new sandbox).
+    previous: BTreeMap<String, NamedSecret>,
+    /// The names under `secrets` (valid or not), for checking template references.
+    secret_names: BTreeSet<String>,
 }
 
 impl Validator {
@@ -203,6 +215,10 @@ impl Validator {
             "an object (the sandbox config) or null",
             ROOT_KEYS,
         )?;
+        let secrets = match optional(map, "secrets") {
+            Some(v) => self.secrets(v, "secrets"),
+            None => Some(BTreeMap::new()),
+        };
         let fs = match optional(map, "fs") {
             Some(v) => self.fs(v, "fs"),
             None => Some(Vec::new()),
@@ -227,13 +243,21 @@ impl Validator {
             Some(v) => self.mode(v, "mode"),
             None => Some(Mode::default()),
         };
+        let env = match optional(map, "env") {
+            Some(v) => self.env(v, "env"),
+            None => Some(Vec::new()),
+        };
+        let (secrets, egress, env) = (secrets?, egress?, env?);
+        self.check_secret_reach(&secrets, &egress, &env);
         Some(Config {
             fs: fs?,
-            egress: egress?,
+            egress,
             upstream: upstream?,
             audit: audit?,
             limits: limits?,
             mode: mode?,
+            secrets,
+            env,
         })
     }
 
@@ -580,7 +604,11 @@ impl Validator {
     }
 
     /// Override headers: `{ name: value }`. Never puts a value into a message.
-    fn headers(&mut self, value: &Value, path: &str) -> Option<Vec<(http::HeaderName, Secret)>> {
+    fn headers(
+        &mut self,
+        value: &Value,
+        path: &str,
+    ) -> Option<Vec<(http::HeaderName, OverrideValue)>> {
         let Value::Object(map) = value else {
             self.issue(
                 path,
@@ -598,7 +626,7 @@ impl Validator {
             );
             return None;
         }
-        let mut out: Vec<(http::HeaderName, Secret)> = Vec::with_capacity(map.len());
+        let mut out: Vec<(http::HeaderName, OverrideValue)> = Vec::with_capacity(map.len());
         let mut ok = true;
         for (name, value) in map {
             let at = map_path(path, name);
@@ -641,7 +669,7 @@ impl Validator {
 
     /// # Security
     /// The value is a secret: every message below is fixed text.
-    fn header_value(&mut self, value: &Value, path: &str) -> Option<Secret> {
+    fn header_value(&mut self, value: &Value, path: &str) -> Option<OverrideValue> {
         let Value::String(raw) = value else {
             self.issue(
                 path,
@@ -672,11 +700,222 @@ impl Validator {
             self.issue(path, "the value contains a control character; remove it");
             return None;
         }
+        if raw.contains("{{") {
+            let template = self.template(raw, path)?;
+            if !template.is_plain() {
+                return Some(OverrideValue::Template(template));
+            }
+        }
         match http::HeaderValue::from_bytes(raw.as_bytes()) {
-            Ok(v) => Some(Secret::new(v)),
+            Ok(v) => Some(OverrideValue::Inline(Secret::new(v))),
             Err(_) => {
                 self.issue(path, "the value is not a valid header value");
                 None
+            }
+        }
+    }
+
+    // ---- secrets ------------------------------------------------------------------------------
+
+    /// `secrets: { NAME: "value" | { value, hosts? } }`.
+    ///
+    /// # Security
+    /// Values are secrets: every message is fixed text, and `"[redacted]"` is accepted only for a
+    /// name whose value is already in force (which it keeps).
+    fn secrets(&mut self, value: &Value, path: &str) -> Option<BTreeMap<String, NamedSecret>> {
+        let Value::Object(map) = value else {
+            self.issue(
+                path,
+                format!(
+                    "expected an object of secret names to values, such as {{ OPENAI_KEY: \"sk-…\" }}, got {}",
+                    type_name(value)
+                ),
+            );
+            return None;
+        };
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for (name, entry) in map {
+            self.secret_names.insert(name.clone());
+            let at = map_path(path, name);
+            if !super::is_secret_name(name) {
+                self.issue(
+                    &at,
+                    "not a valid secret name: use A-Z, 0-9 and _, starting with a letter (e.g. OPENAI_KEY)",
+                );
+                ok = false;
+                continue;
+            }
+            let (raw, hosts, value_at) = match entry {
+                Value::Object(_) => {
+                    let Some(obj) = self.object(
+                        entry,
+                        &at,
+                        "a secret value or { value, hosts }",
+                        SECRET_KEYS,
+                    ) else {
+                        ok = false;
+                        continue;
+                    };
+                    let hosts = self.optional_list(
+                        obj,
+                        &at,
+                        "hosts",
+                        "host patterns",
+                        "omit hosts to allow the hosts of the rules that reference the secret",
+                        |v, item, p| {
+                            let raw = v.string(item, p, "a host string")?;
+                            HostPattern::parse(raw).map_err(|m| v.issue(p, m)).ok()
+                        },
+                    );
+                    let raw = self.required(obj, &at, "value", "give the secret's value");
+                    (raw, hosts, key_path(&at, "value"))
+                }
+                other => (Some(other), Some(None), at.clone()),
+            };
+            let value = raw.and_then(|raw| self.secret_value(raw, name, &value_at));
+            match (value, hosts) {
+                (Some(value), Some(hosts)) => {
+                    out.insert(name.clone(), NamedSecret { value, hosts });
+                }
+                _ => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// # Security
+    /// The value is a secret: every message below is fixed text.
+    fn secret_value(&mut self, value: &Value, name: &str, path: &str) -> Option<SecretValue> {
+        const MIN: usize = 8;
+        const MAX: usize = 8 * 1024;
+        let Value::String(raw) = value else {
+            self.issue(
+                path,
+                format!(
+                    "expected the secret's value as a string, got {}",
+                    type_name(value)
+                ),
+            );
+            return None;
+        };
+        if raw == REDACTED {
+            if let Some(kept) = self.previous.get(name) {
+                return Some(kept.value.clone());
+            }
+            self.issue(
+                path,
+                "is the \"[redacted]\" marker that getConfig() returns in place of a secret, but no \
+                 secret of this name is in force to keep; pass the secret value",
+            );
+            return None;
+        }
+        if raw.chars().any(|c| c.is_control()) {
+            self.issue(
+                path,
+                "the value contains CR, LF, NUL or another control character, which cannot go into a \
+                 header; remove them (a trailing newline read from a file or environment variable?)",
+            );
+            return None;
+        }
+        if raw.len() < MIN || raw.len() > MAX {
+            self.issue(
+                path,
+                format!(
+                    "a secret must be {MIN} to {MAX} bytes long (a shorter one cannot be told apart \
+                     from ordinary response text when responses are scrubbed)"
+                ),
+            );
+            return None;
+        }
+        Some(SecretValue::new(raw.clone()))
+    }
+
+    /// A template in an override header value or an env value: every name it references must be
+    /// under `secrets`.
+    fn template(&mut self, raw: &str, path: &str) -> Option<Template> {
+        let template = Template::parse(raw).map_err(|m| self.issue(path, m)).ok()?;
+        let mut ok = true;
+        for name in template.secret_names() {
+            if !self.secret_names.contains(name) {
+                self.issue(
+                    path,
+                    format!("references {{{{secrets.{name}}}}}, which is not under secrets; add it there or fix the name"),
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(template)
+    }
+
+    /// `env: { NAME: "value" }` for every process.
+    fn env(&mut self, value: &Value, path: &str) -> Option<Vec<(String, Template)>> {
+        let Value::Object(map) = value else {
+            self.issue(
+                path,
+                format!(
+                    "expected an object of variable names to values, got {}",
+                    type_name(value)
+                ),
+            );
+            return None;
+        };
+        let mut out = Vec::with_capacity(map.len());
+        let mut ok = true;
+        for (name, entry) in map {
+            let at = map_path(path, name);
+            if name.is_empty() || name.contains(['=', '\0']) {
+                self.issue(&at, "not a valid variable name (no = or NUL, not empty)");
+                ok = false;
+                continue;
+            }
+            let Some(raw) = self.string(entry, &at, "the variable's value as a string") else {
+                ok = false;
+                continue;
+            };
+            if raw.contains('\0') {
+                self.issue(&at, "the value contains NUL; remove it");
+                ok = false;
+                continue;
+            }
+            match self.template(raw, &at) {
+                Some(t) => out.push((name.clone(), t)),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// A secret whose placeholder is handed out through `env` must be allowed somewhere: with no
+    /// `hosts` and no override referencing it, every request carrying it would be refused.
+    fn check_secret_reach(
+        &mut self,
+        secrets: &BTreeMap<String, NamedSecret>,
+        egress: &[EgressRule],
+        env: &[(String, Template)],
+    ) {
+        for (var, template) in env {
+            for name in template.secret_names() {
+                let Some(secret) = secrets.get(name) else {
+                    continue;
+                };
+                let referenced = egress.iter().any(|rule| {
+                    rule.override_.as_ref().is_some_and(|o| {
+                        o.headers.iter().any(|(_, v)| match v {
+                            OverrideValue::Template(t) => t.secret_names().any(|n| n == name),
+                            OverrideValue::Inline(_) => false,
+                        })
+                    })
+                });
+                if secret.hosts.is_none() && !referenced {
+                    self.issue(
+                        &map_path("env", var),
+                        format!(
+                            "secret {name} may be sent to no host: give secrets.{name}.hosts (e.g. \
+                             [\"api.openai.com\"]) or reference it from an override header"
+                        ),
+                    );
+                }
             }
         }
     }
@@ -1309,7 +1548,7 @@ mod tests {
         assert_eq!(c.egress[0].ports.as_deref(), Some(&[443, 8443][..]));
         let o = c.egress[1].override_.as_ref().unwrap();
         assert_eq!(o.headers[0].0.as_str(), "x-finnhub-token");
-        assert_eq!(o.headers[0].1.expose(), "s3cr3t");
+        assert!(matches!(&o.headers[0].1, OverrideValue::Inline(s) if s.expose() == "s3cr3t"));
         assert!(!o.allow_plaintext);
         assert_eq!(c.egress[2].override_, None);
         assert_eq!(

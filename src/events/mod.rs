@@ -77,6 +77,10 @@ pub mod kind {
     pub const EVENTS_DROPPED: &str = "events.dropped";
     pub const EVENTS_SUPPRESSED: &str = "events.suppressed";
     pub const LIMIT_EXCEEDED: &str = "limit.exceeded";
+    /// A request refused for carrying a secret's placeholder: `{ secret, host, where }`.
+    pub const SECRET_BLOCKED: &str = "secret.blocked";
+    /// Secret values replaced in a response: `{ secret, host, count }`.
+    pub const SECRET_SCRUBBED: &str = "secret.scrubbed";
 }
 
 /// Egress totals of a sandbox since it was opened in this process (`stats().egress`), counted

@@ -15,6 +15,20 @@ export interface SandboxConfig {
   /** `report`: requests the policy would deny are let through and recorded with `wouldDeny: true`
    * (docs/network-access.md#report-mode). Built-in guards hold either way. Default `enforce`. */
   mode?: 'enforce' | 'report'
+  /** Named secrets (docs/secrets.md), names `[A-Z][A-Z0-9_]*`, values 8 to 8192 bytes. Values never
+   * leave hive's memory: `getConfig()` shows `"[redacted]"`, which `applyConfig` accepts for a name
+   * already in force (keeping its value) and rejects for a new one. */
+  secrets?: Record<string, string | SecretConfig>
+  /** Environment variables of every process (`exec`/`spawn` `env` goes over them). A value's
+   * `{{secrets.NAME}}` becomes the secret's placeholder (`hive_ph_…`), never its value. */
+  env?: Record<string, string>
+}
+
+/** A named secret with the hosts its value may be sent to. */
+export interface SecretConfig {
+  value: string
+  /** Host patterns as in egress rules; default: the hosts of the rules whose override references the secret. */
+  hosts?: string[]
 }
 
 /** The third argument of `getOrCreateSandbox`. */
@@ -67,7 +81,9 @@ export interface EgressRule {
   methods?: string[]
   /** Path globs: `*` within a segment, `**` across segments. */
   paths?: string[]
-  /** Headers set on every request this (allow) rule lets through. Values never leave Rust. */
+  /** Headers set on every request this (allow) rule lets through: a literal secret (shown as
+   * `"[redacted]"` by `getConfig()`) or a template such as `"Bearer {{secrets.OPENAI_KEY}}"` (shown
+   * verbatim). Values never leave Rust. */
   override?: { headers: Record<string, string>; allowPlaintext?: boolean }
   /** `report`: what this rule denies is let through (recorded `wouldDeny`), and it never injects
    * headers. Default: the sandbox's `mode`. */
@@ -128,6 +144,7 @@ export type EgressReason =
   | 'path'
   | 'port'
   | 'plaintext-credentials'
+  | 'secret-blocked'
   | 'private-address'
   | 'host-mismatch'
   | 'callback'
@@ -274,8 +291,9 @@ export interface SecretBlockedEvent extends EventBase<'secret.blocked'> {
   /** The secret's name (never its value). */
   secret: string
   host: string
-  /** Where the placeholder was: `"header"`, `"query"`, … */
-  where: string
+  /** Where the placeholder was: `"header"`, `"url"` or `"body"` (its first 64 KiB); `"override"`
+   * for an override template naming a secret whose `hosts` exclude the request's host. */
+  where: 'header' | 'url' | 'body' | 'override' | (string & {})
 }
 
 /** A response had a secret's value replaced (docs/audit-log.md#secretscrubbed). */

@@ -558,6 +558,9 @@ pub struct Compiled {
     pub rendered: serde_json::Value,
     /// [`crate::config::content_hash`] of `rendered`: `configHash` in events.
     pub hash: std::sync::Arc<str>,
+    /// Named secrets with the sandbox's placeholders (docs/secrets.md); empty until
+    /// [`Compiled::with_secrets`].
+    pub secrets: std::sync::Arc<crate::secrets::Table>,
 }
 
 impl Compiled {
@@ -571,6 +574,16 @@ impl Compiled {
             policy,
             rendered,
             hash,
+            secrets: Default::default(),
+        }
+    }
+
+    /// Compiles a validated config with its secrets table over a sandbox's `placeholders`.
+    pub fn with_secrets(config: Config, placeholders: &crate::secrets::Placeholders) -> Compiled {
+        let table = crate::secrets::Table::build(&config, placeholders);
+        Compiled {
+            secrets: std::sync::Arc::new(table),
+            ..Compiled::new(config)
         }
     }
 }

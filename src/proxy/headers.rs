@@ -10,7 +10,8 @@
 use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::Override;
+use crate::config::{Override, OverrideValue};
+use crate::secrets::Table;
 
 /// The user name in the host listener's URL (`http://hive:<token>@…`).
 pub const PROXY_USER: &str = "hive";
@@ -176,12 +177,29 @@ pub fn strip_h2c(headers: &mut HeaderMap) -> bool {
     true
 }
 
-/// Sets each override header, replacing any value the sandbox sent; returns the names set.
-pub fn inject(headers: &mut HeaderMap, over: &Override) -> Vec<HeaderName> {
+/// Sets each override header, replacing any value the sandbox sent (templates rendered with the
+/// values in `secrets`); returns the names set.
+pub fn inject(headers: &mut HeaderMap, over: &Override, secrets: &Table) -> Vec<HeaderName> {
     let mut names = Vec::with_capacity(over.headers.len());
-    for (name, secret) in &over.headers {
-        headers.insert(name.clone(), secret.expose().clone());
-        names.push(name.clone());
+    for (name, value) in &over.headers {
+        let value = match value {
+            OverrideValue::Inline(secret) => Some(secret.expose().clone()),
+            OverrideValue::Template(template) => template
+                .render(|n| secrets.get(n).map(|e| e.value.expose()))
+                .map(zeroize::Zeroizing::new)
+                .and_then(|text| HeaderValue::from_bytes(text.as_bytes()).ok())
+                .map(|mut v| {
+                    v.set_sensitive(true);
+                    v
+                }),
+        };
+        // A template always renders (validation checked its names); never forward the sandbox's
+        // own value under an override name.
+        headers.remove(name);
+        if let Some(value) = value {
+            headers.insert(name.clone(), value);
+            names.push(name.clone());
+        }
     }
     names
 }
@@ -359,11 +377,11 @@ mod tests {
         let over = Override {
             headers: vec![(
                 HeaderName::from_static("authorization"),
-                Secret::new(HeaderValue::from_static("Bearer real")),
+                OverrideValue::Inline(Secret::new(HeaderValue::from_static("Bearer real"))),
             )],
             allow_plaintext: false,
         };
-        let names = inject(&mut h, &over);
+        let names = inject(&mut h, &over, &Table::default());
         assert_eq!(names, vec![HeaderName::from_static("authorization")]);
         let all: Vec<_> = h.get_all("authorization").iter().collect();
         assert_eq!(all, vec![HeaderValue::from_static("Bearer real")]);

@@ -26,7 +26,7 @@ use super::deny::{self, ProxyBody};
 use super::gate::{self, Ask, Outcome};
 use super::headers;
 use super::listener::Conn;
-use super::{connect, upstream};
+use super::{connect, scrub, substitute, upstream};
 
 /// The tunnel a decrypted request arrived through.
 #[derive(Debug, Clone)]
@@ -239,17 +239,43 @@ pub async fn forward(
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST);
-    let injected = match decision
+    let over = decision
         .rule
         .filter(|_| compiled.policy.may_inject(&decision))
         .and_then(|i| compiled.policy.rule(i))
-        .and_then(|r| r.override_.as_ref())
+        .and_then(|r| r.override_.as_ref());
+    let may_send = scheme == Scheme::Https || over.is_some_and(|o| o.allow_plaintext);
+    let secrets = &compiled.secrets;
+    let mut path_and_query = path_and_query;
+    let (substituted, body) = match substitute::outgoing(
+        secrets,
+        &engine.events,
+        host,
+        may_send,
+        &mut parts.headers,
+        &mut path_and_query,
+        body,
+    )
+    .await
     {
-        Some(over) if scheme == Scheme::Https || over.allow_plaintext => {
-            headers::inject(&mut parts.headers, over)
+        Ok(checked) => checked,
+        Err(()) => return refuse(&gate::denied(substitute::SECRET_BLOCKED)),
+    };
+    let injected = match over {
+        Some(over) if may_send => {
+            if substitute::check_override(secrets, &engine.events, over, host).is_err() {
+                return refuse(&gate::denied(substitute::SECRET_BLOCKED));
+            }
+            headers::inject(&mut parts.headers, over, secrets)
         }
         _ => Vec::new(),
     };
+    let scrubbing = (substituted || !injected.is_empty())
+        .then(|| secrets.patterns().cloned())
+        .flatten();
+    if scrubbing.is_some() {
+        scrub::limit_accept_encoding(&mut parts.headers);
+    }
     let Some(exchange) = auditor.request(&subject, &decision, &injected) else {
         return deny::forbidden(decision.reason, host, method.as_str(), &event_path);
     };
@@ -317,10 +343,33 @@ pub async fn forward(
 
     let (mut parts, body) = res.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    let body = CountingBody::new(body, Some(exchange), Direction::In)
-        .map_err(|e| Box::new(e) as deny::BoxError)
-        .boxed_unsync();
-    Response::from_parts(parts, body)
+    let body = CountingBody::new(body, Some(exchange.clone()), Direction::In);
+    let Some(patterns) = scrubbing else {
+        let body = body.map_err(|e| Box::new(e) as deny::BoxError);
+        return Response::from_parts(parts, body.boxed_unsync());
+    };
+    let report = scrub::Report {
+        events: engine.events.clone(),
+        host: host.to_string(),
+    };
+    let body_follows = method != Method::HEAD
+        && !matches!(
+            parts.status,
+            StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+        );
+    match scrub::response(&mut parts, body, patterns, report, body_follows) {
+        Ok(body) => Response::from_parts(parts, body.boxed_unsync()),
+        Err(()) => {
+            let failure = deny::UpstreamFailure::Exchange;
+            exchange.fail(
+                failure,
+                host,
+                port,
+                "response content encoding hive cannot scan for secrets",
+            );
+            deny::bad_gateway(failure, host, method.as_str(), &event_path)
+        }
+    }
 }
 
 /// Whether an upgrade names WebSocket and nothing else.

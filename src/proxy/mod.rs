@@ -44,6 +44,8 @@ mod intercept;
 mod listener;
 mod memory;
 mod passthrough;
+mod scrub;
+mod substitute;
 mod upstream;
 
 #[cfg(test)]

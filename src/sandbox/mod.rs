@@ -52,6 +52,9 @@ pub struct Sandbox {
     events: Arc<EventBus>,
     ca: Arc<CertificateAuthority>,
     engine: Arc<Engine>,
+    /// The placeholders of named secrets, one per name for the sandbox's lifetime
+    /// (docs/secrets.md#placeholders).
+    placeholders: crate::secrets::Placeholders,
     /// The namespaces and their processes, started by the first spawn.
     #[cfg(target_os = "linux")]
     runtime: tokio::sync::Mutex<Option<runtime::Runtime>>,
@@ -141,7 +144,22 @@ pub async fn get_or_create_for(
     owner: Option<Owner>,
 ) -> Result<Arc<Sandbox>> {
     validate_name(&name)?;
-    let config = config.map(|value| Config::from_json(&value)).transpose()?;
+    let config = match config.as_ref().map(Config::from_json).transpose() {
+        Ok(config) => config,
+        // The `"[redacted]"` marker of a named secret is valid over the live sandbox's config
+        // (docs/secrets.md#round-trip); for a new sandbox the first error stands.
+        Err(error) => {
+            let live = REGISTRY
+                .lock()
+                .get(&name)
+                .filter(|entry| !entry.sandbox.is_closed())
+                .map(|entry| entry.sandbox.cell.load().config.clone());
+            match (live, &config) {
+                (Some(live), Some(value)) => Some(Config::from_json_over(value, &live)?),
+                _ => return Err(error),
+            }
+        }
+    };
     if let Some(config) = config.clone() {
         blocking(move || config.check_host_paths()).await?;
     }
@@ -260,6 +278,7 @@ impl Sandbox {
         let sandbox = Arc::new(Sandbox {
             cell,
             engine,
+            placeholders: Default::default(),
             #[cfg(target_os = "linux")]
             runtime: tokio::sync::Mutex::new(None),
             name,
@@ -314,7 +333,7 @@ impl Sandbox {
 
     /// `applyConfig`: validates the whole config (nothing changes on error), then swaps it in.
     pub fn apply_config(&self, value: &Value) -> Result<()> {
-        let config = Config::from_json(value)?;
+        let config = Config::from_json_over(value, &self.cell.load().config)?;
         config.check_host_paths()?;
         self.swap_config(config)
     }
@@ -335,7 +354,7 @@ impl Sandbox {
         self.events.set_retention(config.audit);
         #[cfg(target_os = "linux")]
         let capture_ports = runtime::capture_ports(&config);
-        let compiled = Arc::new(Compiled::new(config));
+        let compiled = Arc::new(Compiled::with_secrets(config, &self.placeholders));
         self.cell.store(compiled.clone());
         #[cfg(target_os = "linux")]
         self.sync_capture_ports(&capture_ports);
@@ -459,6 +478,10 @@ impl Sandbox {
                     servers,
                 })
             }
+        };
+        let env = {
+            let compiled = self.cell.load();
+            crate::secrets::process_env(&compiled.secrets, &compiled.config.env, &env)?
         };
         let spec = linux::ProcessSpec {
             argv: argv.clone(),
