@@ -15,6 +15,20 @@ export interface SandboxConfig {
   /** `report`: requests the policy would deny are let through and recorded with `wouldDeny: true`
    * (docs/network-access.md#report-mode). Built-in guards hold either way. Default `enforce`. */
   mode?: 'enforce' | 'report'
+  /** Named secrets (docs/secrets.md), names `[A-Z][A-Z0-9_]*`, values 8 to 8192 bytes. Values never
+   * leave hive's memory: `getConfig()` shows `"[redacted]"`, which `applyConfig` accepts for a name
+   * already in force (keeping its value) and rejects for a new one. */
+  secrets?: Record<string, string | SecretConfig>
+  /** Environment variables of every process (`exec`/`spawn` `env` goes over them). A value's
+   * `{{secrets.NAME}}` becomes the secret's placeholder (`hive_ph_…`), never its value. */
+  env?: Record<string, string>
+}
+
+/** A named secret with the hosts its value may be sent to. */
+export interface SecretConfig {
+  value: string
+  /** Host patterns as in egress rules; default: the hosts of the rules whose override references the secret. */
+  hosts?: string[]
 }
 
 /** The third argument of `getOrCreateSandbox`. */
@@ -67,11 +81,18 @@ export interface EgressRule {
   methods?: string[]
   /** Path globs: `*` within a segment, `**` across segments. */
   paths?: string[]
-  /** Headers set on every request this (allow) rule lets through. Values never leave Rust. */
+  /** Headers set on every request this (allow) rule lets through: a literal secret (shown as
+   * `"[redacted]"` by `getConfig()`) or a template such as `"Bearer {{secrets.OPENAI_KEY}}"` (shown
+   * verbatim). Values never leave Rust. */
   override?: { headers: Record<string, string>; allowPlaintext?: boolean }
   /** `report`: what this rule denies is let through (recorded `wouldDeny`), and it never injects
    * headers. Default: the sandbox's `mode`. */
   mode?: 'enforce' | 'report'
+  /** `"intercept"` (default): TLS is opened and every request inside decided. `"passthrough"`
+   * (allow rules only, without `methods`, `paths`, `override`): TLS bytes are relayed unopened,
+   * decided once on the SNI and target, so pinned certificates and mTLS work but nothing inside is
+   * seen (docs/network-access.md#tls-passthrough). */
+  tls?: 'intercept' | 'passthrough'
 }
 
 export interface UpstreamConfig {
@@ -123,6 +144,7 @@ export type EgressReason =
   | 'path'
   | 'port'
   | 'plaintext-credentials'
+  | 'secret-blocked'
   | 'private-address'
   | 'host-mismatch'
   | 'callback'
@@ -133,10 +155,11 @@ export interface EgressRequestEvent extends EventBase<'egress.request'> {
   /** The host the sandbox asked for (lowercase; the name, not the address it resolved to). */
   host: string
   port: number
-  /** The HTTP method; `"CONNECT"` for a raw tunnel. */
-  method: string
-  /** The request path without the query string (query strings are never recorded). */
-  path: string
+  /** The HTTP method; `"CONNECT"` for a raw tunnel; `null` for passed-through TLS. */
+  method: string | null
+  /** The request path without the query string (query strings are never recorded); `null` for
+   * passed-through TLS. */
+  path: string | null
   scheme: 'http' | 'https' | 'tcp'
   access: 'allowed' | 'denied'
   /** Index of the deciding rule in `egress`, or `null` when no rule matched. */
@@ -146,6 +169,8 @@ export interface EgressRequestEvent extends EventBase<'egress.request'> {
   via: 'proxy' | 'transparent' | 'host'
   /** Names (never values) of the headers an `override` set. */
   injectedHeaders: string[]
+  /** `"passthrough"` on a TLS connection relayed unopened (one event per connection). */
+  tls?: 'passthrough'
   /** In report mode: the request was allowed but the policy would have denied it. */
   wouldDeny?: boolean
   /** The process inside that opened the connection (pid inside the sandbox, as in `process.start`), where known. */
@@ -266,8 +291,9 @@ export interface SecretBlockedEvent extends EventBase<'secret.blocked'> {
   /** The secret's name (never its value). */
   secret: string
   host: string
-  /** Where the placeholder was: `"header"`, `"query"`, … */
-  where: string
+  /** Where the placeholder was: `"header"`, `"url"` or `"body"` (its first 64 KiB); `"override"`
+   * for an override template naming a secret whose `hosts` exclude the request's host. */
+  where: 'header' | 'url' | 'body' | 'override' | (string & {})
 }
 
 /** A response had a secret's value replaced (docs/audit-log.md#secretscrubbed). */

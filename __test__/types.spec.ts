@@ -34,7 +34,7 @@ describe('HiveError["code"]', () => {
   const settings = (name: string) =>
     ['HIVE_HOME', 'HIVE_LOG', 'HIVE_FS_NO_WATCH', 'HIVE_FS_CACHE_SHORT', 'HIVE_INIT'].includes(name) ||
     ['HIVE_LANDLOCK_ABI_LOW', 'HIVE_LANDLOCK_UNAVAILABLE', 'HIVE_IDMAP_FALLBACK', 'HIVE_FS_PASSTHROUGH_UNAVAILABLE'].includes(name) ||
-    /^HIVE_(TEST|BENCH|FS_BENCH)_/.test(name)
+    /^HIVE_(TEST|BENCH|FS_BENCH|FS_PROFILE)_/.test(name)
   const sources = execFileSync('git', ['ls-files', 'src', 'index.js', 'process.js', 'bin'], { cwd: root, encoding: 'utf8' })
     .split('\n')
     .filter((f) => /\.(rs|js)$/.test(f))
