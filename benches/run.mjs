@@ -3,7 +3,7 @@
 // (and the exit status is 1). Rust benchmarks build the plain engine (`--no-default-features`, no
 // napi symbols) with the bench profile (optimized, LTO off).
 //
-//   npm run bench [-- <part>]     parts: build, policy, fs, proxy, proxy-node, sandbox
+//   npm run bench [-- <part>]     parts: build, policy, fs, proxy, proxy-node, sandbox, secrets, connections
 import { spawnSync } from 'node:child_process'
 import { existsSync } from 'node:fs'
 import os from 'node:os'
@@ -28,7 +28,7 @@ const load = () => os.loadavg().map((l) => l.toFixed(2)).join(' ')
 console.log(`${os.cpus().length} cores (${os.cpus()[0]?.model ?? 'unknown'}), load average ${load()} at start`)
 
 // The JS benchmarks load the addon: build it in release first (tests rebuild debug).
-const needsAddon = !only || ['build', 'proxy', 'proxy-node', 'sandbox'].includes(only)
+const needsAddon = !only || ['build', 'proxy', 'proxy-node', 'sandbox', 'secrets', 'connections'].includes(only)
 const built = needsAddon ? step('build', 'npm', ['run', '--silent', 'build']) : true
 step('policy', 'cargo', ['bench', '--quiet', '--no-default-features', '--bench', 'policy'])
 // File ACL overhead: the same workloads in one sandbox on a FUSE mount with ACLs and on a plain
@@ -44,6 +44,8 @@ for (const [name, file] of [
   ['proxy-node', 'benches/proxy_node.mjs'],
   ['sandbox', 'benches/sandbox.mjs'],
   ['secrets', 'benches/secrets.mjs'],
+  // Per-connection costs inside a sandbox: attribution, and a denied HTTPS connection's 403.
+  ['connections', 'benches/connections.mjs'],
 ]) {
   if (!existsSync(new URL(`../${file}`, import.meta.url))) continue
   if (!built) {

@@ -156,6 +156,9 @@ impl Attribution {
         peer: SocketAddr,
         local: SocketAddr,
     ) -> Option<Origin> {
+        if switched_off() {
+            return None;
+        }
         let ns = (*self.namespaces.read())?;
         // Live exec roots, newest first (the likeliest senders), then init's tree (orphans).
         let mut roots = self.live_roots(ns);
@@ -282,6 +285,13 @@ impl PeerOrigin {
             })
             .clone()
     }
+}
+
+/// `HIVE_BENCH_NO_ATTRIBUTION=1` (read once): no lookups, so `benches/connections.mjs` can
+/// measure what attribution costs per connection.
+fn switched_off() -> bool {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("HIVE_BENCH_NO_ATTRIBUTION").is_some_and(|v| v == "1"))
 }
 
 // ----- /proc -----
