@@ -9,36 +9,19 @@
 // of attribution per connection and of explaining a denied HTTPS connection.
 //
 //   node benches/connections.mjs [connections-per-measurement]   (build the addon first: npm run build)
-import { execFileSync, fork } from 'node:child_process'
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { fork } from 'node:child_process'
+import { mkdtempSync, rmSync } from 'node:fs'
 import https from 'node:https'
 import os, { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
+import { makeCA } from './lib/certs.mjs'
+
 const HOST = 'api.bench.test'
 const DENIED = 'denied.bench.test'
 const COUNT = Number(process.argv[2] ?? 300)
 const ROUNDS = 2
-
-function makeCA() {
-  const dir = mkdtempSync(join(tmpdir(), 'hive-bench-ca-'))
-  const run = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' })
-  try {
-    run('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
-      '-subj', '/CN=hive bench CA', '-keyout', 'ca.key', '-out', 'ca.pem',
-      '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
-    run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', '/CN=bench',
-      '-keyout', 'leaf.key', '-out', 'leaf.csr')
-    writeFileSync(join(dir, 'ext.cnf'), `subjectAltName=DNS:${HOST}\nextendedKeyUsage=serverAuth\n`)
-    run('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
-      '-extfile', 'ext.cnf', '-out', 'leaf.pem')
-    const read = (f) => readFileSync(join(dir, f), 'utf8')
-    return { caPem: read('ca.pem'), certPem: read('leaf.pem') + read('ca.pem'), keyPem: read('leaf.key') }
-  } finally {
-    rmSync(dir, { recursive: true, force: true })
-  }
-}
 
 /** The upstream, in its own process: a short answer to everything. */
 function upstream() {
@@ -118,7 +101,7 @@ function measureIn(env) {
 }
 
 async function main() {
-  const tls = makeCA()
+  const tls = makeCA(HOST)
   const { proc: upstreamProc, port } = await startUpstream(tls)
   const measure = { BENCH_ROLE: 'measure', BENCH_MEASURE: JSON.stringify({ caPem: tls.caPem, port }) }
   const runs = { on: [], off: [] }

@@ -6,15 +6,17 @@
 // latency and MiB/s, each with its ratio to direct.
 //
 //   node benches/proxy_node.mjs [seconds-per-scenario]   (build the addon first: npm run build)
-import { execFileSync, fork } from 'node:child_process'
+import { fork } from 'node:child_process'
 import http from 'node:http'
 import https from 'node:https'
 import net from 'node:net'
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { mkdtempSync } from 'node:fs'
 import os, { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import tls from 'node:tls'
 import { fileURLToPath } from 'node:url'
+
+import { makeCA } from './lib/certs.mjs'
 
 const HOST = 'bench.hive.test'
 const MIB = 1024 * 1024
@@ -24,25 +26,6 @@ const ONLY = process.argv[3]
 
 // ---------------------------------------------------------------------------------------------
 // Upstream child process
-
-function makeCA() {
-  const dir = mkdtempSync(join(tmpdir(), 'hive-bench-ca-'))
-  const run = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' })
-  try {
-    run('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
-      '-subj', '/CN=hive bench CA', '-keyout', 'ca.key', '-out', 'ca.pem',
-      '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
-    run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', '/CN=bench',
-      '-keyout', 'leaf.key', '-out', 'leaf.csr')
-    writeFileSync(join(dir, 'ext.cnf'), `subjectAltName=DNS:${HOST}\nextendedKeyUsage=serverAuth\n`)
-    run('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
-      '-extfile', 'ext.cnf', '-out', 'leaf.pem')
-    const read = (f) => readFileSync(join(dir, f), 'utf8')
-    return { caPem: read('ca.pem'), certPem: read('leaf.pem') + read('ca.pem'), keyPem: read('leaf.key') }
-  } finally {
-    rmSync(dir, { recursive: true, force: true })
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Clients
@@ -123,7 +106,7 @@ async function measure(connections, request) {
 async function main() {
   const { getOrCreateSandbox } = await import('../index.js')
   process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
-  const ca = makeCA()
+  const ca = makeCA(HOST)
   const child = fork(fileURLToPath(import.meta.url), ['--upstream'], {
     env: { ...process.env, BENCH_TLS: JSON.stringify(ca) },
     stdio: 'inherit',

@@ -6,8 +6,8 @@
 // spread machine noise. Prints a markdown table with the ratios.
 //
 //   node benches/secrets.mjs [seconds-per-measurement]   (build the addon first: npm run build)
-import { execFileSync, fork } from 'node:child_process'
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { fork } from 'node:child_process'
+import { mkdtempSync } from 'node:fs'
 import https from 'node:https'
 import net from 'node:net'
 import os, { tmpdir } from 'node:os'
@@ -16,30 +16,13 @@ import tls from 'node:tls'
 import { fileURLToPath } from 'node:url'
 import zlib from 'node:zlib'
 
+import { makeCA } from './lib/certs.mjs'
+
 const HOST = 'api.bench.test'
 const MIB = 1024 * 1024
 const SECONDS = Number(process.argv[2] ?? 3)
 const ROUNDS = 2
 const VALUE = 'sk-bench-0123456789abcdef0123456789abcdef'
-
-function makeCA() {
-  const dir = mkdtempSync(join(tmpdir(), 'hive-bench-ca-'))
-  const run = (...args) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' })
-  try {
-    run('req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '2',
-      '-subj', '/CN=hive bench CA', '-keyout', 'ca.key', '-out', 'ca.pem',
-      '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
-    run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', '/CN=bench',
-      '-keyout', 'leaf.key', '-out', 'leaf.csr')
-    writeFileSync(join(dir, 'ext.cnf'), `subjectAltName=DNS:${HOST}\nextendedKeyUsage=serverAuth\n`)
-    run('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
-      '-extfile', 'ext.cnf', '-out', 'leaf.pem')
-    const read = (f) => readFileSync(join(dir, f), 'utf8')
-    return { caPem: read('ca.pem'), certPem: read('leaf.pem') + read('ca.pem'), keyPem: read('leaf.key') }
-  } finally {
-    rmSync(dir, { recursive: true, force: true })
-  }
-}
 
 /** The upstream: `/` a short answer, `/mib` 1 MiB of JSON-ish text, `/mib-gz` the same gzipped. */
 async function upstream() {
@@ -140,7 +123,7 @@ function mean(runs) {
 async function main() {
   const { getOrCreateSandbox } = await import('../index.js')
   process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
-  const ca = makeCA()
+  const ca = makeCA(HOST)
   const child = fork(fileURLToPath(import.meta.url), ['--upstream'], { env: { ...process.env, BENCH_TLS: JSON.stringify(ca) }, stdio: 'inherit' })
   process.on('exit', () => child.kill())
   const ports = await new Promise((r) => child.once('message', r))
