@@ -185,10 +185,20 @@ async function main() {
   const ca = makeCerts(dir)
   const ports = { http: await freePort(), https: await freePort() }
   const nginx = await startNginx(nginxBin, dir, ports)
-  process.on('exit', () => {
+  // Also on a throw: nginx's child handle would keep this process alive.
+  const stopNginx = () => {
     nginx.kill()
     rmSync(dir, { recursive: true, force: true })
-  })
+  }
+  process.on('exit', stopNginx)
+  try {
+    await measure({ ohaBin, ports, ca })
+  } finally {
+    stopNginx()
+  }
+}
+
+async function measure({ ohaBin, ports, ca }) {
 
   process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
   const { getOrCreateSandbox } = await import('../index.js')
