@@ -4,9 +4,12 @@
 //! How it works:
 //! 1. The bus serializes each event under its lock and sends the line with its sequence number
 //!    over an unbounded channel (never waiting), so lines arrive in id order.
-//! 2. The thread takes what is queued (up to [`MAX_BATCH`] bytes) and appends it with one write
-//!    ([`AuditLog::append`]), then publishes the last sequence number written; [`Shared::wait`]
-//!    lets a replay or a close wait until the log holds everything emitted so far.
+//! 2. Woken by a first line, the thread lingers [`LINGER`] (group commit: a sender wakes it only
+//!    while it waits for a first line, so under load the lines of many requests cost one
+//!    wake-up), then takes what is queued (up to [`MAX_BATCH`] bytes) and appends it with one
+//!    write ([`AuditLog::append`]), then publishes the last sequence number written;
+//!    [`Shared::wait`] lets a replay or a close wait until the log holds everything emitted so
+//!    far (they unpark the thread first, cutting the linger short).
 //! 3. While the bus's coalescer holds events (the `holding` flag), the thread wakes every
 //!    [`TICK`] to let it emit what has waited long enough (`EventBus::expire_held`).
 //! 4. When the bus drops its sender, the thread writes what is left and ends.
@@ -24,6 +27,9 @@ use crate::config::AuditRetention;
 
 /// Most bytes written in one batch.
 pub const MAX_BATCH: usize = 1 << 20;
+/// How long the writer waits after a first line for more to batch with it. Events reach
+/// subscribers at once; only the file write waits.
+pub const LINGER: Duration = Duration::from_millis(10);
 /// How often the writer lets the coalescer expire what it holds.
 pub const TICK: Duration = Duration::from_millis(100);
 
@@ -124,7 +130,11 @@ fn run(shared: &Shared, rx: &Receiver<Msg>, bus: &Weak<EventBus>) {
             }
         };
         match first {
-            Ok(msg) => take(msg, &mut batch),
+            Ok(msg) => {
+                take(msg, &mut batch);
+                // Returns early when a waiter unparks this thread (sync, replay, close).
+                std::thread::park_timeout(LINGER);
+            }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => ended = true,
         }
