@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod init;
+pub mod setup;
 pub mod spawn;
 pub mod stage;
 pub mod stub;
