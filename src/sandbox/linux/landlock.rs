@@ -5,8 +5,9 @@
 //!    running kernel's ABI knows (best effort: older ABIs simply handle fewer rights) and, on ABI
 //!    ≥ 6, scopes abstract unix sockets and signals.
 //! 2. The setup child, after mounting and `pivot_root`, adds one rule per tree using the paths
-//!    *inside* the sandbox (`hive_launcher::setup::fs::landlock_rules`). Landlock binds rules to inodes, so rules for the fresh `/proc`,
-//!    `/tmp` and `/dev` cannot be made from host paths; doing all of them in init keeps one path.
+//!    *inside* the sandbox (`hive_launcher::setup::fs::landlock_rules`). Landlock binds rules to
+//!    inodes, so rules for the fresh `/proc`, `/tmp` and `/dev` cannot be made from host paths;
+//!    doing all of them in the child keeps one path.
 //!    The ruleset fd is shared with the parent, so the rules land in the object the parent keeps.
 //! 3. Each workload calls `landlock_restrict_self` with it before exec (the spawn shim,
 //!    `hive_launcher::spawn`, which receives the ruleset fd).

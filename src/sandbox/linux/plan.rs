@@ -138,7 +138,8 @@ pub(crate) struct Hidden {
     pub is_dir: bool,
 }
 
-/// Everything the sandbox init needs (see [`super::init`]).
+/// Everything the sandbox's setup child needs (`hive_launcher::setup`, which reads it through
+/// a [`SetupView`]).
 pub(crate) struct InitPlan {
     pub hostname: Vec<u8>,
     pub proxy_port: u16,

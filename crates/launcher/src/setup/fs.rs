@@ -512,7 +512,7 @@ fn mount_fuse(fuse_fd: i32, target: &CStr) -> SetupResult {
 
 /// Writes `fd=<fd>` + [`FUSE_OPTIONS_TAIL`] into `out`; the length with the NUL, or `None` if it
 /// does not fit or `fd` is negative.
-pub fn fuse_options(fd: i32, out: &mut [u8]) -> Option<usize> {
+fn fuse_options(fd: i32, out: &mut [u8]) -> Option<usize> {
     let mut digits = [0u8; 10];
     let mut n = u32::try_from(fd).ok()?;
     let mut count = 0;

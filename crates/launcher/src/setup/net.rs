@@ -148,7 +148,7 @@ const RTA_OIF: u16 = nl::rtattr_type_t::RTA_OIF as u16;
 
 /// `RTM_NEWROUTE` for `local <any>/0 dev <ifindex> table local`: header (16) + rtmsg (12) +
 /// `RTA_OIF` (8).
-pub fn route_message(family: u8, ifindex: u32, seq: u32) -> [u8; 36] {
+fn route_message(family: u8, ifindex: u32, seq: u32) -> [u8; 36] {
     let flags = (nl::NLM_F_REQUEST | nl::NLM_F_ACK | nl::NLM_F_CREATE | nl::NLM_F_REPLACE) as u16;
     let len = 36u32.to_ne_bytes();
     let kind = RTM_NEWROUTE.to_ne_bytes();
@@ -201,7 +201,7 @@ pub fn route_message(family: u8, ifindex: u32, seq: u32) -> [u8; 36] {
 }
 
 /// The errno of a netlink ack (`0` = success), or `None` if `buf` is no `NLMSG_ERROR`.
-pub fn ack_errno(buf: &[u8]) -> Option<i32> {
+fn ack_errno(buf: &[u8]) -> Option<i32> {
     let kind = u16::from_ne_bytes([*buf.get(4)?, *buf.get(5)?]);
     if kind != NLMSG_ERROR {
         return None;
