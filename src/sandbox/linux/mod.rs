@@ -738,8 +738,8 @@ fn start_on_launcher(
     if unsafe { libc::write(ours.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
         return Err(fail(last_err("starting the sandbox init")));
     }
-    // Reserved now: receiving what the child hands over allocates nothing (see the SAFETY note
-    // at the clone).
+    // Room for every capture listener the child may hand over (it does not touch the heap, so
+    // this is only to allocate once).
     let mut handed = Handed {
         transparent: Vec::with_capacity(2 * spec.capture_ports.len()),
         ..Handed::default()
