@@ -1,4 +1,5 @@
-//! The sandbox's filesystem, built by the setup child in its new mount namespace.
+//! The sandbox's filesystem, built by the setup child in its new mount namespace. Runs between
+//! `clone` and `exec` in the host's memory ([`super`]): allocation-free, raw syscalls only.
 //!
 //! 1. Make every mount private, so nothing propagates back to the host.
 //! 2. Open every bind source (`O_PATH`) *before* covering anything: a source under the host's

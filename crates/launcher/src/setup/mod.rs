@@ -27,8 +27,13 @@
 //!
 //! Every failure is one report ([`Stage`] + errno) on the control socket, then `exit(1)`.
 //!
+//! # Security
 //! No process of the sandbox exists before step 5 (workloads start once the host has the final
-//! report and init's message), so none can see the copy of the host's memory.
+//! report and init's message), so none can see the copy of the host's memory; after the exec
+//! nothing of it is left. The host's death before step 1 took effect is seen as EOF on the
+//! control socket, after the uid switch by a hang-up check, so the child never outlives the host
+//! unnoticed. Everything that could leak the host's state stays out: no signal handler of the
+//! host runs here (dispositions reset, signals blocked), no fd but the plan's survives the exec.
 
 use core::ffi::CStr;
 

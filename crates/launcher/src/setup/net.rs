@@ -1,6 +1,8 @@
 //! The sandbox's network, made by the setup child inside its new network namespace: `lo` up, the
 //! proxy listener, the transparent capture (routes, DNS sockets, capture listeners), and the fd
-//! passing that hands the sockets to the host over the control socket (`SCM_RIGHTS`).
+//! passing that hands the sockets to the host over the control socket (`SCM_RIGHTS`). Runs
+//! between `clone` and `exec` in the host's memory ([`super`]): allocation-free, raw syscalls
+//! only.
 //!
 //! 1. `lo` up with `SIOCSIFFLAGS` (the kernel then assigns 127.0.0.1/8 and ::1); there is no other
 //!    interface, so a direct connection has nowhere to go, and the host's loopback is another
