@@ -849,6 +849,58 @@ mod unit {
     }
 
     #[test]
+    fn the_setup_childs_view_lends_every_part_of_the_plan_and_sizes_its_scratch() {
+        let spec = LaunchSpec {
+            name: "view".into(),
+            mounts: vec![
+                mount("/data/a"),
+                BindMount {
+                    fuse: true,
+                    ..mount("/acl")
+                },
+            ],
+            ca_bundle_pem: b"pem".to_vec(),
+            proxy_port: 3128,
+            capture_ports: vec![80, 443],
+        };
+        let mut plan = InitPlan::build(&spec, 7, -1, 0).expect("plan");
+        plan.image = 9;
+        plan.cgroup_join[0] = 11;
+        let (systems, devs) = (plan.system.len(), plan.dev_host.len());
+        let mut view = SetupView::new(&plan);
+        let p = view.plan();
+        assert_eq!((p.hostname, p.proxy_port, p.ctrl), (&b"view"[..], 3128, 7));
+        assert_eq!((p.image, p.cgroup_join.first()), (9, Some(&11)));
+        assert_eq!(
+            (p.ca_bundle, p.capture_ports),
+            (&b"pem"[..], &[80, 443][..])
+        );
+        assert_eq!((p.system.len(), p.dev_nodes.len()), (systems, devs));
+        assert_eq!(p.ca_targets.len(), CA_TARGETS.len());
+        assert_eq!(p.etc_files.len(), 2);
+        let mounts: Vec<_> = p
+            .mounts
+            .iter()
+            .map(|m| {
+                let dirs: Vec<_> = m.mkdirs.iter().map(|d| d.to_str().unwrap_or("?")).collect();
+                (m.target_rel.to_str().unwrap_or("?"), dirs, m.fuse)
+            })
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("acl", vec!["acl"], true),
+                ("data/a", vec!["data", "data/a"], false)
+            ]
+        );
+        // One source slot per system entry, a spare, one per device node and mount; one FUSE
+        // slot per mount; none filled yet.
+        assert_eq!(p.source_fds.len(), systems + 1 + devs + 2);
+        assert_eq!(p.fuse_fds, [-1, -1]);
+        assert!(p.source_fds.iter().all(|fd| *fd == -1));
+    }
+
+    #[test]
     fn nested_targets_create_their_parents() {
         let planned = plan_mount(&mount("/data/a/b")).expect("valid");
         let [m] = planned.as_slice() else {
