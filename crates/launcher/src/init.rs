@@ -1,6 +1,6 @@
 //! `hive-init init`: PID 1 of a sandbox once its setup is done.
 //!
-//! 1. The setup child (a clone of the host, see the addon's `sandbox::linux::init`) finishes the
+//! 1. The setup child (a clone of the host running [`crate::setup`]) finishes the
 //!    namespaces, mounts and listeners, then executes this program from the sealed memfd with the
 //!    control socket as fd 0 ([`crate::stub::exec_init`]). The exec replaces the copy of the
 //!    host's memory with this program's few pages.

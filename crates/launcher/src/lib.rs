@@ -3,10 +3,13 @@
 //! [`sys`] (nothing touches `errno`), and every `unsafe` block justified.
 //!
 //! Two halves:
-//! 1. **Stubs** ([`stub`]), linked into the addon and run in a child of the host right after
-//!    `clone`: they move file descriptors into place and `execveat` the `hive-init` executable
-//!    from a sealed memfd. They share the host's memory (`CLONE_VM`) or are a copy of it, so they
-//!    only read what the parent prepared and never return.
+//! 1. **Code linked into the addon** and run in a child of the host right after `clone`, sharing
+//!    the host's memory (`CLONE_VM`), so it only reads what the parent prepared and never
+//!    returns:
+//!    - [`setup`]: the sandbox's setup child (network, listeners, mounts, Landlock rules, from a
+//!      borrowed [`setup::Plan`]) and the capture helper;
+//!    - [`stub`]: moves file descriptors into place and `execveat`s the `hive-init` executable
+//!      from a sealed memfd (the end of the setup child and the whole spawn helper).
 //! 2. **`hive-init`** (`src/bin/hive-init.rs`), a static executable of a few kB built from this
 //!    crate, with two roles chosen by `argv[1]`:
 //!    - `init` ([`init::reaper_main`]): PID 1 of a sandbox, a reaper holding nothing of the host;
@@ -23,6 +26,7 @@
 #![warn(missing_docs)]
 
 pub mod init;
+pub mod setup;
 pub mod spawn;
 pub mod stage;
 pub mod stub;

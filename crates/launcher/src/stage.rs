@@ -172,3 +172,27 @@ pub fn decode_report(buf: &[u8; 8]) -> (Stage, i32) {
     let errno = i32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
     (Stage::from_u32(stage), errno)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_round_trips() {
+        for (stage, errno) in [
+            (Stage::Ok, 0),
+            (Stage::Exec, 2),
+            (Stage::LoopbackUp, 1),
+            (Stage::Setsid, 1),
+            (Stage::Limits, -7),
+        ] {
+            assert_eq!(decode_report(&encode_report(stage, errno)), (stage, errno));
+        }
+    }
+
+    #[test]
+    fn unknown_stage_decodes_to_unknown() {
+        assert_eq!(Stage::from_u32(9999), Stage::Unknown);
+        assert_eq!(Stage::from_u32(Stage::Limits as u32), Stage::Limits);
+    }
+}

@@ -15,6 +15,7 @@ use core::ffi::CStr;
 
 use linux_raw_sys::errno as e;
 use linux_raw_sys::general as g;
+use linux_raw_sys::net as n;
 
 /// An error number from the kernel (`EPERM`, `ENOENT`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -554,17 +555,477 @@ pub fn reap_any_nohang() -> SysResult {
     }
 }
 
+/// An optional C string as a syscall argument (NULL for `None`).
+fn opt_ptr(s: Option<&CStr>) -> usize {
+    s.map_or(0, |s| s.as_ptr() as usize)
+}
+
+/// `openat(dir, path, flags, mode)`.
+pub fn openat(dir: i32, path: &CStr, flags: u32, mode: u32) -> SysResult<i32> {
+    // SAFETY: path is NUL-terminated; the kernel reads up to the NUL.
+    unsafe {
+        sys(
+            g::__NR_openat,
+            [
+                dir as usize,
+                path.as_ptr() as usize,
+                flags as usize,
+                mode as usize,
+                0,
+                0,
+            ],
+        )
+    }
+    .map(|v| v as i32)
+}
+
+/// `openat2(dir, path, how)`.
+pub fn openat2(dir: i32, path: &CStr, how: &g::open_how) -> SysResult<i32> {
+    // SAFETY: path is NUL-terminated; `how` is a valid open_how of the size passed.
+    unsafe {
+        sys(
+            g::__NR_openat2,
+            [
+                dir as usize,
+                path.as_ptr() as usize,
+                how as *const g::open_how as usize,
+                core::mem::size_of::<g::open_how>(),
+                0,
+                0,
+            ],
+        )
+    }
+    .map(|v| v as i32)
+}
+
+/// `mkdirat(dir, path, mode)`.
+pub fn mkdirat(dir: i32, path: &CStr, mode: u32) -> SysResult {
+    // SAFETY: path is NUL-terminated.
+    unsafe {
+        sys(
+            g::__NR_mkdirat,
+            [dir as usize, path.as_ptr() as usize, mode as usize, 0, 0, 0],
+        )
+    }
+}
+
+/// `symlinkat(target, dir, link)`.
+pub fn symlinkat(target: &CStr, dir: i32, link: &CStr) -> SysResult {
+    // SAFETY: both paths are NUL-terminated.
+    unsafe {
+        sys(
+            g::__NR_symlinkat,
+            [
+                target.as_ptr() as usize,
+                dir as usize,
+                link.as_ptr() as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+}
+
+/// The file type bits (`st_mode & S_IFMT`) of `dir`/`path` through `statx` (the same call on
+/// every architecture; `flags`: `AT_SYMLINK_NOFOLLOW` for `lstat`, `AT_EMPTY_PATH` with an
+/// empty path for `fstat`).
+pub fn file_type_at(dir: i32, path: &CStr, flags: u32) -> SysResult<u32> {
+    let mut st = core::mem::MaybeUninit::<g::statx>::zeroed();
+    // SAFETY: path is NUL-terminated; `st` is writable for a whole struct statx.
+    unsafe {
+        sys(
+            g::__NR_statx,
+            [
+                dir as usize,
+                path.as_ptr() as usize,
+                flags as usize,
+                g::STATX_TYPE as usize,
+                st.as_mut_ptr() as usize,
+                0,
+            ],
+        )
+    }?;
+    // SAFETY: zero-initialised plain integers (the kernel filled what it knows).
+    let st = unsafe { st.assume_init() };
+    Ok(u32::from(st.stx_mode) & g::S_IFMT)
+}
+
+/// `mount(source, target, fstype, flags, data)`.
+pub fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: u32,
+    data: Option<&CStr>,
+) -> SysResult {
+    // SAFETY: every pointer is NULL or a NUL-terminated string (`data` is read as a string by
+    // the file systems used here: tmpfs, devpts, proc, fuse).
+    unsafe {
+        sys(
+            g::__NR_mount,
+            [
+                opt_ptr(source),
+                target.as_ptr() as usize,
+                opt_ptr(fstype),
+                flags as usize,
+                opt_ptr(data),
+                0,
+            ],
+        )
+    }
+}
+
+/// `umount2(target, flags)`.
+pub fn umount2(target: &CStr, flags: u32) -> SysResult {
+    // SAFETY: target is NUL-terminated.
+    unsafe {
+        sys(
+            g::__NR_umount2,
+            [target.as_ptr() as usize, flags as usize, 0, 0, 0, 0],
+        )
+    }
+}
+
+/// `pivot_root(new_root, put_old)`.
+pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> SysResult {
+    // SAFETY: both paths are NUL-terminated.
+    unsafe {
+        sys(
+            g::__NR_pivot_root,
+            [
+                new_root.as_ptr() as usize,
+                put_old.as_ptr() as usize,
+                0,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+}
+
+/// `open_tree(dir, path, flags)`: a detached copy of a mount (with `OPEN_TREE_CLONE`).
+pub fn open_tree(dir: i32, path: &CStr, flags: u32) -> SysResult<i32> {
+    // SAFETY: path is NUL-terminated.
+    unsafe {
+        sys(
+            g::__NR_open_tree,
+            [
+                dir as usize,
+                path.as_ptr() as usize,
+                flags as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+    .map(|v| v as i32)
+}
+
+/// `move_mount(from_dir, from_path, to_dir, to_path, flags)`.
+pub fn move_mount(
+    from_dir: i32,
+    from_path: &CStr,
+    to_dir: i32,
+    to_path: &CStr,
+    flags: u32,
+) -> SysResult {
+    // SAFETY: both paths are NUL-terminated.
+    unsafe {
+        sys(
+            g::__NR_move_mount,
+            [
+                from_dir as usize,
+                from_path.as_ptr() as usize,
+                to_dir as usize,
+                to_path.as_ptr() as usize,
+                flags as usize,
+                0,
+            ],
+        )
+    }
+}
+
+/// `mount_setattr(dir, path, flags, attr)`.
+pub fn mount_setattr(dir: i32, path: &CStr, flags: u32, attr: &g::mount_attr) -> SysResult {
+    // SAFETY: path is NUL-terminated; attr is a valid mount_attr of the size passed.
+    unsafe {
+        sys(
+            g::__NR_mount_setattr,
+            [
+                dir as usize,
+                path.as_ptr() as usize,
+                flags as usize,
+                attr as *const g::mount_attr as usize,
+                core::mem::size_of::<g::mount_attr>(),
+                0,
+            ],
+        )
+    }
+}
+
+/// `sethostname(name)`.
+pub fn sethostname(name: &[u8]) -> SysResult {
+    // SAFETY: name is valid for reads of name.len() bytes.
+    unsafe {
+        sys(
+            g::__NR_sethostname,
+            [name.as_ptr() as usize, name.len(), 0, 0, 0, 0],
+        )
+    }
+}
+
+/// Whether the peer of the socket `fd` has hung up (`ppoll` for `POLLRDHUP` without waiting).
+pub fn peer_hung_up(fd: i32) -> bool {
+    let mut pfd = g::pollfd {
+        fd,
+        events: g::POLLRDHUP as i16,
+        revents: 0,
+    };
+    let zero = g::__kernel_timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: one writable pollfd, a readable timeout, no signal mask.
+    let r = unsafe {
+        sys(
+            g::__NR_ppoll,
+            [
+                &mut pfd as *mut g::pollfd as usize,
+                1,
+                &zero as *const g::__kernel_timespec as usize,
+                0,
+                8,
+                0,
+            ],
+        )
+    };
+    matches!(r, Ok(n) if n != 0) && i32::from(pfd.revents) & (g::POLLHUP | g::POLLRDHUP) as i32 != 0
+}
+
+/// `socket(domain, type | SOCK_CLOEXEC, protocol)` (`SOCK_CLOEXEC` is `O_CLOEXEC` on every
+/// architecture hive supports).
+pub fn socket_cloexec(domain: u32, kind: u32, protocol: u32) -> SysResult<i32> {
+    // SAFETY: no pointers.
+    unsafe {
+        sys(
+            g::__NR_socket,
+            [
+                domain as usize,
+                (kind | g::O_CLOEXEC) as usize,
+                protocol as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+    .map(|v| v as i32)
+}
+
+/// `setsockopt(fd, level, name, &value, 4)` for an `int` option.
+pub fn setsockopt_int(fd: i32, level: u32, name: u32, value: i32) -> SysResult {
+    // SAFETY: value is a readable int of the size passed.
+    unsafe {
+        sys(
+            g::__NR_setsockopt,
+            [
+                fd as usize,
+                level as usize,
+                name as usize,
+                &value as *const i32 as usize,
+                core::mem::size_of::<i32>(),
+                0,
+            ],
+        )
+    }
+}
+
+/// `bind(fd, addr)` to an IPv4 address.
+pub fn bind_v4(fd: i32, addr: &n::sockaddr_in) -> SysResult {
+    // SAFETY: addr is a readable sockaddr_in of the size passed.
+    unsafe {
+        sys(
+            g::__NR_bind,
+            [
+                fd as usize,
+                addr as *const n::sockaddr_in as usize,
+                core::mem::size_of::<n::sockaddr_in>(),
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+}
+
+/// `bind(fd, addr)` to an IPv6 address.
+pub fn bind_v6(fd: i32, addr: &n::sockaddr_in6) -> SysResult {
+    // SAFETY: addr is a readable sockaddr_in6 of the size passed.
+    unsafe {
+        sys(
+            g::__NR_bind,
+            [
+                fd as usize,
+                addr as *const n::sockaddr_in6 as usize,
+                core::mem::size_of::<n::sockaddr_in6>(),
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+}
+
+/// `listen(fd, backlog)`.
+pub fn listen(fd: i32, backlog: u32) -> SysResult {
+    // SAFETY: no pointers.
+    unsafe { sys(g::__NR_listen, [fd as usize, backlog as usize, 0, 0, 0, 0]) }
+}
+
+/// `send(fd, buf, 0)`.
+pub fn send(fd: i32, buf: &[u8]) -> SysResult {
+    // SAFETY: buf is readable for buf.len() bytes; no address.
+    unsafe {
+        sys(
+            g::__NR_sendto,
+            [fd as usize, buf.as_ptr() as usize, buf.len(), 0, 0, 0],
+        )
+    }
+}
+
+/// `recv(fd, buf, 0)`.
+pub fn recv(fd: i32, buf: &mut [u8]) -> SysResult {
+    // SAFETY: buf is writable for buf.len() bytes; no address is asked for.
+    unsafe {
+        sys(
+            g::__NR_recvfrom,
+            [fd as usize, buf.as_mut_ptr() as usize, buf.len(), 0, 0, 0],
+        )
+    }
+}
+
+/// `ioctl(fd, request, ifr)` for the `SIOC*IF*` requests, which read and write one `ifreq`.
+pub fn ioctl_ifreq(fd: i32, request: u32, ifr: &mut n::ifreq) -> SysResult {
+    // SAFETY: ifr is a valid, writable struct ifreq, which is all these requests access.
+    unsafe {
+        sys(
+            g::__NR_ioctl,
+            [
+                fd as usize,
+                request as usize,
+                ifr as *mut n::ifreq as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+}
+
+/// Control-message space for one fd (`CMSG_SPACE(sizeof(int))` on a 64-bit target): the header
+/// (16 bytes), the fd, padding to 8 bytes.
+#[repr(C)]
+struct FdCmsg {
+    hdr: n::cmsghdr,
+    fd: i32,
+    pad: i32,
+}
+
+const _: () = assert!(core::mem::size_of::<n::cmsghdr>() == 16);
+const _: () = assert!(core::mem::size_of::<FdCmsg>() == 24);
+
+/// `sendmsg(sock, {payload}, MSG_NOSIGNAL)` with `fd` attached (`SCM_RIGHTS`) when given; retries
+/// `EINTR`.
+pub fn send_with_fd(sock: i32, payload: &[u8], fd: Option<i32>) -> SysResult {
+    let mut iov = g::iovec {
+        iov_base: payload.as_ptr() as *mut core::ffi::c_void,
+        iov_len: payload.len() as _,
+    };
+    let mut cmsg = FdCmsg {
+        hdr: n::cmsghdr {
+            // CMSG_LEN(sizeof(int)): the header and the fd, without the trailing padding.
+            cmsg_len: core::mem::size_of::<n::cmsghdr>() + core::mem::size_of::<i32>(),
+            cmsg_level: n::SOL_SOCKET as i32,
+            cmsg_type: n::SCM_RIGHTS as i32,
+        },
+        fd: fd.unwrap_or(-1),
+        pad: 0,
+    };
+    let (control, control_len) = match fd {
+        Some(_) => (
+            &mut cmsg as *mut FdCmsg as *mut core::ffi::c_void,
+            core::mem::size_of::<FdCmsg>(),
+        ),
+        None => (core::ptr::null_mut(), 0),
+    };
+    let msg = n::msghdr {
+        msg_name: core::ptr::null_mut(),
+        msg_namelen: 0,
+        msg_iov: (&mut iov as *mut g::iovec).cast(),
+        msg_iovlen: 1,
+        msg_control: control,
+        msg_controllen: control_len,
+        msg_flags: 0,
+    };
+    loop {
+        // SAFETY: msg points at one iovec over `payload` and, with an fd, at one well-formed
+        // SCM_RIGHTS control message; all of them outlive the call.
+        let r = unsafe {
+            sys(
+                g::__NR_sendmsg,
+                [
+                    sock as usize,
+                    &msg as *const n::msghdr as usize,
+                    n::MSG_NOSIGNAL as usize,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        };
+        match r {
+            Err(Errno(e)) if e == e::EINTR as i32 => {}
+            r => return r,
+        }
+    }
+}
+
+/// `landlock_add_rule(ruleset, LANDLOCK_RULE_PATH_BENEATH, attr, 0)`.
+pub fn landlock_add_path_rule(
+    ruleset: i32,
+    attr: &linux_raw_sys::landlock::landlock_path_beneath_attr,
+) -> SysResult {
+    // SAFETY: attr is a valid, readable path-beneath rule.
+    unsafe {
+        sys(
+            g::__NR_landlock_add_rule,
+            [
+                ruleset as usize,
+                linux_raw_sys::landlock::landlock_rule_type::LANDLOCK_RULE_PATH_BENEATH as usize,
+                attr as *const _ as usize,
+                0,
+                0,
+                0,
+            ],
+        )
+    }
+}
+
 /// Bit of signal `sig` in a 64-signal set.
 pub const fn sigbit(sig: u32) -> u64 {
     1 << (sig - 1)
 }
 
 pub use e::{
-    E2BIG, EACCES, EBADF, EINTR, EINVAL, EIO, ELOOP, ENAMETOOLONG, ENOENT, ENOSYS, ENOTDIR, EPERM,
+    E2BIG, EACCES, EBADF, EEXIST, EINTR, EINVAL, EIO, ELOOP, ENAMETOOLONG, ENOENT, ENOSYS, ENOTDIR,
+    EPERM, EPROTO,
 };
 pub use g::{
     CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER,
-    CLONE_NEWUTS, CLONE_PARENT, SIGCHLD, SIG_BLOCK, SIG_SETMASK,
+    CLONE_NEWUTS, CLONE_PARENT, SIGCHLD, SIGKILL, SIG_BLOCK, SIG_SETMASK,
 };
 pub use linux_raw_sys::prctl::{
     PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_SET_CHILD_SUBREAPER,

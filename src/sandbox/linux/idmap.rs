@@ -8,7 +8,7 @@
 //!    the parent opens `/proc/<pid>/ns/user`).
 //! 2. `open_tree(source, OPEN_TREE_CLONE | AT_RECURSIVE)` in the host's mount namespace, then
 //!    `mount_setattr(IDMAP | NOSUID | NODEV [| RDONLY])` with that namespace.
-//! 3. init inherits the tree fds and `move_mount`s them into the sandbox ([`super::mounts`]).
+//! 3. init inherits the tree fds and `move_mount`s them into the sandbox (`hive_launcher::setup::fs`).
 //!
 //! Effect: a file owned by host root appears owned by the sandbox's root, and a file the sandbox
 //! creates lands on disk owned by host root, the user running hive. Both steps need

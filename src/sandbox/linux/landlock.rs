@@ -4,15 +4,17 @@
 //! 1. The parent creates the ruleset ([`create_ruleset`]): it handles every filesystem right the
 //!    running kernel's ABI knows (best effort: older ABIs simply handle fewer rights) and, on ABI
 //!    ≥ 6, scopes abstract unix sockets and signals.
-//! 2. init, after mounting and `pivot_root`, adds one rule per tree using the paths *inside* the
-//!    sandbox ([`add_rule`]). Landlock binds rules to inodes, so rules for the fresh `/proc`,
-//!    `/tmp` and `/dev` cannot be made from host paths; doing all of them in init keeps one path.
+//! 2. The setup child, after mounting and `pivot_root`, adds one rule per tree using the paths
+//!    *inside* the sandbox (`hive_launcher::setup::fs::landlock_rules`). Landlock binds rules to
+//!    inodes, so rules for the fresh `/proc`, `/tmp` and `/dev` cannot be made from host paths;
+//!    doing all of them in the child keeps one path.
 //!    The ruleset fd is shared with the parent, so the rules land in the object the parent keeps.
 //! 3. Each workload calls `landlock_restrict_self` with it before exec (the spawn shim,
 //!    `hive_launcher::spawn`, which receives the ruleset fd).
 //!
 //! Raw syscalls instead of the `landlock` crate: steps 2 and 3 run after `clone` and must not
-//! allocate; the constants below are the stable uapi values.
+//! allocate; the rights are the uapi's (`hive_launcher::setup::fs::rights`, from
+//! `linux-raw-sys`).
 //!
 //! # Security
 //! TCP port rules (ABI ≥ 4) are deliberately not used: the network namespace already has no route
@@ -24,25 +26,12 @@
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
-use super::child::{check, check_i, CResult, Stage};
+#[cfg(test)]
+use hive_launcher::setup::fs::rights::READ_EXEC;
+use hive_launcher::setup::fs::rights::{ABI1_ALL, IOCTL_DEV, REFER, TRUNCATE};
 
-pub(crate) const EXECUTE: u64 = 1 << 0;
-pub(crate) const WRITE_FILE: u64 = 1 << 1;
-pub(crate) const READ_FILE: u64 = 1 << 2;
-pub(crate) const READ_DIR: u64 = 1 << 3;
-const ABI1_ALL: u64 = (1 << 13) - 1;
-const REFER: u64 = 1 << 13;
-const TRUNCATE: u64 = 1 << 14;
-pub(crate) const IOCTL_DEV: u64 = 1 << 15;
 const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
 const SCOPE_SIGNAL: u64 = 1 << 1;
-
-/// Rights valid on a rule whose parent is a file rather than a directory.
-pub(crate) const FILE_RIGHTS: u64 = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV;
-/// Read-only tree (system dirs, read-only mounts).
-pub(crate) const READ_EXEC: u64 = EXECUTE | READ_FILE | READ_DIR;
-/// Everything (writable mounts, `/tmp`): masked down to what the ruleset handles.
-pub(crate) const ALL: u64 = u64::MAX;
 
 /// A created ruleset: the fd and the filesystem rights it handles.
 pub(crate) struct Ruleset {
@@ -141,75 +130,6 @@ pub(crate) fn create_ruleset() -> std::io::Result<Option<Ruleset>> {
         fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
         handled_fs,
     }))
-}
-
-/// Adds a rule granting `access` (masked to `handled`) beneath `path` (child side). A path that
-/// does not exist is skipped.
-pub(crate) unsafe fn add_rule(
-    ruleset: RawFd,
-    handled: u64,
-    path: &std::ffi::CStr,
-    access: u64,
-) -> CResult {
-    add_rule_inner(ruleset, handled, path, access, false)
-}
-
-/// [`add_rule`] for a path known to be a directory, without `stat`ing it: the root of a FUSE
-/// mount the host does not serve yet, where a `stat` would wait for the server forever (opening
-/// with `O_PATH` sends no request).
-pub(crate) unsafe fn add_dir_rule(
-    ruleset: RawFd,
-    handled: u64,
-    path: &std::ffi::CStr,
-    access: u64,
-) -> CResult {
-    add_rule_inner(ruleset, handled, path, access, true)
-}
-
-unsafe fn add_rule_inner(
-    ruleset: RawFd,
-    handled: u64,
-    path: &std::ffi::CStr,
-    access: u64,
-    known_dir: bool,
-) -> CResult {
-    let fd = libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-    if fd < 0 {
-        return Ok(());
-    }
-    let mut st: libc::stat = std::mem::zeroed();
-    let r = (|| {
-        let mut allowed = access & handled;
-        if !known_dir {
-            check_i(libc::fstat(fd, &mut st), Stage::LandlockRule)?;
-            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
-                allowed &= FILE_RIGHTS;
-            }
-        }
-        #[repr(C, packed)]
-        struct PathBeneath {
-            allowed_access: u64,
-            parent_fd: i32,
-        }
-        let attr = PathBeneath {
-            allowed_access: allowed,
-            parent_fd: fd,
-        };
-        const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
-        check(
-            libc::syscall(
-                libc::SYS_landlock_add_rule,
-                ruleset,
-                LANDLOCK_RULE_PATH_BENEATH,
-                &attr as *const PathBeneath,
-                0u32,
-            ),
-            Stage::LandlockRule,
-        )?;
-        Ok(())
-    })();
-    libc::close(fd);
-    r
 }
 
 #[cfg(test)]

@@ -26,8 +26,9 @@
 //!    **After clone, before "go"** is where per-sandbox host-side set-up belongs (the child waits
 //!    on the control socket; e.g. placing its pid into a cgroup): see `start_on_launcher`.
 //! 3. The child sets up `lo`, the proxy listener, the capture routes, DNS sockets and capture
-//!    listeners of the transparent path, the filesystem and the Landlock rules ([`init`],
-//!    [`netns`], [`capture`], [`mounts`]) and sends the sockets back over `SCM_RIGHTS`
+//!    listeners of the transparent path, the filesystem and the Landlock rules
+//!    (`hive_launcher::setup`, `#![no_std]` without `alloc`, reading a borrowed view of the plan,
+//!    [`plan::SetupView`]) and sends the sockets back over `SCM_RIGHTS`
 //!    ([`Handover`]), after the `/dev/fuse` fd of each mount that needs per-file ACLs
 //!    ([`BindMount::fuse`]): the host serves those ([`Handover::fuse`]; nothing inside may touch
 //!    them before). Ports added later get capture listeners from a setns helper
@@ -84,22 +85,20 @@
 //! See `hive_launcher::spawn` for the confinement order. Until its exec the setup child runs in
 //! the host's memory; no other process exists in the sandbox by then, and a host process that
 //! could read it must be allowed to ptrace the host (as root, the child's uid is host 65534, but
-//! ptrace of it needs `CAP_SYS_PTRACE` over its user namespace). It shares the launcher thread's
-//! thread-local `errno` and the memory's dumpable flag (`SetupChild` restores the latter).
+//! ptrace of it needs `CAP_SYS_PTRACE` over its user namespace). It shares the memory's dumpable
+//! flag (`SetupChild` restores it); its code makes raw syscalls only, so it touches no
+//! thread-local state such as `errno`.
 //! Spawns join the namespaces through fds the parent opened before "go".
 
 pub mod capture;
 pub mod cgroup;
-pub(crate) mod child;
 pub(crate) mod etc_scan;
 #[cfg(test)]
 mod fuse_tests;
 pub(crate) mod idmap;
 pub(crate) mod image;
-pub(crate) mod init;
 pub(crate) mod landlock;
 pub mod limits;
-pub(crate) mod mounts;
 pub(crate) mod netns;
 pub(crate) mod plan;
 mod reach;
@@ -113,9 +112,9 @@ use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use crate::error::{HiveError, Result};
-use child::Stage;
 use hive_launcher::stub::{slot, ShimExec};
-use plan::{ptr_array, CommandStrings, InitPlan, NS_FLAGS};
+use hive_launcher::{decode_report, Stage};
+use plan::{ptr_array, CommandStrings, InitPlan, SetupView, NS_FLAGS};
 
 /// Where the sandbox's CA bundle (system roots + sandbox CA) is, inside the sandbox.
 pub const CA_BUNDLE_PATH: &str = "/run/hive/ca-bundle.pem";
@@ -319,8 +318,7 @@ fn launcher() -> Result<&'static Mutex<mpsc::Sender<Job>>> {
             // Lives as long as the process: PR_SET_PDEATHSIG of every init follows this thread.
             // A panicking job must not end this thread: that would fire every init's PDEATHSIG.
             // It blocks every signal for its life (the process's other threads take them), so
-            // none of its calls is ever interrupted: the setup child shares its thread-local
-            // `errno` (see `start_on_launcher`).
+            // every clone happens with signals blocked and none of its calls is interrupted.
             // SAFETY: plain signal-mask change of this thread.
             unsafe {
                 let mut all: libc::sigset_t = std::mem::zeroed();
@@ -665,28 +663,27 @@ fn start_on_launcher(
     let mut limits = limits::SandboxLimits::prepare(limits, uid != 0)?;
     plan.cgroup_join = limits.init_join_files();
     let t_limits = t0.elapsed();
+    // The setup child's borrowed view of the plan (`hive_launcher::setup::Plan`); declared
+    // before the clone, so it outlives the child's use of it on every path (see the SAFETY note).
+    let mut view = SetupView::new(&plan);
+    let mut setup_plan = view.plan();
     let stack = SetupStack::new()?;
     // SAFETY: plain prctl query.
     let dumpable_before = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
-    let plan_ptr: *mut InitPlan = &mut plan;
+    let plan_ptr: *mut hive_launcher::setup::Plan = &mut setup_plan;
     let mut pidfd: libc::c_int = -1;
     // The setup child shares this process's memory (CLONE_VM: no copy of the host's page tables,
     // whatever the size of its heap) until it executes hive-init.
-    // SAFETY: the child runs only init::init_entry (init_main: allocation-free, lock-free, never
-    // returns; it ends in execveat or _exit) on `stack`, with `plan` as its only data, which this
-    // function neither touches nor frees until the child has exec'd or died (every path below
-    // returns through `fail`, which kills and reaps it, or after its "init runs" message; the
-    // guard kills and reaps it on a panic). The one state it shares with this thread is the
-    // thread-local `errno` (a CLONE_VM child has no TLS of its own), which each side writes only
-    // when a call of its own fails and reads right after that failure. This thread's calls
-    // while the child works (after "go": recvmsg on the control socket, and moving what it
-    // receives into vectors reserved in advance, so no allocation) cannot be interrupted (it
-    // blocks every signal for its life) and, when they fail, end the child first. Before "go"
-    // the child makes only calls that succeed or write no errno (prctl, raw rt_sigaction) and
-    // then waits in read(2).
+    // SAFETY: the child runs only `setup_entry` (`hive_launcher::setup::run`: `no_std` without
+    // `alloc`, raw syscalls that touch no thread-local state, never returns; it ends in
+    // execveat or exit_group) on `stack`, with `setup_plan` (and the `view` and `plan` it
+    // borrows) as its only data, which this function neither touches nor frees until the child
+    // has exec'd or died: every path below returns through `fail`, which kills and reaps it,
+    // or after its "init runs" message, and the `SetupChild` guard (declared after these, so
+    // dropped first) kills and reaps it on a panic.
     let pid = with_signals_blocked(|| unsafe {
         libc::clone(
-            init::init_entry,
+            setup_entry,
             stack.top(),
             NS_FLAGS | libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD,
             plan_ptr.cast(),
@@ -741,8 +738,8 @@ fn start_on_launcher(
     if unsafe { libc::write(ours.as_raw_fd(), b"g".as_ptr().cast(), 1) } != 1 {
         return Err(fail(last_err("starting the sandbox init")));
     }
-    // Reserved now: receiving what the child hands over allocates nothing (see the SAFETY note
-    // at the clone).
+    // Room for every capture listener the child may hand over (it does not touch the heap, so
+    // this is only to allocate once).
     let mut handed = Handed {
         transparent: Vec::with_capacity(2 * spec.capture_ports.len()),
         ..Handed::default()
@@ -764,7 +761,7 @@ fn start_on_launcher(
         if handed.take(&buf, fd) {
             continue;
         }
-        let (stage, errno) = child::decode_report(&buf);
+        let (stage, errno) = decode_report(&buf);
         match (stage, handed.last_fd.take()) {
             (Stage::FuseHandover, Some(fd)) => {
                 match usize::try_from(errno)
@@ -792,7 +789,7 @@ fn start_on_launcher(
     let t_setup = t0.elapsed();
     // The setup child executes hive-init, whose first message says it runs.
     match netns::recv_report(ours.as_raw_fd()) {
-        Ok(Some((buf, _))) => match child::decode_report(&buf) {
+        Ok(Some((buf, _))) => match decode_report(&buf) {
             (Stage::InitReady, _) => {}
             (stage, errno) => return Err(fail(init_error(stage, errno))),
         },
@@ -845,6 +842,15 @@ fn start_on_launcher(
             fuse,
         },
     ))
+}
+
+/// `clone` entry point of the sandbox's setup child: `arg` is the launcher's
+/// `*mut hive_launcher::setup::Plan`.
+extern "C" fn setup_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: this is the freshly cloned setup child (only `start_on_launcher` passes this entry
+    // to clone), and `arg` is the plan it lends the child, untouched and alive until the child
+    // has exec'd or died.
+    unsafe { hive_launcher::setup::run(&mut *(arg as *mut hive_launcher::setup::Plan)) }
 }
 
 /// The setup child's stack: anonymous memory with a guard page below it (an overflow faults
@@ -1121,7 +1127,7 @@ fn spawn_on_launcher(
     if got != 4 {
         let n = read_full(err_r.as_raw_fd(), &mut report).unwrap_or(0);
         return Err(if n == 8 {
-            let (stage, errno) = child::decode_report(&report);
+            let (stage, errno) = decode_report(&report);
             spawn_error(inner, p, stage, errno)
         } else {
             HiveError::Internal(format!("spawn helper failed (wait status {status:#x})"))
@@ -1146,7 +1152,7 @@ fn spawn_on_launcher(
         .map_err(|e| HiveError::io("reading the exec status", e))?;
     if n == 8 {
         let _ = state.reap(libc::WEXITED);
-        let (stage, errno) = child::decode_report(&report);
+        let (stage, errno) = decode_report(&report);
         return Err(spawn_error(inner, p, stage, errno));
     }
     inner

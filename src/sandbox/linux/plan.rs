@@ -1,13 +1,14 @@
 //! Plans: everything the children need, resolved and allocated in the parent before `clone`.
 //!
-//! A plan is plain data (C strings, pointer arrays, fds, byte buffers). The child only reads it,
-//! so it can run without allocating ([`super::child`]). Plans are built on the launcher thread
-//! and hold raw pointers, so they are neither `Send` nor `Sync` and never leave that thread.
+//! A plan is plain data (C strings, pointer arrays, fds, byte buffers). The children only read
+//! it, so they run without allocating. Plans are built on the launcher thread and never leave it.
 //!
 //! Two plans:
 //! 1. [`InitPlan`]: the sandbox's filesystem layout and network setup, built once per sandbox from
 //!    a [`LaunchSpec`] and a scan of the host (which system directories exist, which are
-//!    symlinks, which files under `/etc` are secrets).
+//!    symlinks, which files under `/etc` are secrets). The setup child reads it through a
+//!    borrowed view ([`SetupView`] makes the `hive_launcher::setup::Plan`: slices and `&CStr`s,
+//!    the code that reads it is `#![no_std]` without `alloc`).
 //! 2. [`CommandStrings`]: one command: argv/envp, the `execvp`-style candidate paths and the
 //!    working directory, laid out as the spawn shim's arguments ([`CommandStrings::shim_argv`]).
 
@@ -16,6 +17,8 @@ use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+
+use hive_launcher::setup;
 
 use super::{BindMount, LaunchSpec, ProcessSpec, CA_BUNDLE_PATH};
 use crate::error::{HiveError, Result};
@@ -61,10 +64,35 @@ const RESERVED_TOP: &[&str] = &[
     "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "dev", "run", "sys",
 ];
 
-/// Relative (to the new root) path of the mode-000 file bound over secrets.
-pub(crate) const HIDDEN_FILE: &CStr = c"run/hive/.hidden";
-/// Relative path of the mode-000 directory bound over secret directories.
-pub(crate) const HIDDEN_DIR: &CStr = c"run/hive/.hidden.d";
+/// A list of C strings stored end to end with their NULs (the layout of
+/// `hive_launcher::setup::CStrs`), so the setup child reads a list inside a list element through
+/// one borrowed slice.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PackedPaths(Vec<u8>);
+
+impl PackedPaths {
+    /// The strings, in order.
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &CStr> {
+        self.view().iter()
+    }
+
+    /// The borrowed form the setup child reads.
+    pub(crate) fn view(&self) -> setup::CStrs<'_> {
+        // Only `FromIterator` builds it, each string with its NUL: never `None`.
+        setup::CStrs::new(&self.0).unwrap_or_default()
+    }
+}
+
+impl FromIterator<CString> for PackedPaths {
+    fn from_iter<I: IntoIterator<Item = CString>>(iter: I) -> Self {
+        let mut packed = Vec::new();
+        for s in iter {
+            packed.extend_from_slice(s.as_bytes_with_nul());
+        }
+        PackedPaths(packed)
+    }
+}
 
 /// One top-level system entry.
 pub(crate) enum SystemEntry {
@@ -84,7 +112,7 @@ pub(crate) struct PlannedMount {
     /// Target relative to the new root, e.g. `workspace/src`.
     pub target_rel: CString,
     /// Directories to create (relative), parents first, ending with the target if a directory.
-    pub mkdirs: Vec<CString>,
+    pub mkdirs: PackedPaths,
     /// The source is a regular file (the target is created as an empty file).
     pub is_file: bool,
     pub writable: bool,
@@ -95,8 +123,6 @@ pub(crate) struct PlannedMount {
     pub placeholder: bool,
     /// Served over FUSE by the host ([`BindMount::fuse`]): nothing is bound.
     pub fuse: bool,
-    /// The `/dev/fuse` fd init opened for this mount (init fills it), or -1.
-    pub fuse_fd: RawFd,
 }
 
 impl PlannedMount {
@@ -112,7 +138,8 @@ pub(crate) struct Hidden {
     pub is_dir: bool,
 }
 
-/// Everything the sandbox init needs (see [`super::init`]).
+/// Everything the sandbox's setup child needs (`hive_launcher::setup`, which reads it through
+/// a [`SetupView`]).
 pub(crate) struct InitPlan {
     pub hostname: Vec<u8>,
     pub proxy_port: u16,
@@ -123,7 +150,6 @@ pub(crate) struct InitPlan {
     /// Landlock fs rights the ruleset handles.
     pub landlock_fs: u64,
     pub system: Vec<SystemEntry>,
-    /// fds opened by init for each `system` Dir entry, `/etc`, dev nodes, configured mounts.
     pub etc_host: CString,
     pub dev_host: Vec<(CString, CString)>,
     pub mounts: Vec<PlannedMount>,
@@ -132,8 +158,6 @@ pub(crate) struct InitPlan {
     /// [`CA_BUNDLE_PATH`] relative to the new root.
     pub ca_bundle_rel: CString,
     pub ca_targets: Vec<CString>,
-    /// Scratch space for source fds (filled by init, sized here so init never allocates).
-    pub source_fds: Vec<RawFd>,
     /// Ports captured on `0.0.0.0` and `[::]` ([`super::capture`]).
     pub capture_ports: Vec<u16>,
     /// Generated `/etc/resolv.conf` and `/etc/hosts`.
@@ -179,7 +203,7 @@ pub(crate) enum EtcTarget {
     Bind(CString),
     /// The `/etc` entry is a symlink into `/run` (systemd-resolved's stub): create the parents
     /// (absolute) and a symlink at `link` pointing at the staged file.
-    Symlink { mkdirs: Vec<CString>, link: CString },
+    Symlink { mkdirs: PackedPaths, link: CString },
     /// Not shown (no such entry on the host, or a link to somewhere hive does not provide).
     Skip,
 }
@@ -230,7 +254,7 @@ fn link_target(resolved: &Path) -> Result<EtcTarget> {
                 mkdirs.push(path_cstring(&dir)?);
             }
             Ok(EtcTarget::Symlink {
-                mkdirs,
+                mkdirs: mkdirs.into_iter().collect(),
                 link: path_cstring(resolved)?,
             })
         }
@@ -343,7 +367,6 @@ impl InitPlan {
         let hidden = super::etc_scan::hidden()?;
         let mut hostname = spec.name.as_bytes().to_vec();
         hostname.truncate(64);
-        let source_fds = vec![-1; system.len() + 1 + dev_host.len() + mounts.len()];
         let hosts = hosts_file(&hostname);
         Ok(InitPlan {
             hostname,
@@ -362,7 +385,6 @@ impl InitPlan {
                 .iter()
                 .map(|t| cstring(t.as_bytes()))
                 .collect::<Result<_>>()?,
-            source_fds,
             capture_ports: spec.capture_ports.clone(),
             etc_files: vec![
                 etc_file("resolv.conf", RESOLV_CONF)?,
@@ -371,6 +393,119 @@ impl InitPlan {
             image: -1,
             cgroup_join: [-1; super::limits::MAX_GROUPS],
         })
+    }
+}
+
+/// The borrowed view of an [`InitPlan`] the setup child reads, and the scratch arrays it fills
+/// (sized here, so the child never allocates).
+pub(crate) struct SetupView<'a> {
+    plan: &'a InitPlan,
+    system: Vec<setup::SystemEntry<'a>>,
+    dev_nodes: Vec<setup::DevNode<'a>>,
+    mounts: Vec<setup::Mount<'a>>,
+    hidden: Vec<setup::Hidden<'a>>,
+    ca_targets: Vec<&'a CStr>,
+    etc_files: Vec<setup::EtcFile<'a>>,
+    source_fds: Vec<RawFd>,
+    fuse_fds: Vec<RawFd>,
+}
+
+impl<'a> SetupView<'a> {
+    /// Borrows `plan` (complete: idmapped trees, image and cgroup files filled in).
+    pub(crate) fn new(plan: &'a InitPlan) -> SetupView<'a> {
+        let system = plan
+            .system
+            .iter()
+            .map(|e| match e {
+                SystemEntry::Dir { name, host } => setup::SystemEntry::Dir { name, host },
+                SystemEntry::Symlink { name, target } => {
+                    setup::SystemEntry::Symlink { name, target }
+                }
+            })
+            .collect();
+        let dev_nodes = plan
+            .dev_host
+            .iter()
+            .map(|(host, rel)| setup::DevNode { host, rel })
+            .collect();
+        let mounts = plan
+            .mounts
+            .iter()
+            .map(|m| setup::Mount {
+                source: &m.source,
+                target_rel: &m.target_rel,
+                mkdirs: m.mkdirs.view(),
+                is_file: m.is_file,
+                writable: m.writable,
+                tree: m.tree,
+                placeholder: m.placeholder,
+                fuse: m.fuse,
+            })
+            .collect();
+        let hidden = plan
+            .hidden
+            .iter()
+            .map(|h| setup::Hidden {
+                path: &h.path,
+                is_dir: h.is_dir,
+            })
+            .collect();
+        let etc_files = plan
+            .etc_files
+            .iter()
+            .map(|f| setup::EtcFile {
+                staged: &f.staged,
+                staged_abs: &f.staged_abs,
+                data: &f.data,
+                target: match &f.target {
+                    EtcTarget::Bind(target) => setup::EtcTarget::Bind(target),
+                    EtcTarget::Symlink { mkdirs, link } => setup::EtcTarget::Symlink {
+                        mkdirs: mkdirs.view(),
+                        link,
+                    },
+                    EtcTarget::Skip => setup::EtcTarget::Skip,
+                },
+            })
+            .collect();
+        SetupView {
+            plan,
+            system,
+            dev_nodes,
+            mounts,
+            hidden,
+            ca_targets: plan.ca_targets.iter().map(CString::as_c_str).collect(),
+            etc_files,
+            // One per system entry, a spare, one per device node and per mount (see
+            // `hive_launcher::setup::Plan::source_fds`).
+            source_fds: vec![-1; plan.system.len() + 1 + plan.dev_host.len() + plan.mounts.len()],
+            fuse_fds: vec![-1; plan.mounts.len()],
+        }
+    }
+
+    /// The plan the setup child runs ([`hive_launcher::setup::run`]).
+    pub(crate) fn plan(&mut self) -> setup::Plan<'_> {
+        let p = self.plan;
+        setup::Plan {
+            hostname: &p.hostname,
+            proxy_port: p.proxy_port,
+            ctrl: p.ctrl,
+            landlock_fd: p.landlock_fd,
+            landlock_fs: p.landlock_fs,
+            system: &self.system,
+            etc_host: &p.etc_host,
+            dev_nodes: &self.dev_nodes,
+            mounts: &self.mounts,
+            hidden: &self.hidden,
+            ca_bundle: &p.ca_bundle,
+            ca_bundle_rel: &p.ca_bundle_rel,
+            ca_targets: &self.ca_targets,
+            capture_ports: &p.capture_ports,
+            etc_files: &self.etc_files,
+            image: p.image,
+            cgroup_join: &p.cgroup_join,
+            source_fds: &mut self.source_fds,
+            fuse_fds: &mut self.fuse_fds,
+        }
     }
 }
 
@@ -447,7 +582,6 @@ fn plan_mount(m: &BindMount) -> Result<Vec<PlannedMount>> {
             tree: -1,
             placeholder,
             fuse: m.fuse,
-            fuse_fd: -1,
         })
     };
     let subtrees = match (&m.subtrees, m.fuse) {
@@ -545,7 +679,7 @@ fn subtree_kind(source: &Path, below: &str) -> Option<bool> {
 
 /// The directories to create for a mount point at `rel`, parents first: every prefix, the
 /// last one too unless the mount point is a file.
-fn mount_point_dirs(rel: &str, is_file: bool) -> Result<Vec<CString>> {
+fn mount_point_dirs(rel: &str, is_file: bool) -> Result<PackedPaths> {
     let parts: Vec<&str> = rel.split('/').collect();
     let dirs = if is_file {
         parts.len() - 1
@@ -712,6 +846,58 @@ mod unit {
             capture_ports: Vec::new(),
         };
         assert!(InitPlan::build(&spec, -1, -1, 0).is_err());
+    }
+
+    #[test]
+    fn the_setup_childs_view_lends_every_part_of_the_plan_and_sizes_its_scratch() {
+        let spec = LaunchSpec {
+            name: "view".into(),
+            mounts: vec![
+                mount("/data/a"),
+                BindMount {
+                    fuse: true,
+                    ..mount("/acl")
+                },
+            ],
+            ca_bundle_pem: b"pem".to_vec(),
+            proxy_port: 3128,
+            capture_ports: vec![80, 443],
+        };
+        let mut plan = InitPlan::build(&spec, 7, -1, 0).expect("plan");
+        plan.image = 9;
+        plan.cgroup_join[0] = 11;
+        let (systems, devs) = (plan.system.len(), plan.dev_host.len());
+        let mut view = SetupView::new(&plan);
+        let p = view.plan();
+        assert_eq!((p.hostname, p.proxy_port, p.ctrl), (&b"view"[..], 3128, 7));
+        assert_eq!((p.image, p.cgroup_join.first()), (9, Some(&11)));
+        assert_eq!(
+            (p.ca_bundle, p.capture_ports),
+            (&b"pem"[..], &[80, 443][..])
+        );
+        assert_eq!((p.system.len(), p.dev_nodes.len()), (systems, devs));
+        assert_eq!(p.ca_targets.len(), CA_TARGETS.len());
+        assert_eq!(p.etc_files.len(), 2);
+        let mounts: Vec<_> = p
+            .mounts
+            .iter()
+            .map(|m| {
+                let dirs: Vec<_> = m.mkdirs.iter().map(|d| d.to_str().unwrap_or("?")).collect();
+                (m.target_rel.to_str().unwrap_or("?"), dirs, m.fuse)
+            })
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("acl", vec!["acl"], true),
+                ("data/a", vec!["data", "data/a"], false)
+            ]
+        );
+        // One source slot per system entry, a spare, one per device node and mount; one FUSE
+        // slot per mount; none filled yet.
+        assert_eq!(p.source_fds.len(), systems + 1 + devs + 2);
+        assert_eq!(p.fuse_fds, [-1, -1]);
+        assert!(p.source_fds.iter().all(|fd| *fd == -1));
     }
 
     #[test]
