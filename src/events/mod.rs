@@ -184,7 +184,10 @@ impl Event {
 struct Flat<'a>(&'a Event);
 
 impl serde::Serialize for Flat<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let e = self.0;
         let mut headers = [
