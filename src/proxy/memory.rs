@@ -7,8 +7,9 @@
 //! 1. Every task a listener runs (connections, tunnels) is counted here while it lives
 //!    ([`opened`], [`closed`]), process-wide, with the peak since the last trim.
 //! 2. A small thread (started with the first connection) looks every [`CHECK_EVERY`]: once the
-//!    active count fell to a quarter of a peak of at least [`MIN_PEAK`], it trims, and trims again
-//!    [`FOLLOW_UP`] later, after the upstream pool has closed the connections the burst left idle.
+//!    active count fell to a quarter of a peak of at least [`MIN_PEAK`], it trims, and keeps
+//!    trimming at every look for [`FOLLOW_UP`], while the upstream pool closes the connections the
+//!    burst left idle (a trim only returns what is free by then).
 //!
 //! Trimming costs a walk over the heap's free chunks, a few milliseconds at most, off the
 //! request path; it never runs while the load is still high.
@@ -23,8 +24,8 @@ use super::POOL_IDLE_TIMEOUT;
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Peaks below this never trigger a trim (small loads leave little behind).
 const MIN_PEAK: usize = 64;
-/// The second trim after a burst: once idle pooled upstream connections have expired (the pool
-/// looks every [`POOL_IDLE_TIMEOUT`], so one can live up to twice that).
+/// How long trimming goes on after a burst: until idle pooled upstream connections have expired
+/// (the pool looks every [`POOL_IDLE_TIMEOUT`], so one can live up to twice that).
 const FOLLOW_UP: Duration = Duration::from_secs(2 * POOL_IDLE_TIMEOUT.as_secs() + 5);
 
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
@@ -49,7 +50,7 @@ fn start() {
     let spawned = std::thread::Builder::new()
         .name("hive-trim".into())
         .spawn(|| {
-            let mut follow_up: Option<Instant> = None;
+            let mut trim_until: Option<Instant> = None;
             loop {
                 std::thread::sleep(CHECK_EVERY);
                 let active = ACTIVE.load(Ordering::Relaxed);
@@ -57,10 +58,12 @@ fn start() {
                 if peak >= MIN_PEAK && active <= peak / 4 {
                     PEAK.store(active, Ordering::Relaxed);
                     malloc_trim();
-                    follow_up = Some(Instant::now() + FOLLOW_UP);
-                } else if follow_up.is_some_and(|at| Instant::now() >= at) {
-                    follow_up = None;
+                    trim_until = Some(Instant::now() + FOLLOW_UP);
+                } else if let Some(until) = trim_until {
                     malloc_trim();
+                    if Instant::now() >= until {
+                        trim_until = None;
+                    }
                 }
             }
         });
