@@ -57,11 +57,6 @@ pub struct RawEntry {
     pub kind: RawType,
 }
 
-/// `fchmod` of a file the server opened for I/O (set-id bits dropped, as [`Source::chmod`]).
-pub fn fchmod(fd: impl AsFd, mode: u32) -> Result<(), Errno> {
-    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode & MODE_MASK))
-}
-
 /// `rel` as a path argument for `*at` calls (`.` for the source itself).
 fn arg(rel: &Path) -> &Path {
     if rel.as_os_str().is_empty() {

@@ -978,19 +978,9 @@ impl Server {
             op::UTIMENS
         };
         self.check(&loc, operation, Need::Write)?;
-        // Through the sandbox's open file where it gave one (`fchmod`, `futimens`, `fchown`, as
-        // `tar -x` does): the file it opened, no path to resolve again.
-        let file = match fh.map(|fh| self.file(fh)).transpose()? {
-            Some(file) if file.ino == ino.0 => Some(file),
-            _ => None,
-        };
-        let lstat = || match &file {
-            Some(file) => rustix::fs::fstat(&file.fd),
-            None => self.source.lstat(&loc.rel),
-        };
         if owner {
             // The server writes as the host program; ownership stays the host's.
-            let st = lstat().map_err(errno)?;
+            let st = self.source.lstat(&loc.rel).map_err(errno)?;
             let current = self.attr(ino.0, &st);
             if uid.is_some_and(|uid| uid != current.uid)
                 || gid.is_some_and(|gid| gid != current.gid)
@@ -999,29 +989,23 @@ impl Server {
             }
         }
         if let Some(size) = size {
-            match &file {
+            match fh.map(|fh| self.file(fh)).transpose()? {
                 Some(file) => rustix::fs::ftruncate(&file.fd, size).map_err(errno)?,
                 None => self.source.truncate(&loc.rel, size).map_err(errno)?,
             }
         }
         if let Some(mode) = mode {
-            match &file {
-                Some(file) => super::ops::fchmod(&file.fd, mode).map_err(errno)?,
-                None => self.source.chmod(&loc.rel, mode).map_err(errno)?,
-            }
+            self.source.chmod(&loc.rel, mode).map_err(errno)?;
         }
         if atime.is_some() || mtime.is_some() {
             let times = Timestamps {
                 last_access: timespec(atime),
                 last_modification: timespec(mtime),
             };
-            match &file {
-                Some(file) => rustix::fs::futimens(&file.fd, &times).map_err(errno)?,
-                None => self.source.utimens(&loc.rel, &times).map_err(errno)?,
-            }
+            self.source.utimens(&loc.rel, &times).map_err(errno)?;
         }
         self.audit(&loc.path, operation, None);
-        let st = lstat().map_err(errno)?;
+        let st = self.source.lstat(&loc.rel).map_err(errno)?;
         Ok(self.attr(ino.0, &st))
     }
 
