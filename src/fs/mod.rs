@@ -75,6 +75,7 @@
 
 pub mod acl;
 mod cache;
+mod dirfds;
 mod listing;
 mod ops;
 mod session;
@@ -194,6 +195,12 @@ impl FsHandle {
     /// what it cached under the old rules (docs/file-access.md).
     pub fn reconfigure(&self, mount: &FsMount) {
         self.shared.reconfigure(Acl::new(mount), mount.audit);
+    }
+
+    /// How many source directory fds the server keeps.
+    #[cfg(test)]
+    pub(crate) fn kept_dir_fds(&self) -> usize {
+        self.shared.kept_dir_fds()
     }
 
     /// Whether the server has stopped (the file system was unmounted or the connection aborted).

@@ -35,6 +35,7 @@ use serde_json::{Map, Value};
 
 use super::acl::{rank, Acl, Decision};
 use super::cache::{Kernel, LONG_TTL, SHORT_TTL};
+use super::dirfds::DirFds;
 use super::listing::Listings;
 use super::ops::{split, Source};
 use super::watch::{Batch, Watch};
@@ -304,6 +305,8 @@ pub(crate) struct Shared {
     minor: std::sync::atomic::AtomicU32,
     /// Directory listings the kernel keeps.
     listings: Listings,
+    /// Kept fds of watched source directories.
+    dirs: DirFds,
     events: Arc<dyn EventSink>,
 }
 
@@ -325,6 +328,7 @@ impl Shared {
     /// Makes the kernel look every cached entry up again before using it.
     fn forget_entries(&self) {
         self.listings.changed();
+        self.dirs.clear();
         if let Some(kernel) = self.kernel.get() {
             if let Err(err) = kernel.inc_epoch() {
                 tracing::debug!(%err, "FUSE epoch increment refused");
@@ -339,6 +343,11 @@ impl Shared {
                 tracing::debug!(%err, "FUSE attribute invalidation refused");
             }
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn kept_dir_fds(&self) -> usize {
+        self.dirs.len()
     }
 
     /// Whether entries and attributes may be cached long.
@@ -565,6 +574,7 @@ impl Server {
                 budget_spent: AtomicBool::new(false),
                 minor: std::sync::atomic::AtomicU32::new(0),
                 listings: Listings::default(),
+                dirs: DirFds::default(),
                 events: events.clone(),
             }),
             source,
@@ -655,6 +665,8 @@ impl Server {
                 node.watched = true;
             }
         } else if !self.shared.budget_spent.swap(true, Ordering::Relaxed) {
+            // An unwatched directory's renames by the host go unheard: keep no fd from now on.
+            self.shared.dirs.clear();
             self.shared.warn(
                 super::warning::FS_CACHE_SHORT,
                 &format!(
@@ -804,6 +816,28 @@ impl Server {
             self.watch_dir(ino);
         }
         self.attr(ino, st)
+    }
+
+    /// An `O_PATH` fd of the directory node `ino` at `rel`: the kept one where the directory's
+    /// changes by the host are heard ([`DirFds`]), else a new one.
+    fn dir_fd(&self, ino: u64, rel: &Path) -> Result<Arc<OwnedFd>, Errno> {
+        let keepable = self.shared.long() && !self.shared.budget_spent.load(Ordering::Relaxed);
+        if keepable {
+            if let Some(fd) = self.shared.dirs.get(ino) {
+                return Ok(fd);
+            }
+        }
+        let generation = self.shared.dirs.generation();
+        let fd = Arc::new(self.source.dir(rel).map_err(errno)?);
+        if keepable {
+            // A rename by the sandbox may have moved the node since `rel` was read; it clears the
+            // kept fds after updating the nodes, so either the generation or the path tells.
+            let nodes = self.shared.nodes.lock();
+            if nodes.watched(ino) && nodes.rel(ino).as_deref() == Some(rel) {
+                self.shared.dirs.keep(ino, fd.clone(), generation);
+            }
+        }
+        Ok(fd)
     }
 
     fn file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
@@ -1020,8 +1054,9 @@ impl Server {
         if from_is_dir {
             differs |= self.check_subtree_move(&from, &to)?;
         }
+        let mut to_is_dir = false;
         if exchange {
-            let to_is_dir =
+            to_is_dir =
                 self.source.lstat(&to.rel).map_err(errno)?.st_mode & libc::S_IFMT == libc::S_IFDIR;
             if to_is_dir {
                 differs |= self.check_subtree_move(&to, &from)?;
@@ -1034,6 +1069,10 @@ impl Server {
             .nodes
             .lock()
             .renamed((parent.0, name), (newparent.0, newname), exchange);
+        if from_is_dir || to_is_dir {
+            // Directories changed paths (or one was replaced): kept fds are looked up again.
+            self.shared.dirs.clear();
+        }
         if differs {
             // The kernel moves the cached entries below along with the directory; they were
             // cached with what their old names allowed.
@@ -1131,10 +1170,10 @@ impl Filesystem for Server {
         let result = (|| -> Result<FileAttr, (Errno, bool)> {
             let dir = self.parent(parent, op::LOOKUP).map_err(|e| (e, false))?;
             let loc = self.child(&dir, name).map_err(|e| (e, false))?;
-            // Stat first: a name that does not exist is a plain ENOENT, not a refusal.
-            let st = self
-                .source
-                .lstat(&loc.rel)
+            let dir_fd = self.dir_fd(parent.0, &dir.rel).map_err(|e| (e, false))?;
+            // Stat first: a name that does not exist is a plain ENOENT, not a refusal. `name` is
+            // one component (checked by `child`) and a trailing symlink is not followed.
+            let st = rustix::fs::statat(&*dir_fd, name, AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|err| (errno(err), true))?;
             self.check(&loc, op::LOOKUP, Need::See)
                 .map_err(|err| (err, true))?;
@@ -1163,6 +1202,7 @@ impl Filesystem for Server {
             .is_some_and(|node| node.kind == FileType::Directory)
         {
             self.shared.listings.forget(ino.0);
+            self.shared.dirs.remove(ino.0);
         }
         if let (Some(node), Some(watch)) = (gone, self.shared.watch.get()) {
             if node.watched {
@@ -1529,7 +1569,7 @@ impl Filesystem for Server {
         // The listing was decided at opendir: only visible entries are in it.
         let dir = match self
             .locate(ino)
-            .and_then(|dir| self.source.dir(&dir.rel).map_err(errno))
+            .and_then(|dir| self.dir_fd(ino.0, &dir.rel))
         {
             Ok(dir) => dir,
             Err(err) => return reply.error(err),
@@ -1539,7 +1579,7 @@ impl Filesystem for Server {
             let dots = entry.name == "." || entry.name == "..";
             let name: &OsStr = if dots { OsStr::new("") } else { &entry.name };
             let Ok(st) =
-                rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW | AtFlags::EMPTY_PATH)
+                rustix::fs::statat(&*dir, name, AtFlags::SYMLINK_NOFOLLOW | AtFlags::EMPTY_PATH)
             else {
                 continue; // gone since opendir
             };

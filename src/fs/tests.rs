@@ -1170,7 +1170,9 @@ fn within(limit: std::time::Duration, check: impl Fn() -> bool) -> Option<std::t
 
 /// Skips (saying why) where the kernel cannot cache long (no epoch notification or no watcher).
 fn long_caching(m: &Mounted) -> bool {
-    if !m.handle().long_cache() {
+    // The server sets caching up after the kernel's handshake, on its own thread.
+    let limit = std::time::Duration::from_secs(2);
+    if within(limit, || m.handle().long_cache()).is_none() {
         eprintln!("skipped: long kernel caching is unavailable here (Linux 6.16+ and fanotify)");
         return false;
     }
@@ -1476,4 +1478,45 @@ fn kept_listings_follow_new_rules_and_host_changes_at_once() {
     assert!(has("d", "v.txt"));
     fs::remove_file(m.t("d/v.txt")).expect("unlink");
     assert!(!has("d", "v.txt"));
+}
+
+#[test]
+fn kept_directory_fds_follow_a_directory_the_host_replaces() {
+    let seed = |src: &Path| {
+        seed_issue_tree(src);
+        fs::create_dir(src.join("d")).expect("seed");
+        fs::write(src.join("d/f"), b"one").expect("seed");
+    };
+    let Some(m) = Mounted::configured(Some(ISSUE_ACLS), seed, |fs| fs) else {
+        return;
+    };
+    if !long_caching(&m) {
+        return;
+    }
+    assert_eq!(fs::symlink_metadata(m.t("d/f")).expect("stat").len(), 3);
+    assert!(fs::symlink_metadata(m.t("d/g")).is_err());
+    assert!(m.handle().kept_dir_fds() > 0, "no directory fd is kept");
+    // the host moves `d` away and puts a new `d` in its place: same path, another directory
+    // (held open inside, so that the kernel keeps its node and the server its node id)
+    let held = fs::File::open(m.t("d")).expect("open d");
+    fs::rename(m.s("d"), m.s("d_old")).expect("host rename");
+    fs::create_dir(m.s("d")).expect("host mkdir");
+    fs::write(m.s("d/f"), b"second").expect("host write");
+    fs::write(m.s("d/g"), b"g").expect("host write");
+    let took = within(std::time::Duration::from_millis(100), || {
+        fs::symlink_metadata(m.t("d/f")).is_ok_and(|st| st.len() == 6)
+            && fs::read(m.t("d/g")).is_ok_and(|d| d == b"g")
+    });
+    assert!(
+        took.is_some(),
+        "lookups in `d` still reach the moved directory"
+    );
+    assert_eq!(fs::read(m.t("d_old/f")).expect("old"), b"one");
+    drop(held);
+    // the sandbox's own directory renames: each path reaches what is there now
+    fs::rename(m.t("d"), m.t("e")).expect("rename");
+    fs::rename(m.t("d_old"), m.t("d")).expect("rename");
+    assert_eq!(fs::read(m.t("d/f")).expect("read"), b"one");
+    assert_eq!(fs::read(m.t("e/f")).expect("read"), b"second");
+    assert!(fs::symlink_metadata(m.t("d/g")).is_err());
 }

@@ -699,13 +699,19 @@ fn bench_sandboxed_fs_fuse_against_a_bind_mount() {
         .unwrap_or(3);
     let input = tempfile::tempdir().expect("input");
     bench_inputs(input.path());
-    let fuse_src = tempfile::tempdir().expect("src");
-    let bind_src = tempfile::tempdir().expect("src");
-    seed_bench(&fuse_src.path().join("seed"));
+    // Both sources side by side in one directory (`HIVE_FS_BENCH_DIR`, else the temp dir), so
+    // that the file system allocates their inodes alike: on ext4 a create can cost 50-1000 us
+    // depending on the block group's recently deleted inodes, more than a FUSE round trip.
+    let base = std::env::var_os("HIVE_FS_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
+    let sources = tempfile::tempdir_in(&base).expect("sources");
+    let (fuse_src, bind_src) = (sources.path().join("fuse"), sources.path().join("bind"));
+    std::fs::create_dir(&fuse_src).expect("mkdir");
+    std::fs::create_dir(&bind_src).expect("mkdir");
+    seed_bench(&fuse_src.join("seed"));
     let ok = std::process::Command::new("cp")
         .arg("-a")
-        .arg(fuse_src.path().join("seed"))
-        .arg(bind_src.path())
+        .arg(fuse_src.join("seed"))
+        .arg(&bind_src)
         .status()
         .expect("cp")
         .success();
@@ -723,8 +729,8 @@ fn bench_sandboxed_fs_fuse_against_a_bind_mount() {
         let spec = LaunchSpec {
             name: "fs-bench".into(),
             mounts: vec![
-                mount("/fuse", fuse_src.path(), true),
-                mount("/bind", bind_src.path(), false),
+                mount("/fuse", &fuse_src, true),
+                mount("/bind", &bind_src, false),
                 BindMount {
                     writable: false,
                     ..mount("/input", input.path(), false)
@@ -747,7 +753,7 @@ fn bench_sandboxed_fs_fuse_against_a_bind_mount() {
         let events = Arc::new(Collected::default());
         let mut servers = Vec::new();
         for (_, fd) in handover.fuse {
-            let dir = std::fs::File::open(fuse_src.path()).expect("source");
+            let dir = std::fs::File::open(&fuse_src).expect("source");
             let server = AclFs::with_sink(&fs_mount, OwnedFd::from(dir), events.clone())
                 .expect("server")
                 .present_owner(0, 0)
@@ -792,8 +798,9 @@ fn bench_sandboxed_fs_fuse_against_a_bind_mount() {
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "median of {rounds} interleaved rounds; kernel passthrough used: {passthrough}; long \
-         kernel caches: {long}; load average: {}",
+        "median of {rounds} interleaved rounds; sources in {}; kernel passthrough used: \
+         {passthrough}; long kernel caches: {long}; load average: {}",
+        base.display(),
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
