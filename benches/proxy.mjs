@@ -1,6 +1,7 @@
 // Proxy benchmark: a native load generator in its own process (`oha`) against nginx on loopback,
-// each scenario measured directly and through `sandbox.proxy()` in the same run. nginx resumes no
-// TLS session (no cache, no tickets), so every new connection is a full handshake. Prints cores,
+// each scenario measured directly and through `sandbox.proxy()` in the same run. Neither nginx nor
+// hive's intercepting side resumes a TLS session (HIVE_BENCH_NO_RESUMPTION), so every new
+// connection is a full handshake on both paths. Prints cores,
 // load average, requests/s and latency with their ratio to direct, errors, the hive process's CPU
 // time per request, and its RSS before, at the peak of and 30 s after the c1000 run.
 //
@@ -201,6 +202,9 @@ async function main() {
 async function measure({ ohaBin, ports, ca }) {
 
   process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
+  // nginx resumes no session; hive's intercepting side must not either, or the new-connection row
+  // compares full handshakes with resumed ones.
+  process.env.HIVE_BENCH_NO_RESUMPTION = '1'
   const { getOrCreateSandbox } = await import('../index.js')
   const resolve = {
     [`${HOST}:80`]: `127.0.0.1:${ports.http}`,

@@ -155,6 +155,10 @@ impl CertificateAuthority {
                 config.alpn_protocols = alpn;
                 // Our order (see `interception_provider`), not the client's.
                 config.ignore_client_order = true;
+                if resumption_switched_off() {
+                    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+                    config.send_tls13_tickets = 0;
+                }
                 Ok(Arc::new(config))
             })
             .map_err(unshare)
@@ -187,6 +191,13 @@ impl CertificateAuthority {
             self.leaf_signer.clone(),
         )))
     }
+}
+
+/// `HIVE_BENCH_NO_RESUMPTION=1` (read once): the intercepting side resumes no TLS session, so
+/// `benches/proxy.mjs` compares full handshakes with an upstream that resumes none either.
+fn resumption_switched_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("HIVE_BENCH_NO_RESUMPTION").is_some_and(|v| v == "1"))
 }
 
 /// ring's provider with `TLS13_AES_128_GCM_SHA256` first. This leg of an intercepted connection
