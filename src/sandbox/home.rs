@@ -41,20 +41,43 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 /// File name of a sandbox folder's lock.
 pub const LOCK_FILE: &str = "lock";
 
-/// An exclusive lock on a sandbox's folder: `flock(LOCK_EX)` on `<folder>/lock`, which holds the
-/// holder's pid. Released when dropped (or when the process dies: the kernel drops `flock`s with
-/// their file, so a crash never leaves a stale lock).
+/// An exclusive lock on a sandbox's folder: a POSIX record lock (`fcntl(F_SETLK)`, whole file)
+/// on `<folder>/lock`, which holds the holder's pid. Released when dropped (or when the process
+/// dies: the kernel drops a process's record locks, so a crash never leaves a stale lock).
+///
+/// Not `flock`: an `flock` belongs to the open file, so every child cloned while it is held
+/// (a spawn helper before its exec, any `fork`) holds it too, and a `close()` followed at once by
+/// a reopen or `deleteSandbox` found its own sandbox busy. A record lock belongs to the process
+/// (its file table) and is not inherited. Record locks are shared by the process's threads and
+/// dropped by the close of *any* fd of the file, so within the process the set of held paths
+/// ([`HELD`]) decides, and the file is opened only by the one acquire that goes on to lock it.
 #[derive(Debug)]
 pub struct FolderLock {
-    _file: File,
+    file: Option<File>,
+    path: PathBuf,
+}
+
+/// Lock files this process holds (or is locking right now, under the mutex).
+static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn held() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    HELD.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl FolderLock {
     /// Takes the lock on `dir` (which must exist) without waiting; a lock held elsewhere is
-    /// `HIVE_SANDBOX_BUSY` naming the holder's pid. The lock is per open file, so a second open
-    /// in this process is refused too.
+    /// `HIVE_SANDBOX_BUSY` naming the holder's pid, and so is a second acquire in this process.
     pub fn acquire(dir: &Path, name: &str) -> Result<FolderLock> {
         let path = dir.join(LOCK_FILE);
+        let busy = |pid: Option<u32>| HiveError::SandboxBusy {
+            name: name.to_owned(),
+            pid,
+        };
+        let mut held = held();
+        if held.contains(&path) {
+            return Err(busy(Some(std::process::id())));
+        }
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -64,18 +87,19 @@ impl FolderLock {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| HiveError::io(format!("opening {}", path.display()), e))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
+        let mut whole: libc::flock = unsafe { std::mem::zeroed() };
+        whole.l_type = libc::F_WRLCK as libc::c_short;
+        whole.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: F_SETLK on an fd we own with a valid flock.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &whole) } != 0 {
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            if !matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
                 return Err(HiveError::io(format!("locking {}", path.display()), e));
             }
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
-            return Err(HiveError::SandboxBusy {
-                name: name.to_owned(),
-                pid: text.trim().parse().ok(),
-            });
+            return Err(busy(text.trim().parse().ok()));
         }
         let pid = std::process::id().to_string();
         let write = |file: &mut File| -> std::io::Result<()> {
@@ -84,7 +108,20 @@ impl FolderLock {
             file.write_all(pid.as_bytes())
         };
         write(&mut file).map_err(|e| HiveError::io(format!("writing {}", path.display()), e))?;
-        Ok(FolderLock { _file: file })
+        held.push(path.clone());
+        Ok(FolderLock {
+            file: Some(file),
+            path,
+        })
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        let mut held = held();
+        // Closing the file releases the record lock; only then may another acquire open it.
+        drop(self.file.take());
+        held.retain(|p| *p != self.path);
     }
 }
 
@@ -105,5 +142,31 @@ mod tests {
         );
         drop(held);
         FolderLock::acquire(dir.path(), "sb").expect("free again once released");
+    }
+
+    /// A child cloned while the lock is held (a spawn helper before its exec) keeps a copy of
+    /// the lock's fd; the lock must not go with it, or a close-and-reopen finds itself busy.
+    #[test]
+    fn a_child_holding_a_copy_of_the_fd_does_not_hold_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = FolderLock::acquire(dir.path(), "sb").expect("first lock");
+        // SAFETY: the child only sleeps and exits (async-signal-safe), with the parent's fds.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            // SAFETY: async-signal-safe calls only, then exit without unwinding.
+            unsafe {
+                libc::sleep(3);
+                libc::_exit(0);
+            }
+        }
+        drop(held);
+        let again = FolderLock::acquire(dir.path(), "sb");
+        // SAFETY: reaping our own child.
+        unsafe {
+            libc::kill(child, libc::SIGKILL);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+        }
+        again.expect("the lock went with the parent's drop, not with the child's copy");
     }
 }

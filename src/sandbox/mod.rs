@@ -8,7 +8,7 @@
 //!    `config.applied`.
 //! 3. [`Sandbox::close`] ends event streams and stops everything the sandbox runs; its data stays.
 //!    [`delete`] also removes the folder.
-//! 4. A sandbox's folder is locked (`flock` on `<folder>/lock`) while it is open, so a second
+//! 4. A sandbox's folder is locked (a record lock on `<folder>/lock`) while it is open, so a second
 //!    process opening the same name gets `HIVE_SANDBOX_BUSY` naming the holder's pid instead of
 //!    writing a second stream of ids into the same audit log.
 //! 5. Each Node environment (the main thread, each worker thread) is an [`Owner`]: the registry
