@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{HiveError, Result};
@@ -49,18 +49,19 @@ pub const LOCK_FILE: &str = "lock";
 /// (a spawn helper before its exec, any `fork`) holds it too, and a `close()` followed at once by
 /// a reopen or `deleteSandbox` found its own sandbox busy. A record lock belongs to the process
 /// (its file table) and is not inherited. Record locks are shared by the process's threads and
-/// dropped by the close of *any* fd of the file, so within the process the set of held paths
-/// ([`HELD`]) decides, and the file is opened only by the one acquire that goes on to lock it.
+/// dropped by the close of *any* fd of the file, so within the process the set of held lock files
+/// ([`HELD`], by device and inode: one folder may be named by several paths) decides, and the
+/// file is opened only by the one acquire that goes on to lock it.
 #[derive(Debug)]
 pub struct FolderLock {
     file: Option<File>,
-    path: PathBuf,
+    id: (u64, u64),
 }
 
-/// Lock files this process holds (or is locking right now, under the mutex).
-static HELD: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+/// Lock files (device, inode) this process holds.
+static HELD: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
 
-fn held() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+fn held() -> std::sync::MutexGuard<'static, Vec<(u64, u64)>> {
     HELD.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -74,9 +75,13 @@ impl FolderLock {
             name: name.to_owned(),
             pid,
         };
+        let in_process = || busy(Some(std::process::id()));
         let mut held = held();
-        if held.contains(&path) {
-            return Err(busy(Some(std::process::id())));
+        // Before opening: closing a second fd of a file this process has locked would unlock it.
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if held.contains(&(meta.dev(), meta.ino())) {
+                return Err(in_process());
+            }
         }
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -87,6 +92,16 @@ impl FolderLock {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| HiveError::io(format!("opening {}", path.display()), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| HiveError::io(format!("reading {}", path.display()), e))?;
+        let id = (meta.dev(), meta.ino());
+        if held.contains(&id) {
+            // The path now names a lock file this process holds (swapped in since the check):
+            // closing this fd would unlock it, so the fd is left open.
+            std::mem::forget(file);
+            return Err(in_process());
+        }
         // SAFETY: an all-zero flock is a valid value; the fields that matter are set below.
         let mut whole: libc::flock = unsafe { std::mem::zeroed() };
         whole.l_type = libc::F_WRLCK as libc::c_short;
@@ -108,10 +123,10 @@ impl FolderLock {
             file.write_all(pid.as_bytes())
         };
         write(&mut file).map_err(|e| HiveError::io(format!("writing {}", path.display()), e))?;
-        held.push(path.clone());
+        held.push(id);
         Ok(FolderLock {
             file: Some(file),
-            path,
+            id,
         })
     }
 }
@@ -121,7 +136,7 @@ impl Drop for FolderLock {
         let mut held = held();
         // Closing the file releases the record lock; only then may another acquire open it.
         drop(self.file.take());
-        held.retain(|p| *p != self.path);
+        held.retain(|id| *id != self.id);
     }
 }
 
@@ -142,6 +157,20 @@ mod tests {
         );
         drop(held);
         FolderLock::acquire(dir.path(), "sb").expect("free again once released");
+    }
+
+    #[test]
+    fn the_same_folder_by_another_path_is_busy_in_this_process_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("sb");
+        std::fs::create_dir(&real).unwrap();
+        let alias = dir.path().join("alias");
+        std::os::unix::fs::symlink(&real, &alias).unwrap();
+        let held = FolderLock::acquire(&real, "sb").expect("first lock");
+        let err = FolderLock::acquire(&alias, "sb").expect_err("the same folder again");
+        assert_eq!(err.code(), crate::error::ErrorCode::SandboxBusy);
+        drop(held);
+        FolderLock::acquire(&alias, "sb").expect("free again once released");
     }
 
     /// A child cloned while the lock is held (a spawn helper before its exec) keeps a copy of
