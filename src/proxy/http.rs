@@ -293,21 +293,16 @@ pub async fn forward(
 
     let result = tokio::time::timeout(
         compiled.config.upstream.response_timeout,
-        client.send(
-            &conn.affinity,
-            upgrade,
-            scheme,
-            host,
-            port,
-            Request::from_parts(parts, body),
-        ),
+        client
+            .client(upgrade)
+            .request(Request::from_parts(parts, body)),
     )
     .await;
     let mut res = match result {
         Ok(Ok(res)) => res,
         Ok(Err(e)) => {
-            let failure = upstream::classify(&*e);
-            exchange.fail(failure, host, port, &super::audit::error_chain(&*e));
+            let failure = upstream::classify(&e);
+            exchange.fail(failure, host, port, &super::audit::error_chain(&e));
             return deny::bad_gateway(failure, host, method.as_str(), &event_path);
         }
         Err(_) => {

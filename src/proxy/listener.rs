@@ -190,9 +190,6 @@ pub struct Conn {
     pub idle: Arc<IdleState>,
     /// The process inside that opened the connection, looked up once.
     pub peer: Arc<crate::attribution::PeerOrigin>,
-    /// The upstream connection this client connection's requests reuse (one per served
-    /// connection: a tunnel's decrypted connection gets its own).
-    pub affinity: Arc<super::affinity::Affinity>,
 }
 
 impl Conn {
@@ -229,10 +226,6 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let draining = conn.ctl.reached(Phase::Draining);
-    let conn = Conn {
-        affinity: Arc::default(),
-        ..conn
-    };
     // Over TLS, a vectored write of head and body would become one TLS record (one seal, one
     // header) per slice: flatten them into one buffer first. Plain TCP keeps writev.
     let tls = tunnel
@@ -315,7 +308,6 @@ pub fn spawn_accept_loop(
                     }
                     _ => PeerOrigin::none(),
                 }),
-                affinity: Arc::default(),
             };
             match &transparent {
                 None => ctl.spawn(serve_connection(stream, conn, None)),

@@ -29,7 +29,6 @@
 //! `tcp`. `bytesOut` counts body bytes the sandbox sent upstream, `bytesIn` body bytes
 //! the upstream sent back (for tunnels and WebSockets: every byte each way).
 
-mod affinity;
 pub mod ask;
 mod audit;
 mod connect;

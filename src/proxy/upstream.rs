@@ -22,8 +22,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use http::Uri;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,10 +32,8 @@ use tokio::net::TcpStream;
 
 use crate::config::{Config, Upstream};
 use crate::error::{HiveError, Result};
-use crate::policy::Scheme;
 
-use super::affinity::{self, Affinity, IdlePool, Sent};
-use super::deny::{BoxError, ProxyBody, UpstreamFailure};
+use super::deny::{ProxyBody, UpstreamFailure};
 use super::{POOL_IDLE_TIMEOUT, UPSTREAM_CONNECT_TIMEOUT};
 
 /// How many distinct host:port pins and DNS answers are remembered.
@@ -84,12 +81,8 @@ impl UpstreamCache {
 
 /// A pooled client plus the pins and DNS cache its connector reads.
 pub struct UpstreamClient {
-    /// HTTP/1.1 and h2 (by ALPN), for h2 hosts and requests no client connection holds.
+    /// HTTP/1.1 and h2 (by ALPN).
     client: Client<Connector, ProxyBody>,
-    /// The same connector, for the connections client connections hold ([`affinity`]).
-    connector: Connector,
-    /// Idle HTTP/1.1 connections between client connections.
-    idle: Arc<IdlePool>,
     /// HTTP/1.1 only, for `Upgrade` requests (WebSocket over h2 needs extended CONNECT).
     h1_client: Client<Connector, ProxyBody>,
     pins: Pins,
@@ -128,45 +121,20 @@ impl UpstreamClient {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .set_host(true);
-        let connector = TimeoutConnector(both, upstream.connect_timeout);
         Ok(UpstreamClient {
-            client: builder.build(connector.clone()),
-            connector,
-            idle: IdlePool::new(),
+            client: builder.build(TimeoutConnector(both, upstream.connect_timeout)),
             h1_client: builder.build(TimeoutConnector(h1, upstream.connect_timeout)),
             pins,
             dns,
         })
     }
 
-    /// Sends a request (absolute URI, no `Host`) to `scheme://host:port`: an `Upgrade` through
-    /// the HTTP/1.1-only pool, others over the connection `affinity` holds (or gets) for that
-    /// target, or for h2 hosts through the shared pool.
-    pub async fn send(
-        &self,
-        affinity: &Affinity,
-        upgrade: bool,
-        scheme: Scheme,
-        host: &str,
-        port: u16,
-        request: Request<ProxyBody>,
-    ) -> std::result::Result<Response<Incoming>, BoxError> {
+    /// The client for a request (`upgrade`: HTTP/1.1 only).
+    pub fn client(&self, upgrade: bool) -> &Client<Connector, ProxyBody> {
         if upgrade {
-            return Ok(self.h1_client.request(request).await?);
-        }
-        let sent = affinity::send(
-            affinity,
-            &self.idle,
-            &self.connector,
-            scheme,
-            host,
-            port,
-            request,
-        )
-        .await?;
-        match sent {
-            Sent::Answered(response) => Ok(response),
-            Sent::UsePool(request) => Ok(self.client.request(request).await?),
+            &self.h1_client
+        } else {
+            &self.client
         }
     }
 
