@@ -22,7 +22,9 @@
 //!    session).
 //!
 //! The proxy resolves a connection once, at its first event ([`PeerOrigin`]); a DNS query is
-//! resolved when it is answered. Nothing here ever fails a request: an owner that cannot be found
+//! resolved when it is answered (its event is emitted before the answer goes out). Lookups run
+//! on tokio's blocking pool, at most [`MAX_LOOKUPS_AT_ONCE`] in the process at a time, never on
+//! the async workers that serve every sandbox's proxy and DNS. Nothing here ever fails a request: an owner that cannot be found
 //! (the process exited, `/proc` unreadable) leaves the fields out. Cost: about 0.6 ms per new
 //! connection in a debug build on a loaded two-core host, 0.85 ms with 20 other execs running (docs/decisions.md#process-attribution-config-hash-report-mode-and-onunmatched-2026-12-02).
 //!
@@ -238,13 +240,41 @@ impl Attribution {
     }
 }
 
+/// Lookups running at once, process-wide. Each reads `/proc` on tokio's blocking pool, never on
+/// an async worker: a sandbox opening connections or sending queries as fast as it can would
+/// otherwise hold the workers every sandbox's proxy and DNS responder run on (a lookup is about
+/// 0.6 ms, 10-30 ms without `pidfd_getfd`).
+const MAX_LOOKUPS_AT_ONCE: usize = 4;
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS_AT_ONCE);
+
+impl Attribution {
+    /// [`Attribution::lookup`] on the blocking pool, at most [`MAX_LOOKUPS_AT_ONCE`] at a time
+    /// in the process.
+    pub async fn lookup_off_worker(
+        self: &Arc<Self>,
+        transport: Transport,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<Origin> {
+        if switched_off() {
+            return None;
+        }
+        let _permit = LOOKUPS.acquire().await.ok()?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.lookup(transport, peer, local))
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
 /// A connection's peer, resolved to its [`Origin`] at most once.
 #[derive(Debug)]
 pub struct PeerOrigin {
     peer: SocketAddr,
     local: SocketAddr,
     attribution: Option<Arc<Attribution>>,
-    resolved: OnceLock<Option<Arc<Origin>>>,
+    resolved: tokio::sync::OnceCell<Option<Arc<Origin>>>,
 }
 
 impl PeerOrigin {
@@ -254,7 +284,7 @@ impl PeerOrigin {
             peer,
             local,
             attribution: Some(attribution),
-            resolved: OnceLock::new(),
+            resolved: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -265,17 +295,20 @@ impl PeerOrigin {
             peer: unspecified,
             local: unspecified,
             attribution: None,
-            resolved: OnceLock::new(),
+            resolved: tokio::sync::OnceCell::const_new_with(None),
         }
     }
 
-    /// The origin, looked up on the first call.
-    pub fn get(&self) -> Option<Arc<Origin>> {
+    /// The origin, looked up (off the async workers) on the first call; later calls, and
+    /// calls racing the first, get its answer.
+    pub async fn get(&self) -> Option<Arc<Origin>> {
         self.resolved
-            .get_or_init(|| {
+            .get_or_init(|| async {
                 let attribution = self.attribution.as_ref()?;
                 let start = std::time::Instant::now();
-                let origin = attribution.lookup(Transport::Tcp, self.peer, self.local);
+                let origin = attribution
+                    .lookup_off_worker(Transport::Tcp, self.peer, self.local)
+                    .await;
                 tracing::debug!(
                     micros = start.elapsed().as_micros() as u64,
                     found = origin.is_some(),
@@ -283,6 +316,7 @@ impl PeerOrigin {
                 );
                 origin.map(Arc::new)
             })
+            .await
             .clone()
     }
 }

@@ -94,6 +94,21 @@ impl std::fmt::Debug for DnsResponder {
 }
 
 /// What the responder decided for one question.
+/// A query decided, whose event is still to be recorded.
+struct Decided {
+    query: wire::Query,
+    outcome: Outcome,
+    limit: usize,
+}
+
+/// What [`DnsResponder::decide_packet`] leaves to do.
+enum Step {
+    /// Send this (or nothing).
+    Reply(Option<Vec<u8>>),
+    /// Record the event, then answer.
+    Record(Decided),
+}
+
 struct Outcome {
     rcode: u16,
     answers: Vec<Answer>,
@@ -217,46 +232,77 @@ impl DnsResponder {
 
     /// The response to one packet, or `None` when it is not answered (see the module steps).
     pub fn answer(&self, packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
-        self.answer_from(packet, transport, None)
+        match self.decide_packet(packet, transport) {
+            Step::Reply(reply) => reply,
+            Step::Record(decided) => Some(self.record_and_encode(decided, None)),
+        }
     }
 
     /// [`DnsResponder::answer`] for a query from `peer` (the client's address) to `local`: the
-    /// event names the process that sent it, looked up only when an event is due.
-    pub fn answer_from(
+    /// event names the process that sent it, looked up (off the async workers) only when an
+    /// event is due, and emitted before the answer goes out.
+    pub async fn answer_from(
         &self,
         packet: &[u8],
         transport: Transport,
         from: Option<(SocketAddr, SocketAddr)>,
     ) -> Option<Vec<u8>> {
+        let decided = match self.decide_packet(packet, transport) {
+            Step::Reply(reply) => return reply,
+            Step::Record(decided) => decided,
+        };
+        let origin = match (&self.attribution, from) {
+            (Some(attribution), Some((peer, local))) => {
+                let kind = match transport {
+                    Transport::Udp => crate::attribution::Transport::Udp,
+                    Transport::Tcp => crate::attribution::Transport::Tcp,
+                };
+                attribution.lookup_off_worker(kind, peer, local).await
+            }
+            _ => None,
+        };
+        Some(self.record_and_encode(decided, origin.as_ref()))
+    }
+
+    /// Parses and decides one query: the reply when no event is due (or the packet is not a
+    /// query), else what is needed to record it and answer.
+    fn decide_packet(&self, packet: &[u8], transport: Transport) -> Step {
         let query = match wire::parse_query(packet) {
             Ok(query) => query,
-            Err(Reject::Ignore) => return None,
-            Err(Reject::Error(reply)) => return Some(wire::encode_error(&reply)),
+            Err(Reject::Ignore) => return Step::Reply(None),
+            Err(Reject::Error(reply)) => return Step::Reply(Some(wire::encode_error(&reply))),
         };
         let limit = match transport {
             Transport::Udp => query.udp_limit(),
             Transport::Tcp => wire::TCP_LIMIT,
         };
         let outcome = self.decide(&query);
-        if let Some((name, access)) = outcome.event {
-            let origin = match (&self.attribution, from) {
-                (Some(attribution), Some((peer, local))) => {
-                    let kind = match transport {
-                        Transport::Udp => crate::attribution::Transport::Udp,
-                        Transport::Tcp => crate::attribution::Transport::Tcp,
-                    };
-                    attribution.lookup(kind, peer, local)
-                }
-                _ => None,
-            };
-            self.emit(name, query.question.qtype, access, origin.as_ref());
+        if outcome.event.is_none() {
+            return Step::Reply(Some(wire::encode_response(
+                &query,
+                outcome.rcode,
+                &outcome.answers,
+                limit,
+            )));
         }
-        Some(wire::encode_response(
-            &query,
-            outcome.rcode,
-            &outcome.answers,
+        Step::Record(Decided {
+            query,
+            outcome,
             limit,
-        ))
+        })
+    }
+
+    /// Emits the decided query's `dns.query` event, then encodes its answer.
+    fn record_and_encode(&self, decided: Decided, origin: Option<&Origin>) -> Vec<u8> {
+        let Decided {
+            query,
+            outcome,
+            limit,
+        } = decided;
+        if let Some((name, access)) = outcome.event {
+            self.emit(name, query.question.qtype, access, origin);
+        }
+        wire::encode_response(&query, outcome.rcode, &outcome.answers, limit)
     }
 
     fn decide(&self, query: &Query) -> Outcome {
@@ -396,10 +442,10 @@ impl DnsResponder {
                 }
             };
             let from = local.map(|local| (peer, local));
-            let Some(response) = buf
-                .get(..len)
-                .and_then(|p| self.answer_from(p, Transport::Udp, from))
-            else {
+            let Some(packet) = buf.get(..len) else {
+                continue;
+            };
+            let Some(response) = self.answer_from(packet, Transport::Udp, from).await else {
                 continue;
             };
             if let Err(e) = socket.send_to(&response, peer).await {
@@ -453,7 +499,7 @@ impl DnsResponder {
             if len == 0 {
                 return;
             }
-            let Some(response) = self.answer_from(&buf, Transport::Tcp, from) else {
+            let Some(response) = self.answer_from(&buf, Transport::Tcp, from).await else {
                 continue;
             };
             let Ok(prefix) = u16::try_from(response.len()) else {

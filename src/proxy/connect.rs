@@ -200,7 +200,7 @@ pub async fn tunnel<I>(
 /// Answers one request inside a refused tunnel: `403` (or `502`) with its real method and path,
 /// recorded as such. The request's own policy decision supplies the reason when it denies (it
 /// explains better: a method or path), else the tunnel's; nothing is resolved or sent upstream.
-pub fn refuse_request(
+pub async fn refuse_request(
     conn: &Conn,
     tunnel: &Tunnel,
     refusal: &Refusal,
@@ -216,7 +216,7 @@ pub fn refuse_request(
         path,
         scheme: tunnel.scheme,
         via: conn.via(),
-        origin: conn.origin(),
+        origin: conn.origin().await,
         config_hash: Some(compiled.hash.clone()),
     };
     let auditor = Auditor::new(conn.engine.events.clone());
@@ -269,7 +269,7 @@ where
         path: "",
         scheme: Scheme::Tcp,
         via: conn.via(),
-        origin: conn.origin(),
+        origin: conn.origin().await,
         config_hash: Some(compiled.hash.clone()),
     };
     if let Some(refusal) = refusal {

@@ -123,7 +123,7 @@ async fn handle_tunneled_request(
             tunnel.clone()
         };
         let method = req.method().as_str();
-        return connect::refuse_request(&conn, &shown, refusal, method, path_and_query);
+        return connect::refuse_request(&conn, &shown, refusal, method, path_and_query).await;
     }
     let port_ok = named_port.is_none_or(|p| p == tunnel.port);
     let mismatch = named_host != *tunnel.host || !port_ok || tunnel.sni_mismatch.is_some();
@@ -136,7 +136,7 @@ async fn handle_tunneled_request(
             path: &path,
             scheme: tunnel.scheme,
             via: conn.via(),
-            origin: conn.origin(),
+            origin: conn.origin().await,
             config_hash: Some(conn.engine.cell.load().hash.clone()),
         };
         Auditor::new(conn.engine.events.clone()).request(
@@ -179,7 +179,7 @@ pub async fn forward(
         path: &event_path,
         scheme,
         via: conn.via(),
-        origin: conn.origin(),
+        origin: conn.origin().await,
         config_hash: Some(compiled.hash.clone()),
     };
 

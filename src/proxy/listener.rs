@@ -198,9 +198,10 @@ impl Conn {
     }
 
     /// The process inside the sandbox that opened this connection, when it can be found
-    /// (docs/audit-log.md#attribution). The first call reads `/proc`; later ones are free.
-    pub fn origin(&self) -> Option<Arc<crate::attribution::Origin>> {
-        self.peer.get()
+    /// (docs/audit-log.md#attribution). The first call reads `/proc` (off the async workers);
+    /// later ones are free.
+    pub async fn origin(&self) -> Option<Arc<crate::attribution::Origin>> {
+        self.peer.get().await
     }
 }
 

@@ -89,7 +89,7 @@ pub async fn serve_or_intercept<I>(
             return intercept::serve(conn, io, Arc::from(host.as_str()), port, refusal).await;
         }
     };
-    let Some(exchange) = audit(&conn, &host, port, &decision) else {
+    let Some(exchange) = audit(&conn, &host, port, &decision).await else {
         return;
     };
     let upstream = match connect_any(&addrs, compiled.config.upstream.connect_timeout).await {
@@ -164,7 +164,7 @@ where
 }
 
 /// Emits the connection's one `egress.request`; for an allowed decision returns its exchange.
-fn audit(conn: &Conn, host: &str, port: u16, decision: &Decision) -> Option<Exchange> {
+async fn audit(conn: &Conn, host: &str, port: u16, decision: &Decision) -> Option<Exchange> {
     let events = &conn.engine.events;
     let mut f = Map::new();
     f.insert(field::HOST.into(), host.into());
@@ -186,7 +186,7 @@ fn audit(conn: &Conn, host: &str, port: u16, decision: &Decision) -> Option<Exch
         field::CONFIG_HASH.into(),
         conn.engine.cell.load().hash.to_string().into(),
     );
-    let origin = conn.origin();
+    let origin = conn.origin().await;
     if let Some(origin) = &origin {
         origin.insert_fields(&mut f);
     }
