@@ -274,19 +274,23 @@ mod tests {
     use serde_json::json;
     use tokio::net::{TcpListener, TcpStream};
 
-    /// Passes `pass.test:443` through to an upstream that takes `down` and answers `up`; checks
-    /// both arrive byte for byte, were spliced socket to socket, and are counted in
-    /// `egress.response`. The client connects through a `CONNECT` (sending the ClientHello and
-    /// more right behind its head, so hyper reads some of it) or a transparent listener.
-    async fn passed_through_both_ways(transparent: bool) {
-        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// An engine whose one rule passes `pass.test:443` through to `server`.
+    struct Passing {
+        engine: Arc<Engine>,
+        /// Its proxy listener, or (`transparent`) a transparent listener meaning `pass.test:443`.
+        proxy: std::net::SocketAddr,
+        events: crate::events::Subscription,
+        _dir: tempfile::TempDir,
+    }
+
+    fn passing(server: std::net::SocketAddr, transparent: bool) -> Passing {
         let dir = tempfile::tempdir().unwrap();
         let events = EventBus::open("splice-test", dir.path()).unwrap();
         let subscription = events.subscribe(Since::Now, 10_000).unwrap();
         let ca = Arc::new(CertificateAuthority::load_or_create(dir.path(), "splice-test").unwrap());
         let config = Config::from_json(&json!({
             "egress": [{ "access": "allow", "host": "pass.test", "tls": "passthrough" }],
-            "upstream": { "resolve": { "pass.test:443": server.local_addr().unwrap().to_string() } },
+            "upstream": { "resolve": { "pass.test:443": server.to_string() } },
         }))
         .unwrap();
         let cell = Arc::new(PolicyCell::from_pointee(Compiled::new(config)));
@@ -296,10 +300,46 @@ mod tests {
         if transparent {
             let target: super::super::TransparentTarget =
                 Arc::new(|_| Some(("pass.test".to_string(), 443, false)));
-            let _handle = engine.serve_transparent_listener(listener, target).unwrap();
+            engine.serve_transparent_listener(listener, target).unwrap();
         } else {
             engine.serve_sandbox_listener(listener).unwrap();
         }
+        Passing {
+            engine,
+            proxy,
+            events: subscription,
+            _dir: dir,
+        }
+    }
+
+    /// Reads a response head; returns it and whatever came behind it.
+    async fn read_head(client: &mut TcpStream) -> (String, Vec<u8>) {
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the proxy closed before answering");
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let rest = head.split_off(end);
+        (String::from_utf8_lossy(&head).into_owned(), rest)
+    }
+
+    const CONNECT_HEAD: &[u8] = b"CONNECT pass.test:443 HTTP/1.1\r\nHost: pass.test:443\r\n\r\n";
+
+    /// Passes `pass.test:443` through to an upstream that takes `down` and answers `up`; checks
+    /// both arrive byte for byte, were spliced socket to socket, and are counted in
+    /// `egress.response`. The client connects through a `CONNECT` (sending the ClientHello and
+    /// more right behind its head, so hyper reads some of it) or a transparent listener.
+    async fn passed_through_both_ways(transparent: bool) {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let Passing {
+            engine,
+            proxy,
+            events: subscription,
+            _dir,
+        } = passing(server.local_addr().unwrap(), transparent);
 
         let hello = client_hello("pass.test");
         let up = pattern(5 << 20, 11);
@@ -314,30 +354,16 @@ mod tests {
         let mut client = TcpStream::connect(proxy).await.unwrap();
         let mut first = Vec::new();
         if !transparent {
-            first.extend_from_slice(
-                b"CONNECT pass.test:443 HTTP/1.1\r\nHost: pass.test:443\r\n\r\n",
-            );
+            first.extend_from_slice(CONNECT_HEAD);
         }
         first.extend_from_slice(&hello);
         first.extend_from_slice(&up[..10_000]);
         client.write_all(&first).await.unwrap();
         let mut at_client = Vec::new();
         if !transparent {
-            // The 200, and whatever came behind it.
-            let mut head = Vec::new();
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let mut chunk = [0u8; 4096];
-                let n = client.read(&mut chunk).await.unwrap();
-                assert!(n > 0, "the proxy closed before answering");
-                head.extend_from_slice(&chunk[..n]);
-            }
-            let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            assert!(
-                head.starts_with(b"HTTP/1.1 200"),
-                "{:?}",
-                String::from_utf8_lossy(&head)
-            );
-            at_client.extend_from_slice(&head[end..]);
+            let (head, rest) = read_head(&mut client).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            at_client = rest;
         }
         at_client.extend(exchange(client, up[10_000..].to_vec()).await);
         let at_server = server.await.unwrap();
@@ -386,5 +412,37 @@ mod tests {
     #[tokio::test]
     async fn a_transparent_connection_is_spliced_byte_for_byte_and_counted() {
         passed_through_both_ways(true).await;
+    }
+
+    #[tokio::test]
+    async fn shutting_the_engine_down_closes_a_passed_through_connection() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let p = passing(server.local_addr().unwrap(), false);
+        let start = counts();
+        let hello = client_hello("pass.test");
+        let mut client = TcpStream::connect(p.proxy).await.unwrap();
+        client.write_all(CONNECT_HEAD).await.unwrap();
+        let (head, _) = read_head(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        client.write_all(&hello).await.unwrap();
+        let (mut upstream, _) = server.accept().await.unwrap();
+        let mut got = vec![0u8; hello.len() + 1];
+        client.write_all(b"x").await.unwrap();
+        upstream.read_exact(&mut got).await.unwrap();
+        assert_eq!(got.last(), Some(&b'x'), "the relay runs");
+        assert_eq!(counts().sockets, start.sockets + 1, "socket to socket");
+
+        let limit = std::time::Duration::from_secs(10);
+        tokio::time::timeout(limit, p.engine.shutdown())
+            .await
+            .expect("shutdown within 10 s");
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(limit, client.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok() && rest.is_empty(), "the client's end closed");
+        let closed = tokio::time::timeout(limit, upstream.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok() && rest.is_empty(),
+            "the upstream's end closed"
+        );
     }
 }

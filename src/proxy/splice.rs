@@ -1,18 +1,19 @@
 //! The byte relay of a passed-through connection (docs/network-access.md#tls-passthrough): the
-//! client's TCP socket to the upstream's and back, moved by the kernel with `splice(2)` instead of
-//! through a buffer of ours.
+//! client's TCP socket to the upstream's and back, bulk data moved by the kernel with `splice(2)`
+//! instead of through a buffer of ours.
 //!
 //! 1. Unwrap the client's stream down to its socket: the accepted socket comes wrapped in the idle
 //!    timer ([`Idle`]), for a `CONNECT` in hyper's upgrade (with bytes hyper read past the request
 //!    head), and in the prefixes sniffed so far ([`Prefixed`]). Anything else (an h2 `CONNECT`
-//!    stream) is relayed by the copy loop, as are both ends when the process is out of pipes.
+//!    stream) is relayed by the copy loop.
 //! 2. Write the bytes already read from the client (the ClientHello) to the upstream.
 //! 3. Per direction: read into a small buffer and write it out. A read that leaves room in the
 //!    buffer drained the socket, so a small message costs a read and a write, no more (a splice
 //!    would take two calls and a third finding nothing). A read that fills it starts a burst,
 //!    which goes socket → pipe → socket with `splice(2)` (the pipe opened the first time) until
-//!    the socket has nothing more: bulk bytes never pass through our memory. Both sockets stay
-//!    non-blocking and registered with tokio, which says when to try again.
+//!    the socket has nothing more: bulk bytes never pass through our memory (without a pipe, out
+//!    of descriptors, they are copied). Both sockets stay non-blocking and registered with tokio,
+//!    which says when to try again.
 //! 4. End of stream on one side shuts down writing on the other (a half close is passed on); the
 //!    other direction goes on. The relay ends when both directions ended, on the first error, or
 //!    when no byte moved either way for the idle timeout (the timer the unwrapped [`Idle`] kept).
