@@ -355,6 +355,11 @@ impl<I> Prefixed<I> {
     pub fn new(prefix: Bytes, inner: I) -> Self {
         Prefixed { prefix, inner }
     }
+
+    /// The bytes not replayed yet, and the stream under them.
+    pub fn into_parts(self) -> (Bytes, I) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Prefixed<I> {

@@ -83,6 +83,11 @@ impl<I> Idle<I> {
         }
     }
 
+    /// The stream, without the timer (whoever takes it keeps its own).
+    pub fn into_inner(self) -> I {
+        self.inner
+    }
+
     /// The activity record requests mark themselves busy on.
     pub fn state(&self) -> Arc<IdleState> {
         self.state.clone()

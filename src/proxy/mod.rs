@@ -45,6 +45,7 @@ mod listener;
 mod memory;
 mod passthrough;
 mod scrub;
+mod splice;
 mod substitute;
 mod upstream;
 

@@ -13,7 +13,8 @@
 //!    passthrough rule, else the tunnel is intercepted.
 //! 4. Record one `egress.request` (`scheme: "https"`, `method` and `path` null,
 //!    `tls: "passthrough"`), connect to the checked addresses, replay the ClientHello and relay
-//!    both ways until either side closes; `egress.response` carries the byte counts.
+//!    both ways until either side closes, with `splice(2)` where both ends are sockets
+//!    ([`splice`](super::splice)); `egress.response` carries the byte counts.
 //!
 //! # Security
 //! Nothing inside a passed-through connection is seen: no per-request decision, audit or
@@ -41,8 +42,6 @@ use super::{intercept, TLS_HANDSHAKE_TIMEOUT};
 /// Largest ClientHello read before deciding (a TLS record is at most 16 KiB plus its header;
 /// post-quantum key shares make hellos of a few KiB common).
 const MAX_HELLO_BYTES: usize = 32 * 1024;
-/// Relay buffer per direction.
-const RELAY_BUFFER: usize = 64 * 1024;
 /// The `tls` value of a passed-through connection's `egress.request`.
 const PASSTHROUGH: &str = TlsMode::Passthrough.as_str();
 
@@ -101,7 +100,9 @@ pub async fn serve_or_intercept<I>(
         }
     };
     exchange.set_status(StatusCode::OK.as_u16());
-    relay(io, upstream, &exchange).await;
+    let moved = super::splice::relay(io, upstream, engine.limits.idle).await;
+    exchange.add_out(moved.out);
+    exchange.add_in(moved.inn);
 }
 
 /// Whether any rule of the config in force passes TLS through (else nothing here is needed).
@@ -204,25 +205,6 @@ async fn audit(conn: &Conn, host: &str, port: u16, decision: &Decision) -> Optio
         .then(|| Exchange::started(events.clone(), event.id, origin))
 }
 
-/// Copies both ways until both directions are done (a half close is passed on), counting bytes.
-async fn relay<A, B>(mut client: A, mut upstream: B, exchange: &Exchange)
-where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    if let Ok((out, inn)) = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut upstream,
-        RELAY_BUFFER,
-        RELAY_BUFFER,
-    )
-    .await
-    {
-        exchange.add_out(out);
-        exchange.add_in(inn);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +260,189 @@ mod tests {
             drop(b);
             assert!(read_client_hello(a).await.is_none(), "{bytes:?}");
         }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The relay, through the engine
+
+    use crate::config::Config;
+    use crate::events::{EventBus, Since};
+    use crate::policy::PolicyCell;
+    use crate::proxy::splice::tests::{counts, exchange, pattern};
+    use crate::proxy::Engine;
+    use crate::tls::CertificateAuthority;
+    use serde_json::json;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// An engine whose one rule passes `pass.test:443` through to `server`.
+    struct Passing {
+        engine: Arc<Engine>,
+        /// Its proxy listener, or (`transparent`) a transparent listener meaning `pass.test:443`.
+        proxy: std::net::SocketAddr,
+        events: crate::events::Subscription,
+        _dir: tempfile::TempDir,
+    }
+
+    fn passing(server: std::net::SocketAddr, transparent: bool) -> Passing {
+        let dir = tempfile::tempdir().unwrap();
+        let events = EventBus::open("splice-test", dir.path()).unwrap();
+        let subscription = events.subscribe(Since::Now, 10_000).unwrap();
+        let ca = Arc::new(CertificateAuthority::load_or_create(dir.path(), "splice-test").unwrap());
+        let config = Config::from_json(&json!({
+            "egress": [{ "access": "allow", "host": "pass.test", "tls": "passthrough" }],
+            "upstream": { "resolve": { "pass.test:443": server.to_string() } },
+        }))
+        .unwrap();
+        let cell = Arc::new(PolicyCell::from_pointee(Compiled::new(config)));
+        let engine = Engine::new("splice-test".into(), cell, events, ca);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = listener.local_addr().unwrap();
+        if transparent {
+            let target: super::super::TransparentTarget =
+                Arc::new(|_| Some(("pass.test".to_string(), 443, false)));
+            engine.serve_transparent_listener(listener, target).unwrap();
+        } else {
+            engine.serve_sandbox_listener(listener).unwrap();
+        }
+        Passing {
+            engine,
+            proxy,
+            events: subscription,
+            _dir: dir,
+        }
+    }
+
+    /// Reads a response head; returns it and whatever came behind it.
+    async fn read_head(client: &mut TcpStream) -> (String, Vec<u8>) {
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 4096];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the proxy closed before answering");
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let rest = head.split_off(end);
+        (String::from_utf8_lossy(&head).into_owned(), rest)
+    }
+
+    const CONNECT_HEAD: &[u8] = b"CONNECT pass.test:443 HTTP/1.1\r\nHost: pass.test:443\r\n\r\n";
+
+    /// Passes `pass.test:443` through to an upstream that takes `down` and answers `up`; checks
+    /// both arrive byte for byte, were spliced socket to socket, and are counted in
+    /// `egress.response`. The client connects through a `CONNECT` (sending the ClientHello and
+    /// more right behind its head, so hyper reads some of it) or a transparent listener.
+    async fn passed_through_both_ways(transparent: bool) {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let Passing {
+            engine,
+            proxy,
+            events: subscription,
+            _dir,
+        } = passing(server.local_addr().unwrap(), transparent);
+
+        let hello = client_hello("pass.test");
+        let up = pattern(5 << 20, 11);
+        let down = pattern(4 << 20, 12);
+        let before = counts();
+        let answer = down.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = server.accept().await.unwrap();
+            exchange(stream, answer).await
+        });
+
+        let mut client = TcpStream::connect(proxy).await.unwrap();
+        let mut first = Vec::new();
+        if !transparent {
+            first.extend_from_slice(CONNECT_HEAD);
+        }
+        first.extend_from_slice(&hello);
+        first.extend_from_slice(&up[..10_000]);
+        client.write_all(&first).await.unwrap();
+        let mut at_client = Vec::new();
+        if !transparent {
+            let (head, rest) = read_head(&mut client).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            at_client = rest;
+        }
+        at_client.extend(exchange(client, up[10_000..].to_vec()).await);
+        let at_server = server.await.unwrap();
+
+        assert!(
+            at_server[..hello.len()] == hello[..],
+            "the ClientHello first"
+        );
+        assert!(
+            at_server[hello.len()..] == up[..],
+            "client to server, byte for byte"
+        );
+        assert!(at_client == down, "server to client, byte for byte");
+        let after = counts();
+        assert_eq!(after.sockets, before.sockets + 1, "socket to socket");
+        assert_eq!(after.copied, before.copied, "not by the copy loop");
+        assert!(
+            after.spliced - before.spliced > (up.len() + down.len()) / 2,
+            "most spliced"
+        );
+
+        let response = loop {
+            let event =
+                tokio::time::timeout(std::time::Duration::from_secs(10), subscription.next())
+                    .await
+                    .expect("egress.response within 10 s")
+                    .expect("event");
+            if event.kind == kind::EGRESS_RESPONSE {
+                break event;
+            }
+        };
+        let bytes = |name: &str| response.fields.get(name).and_then(Value::as_u64);
+        assert_eq!(
+            bytes(field::BYTES_OUT),
+            Some((hello.len() + up.len()) as u64)
+        );
+        assert_eq!(bytes(field::BYTES_IN), Some(down.len() as u64));
+        engine.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_connect_tunnel_is_spliced_byte_for_byte_and_counted() {
+        passed_through_both_ways(false).await;
+    }
+
+    #[tokio::test]
+    async fn a_transparent_connection_is_spliced_byte_for_byte_and_counted() {
+        passed_through_both_ways(true).await;
+    }
+
+    #[tokio::test]
+    async fn shutting_the_engine_down_closes_a_passed_through_connection() {
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let p = passing(server.local_addr().unwrap(), false);
+        let start = counts();
+        let hello = client_hello("pass.test");
+        let mut client = TcpStream::connect(p.proxy).await.unwrap();
+        client.write_all(CONNECT_HEAD).await.unwrap();
+        let (head, _) = read_head(&mut client).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        client.write_all(&hello).await.unwrap();
+        let (mut upstream, _) = server.accept().await.unwrap();
+        let mut got = vec![0u8; hello.len() + 1];
+        client.write_all(b"x").await.unwrap();
+        upstream.read_exact(&mut got).await.unwrap();
+        assert_eq!(got.last(), Some(&b'x'), "the relay runs");
+        assert_eq!(counts().sockets, start.sockets + 1, "socket to socket");
+
+        let limit = std::time::Duration::from_secs(10);
+        tokio::time::timeout(limit, p.engine.shutdown())
+            .await
+            .expect("shutdown within 10 s");
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(limit, client.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok() && rest.is_empty(), "the client's end closed");
+        let closed = tokio::time::timeout(limit, upstream.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok() && rest.is_empty(),
+            "the upstream's end closed"
+        );
     }
 }
