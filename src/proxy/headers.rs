@@ -31,26 +31,27 @@ const METHOD_OVERRIDE_PARAM: &str = "_method";
 pub const MAX_OVERRIDE_METHODS: usize = 16;
 
 /// Hop-by-hop headers always removed (besides those the `Connection` header names).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "te",
-    "trailer",
-    "transfer-encoding",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
 
 /// Removes hop-by-hop headers in place. With `keep_upgrade`, `Upgrade` and `Connection: upgrade`
 /// survive so a WebSocket handshake can be carried to the upstream.
+///
+/// On every request and response: no header name is built or allocated (the `Connection`
+/// values are cheap clones of the parsed bytes, so the map can be changed while reading them).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
+    let listed: Vec<HeaderValue> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .cloned()
         .collect();
     let te_trailers = headers.get_all(header::TE).iter().any(|v| {
         v.to_str().is_ok_and(|s| {
@@ -58,13 +59,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         })
     });
-    for name in named {
-        if keep_upgrade && name == header::UPGRADE {
+    let tokens = listed
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    for token in tokens {
+        if keep_upgrade && token.eq_ignore_ascii_case("upgrade") {
             continue;
         }
-        headers.remove(&name);
+        // Not a valid header name: names nothing to remove.
+        headers.remove(token);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     if te_trailers {
@@ -253,7 +260,7 @@ mod tests {
     fn strip_hop_by_hop_cases() {
         // (headers in, keep_upgrade, names that must remain, names that must be gone)
         type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str], &'a [&'a str]);
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
             // the fixed list
             (
                 &[
@@ -275,6 +282,18 @@ mod tests {
                 false,
                 &["x-bar"],
                 &["x-foo", "connection"],
+            ),
+            // names in any case, with blanks, empty and invalid tokens among them
+            (
+                &[
+                    ("connection", " X-Foo ,, bad name, x(y), KEEP-ALIVE"),
+                    ("x-foo", "1"),
+                    ("keep-alive", "5"),
+                    ("x-bar", "2"),
+                ],
+                false,
+                &["x-bar"],
+                &["x-foo", "keep-alive", "connection"],
             ),
             // te: only trailers survives
             (&[("te", "trailers")], false, &["te"], &[]),
