@@ -12,11 +12,12 @@
 //! after it. Names are single components (never `.`, `..` or with a `/`) resolved without
 //! following a symlink, so a kept fd never lets a request leave its directory.
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+
+use super::ids::IdMap;
 
 /// Most fds kept per mount (the host program's fd limit is shared with everything else it does);
 /// when full, all are dropped and the cache fills again.
@@ -25,7 +26,7 @@ pub(crate) const KEPT_MAX: usize = 128;
 #[derive(Debug, Default)]
 struct Kept {
     generation: u64,
-    fds: HashMap<u64, Arc<OwnedFd>>,
+    fds: IdMap<Arc<OwnedFd>>,
 }
 
 /// The kept directory fds of one mount, by node id.

@@ -18,11 +18,12 @@
 //!
 //! Only directories whose changes by the host are watched keep their listings.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fuser::FopenFlags;
 use parking_lot::Mutex;
+
+use super::ids::IdMap;
 
 #[derive(Debug, Default)]
 struct Dir {
@@ -36,7 +37,7 @@ struct Dir {
 #[derive(Debug, Default)]
 pub(crate) struct Listings {
     generation: AtomicU64,
-    dirs: Mutex<HashMap<u64, Dir>>,
+    dirs: Mutex<IdMap<Dir>>,
 }
 
 impl Listings {

@@ -76,6 +76,7 @@
 pub mod acl;
 mod cache;
 mod dirfds;
+mod ids;
 mod listing;
 mod ops;
 mod session;

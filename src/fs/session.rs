@@ -13,6 +13,7 @@
 //! 4. Open files keep their real fd (opened by path, decided at open, as POSIX does); with kernel
 //!    passthrough available (root only) reads and writes then bypass the server entirely.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
@@ -36,6 +37,7 @@ use serde_json::{Map, Value};
 use super::acl::{rank, Acl, Decision};
 use super::cache::{Kernel, LONG_TTL, SHORT_TTL};
 use super::dirfds::DirFds;
+use super::ids::IdMap;
 use super::listing::Listings;
 use super::ops::{split, Source};
 use super::watch::{Batch, Watch};
@@ -47,6 +49,18 @@ use crate::events::kind;
 /// another at once.
 fn cacheable(attr: &FileAttr) -> bool {
     !(attr.kind == FileType::RegularFile && attr.nlink > 1)
+}
+
+/// Cache time of an entry (and its attributes) in a directory whose entries may be cached long
+/// (`long`) or not.
+fn ttl(long: bool, attr: &FileAttr) -> Duration {
+    if !cacheable(attr) {
+        Duration::ZERO
+    } else if long {
+        LONG_TTL
+    } else {
+        SHORT_TTL
+    }
 }
 
 /// Node id of a node whose path no longer exists (unlinked or replaced).
@@ -81,14 +95,14 @@ struct Node {
 /// Node id <-> path table.
 #[derive(Debug)]
 struct Nodes {
-    nodes: HashMap<u64, Node>,
+    nodes: IdMap<Node>,
     children: HashMap<(u64, OsString), u64>,
     next: u64,
 }
 
 impl Nodes {
     fn new() -> Nodes {
-        let mut nodes = HashMap::new();
+        let mut nodes = IdMap::default();
         nodes.insert(
             INodeNo::ROOT.0,
             Node {
@@ -124,17 +138,25 @@ impl Nodes {
 
     /// The node for `parent/name` after a successful lookup; a new id when the kind changed.
     fn remember(&mut self, parent: u64, name: &OsStr, kind: FileType) -> u64 {
-        let key = (parent, name.to_owned());
-        if let Some(&ino) = self.children.get(&key) {
-            if let Some(node) = self.nodes.get_mut(&ino) {
-                if node.kind == kind {
-                    node.lookups += 1;
-                    return ino;
-                }
-            }
-            self.detach(ino);
-        }
+        // One hash of the name, whether it is known or new.
         let ino = self.next;
+        match self.children.entry((parent, name.to_owned())) {
+            Entry::Occupied(mut slot) => {
+                let known = *slot.get();
+                if let Some(node) = self.nodes.get_mut(&known) {
+                    if node.kind == kind {
+                        node.lookups += 1;
+                        return known;
+                    }
+                    // Replaced by another kind: the old node is detached, the name gets a new id.
+                    node.parent = DETACHED;
+                }
+                slot.insert(ino);
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(ino);
+            }
+        }
         self.next += 1;
         self.nodes.insert(
             ino,
@@ -147,7 +169,6 @@ impl Nodes {
                 watch_tried: false,
             },
         );
-        self.children.insert(key, ino);
         ino
     }
 
@@ -223,8 +244,14 @@ struct Located {
     rel: PathBuf,
     /// Absolute path inside the sandbox, as decided.
     raw: Vec<u8>,
-    /// The same, for events (not UTF-8 parts replaced).
-    path: String,
+}
+
+impl Located {
+    /// The path inside the sandbox for events (not UTF-8 parts replaced); built only for an
+    /// event, not for every request.
+    fn path(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.raw)
+    }
 }
 
 /// What a request needs from the path it touches.
@@ -455,12 +482,12 @@ pub(crate) struct Server {
     shared: Arc<Shared>,
     source: Source,
     events: Arc<dyn EventSink>,
-    handles: Mutex<HashMap<u64, Handle>>,
+    handles: Mutex<IdMap<Handle>>,
     next_fh: AtomicU64,
     rename_lock: Mutex<()>,
     passthrough_wanted: bool,
     passthrough: Arc<AtomicBool>,
-    io: Mutex<HashMap<u64, InodeIo>>,
+    io: Mutex<IdMap<InodeIo>>,
     /// `(uid, gid)` every file is shown as owned by (in the mount's user namespace).
     owner: Option<(u32, u32)>,
 }
@@ -579,12 +606,12 @@ impl Server {
             }),
             source,
             events,
-            handles: Mutex::new(HashMap::new()),
+            handles: Mutex::new(IdMap::default()),
             next_fh: AtomicU64::new(1),
             rename_lock: Mutex::new(()),
             passthrough_wanted: passthrough,
             passthrough: Arc::new(AtomicBool::new(false)),
-            io: Mutex::new(HashMap::new()),
+            io: Mutex::new(IdMap::default()),
             owner: None,
         }
     }
@@ -609,13 +636,12 @@ impl Server {
 
     /// Cache time of the entry `attr` in directory `parent`, and of its attributes.
     fn ttl_in(&self, parent: u64, attr: &FileAttr) -> Duration {
-        if !cacheable(attr) {
-            Duration::ZERO
-        } else if self.shared.long() && self.shared.nodes.lock().watched(parent) {
-            LONG_TTL
-        } else {
-            SHORT_TTL
-        }
+        ttl(self.long_in(parent), attr)
+    }
+
+    /// Whether entries of directory `parent` may be cached long.
+    fn long_in(&self, parent: u64) -> bool {
+        self.shared.long() && self.shared.nodes.lock().watched(parent)
     }
 
     /// Cache time of the attributes of node `ino`.
@@ -716,11 +742,7 @@ impl Server {
 
     fn located(&self, rel: PathBuf) -> Located {
         let raw = self.sandbox_path(&rel);
-        Located {
-            path: String::from_utf8_lossy(&raw).into_owned(),
-            raw,
-            rel,
-        }
+        Located { raw, rel }
     }
 
     fn locate(&self, ino: INodeNo) -> Result<Located, Errno> {
@@ -734,7 +756,16 @@ impl Server {
         if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
             return Err(Errno::EINVAL);
         }
-        Ok(self.located(parent.rel.join(name)))
+        // The parent's sandbox path plus `/name`: what `sandbox_path` of the joined path gives,
+        // without walking the parent's components again.
+        let mut raw = Vec::with_capacity(parent.raw.len() + 1 + bytes.len());
+        raw.extend_from_slice(&parent.raw);
+        raw.push(b'/');
+        raw.extend_from_slice(bytes);
+        Ok(Located {
+            rel: parent.rel.join(name),
+            raw,
+        })
     }
 
     /// Marks the calling thread as the server's: the watcher does not report its changes back.
@@ -790,7 +821,7 @@ impl Server {
             {
                 Err(err)
             }
-            Some(err) => Err(self.deny(&loc.path, operation, &decision, err)),
+            Some(err) => Err(self.deny(&loc.path(), operation, &decision, err)),
         }
     }
 
@@ -1004,7 +1035,7 @@ impl Server {
             };
             self.source.utimens(&loc.rel, &times).map_err(errno)?;
         }
-        self.audit(&loc.path, operation, None);
+        self.audit(&loc.path(), operation, None);
         let st = self.source.lstat(&loc.rel).map_err(errno)?;
         Ok(self.attr(ino.0, &st))
     }
@@ -1020,7 +1051,7 @@ impl Server {
         let loc = self.child(&dir, name)?;
         self.check(&loc, operation, Need::Create)?;
         make(&dir.rel).map_err(errno)?;
-        self.audit(&loc.path, operation, None);
+        self.audit(&loc.path(), operation, None);
         self.stat_entry(parent, name, &loc)
     }
 
@@ -1078,7 +1109,7 @@ impl Server {
             // cached with what their old names allowed.
             self.shared.forget_entries();
         }
-        self.audit(&from.path, op::RENAME, Some(&to.path));
+        self.audit(&from.path(), op::RENAME, Some(&to.path()));
         Ok(())
     }
 
@@ -1103,8 +1134,13 @@ impl Server {
             kind: FileType::Directory,
         });
         let acl = self.acl();
+        // Each entry's path is the directory's plus `/name`, built in one reused buffer.
+        let mut path = loc.raw;
+        let dir_len = path.len();
         for entry in raw {
-            let path = self.sandbox_path(&loc.rel.join(&entry.name));
+            path.truncate(dir_len);
+            path.push(b'/');
+            path.extend_from_slice(entry.name.as_bytes());
             let decision = acl.decide_raw(&path);
             if acl.visible_raw(&path, &decision) {
                 entries.push(DirEntryOut {
@@ -1400,7 +1436,7 @@ impl Filesystem for Server {
             self.check(&loc, op::OPEN, need)?;
             let fd = self.source.open_file(&loc.rel, flags.0).map_err(errno)?;
             if writes {
-                self.audit(&loc.path, op::WRITE, None);
+                self.audit(&loc.path(), op::WRITE, None);
             }
             Ok(fd)
         })();
@@ -1574,6 +1610,9 @@ impl Filesystem for Server {
             Ok(dir) => dir,
             Err(err) => return reply.error(err),
         };
+        // Read once per reply, not per entry (the directory's watch only ever starts, and a
+        // watcher failure that ends long caching also makes the kernel forget every entry).
+        let long = self.long_in(ino.0);
         for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
             let next = index as u64 + 1;
             let dots = entry.name == "." || entry.name == "..";
@@ -1604,7 +1643,7 @@ impl Filesystem for Server {
                 attr.ino,
                 next,
                 &entry.name,
-                &self.ttl_in(ino.0, &attr),
+                &ttl(long, &attr),
                 &attr,
                 Generation(0),
             ) {
@@ -1728,7 +1767,7 @@ impl Filesystem for Server {
                 .source
                 .create(&dir.rel, name, flags, mode & !umask)
                 .map_err(errno)?;
-            self.audit(&loc.path, op::CREATE, None);
+            self.audit(&loc.path(), op::CREATE, None);
             let st = rustix::fs::fstat(&fd).map_err(errno)?;
             Ok((self.entry(parent, name, &st), fd))
         })();
@@ -1798,7 +1837,7 @@ impl Server {
             nodes.detach(ino);
         }
         drop(nodes);
-        self.audit(&loc.path, operation, None);
+        self.audit(&loc.path(), operation, None);
         Ok(())
     }
 }

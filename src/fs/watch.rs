@@ -24,6 +24,10 @@ use parking_lot::Mutex;
 /// Most directories one mount's watcher marks.
 pub const MARK_BUDGET: usize = 16_384;
 
+/// How long the watcher waits after a first event for more to read at once: a host change
+/// shows inside at most this much later (still "within milliseconds", docs/file-access.md).
+const LINGER: Duration = Duration::from_millis(5);
+
 /// What the events ask for: names appearing, vanishing and moving in a marked directory, and
 /// content or attribute changes of its entries (and of itself).
 const MASK: u64 = libc::FAN_CREATE
@@ -185,6 +189,9 @@ impl Watch {
             Ok(_) => {}
             Err(err) => return Err(err.into()),
         }
+        // The server's own changes are queued too (and skipped below): gathering what arrives
+        // meanwhile wakes this thread once per burst instead of once per create or chmod.
+        std::thread::sleep(LINGER);
         let mut buf = vec![0u8; 64 * 1024];
         let n = match rustix::io::read(self.fan.as_fd(), &mut buf) {
             Ok(n) => n,
