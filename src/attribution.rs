@@ -259,12 +259,17 @@ impl Attribution {
         if switched_off() {
             return None;
         }
-        let _permit = LOOKUPS.acquire().await.ok()?;
+        let permit = LOOKUPS.acquire().await.ok()?;
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.lookup(transport, peer, local))
-            .await
-            .ok()
-            .flatten()
+        // The permit goes with the lookup: a caller that stops waiting (its connection closed)
+        // does not free a slot while the scan still runs.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            this.lookup(transport, peer, local)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 
