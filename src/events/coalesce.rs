@@ -115,51 +115,53 @@ impl Coalescer {
         time: &str,
         out: &mut Vec<Held>,
     ) -> Option<Map<String, Value>> {
-        let denial = is_denial(kind, &fields);
-        if denial {
-            if let Some(run) = self
-                .run
-                .as_mut()
-                .filter(|run| run.kind == kind && run.fields == fields)
-            {
-                if run.repeats == 0 {
-                    run.first_time = time.to_owned();
-                }
-                run.repeats += 1;
-                run.last_time = time.to_owned();
-                return Some(fields);
+        if !is_denial(kind, &fields) {
+            self.pass(out);
+            out.push(Held {
+                kind: kind.to_owned(),
+                fields,
+                time: time.to_owned(),
+            });
+            return None;
+        }
+        if let Some(run) = self
+            .run
+            .as_mut()
+            .filter(|run| run.kind == kind && run.fields == fields)
+        {
+            if run.repeats == 0 {
+                run.first_time = time.to_owned();
             }
+            run.repeats += 1;
+            run.last_time = time.to_owned();
+            return Some(fields);
         }
         self.flush_run(out);
         self.run = None;
-        if denial {
-            self.refill(now);
-            if self.tokens < 1.0 {
-                let s = self.suppressed.get_or_insert_with(|| Suppressed {
-                    started: now,
-                    count: 0,
-                    first_time: time.to_owned(),
-                    last_time: String::new(),
-                    types: BTreeMap::new(),
-                });
-                s.count += 1;
-                s.last_time = time.to_owned();
-                *s.types.entry(kind.to_owned()).or_default() += 1;
-                return Some(fields);
-            }
-            self.tokens -= 1.0;
-            self.flush_suppressed(out);
-            self.run = Some(Run {
-                kind: kind.to_owned(),
-                fields: fields.clone(),
+        self.refill(now);
+        if self.tokens < 1.0 {
+            let s = self.suppressed.get_or_insert_with(|| Suppressed {
                 started: now,
-                repeats: 0,
-                first_time: String::new(),
+                count: 0,
+                first_time: time.to_owned(),
                 last_time: String::new(),
+                types: BTreeMap::new(),
             });
-        } else {
-            self.flush_suppressed(out);
+            s.count += 1;
+            s.last_time = time.to_owned();
+            *s.types.entry(kind.to_owned()).or_default() += 1;
+            return Some(fields);
         }
+        self.tokens -= 1.0;
+        self.flush_suppressed(out);
+        self.run = Some(Run {
+            kind: kind.to_owned(),
+            fields: fields.clone(),
+            started: now,
+            repeats: 0,
+            first_time: String::new(),
+            last_time: String::new(),
+        });
         out.push(Held {
             kind: kind.to_owned(),
             fields,
@@ -195,6 +197,15 @@ impl Coalescer {
 
     /// Emits everything held (the bus is closing).
     pub fn flush(&mut self, out: &mut Vec<Held>) {
+        self.flush_run(out);
+        self.run = None;
+        self.flush_suppressed(out);
+    }
+
+    /// Lets an event that is not a denial through: pushes onto `out` what must be emitted before
+    /// it (the run's repeats, the suppressed count) and ends the run. [`admit`](Self::admit) does
+    /// the same for such an event; this is for events whose fields are not a map yet.
+    pub fn pass(&mut self, out: &mut Vec<Held>) {
         self.flush_run(out);
         self.run = None;
         self.flush_suppressed(out);

@@ -102,17 +102,23 @@ impl EgressTotals {
         let number = |name: &str| fields.get(name).and_then(Value::as_u64).unwrap_or(0);
         match kind {
             kind::EGRESS_REQUEST => {
-                self.requests += 1;
-                if fields.get("access").and_then(Value::as_str) == Some("denied") {
-                    self.denied += 1;
-                }
+                self.count_request(fields.get("access").and_then(Value::as_str) == Some("denied"))
             }
-            kind::EGRESS_RESPONSE => {
-                self.bytes_in += number("bytesIn");
-                self.bytes_out += number("bytesOut");
-            }
+            kind::EGRESS_RESPONSE => self.count_response(number("bytesIn"), number("bytesOut")),
             _ => {}
         }
+    }
+
+    /// Counts one `egress.request`.
+    pub fn count_request(&mut self, denied: bool) {
+        self.requests += 1;
+        self.denied += u64::from(denied);
+    }
+
+    /// Counts one `egress.response`.
+    pub fn count_response(&mut self, bytes_in: u64, bytes_out: u64) {
+        self.bytes_in += bytes_in;
+        self.bytes_out += bytes_out;
     }
 }
 
@@ -212,6 +218,136 @@ impl serde::Serialize for Flat<'_> {
             map.serialize_entry(h, v)?;
         }
         map.end()
+    }
+}
+
+/// The fields of an event type emitted on every proxied request, kept as typed values and
+/// serialized straight into the event's log line (see [`EventBus::emit_typed`]): no map of
+/// owned names and values is built unless a subscriber or the coalescer needs one.
+pub trait TypedFields {
+    /// The event type.
+    const KIND: &'static str;
+
+    /// Writes the fields through `entries`, in ascending key order (the order of a
+    /// [`Map`]'s keys, so the line is byte for byte what the map would have written).
+    fn write<M: serde::ser::SerializeMap>(
+        &self,
+        entries: &mut Entries<'_, M>,
+    ) -> Result<(), M::Error>;
+
+    /// Whether the coalescer may hold this event back (a denial); such events go through the
+    /// map path.
+    fn is_denial(&self) -> bool;
+
+    /// Adds this event to the egress totals.
+    fn count(&self, totals: &mut EgressTotals);
+}
+
+/// Serializes map entries in ascending key order, with an event's header fields (`id`,
+/// `sandbox`, `time`, `type`) merged in at their places, as [`Event::to_line`] orders them.
+pub struct Entries<'h, M> {
+    map: M,
+    header: std::iter::Peekable<std::array::IntoIter<(&'static str, &'h str), 4>>,
+    #[cfg(debug_assertions)]
+    last: &'static str,
+}
+
+impl<'h, M: serde::ser::SerializeMap> Entries<'h, M> {
+    fn new(map: M, header: Option<[(&'static str, &'h str); 4]>) -> Self {
+        let mut header = header.unwrap_or([("", ""); 4]);
+        header.sort_unstable_by_key(|(name, _)| *name);
+        let mut header = header.into_iter().peekable();
+        // No header: the four empty names sort first and are skipped here.
+        while header.next_if(|(name, _)| name.is_empty()).is_some() {}
+        Entries {
+            map,
+            header,
+            #[cfg(debug_assertions)]
+            last: "",
+        }
+    }
+
+    /// One entry; `key` must sort after the previous one.
+    pub fn entry<V: serde::Serialize + ?Sized>(
+        &mut self,
+        key: &'static str,
+        value: &V,
+    ) -> Result<(), M::Error> {
+        #[cfg(debug_assertions)]
+        {
+            assert!(
+                self.last < key,
+                "typed event keys out of order: {} then {key}",
+                self.last
+            );
+            self.last = key;
+        }
+        while let Some((name, v)) = self.header.next_if(|(name, _)| *name < key) {
+            self.map.serialize_entry(name, v)?;
+        }
+        debug_assert!(
+            self.header.peek().is_none_or(|(name, _)| *name != key),
+            "typed event field {key} is named like a header field"
+        );
+        self.map.serialize_entry(key, value)
+    }
+
+    fn end(mut self) -> Result<M::Ok, M::Error> {
+        for (name, v) in self.header.by_ref() {
+            self.map.serialize_entry(name, v)?;
+        }
+        self.map.end()
+    }
+}
+
+/// A typed event's fields with (for its log line) or without (for its map) the header fields.
+struct TypedLine<'a, T> {
+    fields: &'a T,
+    header: Option<[(&'static str, &'a str); 4]>,
+}
+
+impl<T: TypedFields> serde::Serialize for TypedLine<'_, T> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let mut entries = Entries::new(serializer.serialize_map(None)?, self.header);
+        self.fields.write(&mut entries)?;
+        entries.end()
+    }
+}
+
+/// A typed event's log line (without the newline): what [`Event::to_line`] writes for the same
+/// event with [`typed_to_map`]'s fields. `None` only if serializing failed.
+pub fn typed_line<T: TypedFields>(
+    fields: &T,
+    id: &str,
+    sandbox: &str,
+    time: &str,
+) -> Option<Vec<u8>> {
+    let header = [
+        (FIELD_ID, id),
+        (FIELD_SANDBOX, sandbox),
+        (FIELD_TIME, time),
+        (FIELD_TYPE, T::KIND),
+    ];
+    let mut line = Vec::with_capacity(320);
+    let typed = TypedLine {
+        fields,
+        header: Some(header),
+    };
+    serde_json::to_writer(&mut line, &typed).ok()?;
+    Some(line)
+}
+
+/// A typed event's fields as a map (for subscribers, the coalescer and debug logs).
+pub fn typed_to_map<T: TypedFields>(fields: &T) -> Map<String, Value> {
+    match serde_json::to_value(TypedLine {
+        fields,
+        header: None,
+    }) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
     }
 }
 
@@ -419,6 +555,46 @@ impl EventBus {
         }
     }
 
+    /// [`emit`](Self::emit) for an event type with [`TypedFields`]; returns the event's id (empty
+    /// when the coalescer held it back). Without a live subscriber (and unless `debug` logging is
+    /// on) the fields go straight into the log line; otherwise their map is built as `emit` would.
+    pub fn emit_typed<T: TypedFields>(&self, fields: &T) -> String {
+        if fields.is_denial() || tracing::enabled!(tracing::Level::DEBUG) {
+            return self.emit(T::KIND, typed_to_map(fields)).id;
+        }
+        let time = now_rfc3339();
+        let mut state = self.state.lock();
+        if !state.subscribers.is_empty() {
+            drop(state);
+            return self.emit(T::KIND, typed_to_map(fields)).id;
+        }
+        fields.count(&mut state.egress);
+        let mut before = Vec::new();
+        state.coalescer.pass(&mut before);
+        for held in before {
+            self.publish(&mut state, held);
+        }
+        state.last_seq += 1;
+        let id = format_id(state.last_seq);
+        if let Some(mut line) = typed_line(fields, &id, &self.sandbox, &time) {
+            line.push(b'\n');
+            self.send_line(&state, &id, line);
+        }
+        self.update_holding(&state);
+        id
+    }
+
+    /// Hands one event's line to the writer thread.
+    fn send_line(&self, state: &BusState, id: &str, line: Vec<u8>) {
+        let sent = state
+            .writer
+            .as_ref()
+            .is_some_and(|tx| tx.send(Msg::Line(state.last_seq, line)).is_ok());
+        if !sent {
+            tracing::warn!(%id, "cannot write audit log: its writer has stopped");
+        }
+    }
+
     /// Gives one emitted event its id, hands its line to the writer and fans it out.
     fn publish(&self, state: &mut BusState, held: Held) -> Event {
         state.last_seq += 1;
@@ -431,13 +607,7 @@ impl EventBus {
         };
         let mut line = event.to_line();
         line.push(b'\n');
-        let sent = state
-            .writer
-            .as_ref()
-            .is_some_and(|tx| tx.send(Msg::Line(state.last_seq, line)).is_ok());
-        if !sent {
-            tracing::warn!(id = %event.id, "cannot write audit log: its writer has stopped");
-        }
+        self.send_line(state, &event.id, line);
         for live in state.subscribers.values() {
             live.push(event.clone());
         }

@@ -18,10 +18,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use serde_json::{Map, Value};
+use serde::ser::SerializeMap;
+use serde_json::Map;
 
-use crate::attribution::Origin;
-use crate::events::{kind, EventBus};
+use crate::attribution::{self, Origin};
+use crate::events::{kind, EgressTotals, Entries, EventBus, TypedFields};
 use crate::policy::{Access, Decision, Scheme};
 
 use super::deny::UpstreamFailure;
@@ -86,33 +87,6 @@ impl Auditor {
         decision: &Decision,
         injected: &[http::HeaderName],
     ) -> Option<Exchange> {
-        let mut f = Map::new();
-        f.insert(field::HOST.into(), subject.host.into());
-        f.insert(field::PORT.into(), subject.port.into());
-        f.insert(field::METHOD.into(), subject.method.into());
-        f.insert(field::PATH.into(), strip_query(subject.path).into());
-        f.insert(field::SCHEME.into(), subject.scheme.as_str().into());
-        f.insert(field::ACCESS.into(), decision.access.as_str().into());
-        f.insert(
-            field::RULE.into(),
-            decision.rule.map_or(Value::Null, |r| r.into()),
-        );
-        f.insert(field::REASON.into(), decision.reason.into());
-        if decision.would_deny {
-            f.insert(field::WOULD_DENY.into(), true.into());
-        }
-        f.insert(field::VIA.into(), subject.via.as_str().into());
-        if let Some(hash) = &subject.config_hash {
-            f.insert(field::CONFIG_HASH.into(), hash.to_string().into());
-        }
-        if let Some(origin) = &subject.origin {
-            origin.insert_fields(&mut f);
-        }
-        let names = injected
-            .iter()
-            .map(|n| Value::from(n.as_str()))
-            .collect::<Vec<_>>();
-        f.insert(field::INJECTED_HEADERS.into(), Value::Array(names));
         tracing::debug!(
             host = subject.host,
             port = subject.port,
@@ -122,11 +96,15 @@ impl Auditor {
             via = subject.via.as_str(),
             "egress decision"
         );
-        let event = self.events.emit(kind::EGRESS_REQUEST, f);
+        let request_id = self.events.emit_typed(&RequestFields {
+            subject,
+            decision,
+            injected,
+        });
         (decision.access == Access::Allowed).then(|| Exchange {
             inner: Arc::new(ExchangeInner {
                 events: self.events.clone(),
-                request_id: event.id,
+                request_id,
                 origin: subject.origin.clone(),
                 start: Instant::now(),
                 status: AtomicU16::new(0),
@@ -231,29 +209,114 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 
 impl Drop for ExchangeInner {
     fn drop(&mut self) {
-        let mut f = Map::new();
-        f.insert(field::REQUEST_ID.into(), self.request_id.clone().into());
-        if let Some(origin) = &self.origin {
-            origin.insert_fields(&mut f);
-        }
-        f.insert(
-            field::STATUS.into(),
-            self.status.load(Ordering::Relaxed).into(),
-        );
-        f.insert(
-            field::BYTES_IN.into(),
-            self.bytes_in.load(Ordering::Relaxed).into(),
-        );
-        f.insert(
-            field::BYTES_OUT.into(),
-            self.bytes_out.load(Ordering::Relaxed).into(),
-        );
         let ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        f.insert(
-            field::DURATION_MS.into(),
-            ((ms * 1000.0).round() / 1000.0).into(),
-        );
-        self.events.emit(kind::EGRESS_RESPONSE, f);
+        self.events.emit_typed(&ResponseFields {
+            request_id: &self.request_id,
+            origin: self.origin.as_deref(),
+            status: self.status.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            duration_ms: (ms * 1000.0).round() / 1000.0,
+        });
+    }
+}
+
+/// `egress.request`'s fields, written straight into the log line (see [`TypedFields`]).
+struct RequestFields<'a> {
+    subject: &'a Subject<'a>,
+    decision: &'a Decision,
+    injected: &'a [http::HeaderName],
+}
+
+impl TypedFields for RequestFields<'_> {
+    const KIND: &'static str = kind::EGRESS_REQUEST;
+
+    fn write<M: SerializeMap>(&self, e: &mut Entries<'_, M>) -> Result<(), M::Error> {
+        let (subject, decision) = (self.subject, self.decision);
+        let origin = subject.origin.as_deref();
+        e.entry(field::ACCESS, decision.access.as_str())?;
+        if let Some(origin) = origin {
+            e.entry(attribution::field::COMMAND, &origin.command)?;
+        }
+        if let Some(hash) = &subject.config_hash {
+            e.entry(field::CONFIG_HASH, &**hash)?;
+        }
+        if let Some(id) = origin.and_then(|o| o.exec_id.as_deref()) {
+            e.entry(attribution::field::EXEC_ID, id)?;
+        }
+        e.entry(field::HOST, subject.host)?;
+        e.entry(field::INJECTED_HEADERS, &HeaderNames(self.injected))?;
+        e.entry(field::METHOD, subject.method)?;
+        e.entry(field::PATH, strip_query(subject.path))?;
+        if let Some(origin) = origin {
+            e.entry(attribution::field::PID, &origin.pid)?;
+        }
+        e.entry(field::PORT, &subject.port)?;
+        e.entry(field::REASON, decision.reason)?;
+        e.entry(field::RULE, &decision.rule)?;
+        e.entry(field::SCHEME, subject.scheme.as_str())?;
+        e.entry(field::VIA, subject.via.as_str())?;
+        if decision.would_deny {
+            e.entry(field::WOULD_DENY, &true)?;
+        }
+        Ok(())
+    }
+
+    fn is_denial(&self) -> bool {
+        self.decision.access == Access::Denied
+    }
+
+    fn count(&self, totals: &mut EgressTotals) {
+        totals.count_request(self.is_denial());
+    }
+}
+
+/// Header names as a JSON array of strings.
+struct HeaderNames<'a>(&'a [http::HeaderName]);
+
+impl serde::Serialize for HeaderNames<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(http::HeaderName::as_str))
+    }
+}
+
+/// `egress.response`'s fields, written straight into the log line (see [`TypedFields`]).
+struct ResponseFields<'a> {
+    request_id: &'a str,
+    origin: Option<&'a Origin>,
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    duration_ms: f64,
+}
+
+impl TypedFields for ResponseFields<'_> {
+    const KIND: &'static str = kind::EGRESS_RESPONSE;
+
+    fn write<M: SerializeMap>(&self, e: &mut Entries<'_, M>) -> Result<(), M::Error> {
+        e.entry(field::BYTES_IN, &self.bytes_in)?;
+        e.entry(field::BYTES_OUT, &self.bytes_out)?;
+        if let Some(origin) = self.origin {
+            e.entry(attribution::field::COMMAND, &origin.command)?;
+        }
+        // As a JSON number, like `Value::from(f64)` (`null` if not finite).
+        e.entry(field::DURATION_MS, &self.duration_ms)?;
+        if let Some(id) = self.origin.and_then(|o| o.exec_id.as_deref()) {
+            e.entry(attribution::field::EXEC_ID, id)?;
+        }
+        if let Some(origin) = self.origin {
+            e.entry(attribution::field::PID, &origin.pid)?;
+        }
+        e.entry(field::REQUEST_ID, self.request_id)?;
+        e.entry(field::STATUS, &self.status)
+    }
+
+    fn is_denial(&self) -> bool {
+        false
+    }
+
+    fn count(&self, totals: &mut EgressTotals) {
+        totals.count_response(self.bytes_in, self.bytes_out);
     }
 }
 
@@ -330,7 +393,224 @@ pub fn strip_query(path: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+    use crate::events::{typed_line, typed_to_map, Event, Since};
+    use crate::policy::reason;
+
+    fn origin(exec_id: Option<&str>) -> Arc<Origin> {
+        Arc::new(Origin {
+            pid: 7,
+            command: vec!["curl".into(), "-s".into(), "say \"hi\"\n".into()],
+            exec_id: exec_id.map(Arc::from),
+        })
+    }
+
+    /// The line a typed event writes is byte for byte the line its map would write, for every
+    /// combination of optional fields (so the key order and the header merge are right).
+    #[test]
+    fn typed_events_write_the_lines_their_maps_would() {
+        let line_of_map = |kind: &str, fields: Map<String, serde_json::Value>| {
+            Event {
+                id: "0000000000000042".into(),
+                kind: kind.into(),
+                time: "2026-12-02T23:00:00.000Z".into(),
+                sandbox: "sb".into(),
+                fields,
+            }
+            .to_line()
+        };
+        let injected = [
+            http::HeaderName::from_static("authorization"),
+            http::HeaderName::from_static("x-key"),
+        ];
+        let origins = [None, Some(origin(None)), Some(origin(Some("exec-1")))];
+        let decisions = [
+            Decision {
+                access: Access::Allowed,
+                rule: Some(3),
+                reason: reason::RULE,
+                would_deny: false,
+            },
+            Decision {
+                access: Access::Allowed,
+                rule: None,
+                reason: reason::NO_RULE,
+                would_deny: true,
+            },
+            Decision {
+                access: Access::Denied,
+                rule: Some(0),
+                reason: reason::RULE,
+                would_deny: false,
+            },
+        ];
+        for origin in &origins {
+            for hash in [None, Some(Arc::from("c0ffee"))] {
+                for decision in &decisions {
+                    for injected in [&injected[..], &[]] {
+                        let subject = Subject {
+                            host: "api.example.com",
+                            port: 443,
+                            method: "GET",
+                            path: "/a/\"b\"?token=secret",
+                            scheme: Scheme::Https,
+                            via: Via::Proxy,
+                            origin: origin.clone(),
+                            config_hash: hash.clone(),
+                        };
+                        let fields = RequestFields {
+                            subject: &subject,
+                            decision,
+                            injected,
+                        };
+                        let line = typed_line(
+                            &fields,
+                            "0000000000000042",
+                            "sb",
+                            "2026-12-02T23:00:00.000Z",
+                        );
+                        let want = line_of_map(kind::EGRESS_REQUEST, typed_to_map(&fields));
+                        assert_eq!(
+                            line.as_deref(),
+                            Some(&want[..]),
+                            "{}",
+                            String::from_utf8_lossy(&want)
+                        );
+                        assert!(
+                            !String::from_utf8_lossy(&want).contains("secret"),
+                            "no query string"
+                        );
+                    }
+                }
+            }
+            for duration_ms in [0.0, 1.5, 12.345, 1e-3, f64::NAN] {
+                let fields = ResponseFields {
+                    request_id: "0000000000000041",
+                    origin: origin.as_deref(),
+                    status: 200,
+                    bytes_in: 1 << 40,
+                    bytes_out: 0,
+                    duration_ms,
+                };
+                let line = typed_line(
+                    &fields,
+                    "0000000000000042",
+                    "sb",
+                    "2026-12-02T23:00:00.000Z",
+                );
+                let want = line_of_map(kind::EGRESS_RESPONSE, typed_to_map(&fields));
+                assert_eq!(
+                    line.as_deref(),
+                    Some(&want[..]),
+                    "{}",
+                    String::from_utf8_lossy(&want)
+                );
+            }
+        }
+    }
+
+    /// What the typed fields say, as docs/audit-log.md lists them.
+    #[test]
+    fn typed_request_fields_are_the_documented_ones() {
+        let subject = Subject {
+            host: "api.example.com",
+            port: 443,
+            method: "POST",
+            path: "/v1/x?key=1",
+            scheme: Scheme::Https,
+            via: Via::Transparent,
+            origin: Some(origin(Some("exec-1"))),
+            config_hash: Some(Arc::from("c0ffee")),
+        };
+        let decision = Decision {
+            access: Access::Allowed,
+            rule: Some(2),
+            reason: reason::RULE,
+            would_deny: true,
+        };
+        let injected = [http::HeaderName::from_static("x-key")];
+        let fields = RequestFields {
+            subject: &subject,
+            decision: &decision,
+            injected: &injected,
+        };
+        assert_eq!(
+            serde_json::Value::Object(typed_to_map(&fields)),
+            json!({
+                "access": "allowed", "command": ["curl", "-s", "say \"hi\"\n"], "configHash": "c0ffee",
+                "execId": "exec-1", "host": "api.example.com", "injectedHeaders": ["x-key"],
+                "method": "POST", "path": "/v1/x", "pid": 7, "port": 443, "reason": "rule", "rule": 2,
+                "scheme": "https", "via": "transparent", "wouldDeny": true,
+            })
+        );
+    }
+
+    /// Without a subscriber the typed line goes to the log as is; a replay reads back the event
+    /// a subscriber would have seen live, and the totals count it.
+    #[tokio::test]
+    async fn a_typed_event_without_subscribers_replays_like_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open("sb", dir.path()).unwrap();
+        let subject = Subject {
+            host: "h.test",
+            port: 80,
+            method: "GET",
+            path: "/",
+            scheme: Scheme::Http,
+            via: Via::Proxy,
+            origin: Some(origin(None)),
+            config_hash: None,
+        };
+        let decision = Decision {
+            access: Access::Allowed,
+            rule: Some(0),
+            reason: reason::RULE,
+            would_deny: false,
+        };
+        let exchange = Auditor::new(bus.clone())
+            .request(&subject, &decision, &[])
+            .unwrap();
+        exchange.set_status(204);
+        exchange.add_in(5);
+        exchange.add_out(3);
+        drop(exchange);
+        let live = bus.subscribe(Since::Now, 10).unwrap();
+        Auditor::new(bus.clone())
+            .request(&subject, &decision, &[])
+            .unwrap();
+        let live = live.next().await.unwrap();
+
+        let replay = bus.subscribe(Since::Start, 10).unwrap();
+        let request = replay.next().await.unwrap();
+        let response = replay.next().await.unwrap();
+        assert_eq!(request.kind, kind::EGRESS_REQUEST);
+        assert_eq!(
+            request.fields, live.fields,
+            "the same fields as a live event"
+        );
+        assert_eq!(response.kind, kind::EGRESS_RESPONSE);
+        assert_eq!(response.fields[field::REQUEST_ID], json!(request.id));
+        assert_eq!(response.fields[field::STATUS], json!(204));
+        assert_eq!(
+            (
+                response.fields[field::BYTES_IN].clone(),
+                response.fields[field::BYTES_OUT].clone()
+            ),
+            (json!(5), json!(3))
+        );
+        let totals = bus.egress_totals();
+        assert_eq!(
+            (
+                totals.requests,
+                totals.denied,
+                totals.bytes_in,
+                totals.bytes_out
+            ),
+            (2, 0, 5, 3)
+        );
+    }
 
     #[test]
     fn strip_query_cases() {
