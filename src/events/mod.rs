@@ -136,19 +136,25 @@ pub struct Event {
     pub time: String,
     /// The sandbox's name.
     pub sandbox: String,
-    /// The type-specific fields (camelCase names, as JS sees them).
-    pub fields: Map<String, Value>,
+    /// The type-specific fields (camelCase names, as JS sees them). Shared: every subscriber
+    /// gets the same map.
+    pub fields: Arc<Map<String, Value>>,
 }
 
 impl Event {
     /// The flat JSON object JS sees and the audit log stores. The header fields win over any
     /// type-specific field of the same name.
     pub fn to_json(&self) -> Value {
-        let mut object = self.fields.clone();
-        object.insert(FIELD_ID.into(), Value::String(self.id.clone()));
-        object.insert(FIELD_TYPE.into(), Value::String(self.kind.clone()));
-        object.insert(FIELD_TIME.into(), Value::String(self.time.clone()));
-        object.insert(FIELD_SANDBOX.into(), Value::String(self.sandbox.clone()));
+        self.clone().into_json()
+    }
+
+    /// [`to_json`](Self::to_json), taking the fields without a copy when no one else holds them.
+    pub fn into_json(self) -> Value {
+        let mut object = Arc::unwrap_or_clone(self.fields);
+        object.insert(FIELD_ID.into(), Value::String(self.id));
+        object.insert(FIELD_TYPE.into(), Value::String(self.kind));
+        object.insert(FIELD_TIME.into(), Value::String(self.time));
+        object.insert(FIELD_SANDBOX.into(), Value::String(self.sandbox));
         Value::Object(object)
     }
 
@@ -180,7 +186,7 @@ impl Event {
             kind,
             time,
             sandbox,
-            fields,
+            fields: fields.into(),
         })
     }
 }
@@ -205,7 +211,7 @@ impl serde::Serialize for Flat<'_> {
         headers.sort_unstable_by_key(|(name, _)| *name);
         let mut headers = headers.into_iter().peekable();
         let mut map = serializer.serialize_map(None)?;
-        for (name, value) in &e.fields {
+        for (name, value) in e.fields.iter() {
             while let Some((h, v)) = headers.next_if(|(h, _)| *h < name.as_str()) {
                 map.serialize_entry(h, v)?;
             }
@@ -550,7 +556,7 @@ impl EventBus {
                 kind: kind.to_owned(),
                 time,
                 sandbox: self.sandbox.clone(),
-                fields: held.unwrap_or_default(),
+                fields: held.unwrap_or_default().into(),
             },
         }
     }
@@ -603,7 +609,7 @@ impl EventBus {
             kind: held.kind,
             time: held.time,
             sandbox: self.sandbox.clone(),
-            fields: held.fields,
+            fields: held.fields.into(),
         };
         let mut line = event.to_line();
         line.push(b'\n');
@@ -857,14 +863,14 @@ mod tests {
             kind: kind::EGRESS_REQUEST.into(),
             time: "2026-12-02T00:00:00.000Z".into(),
             sandbox: "s\"q".into(),
-            fields: fields.as_object().unwrap().clone(),
+            fields: fields.as_object().unwrap().clone().into(),
         };
         assert_eq!(
             String::from_utf8(event.to_line()).unwrap(),
             event.to_json().to_string()
         );
         let bare = Event {
-            fields: Map::new(),
+            fields: Map::new().into(),
             ..event.clone()
         };
         assert_eq!(
@@ -883,7 +889,8 @@ mod tests {
             fields: json!({"host": "example.com", "id": "spoofed"})
                 .as_object()
                 .cloned()
-                .unwrap(),
+                .unwrap()
+                .into(),
         };
         let value = event.to_json();
         assert_eq!(value["id"], "0000000000000007", "header wins over a field");

@@ -316,7 +316,7 @@ impl Subscription {
                         kind: kind::EVENTS_DROPPED.into(),
                         time: now_rfc3339(),
                         sandbox: self.bus.sandbox().into(),
-                        fields,
+                        fields: fields.into(),
                     });
                 }
                 Pop::Ended => return None,

@@ -81,7 +81,7 @@ impl AsyncGenerator for EventStream {
             Ok(subscription
                 .next()
                 .await
-                .map(|event| SandboxEvent(event.to_json())))
+                .map(|event| SandboxEvent(event.into_json())))
         }
     }
 

@@ -417,7 +417,7 @@ mod tests {
                 kind: kind.into(),
                 time: "2026-12-02T23:00:00.000Z".into(),
                 sandbox: "sb".into(),
-                fields,
+                fields: fields.into(),
             }
             .to_line()
         };
