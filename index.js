@@ -211,7 +211,64 @@ const nativeProxy = Sandbox.prototype.proxy
 Sandbox.prototype.proxy = async function () {
   return bindProxy(await nativeProxy.call(this))
 }
-Sandbox.prototype.getEventsStream = wrapSync(Sandbox.prototype.getEventsStream)
+const nativeGetEventsStream = wrapSync(Sandbox.prototype.getEventsStream)
+Sandbox.prototype.getEventsStream = function (options) {
+  const stream = nativeGetEventsStream.call(this, options)
+  // napi puts its generator on each instance, not on the prototype.
+  Object.defineProperty(stream, Symbol.asyncIterator, { value: batchedEvents, configurable: true, writable: true })
+  return stream
+}
+// Events cross from Rust in batches, each the text of a JSON array, instead of one promise and one
+// object built property by property per event (the native generator napi declares): a subscriber
+// keeps up with a busy proxy. The batch belongs to the stream, so every iterator of one stream
+// reads the same sequence as before; calls to next() are served in order; return() ends the stream
+// at once, also while a next() waits.
+const BATCH = Symbol('hive.eventBatch')
+function batchedEvents() {
+  const stream = this
+  const state = (stream[BATCH] ??= { events: [], at: 0, ended: false, queue: Promise.resolve() })
+  const done = { done: true, value: undefined }
+  const pull = async () => {
+    while (state.at >= state.events.length) {
+      if (state.ended) return done
+      const text = await stream.nextBatch()
+      if (state.ended) return done
+      if (text === null) {
+        state.ended = true
+        return done
+      }
+      state.events = JSON.parse(text)
+      state.at = 0
+    }
+    const value = state.events[state.at]
+    state.events[state.at++] = undefined
+    return { done: false, value }
+  }
+  const end = () => {
+    state.ended = true
+    state.events = []
+    state.at = 0
+    stream.unsubscribe()
+  }
+  return {
+    next() {
+      const result = state.queue.then(pull)
+      state.queue = result.catch(() => {})
+      return result
+    },
+    async return(value) {
+      end()
+      return { done: true, value }
+    },
+    async throw(error) {
+      end()
+      throw error
+    },
+    [Symbol.asyncIterator]() {
+      return this
+    },
+  }
+}
 Sandbox.prototype.decide = wrapSync(Sandbox.prototype.decide)
 const asyncDispose = Symbol.asyncDispose ?? Symbol.for('nodejs.asyncDispose')
 Sandbox.prototype[asyncDispose] = function () {

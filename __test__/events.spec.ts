@@ -84,6 +84,39 @@ describe('getEventsStream', () => {
     await sandbox.close()
   })
 
+  it('delivers a burst larger than one batch in order and without loss', async () => {
+    const sandbox = await getOrCreateSandbox('burst')
+    const stream = sandbox.getEventsStream()
+    // Queued natively before the first read: they cross into JS 256 at a time.
+    await applyRules(sandbox, 600)
+    const events = await take(stream, 600)
+    expect(events.map((e) => e.type)).toEqual(Array(600).fill('config.applied'))
+    const ids = events.map((e) => e.id)
+    expect(new Set(ids).size).toBe(600)
+    expect([...ids].sort()).toEqual(ids)
+    await sandbox.close()
+  })
+
+  it('serves next() calls in order, shares one stream between its iterators, and return() ends a waiting next()', async () => {
+    const sandbox = await getOrCreateSandbox('iterator-protocol')
+    const stream = sandbox.getEventsStream()
+    await applyRules(sandbox, 4)
+    const a = stream[Symbol.asyncIterator]()
+    const [first, second, third] = await Promise.all([a.next(), a.next(), a.next()])
+    expect([first, second, third].map((r) => r.done)).toEqual([false, false, false])
+    expect(first.value.id < second.value.id && second.value.id < third.value.id).toBe(true)
+    // A second iterator of the same stream continues where the first stopped.
+    const b = stream[Symbol.asyncIterator]()
+    const fourth = await b.next()
+    expect(fourth.value.id > third.value.id).toBe(true)
+    // Nothing more is coming: this next() waits until return() ends the stream.
+    const waiting = b.next()
+    expect(await b.return(undefined)).toEqual({ done: true, value: undefined })
+    expect(await waiting).toEqual({ done: true, value: undefined })
+    expect((await a.next()).done).toBe(true)
+    await sandbox.close()
+  })
+
   it('drops the oldest events of a slow subscriber and says how many, once', async () => {
     const sandbox = await getOrCreateSandbox('slow-subscriber')
     const stream = sandbox.getEventsStream({ buffer: 5 })

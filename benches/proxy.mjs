@@ -163,13 +163,40 @@ function oha(bin, args) {
 
 const rssMib = () => process.memoryUsage.rss() / MIB
 
+/** Reads the sandbox's events until stopped; `stop()` resolves with how many requests it saw. */
+function streamEvents(sandbox) {
+  const stream = sandbox.getEventsStream()[Symbol.asyncIterator]()
+  const seen = { requests: 0 }
+  const done = (async () => {
+    for (let r = await stream.next(); !r.done; r = await stream.next()) {
+      if (r.value.type === 'egress.request') seen.requests++
+    }
+  })()
+  return {
+    async stop() {
+      // Let the tail of the run reach the subscriber before it stops.
+      await sleep(200)
+      await stream.return()
+      await done
+      return seen
+    },
+  }
+}
+
 /** Runs oha through the proxy, with this process's CPU time and RSS peak over the run. */
-async function viaProxy(bin, args) {
+async function viaProxy(bin, args, streamFrom) {
   const cpu = process.cpuUsage()
   let peak = rssMib()
   const sampler = setInterval(() => (peak = Math.max(peak, rssMib())), 100)
   try {
+    const subscriber = streamFrom ? streamEvents(streamFrom) : null
     const r = await oha(bin, args)
+    if (subscriber) {
+      // Counted in the CPU time: the subscriber's work on the last events too.
+      const seen = await subscriber.stop()
+      // A subscriber that fell behind sees `events.dropped` instead of some events.
+      if (seen.requests < r.requests) r.note = `subscriber saw ${seen.requests} of ${r.requests} requests`
+    }
     const used = process.cpuUsage(cpu)
     return { ...r, cpuUs: (used.user + used.system) / Math.max(1, r.requests), peak: Math.max(peak, rssMib()) }
   } finally {
@@ -234,9 +261,11 @@ async function measure({ ohaBin, ports, ca }) {
     '--connect-to', `${HOST}:${scheme === 'https' ? 443 : 80}:127.0.0.1:${scheme === 'https' ? ports.https : ports.http}`,
   ]
 
-  // [name, connections, url, direct url, extra oha args, via host]
+  // [name, connections, url, scheme, extra oha args, options]; `stream`: a JS subscriber reads
+  // every event while oha runs (what a user watching the audit stream pays).
   const scenarios = [
     ['plain HTTP keep-alive c32', 32, `http://${HOST}/`, 'http', []],
+    ['plain HTTP keep-alive c32, events streamed to JS', 32, `http://${HOST}/`, 'http', [], { stream: true }],
     ['HTTPS keep-alive c32 (intercepted)', 32, `https://${HOST}/`, 'https', []],
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
     ...(passthrough ? [['HTTPS keep-alive c32 (passthrough)', 32, `https://${PASS_HOST}/`, 'https', []]] : []),
@@ -249,7 +278,7 @@ async function measure({ ohaBin, ports, ca }) {
   const rssStart = rssMib()
   const rows = []
   const memory = {}
-  for (const [name, conns, target, scheme, extra] of scenarios) {
+  for (const [name, conns, target, scheme, extra, options] of scenarios) {
     if (ONLY && !name.includes(ONLY)) continue
     const c1000 = conns === 1000
     const load = os.loadavg()[0]
@@ -257,7 +286,7 @@ async function measure({ ohaBin, ports, ca }) {
       const directUrl = target.replace(PASS_HOST, HOST)
       const d = await oha(ohaBin, ['-c', String(conns), ...direct(scheme), ...extra, directUrl])
       if (c1000) memory.before = rssMib()
-      const v = await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target])
+      const v = await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target], options?.stream && sandbox)
       if (c1000) {
         memory.peak = v.peak
         await sleep(SETTLE_SECONDS * 1000)
@@ -284,7 +313,8 @@ async function measure({ ohaBin, ports, ca }) {
       console.log(`| ${name} | ${f(load, 2)} | failed: ${failed.replace(/\|/g, '/')} | | | | | | | | |`)
       continue
     }
-    const errs = v.errors + d.errors > 0 ? `${v.errors} (direct ${d.errors}) ${v.errorKinds}` : '0'
+    const errs =
+      (v.errors + d.errors > 0 ? `${v.errors} (direct ${d.errors}) ${v.errorKinds}` : '0') + (v.note ? ` (${v.note})` : '')
     console.log(
       `| ${name} | ${f(load, 2)} | ${f(d.rps)} | ${f(v.rps)} | ${f(v.rps / d.rps, 2)}× | ${f(d.p50, 2)}/${f(d.p99, 2)} | ${f(v.p50, 2)}/${f(v.p99, 2)} | ${errs} | ${f(v.cpuUs, 1)} | ${f(d.mibs, 1)} | ${f(v.mibs, 1)} |`,
     )

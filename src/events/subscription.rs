@@ -325,6 +325,28 @@ impl Subscription {
         }
     }
 
+    /// Up to `max` events (at least one): waits for the first as [`next`](Self::next) does, then
+    /// takes the ones that are ready without waiting. Empty once the stream has ended. Saves a
+    /// round trip to JS per event when a subscriber is behind.
+    ///
+    /// Cancel-safe, as `next()` is.
+    pub async fn next_batch(&self, max: usize) -> Vec<Event> {
+        let Some(first) = self.next().await else {
+            return Vec::new();
+        };
+        let mut batch = vec![first];
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        while batch.len() < max {
+            // Polled once: a `next()` that would wait is dropped, which loses nothing.
+            let next = std::pin::pin!(self.next());
+            match std::future::Future::poll(next, &mut cx) {
+                std::task::Poll::Ready(Some(event)) => batch.push(event),
+                _ => break,
+            }
+        }
+        batch
+    }
+
     /// Unsubscribes now (JS `break`): `next()` returns `None` from then on. Idempotent.
     pub fn unsubscribe(&self) {
         self.bus.remove_subscriber(self.key);
