@@ -491,7 +491,15 @@ declare global {
  * @see https://developer.mozilla.org/en-US/docs/Web/JavaScript/Reference/Iteration_protocols#the_async_iterator_and_async_iterable_protocols
  */
 export declare class EventStream {
-
+  /**
+   * Internal (the iterator `getEventsStream()` returns calls it): the next events as the text
+   * of a JSON array, one or more of them, waiting for the first; `null` once the stream has
+   * ended. One crossing into JS and one `JSON.parse` per batch instead of a promise and an
+   * object built property by property per event.
+   */
+  nextBatch(): Promise<string | null>
+  /** Internal: ends the stream now (the iterator's `return()`). */
+  unsubscribe(): void
   [globalThis.Symbol.asyncIterator](): globalThis.__NapiRsAsyncGenerator<EventStream, SandboxEvent, void, undefined>
 }
 
