@@ -335,6 +335,12 @@ impl Subscription {
             return Vec::new();
         };
         let mut batch = vec![first];
+        self.take_ready(&mut batch, max);
+        batch
+    }
+
+    /// Adds to `batch` the events that are ready now, up to `max` in all; never waits.
+    pub fn take_ready(&self, batch: &mut Vec<Event>, max: usize) {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         while batch.len() < max {
             // Polled once: a `next()` that would wait is dropped, which loses nothing.
@@ -344,7 +350,6 @@ impl Subscription {
                 _ => break,
             }
         }
-        batch
     }
 
     /// Unsubscribes now (JS `break`): `next()` returns `None` from then on. Idempotent.

@@ -69,6 +69,11 @@ impl EventStream {
 /// Events handed to JS per [`EventStream::next_batch`] at most.
 const JS_BATCH: usize = 256;
 
+/// How long a batch that is not full waits for more events before it goes to JS. A subscriber
+/// that keeps up would otherwise pay a napi round trip (a promise, a threadsafe function) for
+/// nearly every event; an audit stream can be a millisecond late.
+const JS_BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+
 #[napi]
 impl EventStream {
     /// Internal (the iterator `getEventsStream()` returns calls it): the next events as the text
@@ -77,9 +82,13 @@ impl EventStream {
     /// object built property by property per event.
     #[napi]
     pub async fn next_batch(&self) -> Result<Option<String>> {
-        let events = self.subscription.next_batch(JS_BATCH).await;
+        let mut events = self.subscription.next_batch(JS_BATCH).await;
         if events.is_empty() {
             return Ok(None);
+        }
+        if events.len() < JS_BATCH {
+            tokio::time::sleep(JS_BATCH_LINGER).await;
+            self.subscription.take_ready(&mut events, JS_BATCH);
         }
         let mut text = Vec::with_capacity(events.len() * 320);
         text.push(b'[');
