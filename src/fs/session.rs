@@ -13,7 +13,6 @@
 //! 4. Open files keep their real fd (opened by path, decided at open, as POSIX does); with kernel
 //!    passthrough available (root only) reads and writes then bypass the server entirely.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
@@ -100,7 +99,8 @@ const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 #[derive(Debug)]
 struct Node {
     parent: u64,
-    name: OsString,
+    /// Shared with the parent's entry in [`Nodes::children`]: one allocation per node.
+    name: Arc<OsStr>,
     lookups: u64,
     kind: FileType,
     /// A directory whose changes by the host are reported (its entries may be cached long).
@@ -113,7 +113,10 @@ struct Node {
 #[derive(Debug)]
 struct Nodes {
     nodes: IdMap<Node>,
-    children: HashMap<(u64, OsString), u64>,
+    /// Per parent node, its children by name. Nested so that a name is found by `&OsStr`
+    /// without building an owned key, and hashed (SipHash: the names come from the sandbox and
+    /// the host) without the parent id.
+    children: IdMap<HashMap<Arc<OsStr>, u64>>,
     next: u64,
 }
 
@@ -124,7 +127,7 @@ impl Nodes {
             INodeNo::ROOT.0,
             Node {
                 parent: DETACHED,
-                name: OsString::new(),
+                name: Arc::from(OsStr::new("")),
                 lookups: 1,
                 kind: FileType::Directory,
                 watched: false,
@@ -133,7 +136,7 @@ impl Nodes {
         );
         Nodes {
             nodes,
-            children: HashMap::new(),
+            children: IdMap::default(),
             next: INodeNo::ROOT.0 + 1,
         }
     }
@@ -147,7 +150,7 @@ impl Nodes {
             if node.parent == DETACHED || names.len() > 4096 {
                 return None;
             }
-            names.push(node.name.as_os_str());
+            names.push(&*node.name);
             current = node.parent;
         }
         Some(names.iter().rev().collect())
@@ -155,11 +158,11 @@ impl Nodes {
 
     /// The node for `parent/name` after a successful lookup; a new id when the kind changed.
     fn remember(&mut self, parent: u64, name: &OsStr, kind: FileType) -> u64 {
-        // One hash of the name, whether it is known or new.
         let ino = self.next;
-        match self.children.entry((parent, name.to_owned())) {
-            Entry::Occupied(mut slot) => {
-                let known = *slot.get();
+        let dir = self.children.entry(parent).or_default();
+        // One hash of the name when it is known; a new name is hashed again to insert it.
+        let name = match dir.get_key_value(name) {
+            Some((key, &known)) => {
                 if let Some(node) = self.nodes.get_mut(&known) {
                     if node.kind == kind {
                         node.lookups += 1;
@@ -168,18 +171,22 @@ impl Nodes {
                     // Replaced by another kind: the old node is detached, the name gets a new id.
                     node.parent = DETACHED;
                 }
-                slot.insert(ino);
+                let key = key.clone();
+                dir.insert(key.clone(), ino);
+                key
             }
-            Entry::Vacant(slot) => {
-                slot.insert(ino);
+            None => {
+                let key: Arc<OsStr> = Arc::from(name);
+                dir.insert(key.clone(), ino);
+                key
             }
-        }
+        };
         self.next += 1;
         self.nodes.insert(
             ino,
             Node {
                 parent,
-                name: name.to_owned(),
+                name,
                 lookups: 1,
                 kind,
                 watched: false,
@@ -190,15 +197,40 @@ impl Nodes {
     }
 
     fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
-        self.children.get(&(parent, name.to_owned())).copied()
+        self.children.get(&parent)?.get(name).copied()
+    }
+
+    /// Removes `parent/name` from the children table; returns the node it named.
+    fn unlink(&mut self, parent: u64, name: &OsStr) -> Option<u64> {
+        let dir = self.children.get_mut(&parent)?;
+        let ino = dir.remove(name);
+        if dir.is_empty() {
+            self.children.remove(&parent);
+        }
+        ino
+    }
+
+    /// Names node `ino` `parent/name` (in the children table and in the node).
+    fn link(&mut self, parent: u64, name: &OsStr, ino: u64) {
+        let name: Arc<OsStr> = Arc::from(name);
+        self.children
+            .entry(parent)
+            .or_default()
+            .insert(name.clone(), ino);
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.parent = parent;
+            node.name = name;
+        }
     }
 
     fn detach(&mut self, ino: u64) {
-        if let Some(node) = self.nodes.get_mut(&ino) {
-            if node.parent != DETACHED {
-                self.children.remove(&(node.parent, node.name.clone()));
-                node.parent = DETACHED;
-            }
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if node.parent != DETACHED {
+            let (parent, name) = (node.parent, node.name.clone());
+            node.parent = DETACHED;
+            self.unlink(parent, &name);
         }
     }
 
@@ -228,29 +260,17 @@ impl Nodes {
 
     /// Records a rename that succeeded on disk.
     fn renamed(&mut self, from: (u64, &OsStr), to: (u64, &OsStr), exchange: bool) {
-        let moving = self.child(from.0, from.1);
-        let target = self.child(to.0, to.1);
+        let moving = self.unlink(from.0, from.1);
+        let target = self.unlink(to.0, to.1);
         if let Some(ino) = target {
-            self.children.remove(&(to.0, to.1.to_owned()));
             if exchange {
-                if let Some(node) = self.nodes.get_mut(&ino) {
-                    node.parent = from.0;
-                    node.name = from.1.to_owned();
-                }
+                self.link(from.0, from.1, ino);
             } else if let Some(node) = self.nodes.get_mut(&ino) {
                 node.parent = DETACHED;
             }
         }
         if let Some(ino) = moving {
-            self.children.remove(&(from.0, from.1.to_owned()));
-            if let Some(node) = self.nodes.get_mut(&ino) {
-                node.parent = to.0;
-                node.name = to.1.to_owned();
-            }
-            self.children.insert((to.0, to.1.to_owned()), ino);
-        }
-        if let (true, Some(ino)) = (exchange, target) {
-            self.children.insert((from.0, from.1.to_owned()), ino);
+            self.link(to.0, to.1, ino);
         }
     }
 }
