@@ -355,6 +355,8 @@ const SET_ID_CHANGES: &[(&str, &str)] = &[
     ("truncate", "truncate -s 1 F"),
     ("open-trunc", ": > F"),
     ("chown", "chown 0:0 F"),
+    // `chown(F, -1, -1)`: no owner named; Linux clears set-user-id all the same
+    ("chown-nothing", "chown : F"),
     ("fallocate", "fallocate -l 8192 F"),
     // nothing that clears: the bits stay (a `chmod` through the server always drops them: the
     // sandbox may not set set-id bits, see `fs::ops`)
@@ -419,6 +421,7 @@ fn set_id_bits_are_cleared_as_on_a_plain_mount() {
     assert_eq!(plain("big-write-6755"), 0o755);
     assert_eq!(plain("truncate-2755"), 0o755);
     assert_eq!(plain("chown-4644"), 0o644);
+    assert_eq!(plain("chown-nothing-4755"), 0o755);
     assert_eq!(plain("write-2745"), 0o2745);
     assert_eq!(plain("read-4755"), 0o4755);
 }
