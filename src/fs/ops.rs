@@ -241,7 +241,8 @@ impl Source {
 
     /// Clears the set-id bits that a write, a truncation or a change of owner clears (see
     /// [`set_id_cleared`]) on the regular file `rel`, never following a trailing symlink; other
-    /// kinds of file are left alone. Returns whether a bit was cleared.
+    /// kinds of file are left alone. Returns whether a bit was cleared (see [`permitted`] for
+    /// `EPERM`).
     pub fn clear_set_id(&self, rel: &Path) -> Result<bool, Errno> {
         let fd = self.open(rel, OFlags::PATH, Mode::empty())?;
         let st = rustix::fs::fstat(&fd)?;
@@ -253,7 +254,7 @@ impl Source {
                 let real = self.open(rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
                 clear_set_id_of(&real)
             }
-            other => other.map(|()| true),
+            other => permitted(other.map(|()| true)),
         }
     }
 
@@ -335,8 +336,20 @@ pub fn set_id_cleared(st: &Stat) -> Option<u32> {
 pub fn clear_set_id_of(fd: &OwnedFd) -> Result<bool, Errno> {
     let st = rustix::fs::fstat(fd)?;
     match set_id_cleared(&st) {
-        Some(mode) => rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map(|()| true),
+        Some(mode) => permitted(rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map(|()| true)),
         None => Ok(false),
+    }
+}
+
+/// A clearing refused with `EPERM` is not an error: only a server that neither owns the file nor
+/// holds `CAP_FOWNER` gets it, so one without `CAP_FSETID` either, and the kernel clears the bits
+/// itself when such a server writes to, truncates or extends the file (as for any writer
+/// without `CAP_FSETID`), before the data changes. Refusing the sandbox's write instead would
+/// break writes a plain mount allows (a group-writable set-group-id file of another user).
+fn permitted(cleared: Result<bool, Errno>) -> Result<bool, Errno> {
+    match cleared {
+        Err(Errno::PERM) => Ok(false),
+        other => other,
     }
 }
 
