@@ -14,7 +14,9 @@
 //! `ELOOP`) instead of resolving. The kernel resolves the sandbox's own symlinks through FUSE
 //! lookups, so the server never needs to follow one. Created files never get set-id bits and
 //! ownership never changes (`chown` is refused), so the sandbox cannot plant a set-uid-root binary
-//! on the host.
+//! on the host; a set-id file of the host loses its bits when the sandbox writes, truncates or
+//! chowns it ([`Source::clear_set_id`]), since the server's own writes, with the host program's
+//! credentials, would keep them.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -237,6 +239,25 @@ impl Source {
         }
     }
 
+    /// Clears the set-id bits that a write, a truncation or a change of owner clears (see
+    /// [`set_id_cleared`]) on the regular file `rel`, never following a trailing symlink; other
+    /// kinds of file are left alone. Returns whether a bit was cleared (see [`permitted`] for
+    /// `EPERM`).
+    pub fn clear_set_id(&self, rel: &Path) -> Result<bool, Errno> {
+        let fd = self.open(rel, OFlags::PATH, Mode::empty())?;
+        let st = rustix::fs::fstat(&fd)?;
+        let Some(mode) = set_id_cleared(&st) else {
+            return Ok(false);
+        };
+        match fchmodat2_empty_path(fd.as_fd(), mode) {
+            Err(Errno::NOSYS) => {
+                let real = self.open(rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())?;
+                clear_set_id_of(&real)
+            }
+            other => permitted(other.map(|()| true)),
+        }
+    }
+
     /// `utimensat(rel, AT_SYMLINK_NOFOLLOW)`.
     pub fn utimens(&self, rel: &Path, times: &Timestamps) -> Result<(), Errno> {
         if rel.as_os_str().is_empty() {
@@ -291,6 +312,44 @@ impl Source {
             }
         }
         Ok(None)
+    }
+}
+
+/// The mode a regular file with `st` is left with after a write, a truncation or a change of
+/// owner, if that clears anything: set-user-id is cleared, and set-group-id when group execute is
+/// set (without it the bit marks mandatory locking and stays). These are the bits the kernel's FUSE
+/// module cleared itself (a `GETATTR`, then a `SETATTR` of the mode; `fuse_setattr` in
+/// `fs/fuse/dir.c`) before the server took the job over with `FUSE_HANDLE_KILLPRIV_V2`.
+pub fn set_id_cleared(st: &Stat) -> Option<u32> {
+    let mode = st.st_mode;
+    if RawType::from_raw_mode(mode) != RawType::RegularFile {
+        return None;
+    }
+    let mut cleared = mode & 0o7777 & !libc::S_ISUID;
+    if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        cleared &= !libc::S_ISGID;
+    }
+    (cleared != mode & 0o7777).then_some(cleared)
+}
+
+/// [`Source::clear_set_id`] on a file open for I/O (the server's own fd of a sandbox's open).
+pub fn clear_set_id_of(fd: &OwnedFd) -> Result<bool, Errno> {
+    let st = rustix::fs::fstat(fd)?;
+    match set_id_cleared(&st) {
+        Some(mode) => permitted(rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).map(|()| true)),
+        None => Ok(false),
+    }
+}
+
+/// A clearing refused with `EPERM` is not an error: only a server that neither owns the file nor
+/// holds `CAP_FOWNER` gets it, so one without `CAP_FSETID` either, and the kernel clears the bits
+/// itself when such a server writes to, truncates or extends the file (as for any writer
+/// without `CAP_FSETID`), before the data changes. Refusing the sandbox's write instead would
+/// break writes a plain mount allows (a group-writable set-group-id file of another user).
+fn permitted(cleared: Result<bool, Errno>) -> Result<bool, Errno> {
+    match cleared {
+        Err(Errno::PERM) => Ok(false),
+        other => other,
     }
 }
 
@@ -395,6 +454,52 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(mode.permissions().mode() & 0o6000, 0, "{name}");
         }
+    }
+
+    #[test]
+    fn clearing_set_id_bits_follows_the_kernels_rule() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, src) = source();
+        let cases: &[(u32, u32)] = &[
+            // set-user-id: always cleared
+            (0o4755, 0o755),
+            (0o4644, 0o644),
+            // set-group-id with group execute: cleared
+            (0o2755, 0o755),
+            (0o6711, 0o711),
+            // set-group-id without group execute (mandatory locking mark): kept
+            (0o2745, 0o2745),
+            (0o6745, 0o2745),
+            // nothing to clear; sticky stays
+            (0o755, 0o755),
+            (0o1755, 0o1755),
+        ];
+        for (i, (before, after)) in cases.iter().enumerate() {
+            for by_fd in [false, true] {
+                let name = format!("f{i}{by_fd}");
+                let path = dir.path().join(&name);
+                std::fs::write(&path, b"x").expect("write");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*before))
+                    .expect("chmod");
+                let cleared = if by_fd {
+                    let fd = src.open_file(Path::new(&name), libc::O_RDWR).expect("open");
+                    clear_set_id_of(&fd).expect("clear")
+                } else {
+                    src.clear_set_id(Path::new(&name)).expect("clear")
+                };
+                let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+                assert_eq!(mode & 0o7777, *after, "{before:o} by fd: {by_fd}");
+                assert_eq!(cleared, before != after, "{before:o} by fd: {by_fd}");
+            }
+        }
+        // a directory's set-group-id (inheritance of the group) is never touched
+        std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+        std::fs::set_permissions(
+            dir.path().join("d"),
+            std::fs::Permissions::from_mode(0o2775),
+        )
+        .expect("chmod");
+        assert!(!src.clear_set_id(Path::new("d")).expect("clear"));
     }
 
     #[test]

@@ -13,7 +13,6 @@
 //! 4. Open files keep their real fd (opened by path, decided at open, as POSIX does); with kernel
 //!    passthrough available (root only) reads and writes then bypass the server entirely.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
@@ -39,10 +38,27 @@ use super::cache::{Kernel, LONG_TTL, SHORT_TTL};
 use super::dirfds::DirFds;
 use super::ids::IdMap;
 use super::listing::Listings;
-use super::ops::{split, Source};
+use super::ops::{clear_set_id_of, set_id_cleared, split, Source};
 use super::watch::{Batch, Watch};
 use super::{field, op, EventSink};
 use crate::events::kind;
+
+/// Whether a `SETATTR` must clear set-id bits (`FUSE_HANDLE_KILLPRIV_V2`). The kernel asks for it
+/// (`FATTR_KILL_SUIDGID`) on every change of owner of a non-directory and on every truncation by
+/// a caller without `CAP_FSETID`; and it sends a `SETATTR` that changes nothing where it would
+/// have cleared them itself before (`file_remove_privs` ahead of a passthrough write, which runs
+/// with the server's credentials and keeps the bits; `chown(f, -1, -1)`). fuser 0.18 does not
+/// pass `FATTR_KILL_SUIDGID` on, so these cases clear whether or not the caller holds
+/// `CAP_FSETID`: a sandboxed process, in its own user namespace, never does, so this is exactly
+/// what the kernel asks for it.
+///
+/// # Security
+///
+/// A set-user-id file of the host that a sandboxed process rewrites must not keep running with
+/// its owner's rights; clearing is never skipped where the kernel used to clear.
+fn clears_set_id(owner: bool, size: Option<u64>, mode: Option<u32>, times: bool) -> bool {
+    owner || size.is_some() || (mode.is_none() && !times)
+}
 
 /// Whether `attr` may be cached at all: a file with several names (hard links) is not, since
 /// each name is its own node here and a write through one must show in a `stat` or read through
@@ -83,7 +99,8 @@ const PASSTHROUGH_MIN_SIZE: u64 = 1 << 20;
 #[derive(Debug)]
 struct Node {
     parent: u64,
-    name: OsString,
+    /// Shared with the parent's entry in [`Nodes::children`]: one allocation per node.
+    name: Arc<OsStr>,
     lookups: u64,
     kind: FileType,
     /// A directory whose changes by the host are reported (its entries may be cached long).
@@ -96,7 +113,10 @@ struct Node {
 #[derive(Debug)]
 struct Nodes {
     nodes: IdMap<Node>,
-    children: HashMap<(u64, OsString), u64>,
+    /// Per parent node, its children by name. Nested so that a name is found by `&OsStr`
+    /// without building an owned key, and hashed (SipHash: the names come from the sandbox and
+    /// the host) without the parent id.
+    children: IdMap<HashMap<Arc<OsStr>, u64>>,
     next: u64,
 }
 
@@ -107,7 +127,7 @@ impl Nodes {
             INodeNo::ROOT.0,
             Node {
                 parent: DETACHED,
-                name: OsString::new(),
+                name: Arc::from(OsStr::new("")),
                 lookups: 1,
                 kind: FileType::Directory,
                 watched: false,
@@ -116,7 +136,7 @@ impl Nodes {
         );
         Nodes {
             nodes,
-            children: HashMap::new(),
+            children: IdMap::default(),
             next: INodeNo::ROOT.0 + 1,
         }
     }
@@ -130,7 +150,7 @@ impl Nodes {
             if node.parent == DETACHED || names.len() > 4096 {
                 return None;
             }
-            names.push(node.name.as_os_str());
+            names.push(&*node.name);
             current = node.parent;
         }
         Some(names.iter().rev().collect())
@@ -138,11 +158,11 @@ impl Nodes {
 
     /// The node for `parent/name` after a successful lookup; a new id when the kind changed.
     fn remember(&mut self, parent: u64, name: &OsStr, kind: FileType) -> u64 {
-        // One hash of the name, whether it is known or new.
         let ino = self.next;
-        match self.children.entry((parent, name.to_owned())) {
-            Entry::Occupied(mut slot) => {
-                let known = *slot.get();
+        let dir = self.children.entry(parent).or_default();
+        // One hash of the name when it is known; a new name is hashed again to insert it.
+        let name = match dir.get_key_value(name) {
+            Some((key, &known)) => {
                 if let Some(node) = self.nodes.get_mut(&known) {
                     if node.kind == kind {
                         node.lookups += 1;
@@ -151,18 +171,22 @@ impl Nodes {
                     // Replaced by another kind: the old node is detached, the name gets a new id.
                     node.parent = DETACHED;
                 }
-                slot.insert(ino);
+                let key = key.clone();
+                dir.insert(key.clone(), ino);
+                key
             }
-            Entry::Vacant(slot) => {
-                slot.insert(ino);
+            None => {
+                let key: Arc<OsStr> = Arc::from(name);
+                dir.insert(key.clone(), ino);
+                key
             }
-        }
+        };
         self.next += 1;
         self.nodes.insert(
             ino,
             Node {
                 parent,
-                name: name.to_owned(),
+                name,
                 lookups: 1,
                 kind,
                 watched: false,
@@ -173,15 +197,40 @@ impl Nodes {
     }
 
     fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
-        self.children.get(&(parent, name.to_owned())).copied()
+        self.children.get(&parent)?.get(name).copied()
+    }
+
+    /// Removes `parent/name` from the children table; returns the node it named.
+    fn unlink(&mut self, parent: u64, name: &OsStr) -> Option<u64> {
+        let dir = self.children.get_mut(&parent)?;
+        let ino = dir.remove(name);
+        if dir.is_empty() {
+            self.children.remove(&parent);
+        }
+        ino
+    }
+
+    /// Names node `ino` `parent/name` (in the children table and in the node).
+    fn link(&mut self, parent: u64, name: &OsStr, ino: u64) {
+        let name: Arc<OsStr> = Arc::from(name);
+        self.children
+            .entry(parent)
+            .or_default()
+            .insert(name.clone(), ino);
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.parent = parent;
+            node.name = name;
+        }
     }
 
     fn detach(&mut self, ino: u64) {
-        if let Some(node) = self.nodes.get_mut(&ino) {
-            if node.parent != DETACHED {
-                self.children.remove(&(node.parent, node.name.clone()));
-                node.parent = DETACHED;
-            }
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        if node.parent != DETACHED {
+            let (parent, name) = (node.parent, node.name.clone());
+            node.parent = DETACHED;
+            self.unlink(parent, &name);
         }
     }
 
@@ -211,29 +260,17 @@ impl Nodes {
 
     /// Records a rename that succeeded on disk.
     fn renamed(&mut self, from: (u64, &OsStr), to: (u64, &OsStr), exchange: bool) {
-        let moving = self.child(from.0, from.1);
-        let target = self.child(to.0, to.1);
+        let moving = self.unlink(from.0, from.1);
+        let target = self.unlink(to.0, to.1);
         if let Some(ino) = target {
-            self.children.remove(&(to.0, to.1.to_owned()));
             if exchange {
-                if let Some(node) = self.nodes.get_mut(&ino) {
-                    node.parent = from.0;
-                    node.name = from.1.to_owned();
-                }
+                self.link(from.0, from.1, ino);
             } else if let Some(node) = self.nodes.get_mut(&ino) {
                 node.parent = DETACHED;
             }
         }
         if let Some(ino) = moving {
-            self.children.remove(&(from.0, from.1.to_owned()));
-            if let Some(node) = self.nodes.get_mut(&ino) {
-                node.parent = to.0;
-                node.name = to.1.to_owned();
-            }
-            self.children.insert((to.0, to.1.to_owned()), ino);
-        }
-        if let (true, Some(ino)) = (exchange, target) {
-            self.children.insert((from.0, from.1.to_owned()), ino);
+            self.link(to.0, to.1, ino);
         }
     }
 }
@@ -1009,6 +1046,8 @@ impl Server {
             op::UTIMENS
         };
         self.check(&loc, operation, Need::Write)?;
+        // What the file was before an owner change (whose set-id bits it may have to lose).
+        let mut before = None;
         if owner {
             // The server writes as the host program; ownership stays the host's.
             let st = self.source.lstat(&loc.rel).map_err(errno)?;
@@ -1018,12 +1057,29 @@ impl Server {
             {
                 return Err(Errno::EPERM);
             }
+            before = Some(st);
         }
+        // The open file a truncation names (it must exist); otherwise any handle passed along.
+        let file = match fh {
+            Some(fh) if size.is_some() => Some(self.file(fh)?),
+            Some(fh) => self.file(fh).ok(),
+            None => None,
+        };
         if let Some(size) = size {
-            match fh.map(|fh| self.file(fh)).transpose()? {
+            match &file {
                 Some(file) => rustix::fs::ftruncate(&file.fd, size).map_err(errno)?,
                 None => self.source.truncate(&loc.rel, size).map_err(errno)?,
             }
+        }
+        if clears_set_id(owner, size, mode, atime.is_some() || mtime.is_some())
+            && before
+                .as_ref()
+                .is_none_or(|st| set_id_cleared(st).is_some())
+        {
+            match &file {
+                Some(file) => clear_set_id_of(&file.fd).map_err(errno)?,
+                None => self.source.clear_set_id(&loc.rel).map_err(errno)?,
+            };
         }
         if let Some(mode) = mode {
             self.source.chmod(&loc.rel, mode).map_err(errno)?;
@@ -1170,12 +1226,16 @@ impl Filesystem for Server {
         // Lookups in one directory may run in parallel (the server's tables are locked), and
         // `open(O_TRUNC)` arrives as one request (decided as a write) instead of open + setattr.
         // With READDIRPLUS (adaptive) a listing carries each entry's attributes, so `ls -l`,
-        // `find` or `git status` do not look every entry up again.
+        // `find` or `git status` do not look every entry up again. With HANDLE_KILLPRIV_V2 the
+        // server clears set-id bits on writes, truncations and changes of owner itself (see
+        // `clear_set_id`), so the kernel no longer fetches the mode (a `GETATTR`) before every
+        // `chown` (one round trip per file of an unpack as root).
         for wanted in [
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ] {
             if config.capabilities().contains(wanted) {
                 let _ = config.add_capabilities(wanted);
@@ -1436,6 +1496,12 @@ impl Filesystem for Server {
             self.check(&loc, op::OPEN, need)?;
             let fd = self.source.open_file(&loc.rel, flags.0).map_err(errno)?;
             if writes {
+                if flags.0 & libc::O_TRUNC != 0 {
+                    // The kernel asks for this (`FUSE_OPEN_KILL_SUIDGID`) for every caller without
+                    // `CAP_FSETID`, which a sandboxed process never has; the server's own
+                    // truncation (with the host program's credentials) kept the bits.
+                    clear_set_id_of(&fd).map_err(errno)?;
+                }
                 self.audit(&loc.path(), op::WRITE, None);
             }
             Ok(fd)
@@ -1485,7 +1551,7 @@ impl Filesystem for Server {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
@@ -1493,6 +1559,11 @@ impl Filesystem for Server {
         // Only files opened for writing (decided rw at open) hold a writable fd.
         let result = (|| {
             let file = self.file(fh)?;
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                // The writer has no `CAP_FSETID`; the server's own `pwrite` (with the host
+                // program's credentials) would keep the bits.
+                clear_set_id_of(&file.fd).map_err(errno)?;
+            }
             let mut written = 0;
             while written < data.len() {
                 let n = rustix::io::pwrite(&file.fd, &data[written..], offset + written as u64)
@@ -1768,7 +1839,13 @@ impl Filesystem for Server {
                 .create(&dir.rel, name, flags, mode & !umask)
                 .map_err(errno)?;
             self.audit(&loc.path(), op::CREATE, None);
-            let st = rustix::fs::fstat(&fd).map_err(errno)?;
+            let mut st = rustix::fs::fstat(&fd).map_err(errno)?;
+            if flags & libc::O_TRUNC != 0 && set_id_cleared(&st).is_some() {
+                // An existing file opened with `O_TRUNC` (a new one never has set-id bits): as
+                // in `open`.
+                clear_set_id_of(&fd).map_err(errno)?;
+                st = rustix::fs::fstat(&fd).map_err(errno)?;
+            }
             Ok((self.entry(parent, name, &st), fd))
         })();
         match result {
@@ -1852,6 +1929,29 @@ fn reply_empty(result: Result<(), Errno>, reply: ReplyEmpty) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn setattrs_that_clear_set_id_bits() {
+        let now = true;
+        // (what, owner, size, mode, times, clears)
+        type Case = (&'static str, bool, Option<u64>, Option<u32>, bool, bool);
+        let cases: &[Case] = &[
+            ("chown", true, None, None, false, true),
+            ("truncate", false, Some(0), None, false, true),
+            ("ftruncate", false, Some(7), None, false, true),
+            // a SETATTR that changes nothing: file_remove_privs, chown(-1, -1)
+            ("nothing", false, None, None, false, true),
+            ("chmod", false, None, Some(0o755), false, false),
+            ("utimens", false, None, None, now, false),
+        ];
+        for (what, owner, size, mode, times, clears) in cases {
+            assert_eq!(
+                clears_set_id(*owner, *size, *mode, *times),
+                *clears,
+                "{what}"
+            );
+        }
+    }
 
     #[test]
     fn node_paths_follow_renames() {

@@ -345,6 +345,87 @@ fn docs_are_readable_but_not_writable_creatable_deletable_or_renamable() {
     assert_eq!(names, ["guide.md"]);
 }
 
+/// What the sandbox does to a file in [`set_id_bits_are_cleared_as_on_a_plain_mount`]: a name
+/// and a shell command on `F`.
+const SET_ID_CHANGES: &[(&str, &str)] = &[
+    // a small file: its writes go through the server
+    ("write", "printf x >> F"),
+    // a file of 2 MiB: written through kernel passthrough where available
+    ("big-write", "printf x >> F"),
+    ("truncate", "truncate -s 1 F"),
+    ("open-trunc", ": > F"),
+    ("chown", "chown 0:0 F"),
+    // `chown(F, -1, -1)`: no owner named; Linux clears set-user-id all the same
+    ("chown-nothing", "chown : F"),
+    ("fallocate", "fallocate -l 8192 F"),
+    // nothing that clears: the bits stay (a `chmod` through the server always drops them: the
+    // sandbox may not set set-id bits, see `fs::ops`)
+    ("read", "cat F > /dev/null"),
+    ("utimes", "touch F"),
+];
+
+/// Modes the files of [`set_id_bits_are_cleared_as_on_a_plain_mount`] start with.
+const SET_ID_MODES: &[u32] = &[0o4755, 0o2755, 0o6755, 0o2745, 0o4644, 0o755];
+
+#[test]
+fn set_id_bits_are_cleared_as_on_a_plain_mount() {
+    // The server clears set-user-id and set-group-id bits itself (FUSE_HANDLE_KILLPRIV_V2): a
+    // host set-uid file the sandbox writes, truncates or chowns must lose them exactly as it
+    // would on the source itself (here: the plain bind mount /other).
+    let name = |change: &str, mode: u32| format!("{change}-{mode:o}");
+    let seed = |dir: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        for (change, _) in SET_ID_CHANGES {
+            for mode in SET_ID_MODES {
+                let path = dir.join(name(change, *mode));
+                let size = if *change == "big-write" { 2 << 20 } else { 4 };
+                std::fs::write(&path, vec![b'a'; size]).expect("seed");
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(*mode))
+                    .expect("seed");
+            }
+        }
+    };
+    let Some(f) = start_fuse("fuse-setid", &[("/workspace/**", FsAccess::Rw)], seed) else {
+        return;
+    };
+    seed(f.other.path());
+    let mut script = String::from("set -e");
+    for root in ["/workspace", "/other"] {
+        for (change, command) in SET_ID_CHANGES {
+            for mode in SET_ID_MODES {
+                let path = format!("{root}/{}", name(change, *mode));
+                script.push_str("; ");
+                script.push_str(&command.replace('F', &path));
+            }
+        }
+    }
+    let (code, out) = sh(f.host(), &script);
+    assert_eq!(code, 0, "{out}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode_of =
+        |path: &Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777;
+    let mut differ = Vec::new();
+    for (change, _) in SET_ID_CHANGES {
+        for mode in SET_ID_MODES {
+            let file = name(change, *mode);
+            let (fuse, plain) = (mode_of(&f.s(&file)), mode_of(&f.other.path().join(&file)));
+            if fuse != plain {
+                differ.push(format!("{file}: FUSE {fuse:o}, plain {plain:o}"));
+            }
+        }
+    }
+    assert_eq!(differ, Vec::<String>::new());
+    // the plain mount did clear (the sandbox holds no CAP_FSETID), so the comparison means something
+    let plain = |file: &str| mode_of(&f.other.path().join(file));
+    assert_eq!(plain("write-4755"), 0o755);
+    assert_eq!(plain("big-write-6755"), 0o755);
+    assert_eq!(plain("truncate-2755"), 0o755);
+    assert_eq!(plain("chown-4644"), 0o644);
+    assert_eq!(plain("chown-nothing-4755"), 0o755);
+    assert_eq!(plain("write-2745"), 0o2745);
+    assert_eq!(plain("read-4755"), 0o4755);
+}
+
 #[test]
 fn everything_else_is_writable_lands_in_the_source_and_outlives_the_sandbox() {
     let Some(mut f) = start_fuse("fuse-rw", ISSUE_ACLS, seed_issue_tree) else {
