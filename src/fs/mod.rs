@@ -182,6 +182,12 @@ impl FsHandle {
         self.passthrough.load(Ordering::Relaxed)
     }
 
+    /// How many `WRITE` requests the server has served; writes through kernel passthrough are
+    /// not among them.
+    pub fn served_writes(&self) -> u64 {
+        self.shared.served_writes()
+    }
+
     /// Whether the kernel caches entries and attributes long (changes are reported to it).
     pub fn long_cache(&self) -> bool {
         self.shared.long()

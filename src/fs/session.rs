@@ -372,6 +372,8 @@ pub(crate) struct Shared {
     /// Kept fds of watched source directories.
     dirs: DirFds,
     events: Arc<dyn EventSink>,
+    /// `WRITE` requests served (writes through kernel passthrough never reach the server).
+    served_writes: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -381,6 +383,11 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// How many `WRITE` requests the server has served.
+    pub(crate) fn served_writes(&self) -> u64 {
+        self.served_writes.load(Ordering::Relaxed)
+    }
+
     /// Puts new rules in force: every request from now on is decided by `acl`, and the kernel
     /// forgets every entry it cached (they are looked up, and so decided, again).
     pub(crate) fn reconfigure(&self, acl: Acl, audit: bool) {
@@ -640,6 +647,7 @@ impl Server {
                 listings: Listings::default(),
                 dirs: DirFds::default(),
                 events: events.clone(),
+                served_writes: AtomicU64::new(0),
             }),
             source,
             events,
@@ -1014,8 +1022,15 @@ impl Server {
         }
     }
 
-    fn reply_open(&self, ino: INodeNo, fd: OwnedFd, reply: ReplyOpen) {
+    /// Answers an open; `rewrite`: opened for writing with `O_TRUNC`, so (like a created file)
+    /// about to be written from empty, and passthrough whatever size it will reach.
+    fn reply_open(&self, ino: INodeNo, fd: OwnedFd, rewrite: bool, reply: ReplyOpen) {
         let size = rustix::fs::fstat(&fd).map_or(0, |st| st.st_size as u64);
+        let size = if rewrite {
+            size.max(PASSTHROUGH_MIN_SIZE)
+        } else {
+            size
+        };
         let backing = self.open_mode(ino.0, size, &fd, |fd| reply.open_backing(fd));
         let fh = self.open_handle(ino.0, fd, backing.clone());
         match backing {
@@ -1507,7 +1522,11 @@ impl Filesystem for Server {
             Ok(fd)
         })();
         match result {
-            Ok(fd) => self.reply_open(ino, fd, reply),
+            Ok(fd) => {
+                let rewrite =
+                    flags.0 & libc::O_TRUNC != 0 && flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+                self.reply_open(ino, fd, rewrite, reply)
+            }
             Err(err) => reply.error(err),
         }
     }
@@ -1556,6 +1575,7 @@ impl Filesystem for Server {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.shared.served_writes.fetch_add(1, Ordering::Relaxed);
         // Only files opened for writing (decided rw at open) hold a writable fd.
         let result = (|| {
             let file = self.file(fh)?;

@@ -917,6 +917,53 @@ fn files_show_the_presented_owner_and_chown_stays_refused() {
 }
 
 #[test]
+fn a_file_rewritten_with_o_trunc_is_written_through_passthrough() {
+    // Truncated at open, the file is empty when the server picks its I/O mode, like a created
+    // one: it must still get passthrough, or every write of the rewrite is a round trip.
+    let Some(m) = Mounted::new(None, false, true, |src| {
+        fs::write(src.join("small"), b"s").expect("seed");
+        fs::write(src.join("big"), vec![1u8; 2 << 20]).expect("seed");
+    }) else {
+        return;
+    };
+    if !m.handle().passthrough() {
+        eprintln!("skipped: the kernel gives no FUSE passthrough here");
+        return;
+    }
+    for name in ["small", "big"] {
+        let before = m.handle().served_writes();
+        let mut f = fs::File::create(m.t(name)).expect("open with O_TRUNC");
+        for _ in 0..8 {
+            f.write_all(&[7u8; 64 << 10]).expect("write");
+        }
+        drop(f);
+        assert_eq!(
+            m.handle().served_writes(),
+            before,
+            "{name}: no write reached the server"
+        );
+        assert_eq!(
+            fs::read(m.s(name)).expect("source"),
+            vec![7u8; 8 << 16],
+            "{name}"
+        );
+    }
+    // An open that only writes into the file (no O_TRUNC) keeps the size rule: a small file
+    // is served.
+    let before = m.handle().served_writes();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(m.t("small"))
+        .expect("open");
+    f.write_all(b"x").expect("write");
+    drop(f);
+    assert!(
+        m.handle().served_writes() > before,
+        "a write into a small file is served"
+    );
+}
+
+#[test]
 fn passthrough_and_served_opens_of_one_file_never_conflict() {
     // The kernel answers EIO to an open whose I/O mode (passthrough or served) differs from the
     // inode's other open files; the server must keep one mode per inode.
