@@ -6,6 +6,7 @@
 // time per request, and its RSS before, at the peak of and 30 s after the c1000 run.
 //
 //   node benches/proxy.mjs [seconds-per-scenario] [name filter]   (build the addon first: npm run build)
+//   BENCH_ROUNDS=3 node benches/proxy.mjs    (each scenario 3 times; the median round is shown)
 //
 // Tools: `oha` from PATH or ~/.cache/hive-bench/bin, else installed there from crates.io
 // (`cargo install oha --locked`, minutes on 2 cores); nginx from PATH or /usr/sbin, else
@@ -24,6 +25,9 @@ const MIB = 1024 * 1024
 const SECONDS = Number(process.argv[2] ?? process.env.BENCH_SECONDS ?? 5)
 const ONLY = process.argv[3]
 const SETTLE_SECONDS = 30
+// Rounds per scenario (direct, then via, alternately); the round with the median ratio is shown,
+// with the range of the ratios. This machine's load moves single runs a lot.
+const ROUNDS = Math.max(1, Math.floor(Number(process.env.BENCH_ROUNDS ?? 1)) || 1)
 const CACHE = join(homedir(), '.cache', 'hive-bench')
 
 // ---------------------------------------------------------------------------------------------
@@ -284,15 +288,23 @@ async function measure({ ohaBin, ports, ca }) {
     const load = os.loadavg()[0]
     try {
       const directUrl = target.replace(PASS_HOST, HOST)
-      const d = await oha(ohaBin, ['-c', String(conns), ...direct(scheme), ...extra, directUrl])
-      if (c1000) memory.before = rssMib()
-      const v = await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target], options?.stream && sandbox)
-      if (c1000) {
-        memory.peak = v.peak
-        await sleep(SETTLE_SECONDS * 1000)
-        memory.after = rssMib()
+      const runs = []
+      for (let round = 0; round < ROUNDS; round++) {
+        const d = await oha(ohaBin, ['-c', String(conns), ...direct(scheme), ...extra, directUrl])
+        // The memory columns: around the first c1000 round, before any other c1000 load.
+        const first = c1000 && round === 0
+        if (first) memory.before = rssMib()
+        const v = await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target], options?.stream && sandbox)
+        if (first) {
+          memory.peak = v.peak
+          await sleep(SETTLE_SECONDS * 1000)
+          memory.after = rssMib()
+        }
+        runs.push({ d, v, ratio: v.rps / d.rps })
       }
-      rows.push({ name, d, v, load })
+      runs.sort((a, b) => a.ratio - b.ratio)
+      const { d, v } = runs[Math.floor(runs.length / 2)]
+      rows.push({ name, d, v, load, range: [runs[0].ratio, runs[runs.length - 1].ratio] })
     } catch (e) {
       rows.push({ name, failed: e.message, load })
     }
@@ -304,11 +316,12 @@ async function measure({ ohaBin, ports, ca }) {
     `oha ${execFileSync(ohaBin, ['--version']).toString().trim().split(' ').pop()} (own process) against nginx ` +
       `(TLS sessions not resumed by nginx), loopback, ${SECONDS} s per measurement, ${os.cpus().length} cores, ` +
       `load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}; "via" = through sandbox.proxy(); ` +
+      (ROUNDS > 1 ? `${ROUNDS} rounds per scenario, the median round shown (ratio range in brackets); ` : '') +
       `CPU = hive process CPU time / requests through it.\n`,
   )
   console.log('| scenario | load 1m | direct req/s | via req/s | ratio | direct p50/p99 ms | via p50/p99 ms | via errors | CPU µs/req | direct MiB/s | via MiB/s |')
   console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
-  for (const { name, d, v, load, failed } of rows) {
+  for (const { name, d, v, load, failed, range } of rows) {
     if (failed) {
       console.log(`| ${name} | ${f(load, 2)} | failed: ${failed.replace(/\|/g, '/')} | | | | | | | | |`)
       continue
@@ -316,7 +329,7 @@ async function measure({ ohaBin, ports, ca }) {
     const errs =
       (v.errors + d.errors > 0 ? `${v.errors} (direct ${d.errors}) ${v.errorKinds}` : '0') + (v.note ? ` (${v.note})` : '')
     console.log(
-      `| ${name} | ${f(load, 2)} | ${f(d.rps)} | ${f(v.rps)} | ${f(v.rps / d.rps, 2)}× | ${f(d.p50, 2)}/${f(d.p99, 2)} | ${f(v.p50, 2)}/${f(v.p99, 2)} | ${errs} | ${f(v.cpuUs, 1)} | ${f(d.mibs, 1)} | ${f(v.mibs, 1)} |`,
+      `| ${name} | ${f(load, 2)} | ${f(d.rps)} | ${f(v.rps)} | ${f(v.rps / d.rps, 2)}×${ROUNDS > 1 ? ` (${f(range[0], 2)}–${f(range[1], 2)})` : ''} | ${f(d.p50, 2)}/${f(d.p99, 2)} | ${f(v.p50, 2)}/${f(v.p99, 2)} | ${errs} | ${f(v.cpuUs, 1)} | ${f(d.mibs, 1)} | ${f(v.mibs, 1)} |`,
     )
   }
   if (memory.before !== undefined) {
