@@ -7,6 +7,8 @@
 //
 //   node benches/proxy.mjs [seconds-per-scenario] [name filter]   (build the addon first: npm run build)
 //   BENCH_ROUNDS=3 node benches/proxy.mjs    (each scenario 3 times; the median round is shown)
+//   BENCH_PERF=/tmp/perf node benches/proxy.mjs 5 c256   (`perf record -g` of hive's process during
+//   each "via" run, one file per scenario and round; build with `--profile profiling` for symbols)
 //
 // Tools: `oha` from PATH or ~/.cache/hive-bench/bin, else installed there from crates.io
 // (`cargo install oha --locked`, minutes on 2 cores); nginx from PATH or /usr/sbin, else
@@ -187,8 +189,22 @@ function streamEvents(sandbox) {
   }
 }
 
+/** Starts `perf record` of this process when BENCH_PERF names a folder; returns its stopper. */
+async function startPerf(label) {
+  const dir = process.env.BENCH_PERF
+  if (!dir) return async () => {}
+  const out = join(dir, `${label.replace(/[^a-z0-9]+/gi, '-')}.data`)
+  const perf = spawn('perf', ['record', '-q', '-F', '1999', '-g', '-p', String(process.pid), '-o', out], { stdio: 'ignore' })
+  await sleep(300)
+  return () => new Promise((resolve) => {
+    perf.once('exit', resolve)
+    perf.kill('SIGINT')
+  })
+}
+
 /** Runs oha through the proxy, with this process's CPU time and RSS peak over the run. */
-async function viaProxy(bin, args, streamFrom) {
+async function viaProxy(bin, args, streamFrom, label) {
+  const stopPerf = await startPerf(label)
   const cpu = process.cpuUsage()
   let peak = rssMib()
   const sampler = setInterval(() => (peak = Math.max(peak, rssMib())), 100)
@@ -205,6 +221,7 @@ async function viaProxy(bin, args, streamFrom) {
     return { ...r, cpuUs: (used.user + used.system) / Math.max(1, r.requests), peak: Math.max(peak, rssMib()) }
   } finally {
     clearInterval(sampler)
+    await stopPerf()
   }
 }
 
@@ -294,7 +311,7 @@ async function measure({ ohaBin, ports, ca }) {
         // The memory columns: around the first c1000 round, before any other c1000 load.
         const first = c1000 && round === 0
         if (first) memory.before = rssMib()
-        const v = await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target], options?.stream && sandbox)
+        const v = await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target], options?.stream && sandbox, `${name} ${round}`)
         if (first) {
           memory.peak = v.peak
           await sleep(SETTLE_SECONDS * 1000)
