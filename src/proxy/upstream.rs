@@ -55,6 +55,69 @@ type Pins = moka::sync::Cache<(String, u16), Arc<[SocketAddr]>>;
 /// An upstream connection of the lean path.
 pub type LeanStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
 
+/// Idle connections of the lean path, per target, newest last. Each closes after
+/// [`POOL_IDLE_TIMEOUT`] unused: a sweeper runs while any is kept (as hyper's pool does), so a
+/// burst's connections do not stay open, and in memory, after the burst.
+#[derive(Default)]
+pub struct LeanPool {
+    idle: Mutex<std::collections::HashMap<LeanKey, Vec<(std::time::Instant, LeanStream)>>>,
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+impl LeanPool {
+    fn take(&self, key: &LeanKey) -> Option<LeanStream> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(key)?;
+        let now = std::time::Instant::now();
+        while let Some((since, stream)) = list.pop() {
+            if now.duration_since(since) < POOL_IDLE_TIMEOUT {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn put(pool: &Arc<LeanPool>, key: LeanKey, stream: LeanStream) {
+        {
+            let mut idle = pool.idle.lock();
+            let list = idle.entry(key).or_default();
+            if list.len() >= POOL_MAX_IDLE_PER_HOST {
+                return;
+            }
+            list.push((std::time::Instant::now(), stream));
+        }
+        if !pool.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let weak = Arc::downgrade(pool);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(POOL_IDLE_TIMEOUT / 4).await;
+                    let Some(pool) = weak.upgrade() else { return };
+                    if pool.sweep() == 0 {
+                        pool.sweeping.store(false, std::sync::atomic::Ordering::Release);
+                        // A put since the count: it saw `sweeping` set and spawned nothing.
+                        if pool.idle.lock().values().all(Vec::is_empty)
+                            || pool.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel)
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Closes expired connections; returns how many are left.
+    fn sweep(&self) -> usize {
+        let now = std::time::Instant::now();
+        let mut idle = self.idle.lock();
+        idle.retain(|_, list| {
+            list.retain(|(since, _)| now.duration_since(*since) < POOL_IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+        idle.values().map(Vec::len).sum()
+    }
+}
+
 /// The target a lean connection is kept for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LeanKey {
@@ -96,8 +159,8 @@ pub struct UpstreamClient {
     client: Client<Connector, ProxyBody>,
     /// HTTP/1.1 only, for the lean path's own connections ([`super::lean`]).
     h1_connector: Connector,
-    /// Idle connections of the lean path, per target, newest last.
-    lean_idle: Mutex<std::collections::HashMap<LeanKey, Vec<(std::time::Instant, LeanStream)>>>,
+    /// Idle connections of the lean path ([`super::lean`]).
+    lean_idle: Arc<LeanPool>,
     /// HTTP/1.1 only, for `Upgrade` requests (WebSocket over h2 needs extended CONNECT).
     h1_client: Client<Connector, ProxyBody>,
     pins: Pins,
@@ -141,7 +204,7 @@ impl UpstreamClient {
             client: builder.build(TimeoutConnector(both, upstream.connect_timeout)),
             h1_client: builder.build(h1_connector.clone()),
             h1_connector,
-            lean_idle: Mutex::default(),
+            lean_idle: Arc::default(),
             pins,
             dns,
         })
@@ -168,26 +231,12 @@ impl UpstreamClient {
 
     /// The newest idle lean connection to `key` that has not expired.
     pub fn lean_take(&self, key: &LeanKey) -> Option<LeanStream> {
-        let mut idle = self.lean_idle.lock();
-        let list = idle.get_mut(key)?;
-        let now = std::time::Instant::now();
-        while let Some((since, stream)) = list.pop() {
-            if now.duration_since(since) < POOL_IDLE_TIMEOUT {
-                return Some(stream);
-            }
-        }
-        None
+        self.lean_idle.take(key)
     }
 
-    /// Keeps an idle lean connection for the next request to `key` (expired ones are dropped).
+    /// Keeps an idle lean connection for the next request to `key`.
     pub fn lean_put(&self, key: LeanKey, stream: LeanStream) {
-        let mut idle = self.lean_idle.lock();
-        let now = std::time::Instant::now();
-        let list = idle.entry(key).or_default();
-        list.retain(|(since, _)| now.duration_since(*since) < POOL_IDLE_TIMEOUT);
-        if list.len() < POOL_MAX_IDLE_PER_HOST {
-            list.push((now, stream));
-        }
+        LeanPool::put(&self.lean_idle, key, stream);
     }
 
     /// Pins the checked addresses of host:port for the next connects.
