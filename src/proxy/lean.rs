@@ -285,7 +285,10 @@ fn lean_target(conn: &Conn, tunnel: Option<&Tunnel>, head: &Head) -> Option<Targ
             })
         }
         Some(tunnel) => {
-            if !head.target.starts_with('/') {
+            // Origin-form only, and a target hyper would have parsed (else its `400`).
+            if !head.target.starts_with('/')
+                || http::uri::PathAndQuery::try_from(head.target.as_str()).is_err()
+            {
                 return None;
             }
             let mut hosts = head.headers.get_all(header::HOST).iter();
@@ -683,8 +686,16 @@ where
         .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     headers::strip_hop_by_hop(&mut up.headers, false);
     let close = client_close || matches!(framing, Framing::Close);
-    if matches!(framing, Framing::Chunked | Framing::Close) {
-        up.headers.remove(header::CONTENT_LENGTH);
+    match framing {
+        Framing::Chunked | Framing::Close => {
+            up.headers.remove(header::CONTENT_LENGTH);
+        }
+        // One value, however the upstream repeated it.
+        Framing::Length(n) => {
+            up.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        Framing::None => {}
     }
     exchange.set_status(up.status.as_u16());
 
@@ -907,5 +918,115 @@ async fn answer<I: AsyncWrite + Unpin>(
 fn give_back(kept: Option<Kept>) {
     if let Some(k) = kept {
         k.client.lean_put(k.key, k.stream);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Option<Head> {
+        parse_request(text.as_bytes()).map(|(h, len)| {
+            assert_eq!(len, text.len());
+            h
+        })
+    }
+
+    #[test]
+    fn only_bodyless_safe_requests_with_plain_framing_are_lean() {
+        let lean = |t: &str| head(t).is_some();
+        assert!(lean("GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n"));
+        assert!(lean("HEAD / HTTP/1.1\r\nHost: a.test\r\n\r\n"));
+        assert!(lean("OPTIONS / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"));
+        assert!(
+            head("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n")
+                .unwrap()
+                .close
+        );
+        // a body, or any framing to interpret: hyper decides
+        assert!(!lean("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!lean("GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
+        assert!(!lean(
+            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!lean(
+            "GET / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(!lean(
+            "GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+        ));
+        assert!(!lean(
+            "GET / HTTP/1.1\r\nConnection: keep-alive, x-drop\r\n\r\n"
+        ));
+        assert!(!lean("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"));
+        assert!(!lean("GET / HTTP/1.1\r\nTE: trailers\r\n\r\n"));
+        assert!(!lean("GET / HTTP/1.0\r\n\r\n"));
+        assert!(!lean("DELETE / HTTP/1.1\r\n\r\n"));
+        assert!(!lean("CONNECT a.test:443 HTTP/1.1\r\n\r\n"));
+        assert!(!lean("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"));
+        assert!(!lean("GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n"));
+    }
+
+    #[test]
+    fn response_framing_is_read_strictly() {
+        let framing = |status: u16, is_head: bool, pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            match response_framing(StatusCode::from_u16(status).unwrap(), is_head, &h) {
+                None => "invalid".to_string(),
+                Some(Framing::None) => "none".to_string(),
+                Some(Framing::Length(n)) => format!("length {n}"),
+                Some(Framing::Chunked) => "chunked".to_string(),
+                Some(Framing::Close) => "close".to_string(),
+            }
+        };
+        assert_eq!(
+            framing(200, false, &[("content-length", "12")]),
+            "length 12"
+        );
+        assert_eq!(
+            framing(200, false, &[("content-length", "3, 3")]),
+            "length 3"
+        );
+        assert_eq!(
+            framing(
+                200,
+                false,
+                &[("content-length", "3"), ("content-length", "4")]
+            ),
+            "invalid"
+        );
+        assert_eq!(framing(200, false, &[("content-length", "+3")]), "invalid");
+        assert_eq!(framing(200, false, &[("content-length", "-1")]), "invalid");
+        // Transfer-Encoding wins over Content-Length; a final coding other than chunked reads
+        // to the end of the connection
+        assert_eq!(
+            framing(
+                200,
+                false,
+                &[("transfer-encoding", "chunked"), ("content-length", "3")]
+            ),
+            "chunked"
+        );
+        assert_eq!(
+            framing(200, false, &[("transfer-encoding", "gzip, chunked")]),
+            "chunked"
+        );
+        assert_eq!(
+            framing(200, false, &[("transfer-encoding", "chunked, gzip")]),
+            "close"
+        );
+        assert_eq!(framing(200, false, &[]), "close");
+        assert_eq!(framing(200, true, &[("content-length", "12")]), "none");
+        assert_eq!(framing(204, false, &[("content-length", "12")]), "none");
+        assert_eq!(
+            framing(304, false, &[("transfer-encoding", "chunked")]),
+            "none"
+        );
     }
 }

@@ -86,17 +86,23 @@ impl LeanPool {
             }
             list.push((std::time::Instant::now(), stream));
         }
-        if !pool.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if !pool
+            .sweeping
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             let weak = Arc::downgrade(pool);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(POOL_IDLE_TIMEOUT / 4).await;
                     let Some(pool) = weak.upgrade() else { return };
                     if pool.sweep() == 0 {
-                        pool.sweeping.store(false, std::sync::atomic::Ordering::Release);
+                        pool.sweeping
+                            .store(false, std::sync::atomic::Ordering::Release);
                         // A put since the count: it saw `sweeping` set and spawned nothing.
                         if pool.idle.lock().values().all(Vec::is_empty)
-                            || pool.sweeping.swap(true, std::sync::atomic::Ordering::AcqRel)
+                            || pool
+                                .sweeping
+                                .swap(true, std::sync::atomic::Ordering::AcqRel)
                         {
                             return;
                         }
