@@ -85,6 +85,11 @@ where
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
     let mut draining = std::pin::pin!(conn.ctl.reached(super::listener::Phase::Draining));
     loop {
+        // No new request once the listener is closing (hyper's graceful shutdown does the same).
+        if conn.ctl.is_closed() {
+            give_back(kept);
+            return Served::Done;
+        }
         // The next head: wait for it, unless the listener is closing.
         match read_head(&mut io, &mut buf, &mut draining).await {
             HeadRead::Complete => {}
@@ -101,7 +106,7 @@ where
             break;
         };
         let compiled = conn.engine.cell.load_full();
-        if !compiled.secrets.is_empty() || conn.ctl.is_closed() {
+        if !compiled.secrets.is_empty() {
             break;
         }
         if !plainly_allowed(&compiled.policy, &head, &target) {
@@ -164,8 +169,9 @@ where
             // Idle between requests: the socket's idle timeout applies; a closing listener ends
             // the connection here (hyper's graceful shutdown does the same).
             None => tokio::select! {
-                read = io.read_buf(buf) => read,
+                biased;
                 _ = draining.as_mut() => return HeadRead::Closed,
+                read = io.read_buf(buf) => read,
             },
             // A head has begun: it must be complete within the header timeout.
             Some(at) => match tokio::time::timeout_at(at, io.read_buf(buf)).await {
@@ -756,7 +762,7 @@ async fn fill(up: &mut Upstream) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Most body bytes gathered before they are written to the client.
+/// Most chunked body bytes gathered before they are written to the client.
 const FLUSH_AT: usize = 64 * 1024;
 
 async fn copy_length<I: AsyncWrite + Unpin>(
@@ -766,21 +772,23 @@ async fn copy_length<I: AsyncWrite + Unpin>(
     exchange: &Exchange,
     out: &mut Vec<u8>,
 ) -> std::io::Result<bool> {
-    loop {
+    // The head and what already arrived go out in one write (the whole answer, mostly).
+    let take = (up.rest.len() as u64).min(left) as usize;
+    out.extend_from_slice(&up.rest[..take]);
+    up.rest.advance(take);
+    exchange.add_in(take as u64);
+    left -= take as u64;
+    write_all(io, out).await?;
+    // A long body: read into the buffer and write from it, no copy.
+    while left > 0 {
+        fill_large(up).await?;
         let take = (up.rest.len() as u64).min(left) as usize;
-        out.extend_from_slice(&up.rest[..take]);
+        io.write_all(&up.rest[..take]).await?;
         up.rest.advance(take);
         exchange.add_in(take as u64);
         left -= take as u64;
-        if left == 0 {
-            break;
-        }
-        if out.len() >= FLUSH_AT {
-            write_all(io, out).await?;
-        }
-        fill(up).await?;
     }
-    write_all(io, out).await?;
+    io.flush().await?;
     Ok(true)
 }
 
@@ -790,17 +798,39 @@ async fn copy_to_end<I: AsyncWrite + Unpin>(
     exchange: &Exchange,
     out: &mut Vec<u8>,
 ) -> std::io::Result<()> {
+    exchange.add_in(up.rest.len() as u64);
+    out.extend_from_slice(&up.rest);
+    up.rest.clear();
+    write_all(io, out).await?;
     loop {
-        exchange.add_in(up.rest.len() as u64);
-        out.extend_from_slice(&up.rest);
-        up.rest.clear();
-        write_all(io, out).await?;
-        match fill(up).await {
+        match fill_large(up).await {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                io.flush().await?;
+                return Ok(());
+            }
             Err(e) => return Err(e),
         }
+        exchange.add_in(up.rest.len() as u64);
+        io.write_all(&up.rest).await?;
+        up.rest.clear();
     }
+}
+
+/// Bytes read from the upstream at once while relaying a long body.
+const LARGE_READ: usize = 64 * 1024;
+
+/// [`fill`] with room for [`LARGE_READ`] bytes.
+async fn fill_large(up: &mut Upstream) -> std::io::Result<()> {
+    if up.rest.is_empty() && up.rest.capacity() < LARGE_READ {
+        up.rest = BytesMut::with_capacity(LARGE_READ);
+    } else if up.rest.capacity() - up.rest.len() < LARGE_READ / 2 {
+        up.rest.reserve(LARGE_READ);
+    }
+    if up.stream.read_buf(&mut up.rest).await? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 /// Longest chunk-size line (with extensions) or trailer line accepted.
