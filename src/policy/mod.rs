@@ -83,7 +83,7 @@ impl Access {
 }
 
 /// The scheme a request arrived with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scheme {
     Http,
     Https,

@@ -226,6 +226,12 @@ pub async fn serve_connection<I>(io: I, conn: Conn, tunnel: Option<http::Tunnel>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Plain HTTP/1.1 requests first take the lean path; hyper serves the rest of the connection
+    // from the first request that is not one.
+    let io = match super::lean::serve(io, &conn, tunnel.as_ref()).await {
+        super::lean::Served::Done => return,
+        super::lean::Served::Handoff(io) => io,
+    };
     let draining = conn.ctl.reached(Phase::Draining);
     // Over TLS, a vectored write of head and body would become one TLS record (one seal, one
     // header) per slice: flatten them into one buffer first. Plain TCP keeps writev.

@@ -41,6 +41,7 @@ mod headers;
 mod http;
 mod idle;
 mod intercept;
+mod lean;
 mod listener;
 mod memory;
 mod passthrough;
@@ -187,6 +188,8 @@ pub struct Engine {
     attribution: Arc<crate::attribution::Attribution>,
     /// Asked about requests no rule matches (`onUnmatched`), when set.
     unmatched: arc_swap::ArcSwapOption<ask::Unmatched>,
+    /// Requests the lean path took ([`lean`]), for tests and diagnostics.
+    lean_requests: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -237,7 +240,14 @@ impl Engine {
             sandbox_connections: Arc::new(Semaphore::new(limits.sandbox)),
             attribution: crate::attribution::Attribution::new(),
             unmatched: arc_swap::ArcSwapOption::empty(),
+            lean_requests: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// How many requests the lean HTTP/1.1 path has taken ([`lean`]).
+    pub fn lean_requests(&self) -> u64 {
+        self.lean_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The attribution state the sandbox updates as its namespaces and execs start.

@@ -106,13 +106,27 @@ fn unwrap_socket<I: 'static>(slot: &mut Option<I>) -> Option<Unwrapped> {
     let (hello, upgraded) = rest.into_parts();
     // The listener serves with hyper-util's auto builder, which wraps the socket in a type of its
     // own: its `downcast` unwraps that too.
-    match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<Accepted>>(
+    let upgraded = match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<Accepted>>(
         upgraded.into_inner(),
     ) {
-        Ok(parts) => Some(Unwrapped::Socket {
-            replay: concat([first, hello, parts.read_buf]),
-            socket: parts.io.into_inner().into_inner(),
-        }),
+        Ok(parts) => {
+            return Some(Unwrapped::Socket {
+                replay: concat([first, hello, parts.read_buf]),
+                socket: parts.io.into_inner().into_inner(),
+            })
+        }
+        Err(upgraded) => upgraded,
+    };
+    // Handed on by the lean path (`super::lean`), with the bytes it had read and hyper had not.
+    match hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<Prefixed<Accepted>>>(upgraded)
+    {
+        Ok(parts) => {
+            let (unread, accepted) = parts.io.into_inner().into_parts();
+            Some(Unwrapped::Socket {
+                replay: concat([first, hello, parts.read_buf, unread]),
+                socket: accepted.into_inner(),
+            })
+        }
         Err(upgraded) => Some(Unwrapped::Upgraded(Prefixed::new(
             first,
             Prefixed::new(hello, TokioIo::new(upgraded)),

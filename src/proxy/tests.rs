@@ -2153,3 +2153,243 @@ async fn a_silent_client_of_a_denied_tunnel_to_a_non_web_port_is_closed_soon_as_
         )]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The lean HTTP/1.1 path (`super::lean`)
+
+/// An upstream speaking raw HTTP/1.1 on 127.0.0.1:0; each connection reads one request head at a
+/// time and answers by path (`/chunked`, `/close`, `/conflict`, `/early`, `/once`, `/silent`,
+/// anything else `200 ok`). Returns its address and how many connections it accepted.
+async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let answer: &[u8] = match path.as_str() {
+                        "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-up: 1\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
+                        "/close" => b"HTTP/1.1 200 OK\r\nx-up: 1\r\n\r\nuntil close",
+                        "/conflict" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+                        "/early" => b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nlater",
+                        "/silent" => {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            return;
+                        }
+                        _ if head.starts_with("HEAD ") => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n",
+                        _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                    };
+                    if s.write_all(answer).await.is_err() || path == "/close" || path == "/once" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Points `raw.test:80` at `raw` (and allows it), with a short response timeout.
+fn route_raw(h: &Harness, raw: SocketAddr) {
+    let mut upstream = h.upstream.clone();
+    upstream["resolve"]["raw.test:80"] = raw.to_string().into();
+    upstream["responseTimeoutMs"] = 500.into();
+    let egress = json!([{ "access": "allow", "host": "raw.test" }]);
+    let config = Config::from_json(&json!({ "egress": egress, "upstream": upstream })).unwrap();
+    h.cell.store(Arc::new(Compiled::new(config)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_path_takes_plain_gets_and_hands_the_rest_to_hyper() {
+    let h = Harness::new(json!([{ "access": "allow", "host": "pypi.org" }])).await;
+    let mut c = h.http_client().await;
+    let get = |path: &str| {
+        Request::get(format!("http://pypi.org{path}"))
+            .body(empty())
+            .unwrap()
+    };
+    let (status, _, body) = send(&mut c, get("/one")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /one"));
+    let (status, _, body) = send(&mut c, get("/two")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /two"));
+    assert_eq!(h.engine.lean_requests(), 2, "both GETs lean");
+    // A request with a body goes to hyper, and hyper keeps the connection from then on.
+    let post = Request::post("http://pypi.org/form")
+        .body(full("a=1"))
+        .unwrap();
+    let (status, _, body) = send(&mut c, post).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /form"));
+    let (status, _, body) = send(&mut c, get("/three")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /three"));
+    assert_eq!(h.engine.lean_requests(), 2, "hyper serves the rest");
+    assert_eq!(h.http.hits.count(), 4);
+    assert_eq!(h.http.hits.last().method, "GET");
+
+    // The same events as hyper's path: a request and a response per exchange, bytes counted.
+    let events = h.drain_events().await;
+    let requests = egress_requests(&events);
+    let methods: Vec<&str> = requests
+        .iter()
+        .map(|e| field(e, "method").as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(methods, ["GET", "GET", "POST", "GET"]);
+    let responses: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.kind == kind::EGRESS_RESPONSE)
+        .collect();
+    assert_eq!(responses.len(), 4);
+    assert_eq!(field(responses[0], "status"), &json!(200));
+    assert_eq!(field(responses[0], "bytesIn"), &json!("ok /one".len()));
+    assert_eq!(
+        field(responses[0], "requestId"),
+        &json!(requests[0].id),
+        "paired"
+    );
+
+    // Inside an intercepted tunnel too, and the upstream leg is TLS.
+    let mut c = h.https_client("pypi.org").await;
+    let (status, _, body) = send(&mut c, super::tests::get("pypi.org", "/tls")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /tls"));
+    assert_eq!(h.engine.lean_requests(), 3);
+    assert_eq!(h.https.hits.last().path, "/tls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_path_denies_like_hyper_and_keeps_the_connection() {
+    let h =
+        Harness::new(json!([{ "access": "allow", "host": "pypi.org", "methods": ["GET"] }])).await;
+    let mut c = h.http_client().await;
+    // A host no rule names: hyper takes it (the policy alone does not allow it).
+    let (status, headers, body) = send(
+        &mut c,
+        Request::get("http://evilpypi.org/x").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[DENIED_HEADER], "no-rule");
+    assert!(body.contains("GET evilpypi.org/x"), "{body}");
+    assert_eq!(h.hits(), 0);
+
+    // A lean request the gate refuses for its address: answered on the lean path, same words.
+    let h = Harness::new(json!([{ "access": "allow", "host": "localhost" }])).await;
+    let (code, text) = raw_exchange(
+        h.proxy,
+        "GET http://localhost:9/x HTTP/1.1\r\nHost: localhost:9\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 403, "{text}");
+    assert!(
+        text.contains("HTTP/1.1 403 Blocked by hive egress policy"),
+        "{text}"
+    );
+    assert!(text.contains("x-hive-denied: private-address"), "{text}");
+    assert_eq!(h.engine.lean_requests(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_path_relays_every_response_framing() {
+    let h = Harness::new(json!([])).await;
+    let (raw, accepted) = start_raw_upstream().await;
+    route_raw(&h, raw);
+    let mut c = h.http_client().await;
+    let get = |path: &str| {
+        Request::get(format!("http://raw.test{path}"))
+            .body(empty())
+            .unwrap()
+    };
+
+    // chunked: decoded and encoded again (extensions and trailers dropped)
+    let (status, headers, body) = send(&mut c, get("/chunked")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "hello world"));
+    assert_eq!(headers["transfer-encoding"], "chunked");
+    assert_eq!(headers["x-up"], "1");
+    // an informational head is skipped, the final one relayed
+    let (status, _, body) = send(&mut c, get("/early")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "later"));
+    // HEAD: the length is relayed, no body is read or sent
+    let (status, headers, body) = send(
+        &mut c,
+        Request::head("http://raw.test/").body(empty()).unwrap(),
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+    assert_eq!(headers["content-length"], "2");
+    // conflicting lengths: 502, never a guess
+    let (status, headers, _) = send(&mut c, get("/conflict")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["x-hive-upstream-error"], "reset");
+    assert_eq!(h.engine.lean_requests(), 4);
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one upstream connection kept for all four"
+    );
+
+    // a body that ends with the upstream connection: relayed, then the client connection closes
+    let mut c = h.http_client().await;
+    let (status, headers, body) = send(&mut c, get("/close")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "until close"));
+    assert_eq!(headers["connection"], "close");
+    tokio::time::timeout(Duration::from_secs(2), c.ready())
+        .await
+        .expect("closed promptly")
+        .expect_err("the client connection is closed");
+
+    // no answer within upstream.responseTimeoutMs: 504
+    let mut c = h.http_client().await;
+    let (status, headers, _) = send(&mut c, get("/silent")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(headers["x-hive-upstream-error"], "timeout");
+    let events = h.drain_events().await;
+    let statuses: Vec<Value> = events
+        .iter()
+        .filter(|e| e.kind == kind::EGRESS_RESPONSE)
+        .map(|e| field(e, "status").clone())
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            json!(200),
+            json!(200),
+            json!(200),
+            json!(502),
+            json!(200),
+            json!(504)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_path_replaces_a_kept_connection_the_upstream_closed() {
+    let h = Harness::new(json!([])).await;
+    let (raw, accepted) = start_raw_upstream().await;
+    route_raw(&h, raw);
+    let mut c = h.http_client().await;
+    for _ in 0..3 {
+        let (status, _, body) = send(
+            &mut c,
+            Request::get("http://raw.test/once").body(empty()).unwrap(),
+        )
+        .await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok"));
+        // the upstream closes after answering, without saying so
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(h.engine.lean_requests(), 3);
+}

@@ -51,6 +51,86 @@ const DNS_TTL: Duration = Duration::from_secs(30);
 const POOL_MAX_IDLE_PER_HOST: usize = 4096;
 
 type Pins = moka::sync::Cache<(String, u16), Arc<[SocketAddr]>>;
+
+/// An upstream connection of the lean path.
+pub type LeanStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+
+/// Idle connections of the lean path, per target, newest last. Each closes after
+/// [`POOL_IDLE_TIMEOUT`] unused: a sweeper runs while any is kept (as hyper's pool does), so a
+/// burst's connections do not stay open, and in memory, after the burst.
+#[derive(Default)]
+pub struct LeanPool {
+    idle: Mutex<std::collections::HashMap<LeanKey, Vec<(std::time::Instant, LeanStream)>>>,
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+impl LeanPool {
+    fn take(&self, key: &LeanKey) -> Option<LeanStream> {
+        let mut idle = self.idle.lock();
+        let list = idle.get_mut(key)?;
+        let now = std::time::Instant::now();
+        while let Some((since, stream)) = list.pop() {
+            if now.duration_since(since) < POOL_IDLE_TIMEOUT {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn put(pool: &Arc<LeanPool>, key: LeanKey, stream: LeanStream) {
+        {
+            let mut idle = pool.idle.lock();
+            let list = idle.entry(key).or_default();
+            if list.len() >= POOL_MAX_IDLE_PER_HOST {
+                return;
+            }
+            list.push((std::time::Instant::now(), stream));
+        }
+        if !pool
+            .sweeping
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let weak = Arc::downgrade(pool);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(POOL_IDLE_TIMEOUT / 4).await;
+                    let Some(pool) = weak.upgrade() else { return };
+                    if pool.sweep() == 0 {
+                        pool.sweeping
+                            .store(false, std::sync::atomic::Ordering::Release);
+                        // A put since the count: it saw `sweeping` set and spawned nothing.
+                        if pool.idle.lock().values().all(Vec::is_empty)
+                            || pool
+                                .sweeping
+                                .swap(true, std::sync::atomic::Ordering::AcqRel)
+                        {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Closes expired connections; returns how many are left.
+    fn sweep(&self) -> usize {
+        let now = std::time::Instant::now();
+        let mut idle = self.idle.lock();
+        idle.retain(|_, list| {
+            list.retain(|(since, _)| now.duration_since(*since) < POOL_IDLE_TIMEOUT);
+            !list.is_empty()
+        });
+        idle.values().map(Vec::len).sum()
+    }
+}
+
+/// The target a lean connection is kept for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LeanKey {
+    pub scheme: crate::policy::Scheme,
+    pub host: Arc<str>,
+    pub port: u16,
+}
 type Connector = TimeoutConnector<HttpsConnector<PinnedConnector>>;
 
 /// The clients for the `upstream` section in force, rebuilt when it changes.
@@ -83,6 +163,10 @@ impl UpstreamCache {
 pub struct UpstreamClient {
     /// HTTP/1.1 and h2 (by ALPN).
     client: Client<Connector, ProxyBody>,
+    /// HTTP/1.1 only, for the lean path's own connections ([`super::lean`]).
+    h1_connector: Connector,
+    /// Idle connections of the lean path ([`super::lean`]).
+    lean_idle: Arc<LeanPool>,
     /// HTTP/1.1 only, for `Upgrade` requests (WebSocket over h2 needs extended CONNECT).
     h1_client: Client<Connector, ProxyBody>,
     pins: Pins,
@@ -121,9 +205,12 @@ impl UpstreamClient {
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .set_host(true);
+        let h1_connector = TimeoutConnector(h1, upstream.connect_timeout);
         Ok(UpstreamClient {
             client: builder.build(TimeoutConnector(both, upstream.connect_timeout)),
-            h1_client: builder.build(TimeoutConnector(h1, upstream.connect_timeout)),
+            h1_client: builder.build(h1_connector.clone()),
+            h1_connector,
+            lean_idle: Arc::default(),
             pins,
             dns,
         })
@@ -136,6 +223,26 @@ impl UpstreamClient {
         } else {
             &self.client
         }
+    }
+
+    /// A new HTTP/1.1 connection to `uri`'s host (pinned addresses only, TLS for `https`).
+    pub async fn lean_connect(
+        &self,
+        uri: Uri,
+    ) -> std::result::Result<LeanStream, Box<dyn std::error::Error + Send + Sync>> {
+        let mut connector = self.h1_connector.clone();
+        let stream = tower_service::Service::call(&mut connector, uri).await?;
+        Ok(TokioIo::new(stream))
+    }
+
+    /// The newest idle lean connection to `key` that has not expired.
+    pub fn lean_take(&self, key: &LeanKey) -> Option<LeanStream> {
+        self.lean_idle.take(key)
+    }
+
+    /// Keeps an idle lean connection for the next request to `key`.
+    pub fn lean_put(&self, key: LeanKey, stream: LeanStream) {
+        LeanPool::put(&self.lean_idle, key, stream);
     }
 
     /// Pins the checked addresses of host:port for the next connects.
