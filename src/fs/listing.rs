@@ -1,11 +1,14 @@
 //! Which directory listings the kernel may keep (`FOPEN_CACHE_DIR`), so that listing a directory
-//! again (`git status`, `ls`, a second `find`) costs no round trip.
+//! again (`git status`, `ls`, a second `find`) costs no `READDIR` round trip (its `opendir` and
+//! `releasedir` still reach the server, which then neither reads the source nor decides).
 //!
-//! A listing holds only the entries the rules let the sandbox see, decided at `opendir`, so a
-//! kept listing is wrong once the rules change or the host adds, removes or renames a name. The
-//! kernel forgets a kept listing by itself when the sandbox changes the directory through the
-//! mount; for everything else a *generation* counts the changes ([`Listings::changed`], bumped
-//! wherever every cached entry is forgotten), and:
+//! A listing holds only the entries the rules let the sandbox see, decided at the handle's first
+//! `READDIR` on the rules then in force (so under the generation read at its `opendir` or a newer
+//! one, never an older one: all the rules below need). A kept listing is wrong once the rules
+//! change or the host adds, removes or renames a name. The kernel forgets a kept listing by itself
+//! when the sandbox changes the directory through the mount; for everything else a *generation*
+//! counts the changes ([`Listings::changed`], bumped wherever every cached entry is forgotten),
+//! and:
 //!
 //! 1. a directory opened under an older generation than the current one never reads or fills
 //!    the kernel's listing (its own listing may be stale, and the kernel fills the cache from

@@ -188,6 +188,12 @@ impl FsHandle {
         self.shared.served_writes()
     }
 
+    /// How many directory listings the server has read from the source and decided; a listing
+    /// the kernel keeps is shown again without one.
+    pub fn decided_listings(&self) -> u64 {
+        self.shared.decided_listings()
+    }
+
     /// Whether the kernel caches entries and attributes long (changes are reported to it).
     pub fn long_cache(&self) -> bool {
         self.shared.long()

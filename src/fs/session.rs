@@ -347,8 +347,20 @@ struct DirEntryOut {
 #[derive(Debug)]
 enum Handle {
     File(Arc<OpenFile>),
-    /// A listing decided at `opendir`, and the generation of [`Listings`] it was decided under.
-    Dir(Arc<Vec<DirEntryOut>>, u64),
+    Dir(Arc<DirHandle>),
+}
+
+/// An open directory. Its listing is decided at the first `READDIR` on it, not at `opendir`:
+/// when the kernel answers from a listing it keeps (`FOPEN_CACHE_DIR`), no `READDIR` comes, and
+/// the open costs the server no listing and no decisions (a repeated `git status` opens every
+/// directory of the work tree).
+#[derive(Debug)]
+struct DirHandle {
+    /// The generation of [`Listings`] read at `opendir`. The listing is decided under the rules
+    /// in force at the first `READDIR`, so under this generation or a newer one: never older,
+    /// which is what the rules of [`Listings`] need.
+    generation: u64,
+    entries: OnceLock<Arc<Vec<DirEntryOut>>>,
 }
 
 /// What the server shares with the threads outside its request loop: `applyConfig` (new rules)
@@ -374,6 +386,8 @@ pub(crate) struct Shared {
     events: Arc<dyn EventSink>,
     /// `WRITE` requests served (writes through kernel passthrough never reach the server).
     served_writes: AtomicU64,
+    /// Directory listings read from the source and decided.
+    decided_listings: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -386,6 +400,11 @@ impl Shared {
     /// How many `WRITE` requests the server has served.
     pub(crate) fn served_writes(&self) -> u64 {
         self.served_writes.load(Ordering::Relaxed)
+    }
+
+    /// How many directory listings the server has read from the source and decided.
+    pub(crate) fn decided_listings(&self) -> u64 {
+        self.decided_listings.load(Ordering::Relaxed)
     }
 
     /// Puts new rules in force: every request from now on is decided by `acl`, and the kernel
@@ -648,6 +667,7 @@ impl Server {
                 dirs: DirFds::default(),
                 events: events.clone(),
                 served_writes: AtomicU64::new(0),
+                decided_listings: AtomicU64::new(0),
             }),
             source,
             events,
@@ -1184,15 +1204,42 @@ impl Server {
         Ok(())
     }
 
-    /// Decides the listing of `ino` and returns its handle and open flags.
+    /// Opens directory `ino` (if the sandbox may see it) and returns its handle and open flags;
+    /// the listing is decided later, by [`Server::listing`].
     fn do_opendir(&self, ino: INodeNo) -> Result<(FileHandle, FopenFlags), Errno> {
-        // Read before anything is decided: a change from now on makes this listing old.
+        // Read before anything is decided: a change from now on makes this handle old.
         let generation = self.shared.listings.generation();
         let loc = self.locate(ino)?;
         if !loc.rel.as_os_str().is_empty() {
             self.check(&loc, op::READDIR, Need::See)?;
         }
+        let fh = self.insert_handle(Handle::Dir(Arc::new(DirHandle {
+            generation,
+            entries: OnceLock::new(),
+        })));
+        let keepable = self.shared.long() && self.shared.nodes.lock().watched(ino.0);
+        let flags = self.shared.listings.open(ino.0, generation, keepable, || {
+            match self.shared.kernel.get() {
+                Some(kernel) => kernel.inval_inode(ino.0, true).is_ok(),
+                None => false,
+            }
+        });
+        Ok((fh, flags))
+    }
+
+    /// The listing of the directory open as `fh`, decided at its first `READDIR` on the rules
+    /// then in force: only the entries the sandbox may see, with `.` and `..`.
+    fn listing(&self, ino: INodeNo, fh: FileHandle) -> Result<Arc<Vec<DirEntryOut>>, Errno> {
+        let dir = match self.handles.lock().get(&fh.0) {
+            Some(Handle::Dir(dir)) => dir.clone(),
+            _ => return Err(Errno::EBADF),
+        };
+        if let Some(entries) = dir.entries.get() {
+            return Ok(entries.clone());
+        }
+        let loc = self.locate(ino)?;
         let raw = self.source.list(&loc.rel).map_err(errno)?;
+        self.shared.decided_listings.fetch_add(1, Ordering::Relaxed);
         let mut entries = Vec::with_capacity(raw.len() + 2);
         entries.push(DirEntryOut {
             name: ".".into(),
@@ -1221,15 +1268,9 @@ impl Server {
                 });
             }
         }
-        let fh = self.insert_handle(Handle::Dir(Arc::new(entries), generation));
-        let keepable = self.shared.long() && self.shared.nodes.lock().watched(ino.0);
-        let flags = self.shared.listings.open(ino.0, generation, keepable, || {
-            match self.shared.kernel.get() {
-                Some(kernel) => kernel.inval_inode(ino.0, true).is_ok(),
-                None => false,
-            }
-        });
-        Ok((fh, flags))
+        // Two `READDIR`s of one handle at once (rare: the kernel serializes `getdents` per open
+        // file) both decide; the first decision is the handle's listing.
+        Ok(dir.entries.get_or_init(|| Arc::new(entries)).clone())
     }
 }
 
@@ -1659,14 +1700,14 @@ impl Filesystem for Server {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Dir(entries, _)) => entries.clone(),
-            _ => return reply.error(Errno::EBADF),
+        let entries = match self.listing(ino, fh) {
+            Ok(entries) => entries,
+            Err(err) => return reply.error(err),
         };
         for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(
@@ -1689,11 +1730,11 @@ impl Filesystem for Server {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let entries = match self.handles.lock().get(&fh.0) {
-            Some(Handle::Dir(entries, _)) => entries.clone(),
-            _ => return reply.error(Errno::EBADF),
+        // Only visible entries are in the listing.
+        let entries = match self.listing(ino, fh) {
+            Ok(entries) => entries,
+            Err(err) => return reply.error(err),
         };
-        // The listing was decided at opendir: only visible entries are in it.
         let dir = match self
             .locate(ino)
             .and_then(|dir| self.dir_fd(ino.0, &dir.rel))
@@ -1754,8 +1795,8 @@ impl Filesystem for Server {
         reply: ReplyEmpty,
     ) {
         let handle = self.handles.lock().remove(&fh.0);
-        if let Some(Handle::Dir(_, generation)) = handle {
-            self.shared.listings.release(ino.0, generation);
+        if let Some(Handle::Dir(dir)) = handle {
+            self.shared.listings.release(ino.0, dir.generation);
         }
         reply.ok();
     }

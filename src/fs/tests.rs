@@ -1528,6 +1528,43 @@ fn kept_listings_follow_new_rules_and_host_changes_at_once() {
 }
 
 #[test]
+fn a_kept_listing_is_shown_again_without_the_server_listing_the_source() {
+    let seed = |src: &Path| {
+        seed_issue_tree(src);
+        fs::create_dir(src.join("d")).expect("seed");
+        for i in 0..50 {
+            fs::write(src.join(format!("d/f{i}")), b"x").expect("seed");
+        }
+    };
+    let Some(m) = Mounted::configured(Some(ISSUE_ACLS), seed, |fs| fs) else {
+        return;
+    };
+    if !long_caching(&m) {
+        return;
+    }
+    assert_eq!(names(&m.t("d")).len(), 50);
+    let decided = m.handle().decided_listings();
+    // the kernel keeps the listing: opening `d` again reads no listing from the source
+    for _ in 0..3 {
+        assert_eq!(names(&m.t("d")).len(), 50);
+    }
+    assert_eq!(m.handle().decided_listings(), decided);
+    // a directory opened and never read decides nothing either
+    drop(fs::read_dir(m.t("d")).expect("opendir"));
+    assert_eq!(m.handle().decided_listings(), decided);
+    // new rules: the next listing is decided again, and obeys them
+    let hide_f1: &[(&str, FsAccess)] = &[
+        ("/workspace/d/f1", FsAccess::None),
+        ("/workspace/**", FsAccess::Rw),
+    ];
+    m.handle().reconfigure(&fs_mount(Some(hide_f1), false));
+    let listed = names(&m.t("d"));
+    assert_eq!(listed.len(), 49);
+    assert!(!listed.contains(&"f1".to_owned()));
+    assert!(m.handle().decided_listings() > decided);
+}
+
+#[test]
 fn kept_directory_fds_follow_a_directory_the_host_replaces() {
     let seed = |src: &Path| {
         seed_issue_tree(src);
