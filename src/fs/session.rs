@@ -1238,6 +1238,11 @@ impl Server {
             return Ok(entries.clone());
         }
         let loc = self.locate(ino)?;
+        // Seen again under the rules and at the path of now: the directory may have moved, or
+        // the rules changed, since `opendir`.
+        if !loc.rel.as_os_str().is_empty() {
+            self.check(&loc, op::READDIR, Need::See)?;
+        }
         let raw = self.source.list(&loc.rel).map_err(errno)?;
         self.shared.decided_listings.fetch_add(1, Ordering::Relaxed);
         let mut entries = Vec::with_capacity(raw.len() + 2);
