@@ -2285,13 +2285,22 @@ async fn lean_path_denies_like_hyper_and_keeps_the_connection() {
     assert!(body.contains("GET evilpypi.org/x"), "{body}");
     assert_eq!(h.hits(), 0);
 
-    // A lean request the gate refuses for its address: answered on the lean path, same words.
+    // A lean request the gate refuses for its address: answered on the lean path, same words,
+    // and the server listening there sees nothing.
     let h = Harness::new(json!([{ "access": "allow", "host": "localhost" }])).await;
+    let target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = target.local_addr().unwrap().port();
     let (code, text) = raw_exchange(
         h.proxy,
-        "GET http://localhost:9/x HTTP/1.1\r\nHost: localhost:9\r\n\r\n",
+        &format!("GET http://localhost:{port}/x HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n"),
     )
     .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), target.accept())
+            .await
+            .is_err(),
+        "no connection to the refused address"
+    );
     assert_eq!(code, 403, "{text}");
     assert!(
         text.contains("HTTP/1.1 403 Blocked by hive egress policy"),
@@ -2299,6 +2308,12 @@ async fn lean_path_denies_like_hyper_and_keeps_the_connection() {
     );
     assert!(text.contains("x-hive-denied: private-address"), "{text}");
     assert_eq!(h.engine.lean_requests(), 1);
+    let events = h.drain_events().await;
+    let decided: Vec<(&Value, &Value)> = egress_requests(&events)
+        .iter()
+        .map(|e| (field(e, "access"), field(e, "reason")))
+        .collect();
+    assert_eq!(decided, [(&json!("denied"), &json!("private-address"))]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
