@@ -77,10 +77,10 @@ pub async fn serve<I>(mut io: I, conn: &Conn, tunnel: Option<&Tunnel>) -> Served
 where
     I: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut buf = BytesMut::with_capacity(8 * 1024);
-    if !connection_is_lean(conn, tunnel) {
+    if !connection_is_lean(tunnel) {
         return Served::Handoff(Prefixed::new(Bytes::new(), io));
     }
+    let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut kept: Option<Kept> = None;
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
     let mut draining = std::pin::pin!(conn.ctl.reached(super::listener::Phase::Draining));
@@ -131,9 +131,9 @@ where
     Served::Handoff(Prefixed::new(buf.freeze(), io))
 }
 
-/// Whether requests on this connection may take the lean path at all.
-fn connection_is_lean(conn: &Conn, tunnel: Option<&Tunnel>) -> bool {
-    let _ = conn;
+/// Whether requests on this connection may take the lean path at all: not in a tunnel that
+/// refuses everything or whose TLS name disagrees with its target (hyper's path answers those).
+fn connection_is_lean(tunnel: Option<&Tunnel>) -> bool {
     tunnel.is_none_or(|t| t.refusal.is_none() && t.sni_mismatch.is_none())
 }
 
