@@ -8,7 +8,8 @@
 //   node benches/proxy.mjs [seconds-per-scenario] [name filter]   (build the addon first: npm run build)
 //   BENCH_ROUNDS=3 node benches/proxy.mjs    (each scenario 3 times; the median round is shown)
 //   BENCH_PERF=/tmp/perf node benches/proxy.mjs 5 c256   (`perf record -g` of hive's process during
-//   each "via" run, one file per scenario and round; build with `--profile profiling` for symbols)
+//   each "via" run, one file per scenario and round; build with `--profile profiling` for symbols;
+//   BENCH_PERF_CALLGRAPH=dwarf for stacks through libc)
 //
 // Tools: `oha` from PATH or ~/.cache/hive-bench/bin, else installed there from crates.io
 // (`cargo install oha --locked`, minutes on 2 cores); nginx from PATH or /usr/sbin, else
@@ -194,7 +195,9 @@ async function startPerf(label) {
   const dir = process.env.BENCH_PERF
   if (!dir) return async () => {}
   const out = join(dir, `${label.replace(/[^a-z0-9]+/gi, '-')}.data`)
-  const perf = spawn('perf', ['record', '-q', '-F', '1999', '-g', '-p', String(process.pid), '-o', out], { stdio: 'ignore' })
+  // BENCH_PERF_CALLGRAPH=dwarf for whole stacks through libc (malloc, memmove), at a higher cost.
+  const graph = process.env.BENCH_PERF_CALLGRAPH ? ['--call-graph', process.env.BENCH_PERF_CALLGRAPH] : ['-g']
+  const perf = spawn('perf', ['record', '-q', '-F', '1999', ...graph, '-p', String(process.pid), '-o', out], { stdio: 'ignore' })
   await sleep(300)
   return () => new Promise((resolve) => {
     perf.once('exit', resolve)

@@ -225,19 +225,26 @@ pub fn has_credential(headers: &HeaderMap, expected: &HeaderValue) -> bool {
     headers
         .get_all(header::PROXY_AUTHORIZATION)
         .iter()
-        .any(|got| {
-            let (a, b) = (normalize_basic(got.as_bytes()), expected.as_bytes());
-            a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-        })
+        .any(|got| credential_matches(got.as_bytes(), expected))
 }
 
-/// Accepts the scheme name in any case (`basic`/`BASIC`), as RFC 9110 §11.1 allows.
-fn normalize_basic(value: &[u8]) -> Vec<u8> {
-    let mut v = value.to_vec();
-    if v.len() > 6 && v[..6].eq_ignore_ascii_case(b"basic ") {
-        v[..6].copy_from_slice(b"Basic ");
+/// Whether one `Proxy-Authorization` value is the expected credential (compared in constant
+/// time). The scheme name is accepted in any case (`basic`/`BASIC`), as RFC 9110 §11.1 allows.
+pub fn credential_matches(got: &[u8], expected: &HeaderValue) -> bool {
+    let expected = expected.as_bytes();
+    if got.len() != expected.len() {
+        return false;
     }
-    v
+    let scheme = got.len() > 6 && got[..6].eq_ignore_ascii_case(b"basic ");
+    let diff = got
+        .iter()
+        .zip(expected)
+        .enumerate()
+        .fold(0u8, |acc, (i, (&x, &y))| {
+            let x = if scheme && i < 6 { b"Basic "[i] } else { x };
+            acc | (x ^ y)
+        });
+    diff == 0
 }
 
 #[cfg(test)]

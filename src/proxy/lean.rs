@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::normalize_host;
-use crate::policy::{reason, Access, Decision, Scheme};
+use crate::policy::{reason, Access, Compiled, Decision, Scheme};
 
 use super::audit::{Auditor, Exchange, Subject};
 use super::connect::Prefixed;
@@ -54,22 +54,51 @@ pub enum Served<I> {
     /// Serve the rest with hyper: the stream, replaying the bytes already read from it.
     Handoff(Prefixed<I>),
 }
-
 /// The connection's upstream leg, kept between its requests.
 struct Kept {
     key: LeanKey,
     stream: LeanStream,
     client: Arc<UpstreamClient>,
+    /// The rules the connection was last decided under: while they are the ones in force, the
+    /// next request to the same target is decided by the policy alone, on this connection.
+    compiled: Arc<Compiled>,
 }
 
-/// A request head the lean path may take, owned.
-struct Head {
+impl Kept {
+    fn serves(&self, target: &Target) -> bool {
+        self.key.port == target.port
+            && self.key.scheme == target.scheme
+            && *self.key.host == *target.host
+    }
+}
+
+/// A request the lean path may take, read from the head at the start of the read buffer.
+struct Request {
     method: Method,
-    /// The request target as sent (absolute-form on a proxy connection, origin-form in a tunnel).
-    target: String,
-    headers: HeaderMap,
+    target: Target,
     /// The client asked to close after this exchange.
     close: bool,
+    /// Length of the head.
+    len: usize,
+}
+
+/// Where a lean request goes.
+struct Target {
+    host: String,
+    port: u16,
+    scheme: Scheme,
+    /// Path and query as sent (starts with `/`).
+    path_and_query: String,
+}
+
+/// Per-connection buffers, reused from one request to the next.
+struct Buffers {
+    /// Bytes read from the client.
+    read: BytesMut,
+    /// The request head as it goes upstream, then what goes to the client.
+    out: Vec<u8>,
+    /// Bytes read from the upstream.
+    rest: BytesMut,
 }
 
 /// Serves requests on `io` while they are lean requests; see the module docs.
@@ -80,9 +109,12 @@ where
     if !connection_is_lean(tunnel) {
         return Served::Handoff(Prefixed::new(Bytes::new(), io));
     }
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut bufs = Buffers {
+        read: BytesMut::with_capacity(8 * 1024),
+        out: Vec::with_capacity(4 * 1024),
+        rest: BytesMut::new(),
+    };
     let mut kept: Option<Kept> = None;
-    let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
     let mut draining = std::pin::pin!(conn.ctl.reached(super::listener::Phase::Draining));
     loop {
         // No new request once the listener is closing (hyper's graceful shutdown does the same).
@@ -91,7 +123,7 @@ where
             return Served::Done;
         }
         // The next head: wait for it, unless the listener is closing.
-        match read_head(&mut io, &mut buf, &mut draining).await {
+        match read_head(&mut io, &mut bufs.read, &mut draining).await {
             HeadRead::Complete => {}
             HeadRead::Handoff => break,
             HeadRead::Closed => {
@@ -99,36 +131,34 @@ where
                 return Served::Done;
             }
         }
-        let Some((head, head_len)) = parse_request(&buf) else {
-            break;
-        };
-        let Some(target) = lean_target(conn, tunnel, &head) else {
+        let credential = conn.ctl.credential.as_ref();
+        let Some(request) = parse_request(&bufs.read, credential, tunnel, &mut bufs.out) else {
             break;
         };
         let compiled = conn.engine.cell.load_full();
         if !compiled.secrets.is_empty() {
             break;
         }
-        if !plainly_allowed(&compiled.policy, &head, &target) {
+        let Some(decision) = plainly_allowed(&compiled.policy, &request) else {
             break;
-        }
+        };
         // From here this request is the lean path's.
-        buf.advance(head_len);
+        bufs.read.advance(request.len);
         conn.engine
             .lean_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _busy = conn.idle.busy();
-        let keep_open = exchange(&mut io, conn, &compiled, head, &target, &mut kept, &mut out)
-            .await
-            .unwrap_or(false);
-        if !keep_open {
+        let exchanged = exchange(
+            &mut io, conn, &compiled, request, decision, &mut kept, &mut bufs,
+        );
+        if !exchanged.await.unwrap_or(false) {
             give_back(kept);
             let _ = io.shutdown().await;
             return Served::Done;
         }
     }
     give_back(kept);
-    Served::Handoff(Prefixed::new(buf.freeze(), io))
+    Served::Handoff(Prefixed::new(bufs.read.freeze(), io))
 }
 
 /// Whether requests on this connection may take the lean path at all: not in a tunnel that
@@ -201,8 +231,57 @@ fn head_complete(buf: &[u8]) -> Option<bool> {
     }
 }
 
-/// The head at the start of `buf`, if it is one the lean path may take; with its length.
-fn parse_request(buf: &[u8]) -> Option<(Head, usize)> {
+/// Header names that make a request hyper's: framing to interpret, a protocol change, or a
+/// method override (which the gate must decide too).
+const NOT_LEAN: [&str; 10] = [
+    "content-length",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "te",
+    "trailer",
+    "http2-settings",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Hop-by-hop headers never relayed ([`headers::strip_hop_by_hop`]'s fixed list; the others
+/// are [`NOT_LEAN`] in a request and handled by the framing in a response).
+const HOP_BY_HOP: [&str; 5] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+fn named(name: &str, names: &[&str]) -> bool {
+    names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// A header value as text, when it is visible ASCII (what [`HeaderValue::to_str`] accepts).
+fn text(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
+/// The request whose head starts `buf`, when the lean path may take it on this connection;
+/// then `out` holds its head as it goes upstream: origin-form, `Host` from the target, hop-by-hop
+/// headers removed (as [`headers::strip_hop_by_hop`] leaves a request hyper's client sends).
+/// No header map is built: names and values are relayed as httparse validated them.
+fn parse_request(
+    buf: &[u8],
+    credential: Option<&HeaderValue>,
+    tunnel: Option<&Tunnel>,
+    out: &mut Vec<u8>,
+) -> Option<Request> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut raw);
     let httparse::Status::Complete(len) = req.parse(buf).ok()? else {
@@ -217,120 +296,137 @@ fn parse_request(buf: &[u8]) -> Option<(Head, usize)> {
         "OPTIONS" => Method::OPTIONS,
         _ => return None,
     };
-    let mut headers = HeaderMap::with_capacity(req.headers.len());
     let mut close = false;
+    let mut host: Option<&[u8]> = None;
+    let mut hosts = 0;
+    let mut credentialed = credential.is_none();
     for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
-        let value = HeaderValue::from_bytes(h.value).ok()?;
-        if name == header::CONNECTION {
-            match value.as_bytes() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            match h.value {
                 v if v.eq_ignore_ascii_case(b"keep-alive") => {}
                 v if v.eq_ignore_ascii_case(b"close") => close = true,
                 _ => return None,
             }
-        } else if name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::EXPECT
-            || name == header::TE
-            || name == header::TRAILER
-            || name.as_str() == "http2-settings"
-        {
+        } else if named(h.name, &NOT_LEAN) {
             return None;
-        }
-        headers.append(name, value);
-    }
-    Some((
-        Head {
-            method,
-            target: req.path?.to_owned(),
-            headers,
-            close,
-        },
-        len,
-    ))
-}
-
-/// Where a lean request goes.
-struct Target {
-    host: String,
-    port: u16,
-    scheme: Scheme,
-    /// Path and query as sent.
-    path_and_query: String,
-}
-
-/// The target of `head`, when the lean path may take it on this connection.
-fn lean_target(conn: &Conn, tunnel: Option<&Tunnel>, head: &Head) -> Option<Target> {
-    let query = head.target.split_once('?').map(|(_, q)| q);
-    if !headers::override_methods(&head.headers, query)
-        .ok()?
-        .is_empty()
-    {
-        return None;
-    }
-    match tunnel {
-        None => {
-            if let Some(expected) = &conn.ctl.credential {
-                if !headers::has_credential(&head.headers, expected) {
-                    return None;
-                }
+        } else if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            host = Some(h.value);
+        } else if h.name.eq_ignore_ascii_case("proxy-authorization") {
+            if let Some(expected) = credential {
+                credentialed |= headers::credential_matches(h.value, expected);
             }
-            let uri: http::Uri = head.target.parse().ok()?;
+        }
+    }
+    let path = req.path?;
+    let target = match tunnel {
+        None => {
+            if !credentialed {
+                return None;
+            }
+            let uri: http::Uri = path.parse().ok()?;
             if uri.scheme_str() != Some("http") {
                 return None;
             }
             let host = normalize_host(uri.host()?)?;
             let port = uri.port_u16().unwrap_or(default_port(Scheme::Http));
-            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-            Some(Target {
+            let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+            if !path_and_query.starts_with('/') {
+                return None;
+            }
+            Target {
                 host,
                 port,
                 scheme: Scheme::Http,
-                path_and_query,
-            })
+                path_and_query: path_and_query.to_owned(),
+            }
         }
         Some(tunnel) => {
             // Origin-form only, and a target hyper would have parsed (else its `400`).
-            if !head.target.starts_with('/')
-                || http::uri::PathAndQuery::try_from(head.target.as_str()).is_err()
-            {
+            if !path.starts_with('/') || http::uri::PathAndQuery::try_from(path).is_err() {
                 return None;
             }
-            let mut hosts = head.headers.get_all(header::HOST).iter();
-            let (Some(named), None) = (hosts.next(), hosts.next()) else {
+            if hosts != 1 {
                 return None;
-            };
-            let (named_host, named_port) = split_authority(named.to_str().ok()?)?;
+            }
+            let (named_host, named_port) = split_authority(text(host?)?)?;
             if named_host != *tunnel.host || named_port.is_some_and(|p| p != tunnel.port) {
                 return None;
             }
-            Some(Target {
+            Target {
                 host: tunnel.host.to_string(),
                 port: tunnel.port,
                 scheme: tunnel.scheme,
-                path_and_query: head.target.clone(),
-            })
+                path_and_query: path.to_owned(),
+            }
         }
+    };
+    if query_overrides_method(&target.path_and_query) {
+        return None;
     }
+
+    out.clear();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.path_and_query.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    if target.host.contains(':') {
+        out.push(b'[');
+        out.extend_from_slice(target.host.as_bytes());
+        out.push(b']');
+    } else {
+        out.extend_from_slice(target.host.as_bytes());
+    }
+    if target.port != default_port(target.scheme) {
+        out.push(b':');
+        out.extend_from_slice(target.port.to_string().as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    for h in req.headers.iter() {
+        // `Connection: close` names a header `close`, removed as hop-by-hop.
+        if named(h.name, &HOP_BY_HOP)
+            || h.name.eq_ignore_ascii_case("host")
+            || (close && h.name.eq_ignore_ascii_case("close"))
+        {
+            continue;
+        }
+        write_header(out, h.name.as_bytes(), h.value);
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(Request {
+        method,
+        target,
+        close,
+        len,
+    })
 }
 
-/// Whether the policy alone allows the request by a rule that injects nothing, so that the gate
-/// either allows it the same way or refuses it for the address (answered here like hyper's path
-/// would). Requests the policy decides with addresses, in report mode, or by asking are not lean.
-fn plainly_allowed(policy: &crate::policy::Policy, head: &Head, target: &Target) -> bool {
+/// Whether the query names a method to run instead (`_method`, as [`headers::override_methods`]
+/// reads it): such a request is hyper's, where the gate decides that method too.
+fn query_overrides_method(path_and_query: &str) -> bool {
+    path_and_query.split_once('?').is_some_and(|(_, query)| {
+        !headers::override_methods(&HeaderMap::new(), Some(query)).is_ok_and(|m| m.is_empty())
+    })
+}
+
+/// The policy's decision when it alone allows the request by a rule that injects nothing, so
+/// that the gate either allows it the same way or refuses it for the address (answered here like
+/// hyper's path would). Requests the policy decides with addresses, in report mode, or by asking
+/// are not lean.
+fn plainly_allowed(policy: &crate::policy::Policy, request: &Request) -> Option<Decision> {
     if policy.uses_addresses() {
-        return false;
+        return None;
     }
+    let target = &request.target;
     let decision = policy.apply_mode(policy.decide(&crate::policy::Request {
         host: &target.host,
         port: target.port,
-        method: head.method.as_str(),
+        method: request.method.as_str(),
         path: &target.path_and_query,
         scheme: target.scheme,
         ip: None,
     }));
-    no_injection(policy, &decision)
+    no_injection(policy, &decision).then_some(decision)
 }
 
 fn no_injection(policy: &crate::policy::Policy, decision: &Decision) -> bool {
@@ -342,159 +438,167 @@ fn no_injection(policy: &crate::policy::Policy, decision: &Decision) -> bool {
             .is_some_and(|r| r.override_.is_none())
 }
 
-/// Decides and relays one request; `Ok(true)` when the client connection stays open.
+/// Decides and relays one request whose upstream head is in `bufs.out`; `Ok(true)` when the
+/// client connection stays open.
+///
+/// `decision` is the policy's ([`plainly_allowed`]). On a kept upstream connection to the same
+/// target, under the same rules, it is the request's decision: the connection's addresses were
+/// checked and pinned when it was opened, and nothing is resolved or connected now (hyper's pooled
+/// connections are reused the same way). Otherwise the gate decides, as on hyper's path.
 async fn exchange<I>(
     io: &mut I,
     conn: &Conn,
-    compiled: &crate::policy::Compiled,
-    mut head: Head,
-    target: &Target,
+    compiled: &Arc<Compiled>,
+    request: Request,
+    decision: Decision,
     kept: &mut Option<Kept>,
-    out: &mut Vec<u8>,
+    bufs: &mut Buffers,
 ) -> Result<bool, ()>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let engine = &conn.engine;
     let auditor = Auditor::new(engine.events.clone());
+    let target = &request.target;
     let host = target.host.as_str();
     let port = target.port;
-    let method = head.method.as_str();
-    let event_path = target
-        .path_and_query
-        .split('?')
-        .next()
-        .unwrap_or("/")
-        .to_owned();
+    let method = request.method.as_str();
+    let event_path = super::audit::strip_query(&target.path_and_query);
     let subject = Subject {
         host,
         port,
         method,
-        path: &event_path,
+        path: event_path,
         scheme: target.scheme,
         via: conn.via(),
         origin: conn.origin().await,
         config_hash: Some(compiled.hash.clone()),
     };
-    let is_head = head.method == Method::HEAD;
-    let request = crate::policy::Request {
-        host,
-        port,
-        method,
-        path: &target.path_and_query,
-        scheme: target.scheme,
-        ip: None,
-    };
-    let outcome = gate::check_from(
-        engine,
-        compiled,
-        host,
-        port,
-        Ask::Request(request, &[]),
-        subject.origin.clone(),
-    )
-    .await;
-    let (decision, client) = match outcome {
-        Outcome::Denied(decision) => {
-            auditor.request(&subject, &decision, &[]);
-            let res = deny::forbidden(decision.reason, host, method, &event_path);
-            return answer(io, res, is_head, head.close, out).await;
-        }
-        Outcome::Unreachable(decision, failure) => {
-            if let Some(ex) = auditor.request(&subject, &decision, &[]) {
-                ex.fail(failure, host, port, failure.describe());
+    let is_head = request.method == Method::HEAD;
+    let close = request.close;
+    let out = &mut bufs.out;
+    let on_kept = kept
+        .as_ref()
+        .is_some_and(|k| Arc::ptr_eq(&k.compiled, compiled) && k.serves(target));
+    let (decision, client) = if on_kept {
+        (decision, None)
+    } else {
+        let ask = crate::policy::Request {
+            host,
+            port,
+            method,
+            path: &target.path_and_query,
+            scheme: target.scheme,
+            ip: None,
+        };
+        let origin = subject.origin.clone();
+        let outcome =
+            gate::check_from(engine, compiled, host, port, Ask::Request(ask, &[]), origin);
+        match outcome.await {
+            Outcome::Denied(decision) => {
+                auditor.request(&subject, &decision, &[]);
+                let res = deny::forbidden(decision.reason, host, method, event_path);
+                return answer(io, res, is_head, close, out).await;
             }
-            let res = deny::bad_gateway(failure, host, method, &event_path);
-            return answer(io, res, is_head, head.close, out).await;
+            Outcome::Unreachable(decision, failure) => {
+                if let Some(ex) = auditor.request(&subject, &decision, &[]) {
+                    ex.fail(failure, host, port, failure.describe());
+                }
+                let res = deny::bad_gateway(failure, host, method, event_path);
+                return answer(io, res, is_head, close, out).await;
+            }
+            Outcome::Allowed {
+                decision, client, ..
+            } if no_injection(&compiled.policy, &decision) => (decision, Some(client)),
+            Outcome::Allowed { decision, .. } => {
+                // The gate decided otherwise than the policy alone (it should not): fail closed.
+                let decision = Decision::denied(decision.rule, reason::NO_RULE);
+                auditor.request(&subject, &decision, &[]);
+                let res = deny::forbidden(decision.reason, host, method, event_path);
+                return answer(io, res, is_head, close, out).await;
+            }
         }
-        Outcome::Allowed {
-            decision, client, ..
-        } => (decision, client),
     };
-    if !no_injection(&compiled.policy, &decision) {
-        // The gate decided otherwise than the policy alone (it should not): fail closed.
-        let decision = Decision::denied(decision.rule, reason::NO_RULE);
-        auditor.request(&subject, &decision, &[]);
-        let res = deny::forbidden(decision.reason, host, method, &event_path);
-        return answer(io, res, is_head, head.close, out).await;
-    }
     let Some(exchange) = auditor.request(&subject, &decision, &[]) else {
-        let res = deny::forbidden(decision.reason, host, method, &event_path);
-        return answer(io, res, is_head, head.close, out).await;
-    };
-    let Some(uri) = upstream_uri(target.scheme, host, port, &target.path_and_query) else {
-        exchange.set_status(400);
-        let res = deny::bad_request("the request target cannot be forwarded");
-        return answer(io, res, is_head, head.close, out).await;
+        let res = deny::forbidden(decision.reason, host, method, event_path);
+        return answer(io, res, is_head, close, out).await;
     };
 
-    // The request as hyper's client would send it: origin-form, `Host` from the URI.
-    headers::strip_hop_by_hop(&mut head.headers, false);
-    head.headers.remove(header::HOST);
-    out.clear();
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(uri.host().unwrap_or(host).as_bytes());
-    if port != default_port(target.scheme) {
-        out.put_slice(format!(":{port}").as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-    write_headers(out, &head.headers);
-    out.extend_from_slice(b"\r\n");
-
-    let key = LeanKey {
-        scheme: target.scheme,
-        host: Arc::from(host),
-        port,
-    };
     let timeout = compiled.config.upstream.response_timeout;
-    let response = match send(kept, &client, &key, &uri, out, timeout).await {
-        Ok(response) => response,
+    let sent = match client {
+        None => send(kept, None, compiled, target, out, &mut bufs.rest, timeout).await,
+        Some(client) => {
+            let fresh = Some(&client);
+            send(kept, fresh, compiled, target, out, &mut bufs.rest, timeout).await
+        }
+    };
+    let up = match sent {
+        Ok(up) => up,
         Err(failure) => {
+            bufs.rest.clear();
             exchange.fail(failure.0, host, port, &failure.1);
-            let res = deny::bad_gateway(failure.0, host, method, &event_path);
-            return answer(io, res, is_head, head.close, out).await;
+            let res = deny::bad_gateway(failure.0, host, method, event_path);
+            return answer(io, res, is_head, close, out).await;
         }
     };
     let asked = Asked {
         method,
-        path: &event_path,
+        path: event_path,
         is_head,
-        close: head.close,
+        close,
     };
-    relay(io, kept, &asked, response, &exchange, out).await
+    let open = relay(io, kept, &asked, up, &exchange, out, &mut bufs.rest).await;
+    if kept.is_none() {
+        bufs.rest.clear();
+    }
+    open
 }
 
-/// A response head read from the upstream, and where its body is.
+/// An upstream connection whose final response head is at the start of the read buffer.
 struct Upstream {
-    status: StatusCode,
-    reason: Option<String>,
-    headers: HeaderMap,
-    /// Bytes read past the head.
-    rest: BytesMut,
+    /// Length of the response head.
+    head_len: usize,
     stream: LeanStream,
     key: LeanKey,
     client: Arc<UpstreamClient>,
+    compiled: Arc<Compiled>,
 }
 
-/// Writes the request in `out` to the kept upstream connection (or a pooled or new one) and reads
-/// the response head. A connection that was reused and fails before any response byte is
-/// replaced once (the request has no body, and its method is safe to repeat).
+/// Writes the request in `out` upstream and reads the response head into `rest`: on the kept
+/// connection, or (with the gate's `fresh` client) a kept one to the same target, a pooled one or
+/// a new one. A connection that was reused and fails before any response byte is replaced once
+/// (the request has no body, and its method is safe to repeat).
 async fn send(
     kept: &mut Option<Kept>,
-    client: &Arc<UpstreamClient>,
-    key: &LeanKey,
-    uri: &http::Uri,
+    fresh: Option<&Arc<UpstreamClient>>,
+    compiled: &Arc<Compiled>,
+    target: &Target,
     out: &[u8],
+    rest: &mut BytesMut,
     timeout: Duration,
 ) -> Result<Upstream, (UpstreamFailure, String)> {
-    let mut reused = match kept.take() {
-        Some(k) if k.key == *key && Arc::ptr_eq(&k.client, client) => Some(k.stream),
-        other => {
-            give_back(other);
-            client.lean_take(key)
+    let (mut reused, key, client) = match (kept.take(), fresh) {
+        (Some(k), None) => (Some(k.stream), k.key, k.client),
+        (k, Some(client)) => {
+            let key = LeanKey {
+                scheme: target.scheme,
+                host: Arc::from(target.host.as_str()),
+                port: target.port,
+            };
+            match k {
+                Some(k) if k.key == key && Arc::ptr_eq(&k.client, client) => {
+                    (Some(k.stream), key, client.clone())
+                }
+                other => {
+                    give_back(other);
+                    (client.lean_take(&key), key, client.clone())
+                }
+            }
+        }
+        // No kept connection and no gate: not called so (fail closed all the same).
+        (None, None) => {
+            let detail = "no upstream connection was decided".to_owned();
+            return Err((UpstreamFailure::Exchange, detail));
         }
     };
     let deadline = tokio::time::Instant::now() + timeout;
@@ -502,29 +606,41 @@ async fn send(
         let was_reused = reused.is_some();
         let mut stream = match reused.take() {
             Some(s) => s,
-            None => client.lean_connect(uri.clone()).await.map_err(|e| {
-                (
-                    super::upstream::classify(&*e),
-                    super::audit::error_chain(&*e),
-                )
-            })?,
+            None => {
+                let Some(uri) = upstream_uri(
+                    target.scheme,
+                    &target.host,
+                    target.port,
+                    &target.path_and_query,
+                ) else {
+                    let detail = "the request target cannot be forwarded".to_owned();
+                    return Err((UpstreamFailure::Exchange, detail));
+                };
+                client.lean_connect(uri).await.map_err(|e| {
+                    (
+                        super::upstream::classify(&*e),
+                        super::audit::error_chain(&*e),
+                    )
+                })?
+            }
         };
-        let mut rest = BytesMut::with_capacity(8 * 1024);
+        rest.clear();
+        if rest.capacity() < 1024 {
+            rest.reserve(8 * 1024);
+        }
         let head = async {
             stream.write_all(out).await?;
             stream.flush().await?;
-            read_response_head(&mut stream, &mut rest).await
+            read_response_head(&mut stream, rest).await
         };
         match tokio::time::timeout_at(deadline, head).await {
-            Ok(Ok(Some((status, reason, headers)))) => {
+            Ok(Ok(Some(head_len))) => {
                 return Ok(Upstream {
-                    status,
-                    reason,
-                    headers,
-                    rest,
+                    head_len,
                     stream,
-                    key: key.clone(),
-                    client: client.clone(),
+                    key,
+                    client,
+                    compiled: compiled.clone(),
                 })
             }
             Ok(Ok(None)) => {
@@ -548,52 +664,35 @@ async fn send(
     }
 }
 
-/// Reads a final response head (informational `1xx` heads are skipped); `Ok(None)` when what
-/// arrived is not a response head the lean path relays (`101`, malformed, too large).
+/// Reads until `buf` starts with a final response head (informational `1xx` heads are skipped)
+/// and returns its length; `Ok(None)` when what arrived is not a response head the lean path
+/// relays (`101`, malformed, too large).
 async fn read_response_head(
     stream: &mut LeanStream,
     buf: &mut BytesMut,
-) -> std::io::Result<Option<(StatusCode, Option<String>, HeaderMap)>> {
+) -> std::io::Result<Option<usize>> {
     loop {
         let parsed = {
             let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut res = httparse::Response::new(&mut raw);
             match res.parse(buf) {
                 Ok(httparse::Status::Complete(len)) => {
-                    let Some(status) = res.code.and_then(|c| StatusCode::from_u16(c).ok()) else {
-                        return Ok(None);
-                    };
                     if res.version != Some(1) && res.version != Some(0) {
                         return Ok(None);
                     }
-                    let mut headers = HeaderMap::with_capacity(res.headers.len());
-                    for h in res.headers.iter() {
-                        let (Ok(name), Ok(value)) = (
-                            HeaderName::from_bytes(h.name.as_bytes()),
-                            HeaderValue::from_bytes(h.value),
-                        ) else {
-                            return Ok(None);
-                        };
-                        headers.append(name, value);
+                    match res.code.and_then(|c| StatusCode::from_u16(c).ok()) {
+                        Some(status) => Some((len, status)),
+                        None => return Ok(None),
                     }
-                    let reason = res.reason.filter(|r| !r.is_empty()).map(str::to_owned);
-                    Some((len, status, reason, headers))
                 }
                 Ok(httparse::Status::Partial) if buf.len() < MAX_HEADER_BYTES => None,
                 _ => return Ok(None),
             }
         };
         match parsed {
-            Some((len, status, _, _)) if status.is_informational() => {
-                if status == StatusCode::SWITCHING_PROTOCOLS {
-                    return Ok(None);
-                }
-                buf.advance(len);
-            }
-            Some((len, status, reason, headers)) => {
-                buf.advance(len);
-                return Ok(Some((status, reason, headers)));
-            }
+            Some((_, StatusCode::SWITCHING_PROTOCOLS)) => return Ok(None),
+            Some((len, status)) if status.is_informational() => buf.advance(len),
+            Some((len, _)) => return Ok(Some(len)),
             None => {
                 if buf.capacity() - buf.len() < 1024 {
                     buf.reserve(8 * 1024);
@@ -617,6 +716,7 @@ struct Asked<'a> {
 }
 
 /// How a response body ends.
+#[derive(Debug, PartialEq)]
 enum Framing {
     None,
     Length(u64),
@@ -626,21 +726,25 @@ enum Framing {
 }
 
 /// The framing of a response (RFC 9112 §6.3), or `None` when its lengths disagree.
-fn response_framing(status: StatusCode, is_head: bool, headers: &HeaderMap) -> Option<Framing> {
-    if is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+fn response_framing(
+    status: u16,
+    is_head: bool,
+    headers: &[httparse::Header<'_>],
+) -> Option<Framing> {
+    if is_head || status == 204 || status == 304 {
         return Some(Framing::None);
     }
-    let codings: Vec<&str> = headers
-        .get_all(header::TRANSFER_ENCODING)
+    let mut last_coding: Option<&str> = None;
+    for h in headers
         .iter()
-        .map(|v| v.to_str().ok())
-        .collect::<Option<Vec<&str>>>()?
-        .into_iter()
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .collect();
-    if let Some(last) = codings.last() {
+        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+    {
+        let mut codings = text(h.value)?.split(',').map(str::trim);
+        if let Some(last) = codings.rfind(|c| !c.is_empty()) {
+            last_coding = Some(last);
+        }
+    }
+    if let Some(last) = last_coding {
         return Some(if last.eq_ignore_ascii_case("chunked") {
             Framing::Chunked
         } else {
@@ -648,8 +752,11 @@ fn response_framing(status: StatusCode, is_head: bool, headers: &HeaderMap) -> O
         });
     }
     let mut length: Option<u64> = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.to_str().ok()?.split(',') {
+    for h in headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+    {
+        for part in text(h.value)?.split(',') {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
@@ -664,84 +771,150 @@ fn response_framing(status: StatusCode, is_head: bool, headers: &HeaderMap) -> O
     Some(length.map_or(Framing::Close, Framing::Length))
 }
 
-/// Answers the client with the upstream's response and relays its body; keeps the upstream
-/// connection for the next request when the exchange left it clean.
+/// A response head as it goes to the client.
+struct ResponseHead {
+    status: u16,
+    framing: Framing,
+    /// The upstream asked to close after this response.
+    upstream_close: bool,
+}
+
+/// Writes the client's response head into `out` from the upstream's head (`head`, complete):
+/// hop-by-hop headers and those `Connection` names removed, as [`headers::strip_hop_by_hop`]
+/// does, and the framing stated once. `None` when the head cannot be relayed (its lengths
+/// disagree, or it does not parse again).
+fn response_head(
+    head: &[u8],
+    is_head: bool,
+    client_close: bool,
+    out: &mut Vec<u8>,
+) -> Option<ResponseHead> {
+    let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut raw);
+    let httparse::Status::Complete(_) = res.parse(head).ok()? else {
+        return None;
+    };
+    let status = res.code?;
+    let framing = response_framing(status, is_head, res.headers)?;
+    let mut upstream_close = false;
+    let mut te_trailers = false;
+    // Names `Connection` lists (hop-by-hop too); a value that is not text names nothing.
+    let mut listed: Vec<&str> = Vec::new();
+    for h in res.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            upstream_close |= h.value.eq_ignore_ascii_case(b"close");
+            if let Some(v) = text(h.value) {
+                listed.extend(v.split(',').map(str::trim));
+            }
+        } else if h.name.eq_ignore_ascii_case("te") {
+            te_trailers |= text(h.value).is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        }
+    }
+    let close = client_close || framing == Framing::Close;
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.to_string().as_bytes());
+    out.push(b' ');
+    let reason = res
+        .reason
+        .filter(|r| !r.is_empty())
+        .or_else(|| StatusCode::from_u16(status).ok()?.canonical_reason())
+        .unwrap_or("");
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in res.headers.iter() {
+        let name = h.name;
+        let framing_header = name.eq_ignore_ascii_case("transfer-encoding")
+            || (name.eq_ignore_ascii_case("content-length") && framing != Framing::None);
+        if framing_header
+            || named(name, &HOP_BY_HOP)
+            || named(name, &["te", "trailer", "upgrade"])
+            || listed.iter().any(|l| l.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        write_header(out, name.as_bytes(), h.value);
+    }
+    if te_trailers {
+        out.extend_from_slice(b"te: trailers\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None | Framing::Close => {}
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Some(ResponseHead {
+        status,
+        framing,
+        upstream_close,
+    })
+}
+
+/// Answers the client with the upstream's response (its head at the start of `rest`) and relays
+/// its body; keeps the upstream connection for the next request when the exchange left it clean.
 async fn relay<I>(
     io: &mut I,
     kept: &mut Option<Kept>,
     asked: &Asked<'_>,
-    mut up: Upstream,
+    up: Upstream,
     exchange: &Exchange,
     out: &mut Vec<u8>,
+    rest: &mut BytesMut,
 ) -> Result<bool, ()>
 where
     I: AsyncWrite + Unpin,
 {
     let (is_head, client_close) = (asked.is_head, asked.close);
-    let Some(framing) = response_framing(up.status, is_head, &up.headers) else {
+    let Some(head) = response_head(&rest[..up.head_len], is_head, client_close, out) else {
         let failure = UpstreamFailure::Exchange;
         let detail = "conflicting Content-Length values in the response";
         exchange.fail(failure, &up.key.host, up.key.port, detail);
         let res = deny::bad_gateway(failure, &up.key.host, asked.method, asked.path);
         return answer(io, res, is_head, client_close, out).await;
     };
-    let upstream_close = up
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-    headers::strip_hop_by_hop(&mut up.headers, false);
-    let close = client_close || matches!(framing, Framing::Close);
-    match framing {
-        Framing::Chunked | Framing::Close => {
-            up.headers.remove(header::CONTENT_LENGTH);
-        }
-        // One value, however the upstream repeated it.
-        Framing::Length(n) => {
-            up.headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        Framing::None => {}
-    }
-    exchange.set_status(up.status.as_u16());
-
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(up.status.as_str().as_bytes());
-    out.push(b' ');
-    let reason = up
-        .reason
-        .as_deref()
-        .or(up.status.canonical_reason())
-        .unwrap_or("");
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    write_headers(out, &up.headers);
-    if matches!(framing, Framing::Chunked) {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    if close {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-
-    let clean = match framing {
+    rest.advance(up.head_len);
+    exchange.set_status(head.status);
+    let close = client_close || head.framing == Framing::Close;
+    let mut body = Body {
+        stream: up.stream,
+        rest,
+    };
+    let clean = match head.framing {
         Framing::None => write_all(io, out).await.map(|()| true),
-        Framing::Length(n) => copy_length(io, &mut up, n, exchange, out).await,
-        Framing::Chunked => copy_chunked(io, &mut up, exchange, out).await,
-        Framing::Close => copy_to_end(io, &mut up, exchange, out)
+        Framing::Length(n) => copy_length(io, &mut body, n, exchange, out).await,
+        Framing::Chunked => copy_chunked(io, &mut body, exchange, out).await,
+        Framing::Close => copy_to_end(io, &mut body, exchange, out)
             .await
             .map(|()| false),
     };
     let clean = clean.map_err(|_| ())?;
-    if clean && !upstream_close && up.rest.is_empty() {
+    if clean && !head.upstream_close && body.rest.is_empty() {
         *kept = Some(Kept {
             key: up.key,
-            stream: up.stream,
+            stream: body.stream,
             client: up.client,
+            compiled: up.compiled,
         });
     }
     Ok(!close)
+}
+
+/// A response body being read: the upstream connection and what was read past the head.
+struct Body<'a> {
+    stream: LeanStream,
+    rest: &'a mut BytesMut,
 }
 
 async fn write_all<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> std::io::Result<()> {
@@ -752,11 +925,11 @@ async fn write_all<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> std:
 }
 
 /// Reads more of the upstream body into `up.rest`; an early end is an error.
-async fn fill(up: &mut Upstream) -> std::io::Result<()> {
+async fn fill(up: &mut Body<'_>) -> std::io::Result<()> {
     if up.rest.capacity() - up.rest.len() < 1024 {
         up.rest.reserve(16 * 1024);
     }
-    if up.stream.read_buf(&mut up.rest).await? == 0 {
+    if up.stream.read_buf(&mut *up.rest).await? == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
@@ -767,7 +940,7 @@ const FLUSH_AT: usize = 64 * 1024;
 
 async fn copy_length<I: AsyncWrite + Unpin>(
     io: &mut I,
-    up: &mut Upstream,
+    up: &mut Body<'_>,
     mut left: u64,
     exchange: &Exchange,
     out: &mut Vec<u8>,
@@ -794,12 +967,12 @@ async fn copy_length<I: AsyncWrite + Unpin>(
 
 async fn copy_to_end<I: AsyncWrite + Unpin>(
     io: &mut I,
-    up: &mut Upstream,
+    up: &mut Body<'_>,
     exchange: &Exchange,
     out: &mut Vec<u8>,
 ) -> std::io::Result<()> {
     exchange.add_in(up.rest.len() as u64);
-    out.extend_from_slice(&up.rest);
+    out.extend_from_slice(up.rest);
     up.rest.clear();
     write_all(io, out).await?;
     loop {
@@ -812,7 +985,7 @@ async fn copy_to_end<I: AsyncWrite + Unpin>(
             Err(e) => return Err(e),
         }
         exchange.add_in(up.rest.len() as u64);
-        io.write_all(&up.rest).await?;
+        io.write_all(up.rest).await?;
         up.rest.clear();
     }
 }
@@ -821,13 +994,13 @@ async fn copy_to_end<I: AsyncWrite + Unpin>(
 const LARGE_READ: usize = 64 * 1024;
 
 /// [`fill`] with room for [`LARGE_READ`] bytes.
-async fn fill_large(up: &mut Upstream) -> std::io::Result<()> {
+async fn fill_large(up: &mut Body<'_>) -> std::io::Result<()> {
     if up.rest.is_empty() && up.rest.capacity() < LARGE_READ {
-        up.rest = BytesMut::with_capacity(LARGE_READ);
+        *up.rest = BytesMut::with_capacity(LARGE_READ);
     } else if up.rest.capacity() - up.rest.len() < LARGE_READ / 2 {
         up.rest.reserve(LARGE_READ);
     }
-    if up.stream.read_buf(&mut up.rest).await? == 0 {
+    if up.stream.read_buf(&mut *up.rest).await? == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
@@ -837,7 +1010,7 @@ async fn fill_large(up: &mut Upstream) -> std::io::Result<()> {
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 
 /// Takes one CRLF-terminated line from `up.rest` (without the CRLF), reading as needed.
-async fn line(up: &mut Upstream) -> std::io::Result<Bytes> {
+async fn line(up: &mut Body<'_>) -> std::io::Result<Bytes> {
     loop {
         if let Some(at) = up.rest.windows(2).position(|w| w == b"\r\n") {
             let line = up.rest.split_to(at).freeze();
@@ -853,7 +1026,7 @@ async fn line(up: &mut Upstream) -> std::io::Result<Bytes> {
 
 async fn copy_chunked<I: AsyncWrite + Unpin>(
     io: &mut I,
-    up: &mut Upstream,
+    up: &mut Body<'_>,
     exchange: &Exchange,
     out: &mut Vec<u8>,
 ) -> std::io::Result<bool> {
@@ -905,11 +1078,15 @@ async fn copy_chunked<I: AsyncWrite + Unpin>(
 
 fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
+}
+
+fn write_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes one of the proxy's own answers ([`deny`]); `Ok(true)` when the connection stays open.
@@ -955,72 +1132,179 @@ fn give_back(kept: Option<Kept>) {
 mod tests {
     use super::*;
 
-    fn head(text: &str) -> Option<Head> {
-        parse_request(text.as_bytes()).map(|(h, len)| {
-            assert_eq!(len, text.len());
-            h
+    /// The request and the head it sends upstream, for a head read on a proxy connection
+    /// without a credential.
+    fn lean(text: &str) -> Option<(Request, String)> {
+        let mut out = Vec::new();
+        parse_request(text.as_bytes(), None, None, &mut out).map(|r| {
+            assert_eq!(r.len, text.len());
+            (r, String::from_utf8(out).unwrap())
         })
+    }
+
+    fn tunnel(host: &str, port: u16, scheme: Scheme) -> Tunnel {
+        Tunnel {
+            host: Arc::from(host),
+            port,
+            sni_mismatch: None,
+            scheme,
+            refusal: None,
+        }
     }
 
     #[test]
     fn only_bodyless_safe_requests_with_plain_framing_are_lean() {
-        let lean = |t: &str| head(t).is_some();
-        assert!(lean("GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n"));
-        assert!(lean("HEAD / HTTP/1.1\r\nHost: a.test\r\n\r\n"));
-        assert!(lean("OPTIONS / HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"));
-        assert!(
-            head("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n")
-                .unwrap()
-                .close
-        );
+        let is_lean = |t: &str| lean(t).is_some();
+        assert!(is_lean(
+            "GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n"
+        ));
+        assert!(is_lean("HEAD http://a.test/ HTTP/1.1\r\n\r\n"));
+        assert!(is_lean(
+            "OPTIONS http://a.test/x HTTP/1.1\r\nConnection: keep-alive\r\n\r\n"
+        ));
+        let (closing, _) =
+            lean("GET http://a.test/ HTTP/1.1\r\nConnection: Close\r\n\r\n").unwrap();
+        assert!(closing.close);
         // a body, or any framing to interpret: hyper decides
-        assert!(!lean("POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"));
-        assert!(!lean("GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n"));
-        assert!(!lean(
-            "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        let not_lean = [
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nConnection: keep-alive, x-drop\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nTE: trailers\r\n\r\n",
+            "GET http://a.test/ HTTP/1.0\r\n\r\n",
+            "DELETE http://a.test/ HTTP/1.1\r\n\r\n",
+            "CONNECT a.test:443 HTTP/1.1\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            // a method override: the gate must decide that method too
+            "GET http://a.test/ HTTP/1.1\r\nX-HTTP-Method-Override: DELETE\r\n\r\n",
+            "GET http://a.test/?_method=DELETE HTTP/1.1\r\n\r\n",
+            "GET http://a.test/?_%6Dethod=DELETE HTTP/1.1\r\n\r\n",
+            // not absolute-form on a proxy connection, or not http
+            "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "GET https://a.test/ HTTP/1.1\r\n\r\n",
+        ];
+        for text in not_lean {
+            assert!(!is_lean(text), "{text:?} went lean");
+        }
+    }
+
+    #[test]
+    fn the_upstream_head_is_origin_form_without_hop_by_hop_headers() {
+        let (request, out) = lean(concat!(
+            "GET http://A.test:8080/p?q=1 HTTP/1.1\r\n",
+            "Host: elsewhere.test\r\n",
+            "Accept: */*\r\n",
+            "Proxy-Authorization: Basic eA==\r\n",
+            "Keep-Alive: 5\r\n",
+            "Proxy-Connection: keep-alive\r\n",
+            "Connection: close\r\n",
+            "Close: x\r\n",
+            "X-Trace: a b\r\n",
+            "\r\n"
+        ))
+        .unwrap();
+        assert_eq!(request.target.host, "a.test");
+        assert_eq!(request.target.port, 8080);
+        assert_eq!(request.target.path_and_query, "/p?q=1");
+        assert_eq!(
+            out,
+            "GET /p?q=1 HTTP/1.1\r\nhost: a.test:8080\r\nAccept: */*\r\nX-Trace: a b\r\n\r\n"
+        );
+        let (_, out) = lean("GET http://[::1]/ HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(out, "GET / HTTP/1.1\r\nhost: [::1]\r\n\r\n");
+    }
+
+    #[test]
+    fn a_proxy_connection_with_a_credential_needs_it_on_every_request() {
+        let expected = HeaderValue::from_static("Basic aGl2ZTpzM2NyZXQ=");
+        let parse = |text: &str| {
+            parse_request(text.as_bytes(), Some(&expected), None, &mut Vec::new()).is_some()
+        };
+        assert!(parse(
+            "GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: Basic aGl2ZTpzM2NyZXQ=\r\n\r\n"
         ));
-        assert!(!lean(
-            "GET / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        assert!(parse(
+            "GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: basic aGl2ZTpzM2NyZXQ=\r\n\r\n"
         ));
-        assert!(!lean(
-            "GET / HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+        assert!(!parse("GET http://a.test/ HTTP/1.1\r\n\r\n"));
+        assert!(!parse(
+            "GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: Basic aGl2ZTpzM2NyZXQ\r\n\r\n"
         ));
-        assert!(!lean(
-            "GET / HTTP/1.1\r\nConnection: keep-alive, x-drop\r\n\r\n"
+        assert!(!parse(
+            "GET http://a.test/ HTTP/1.1\r\nProxy-Authorization: Basic aGl2ZTpzM2NyZXP=\r\n\r\n"
         ));
-        assert!(!lean("GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"));
-        assert!(!lean("GET / HTTP/1.1\r\nTE: trailers\r\n\r\n"));
-        assert!(!lean("GET / HTTP/1.0\r\n\r\n"));
-        assert!(!lean("DELETE / HTTP/1.1\r\n\r\n"));
-        assert!(!lean("CONNECT a.test:443 HTTP/1.1\r\n\r\n"));
-        assert!(!lean("GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"));
-        assert!(!lean("GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_tunnel_takes_origin_form_requests_for_its_own_host() {
+        let https = tunnel("a.test", 443, Scheme::Https);
+        let parse = |text: &str, t: &Tunnel| {
+            let mut out = Vec::new();
+            parse_request(text.as_bytes(), None, Some(t), &mut out)
+                .map(|r| (r.target.scheme, String::from_utf8(out).unwrap()))
+        };
+        assert_eq!(
+            parse("GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n", &https),
+            Some((
+                Scheme::Https,
+                "GET /x HTTP/1.1\r\nhost: a.test\r\n\r\n".to_owned()
+            ))
+        );
+        assert!(parse("GET /x HTTP/1.1\r\nHost: a.test:443\r\n\r\n", &https).is_some());
+        assert!(parse("GET /x HTTP/1.1\r\nHost: b.test\r\n\r\n", &https).is_none());
+        assert!(parse("GET /x HTTP/1.1\r\nHost: a.test:8443\r\n\r\n", &https).is_none());
+        assert!(parse("GET /x HTTP/1.1\r\n\r\n", &https).is_none());
+        assert!(parse(
+            "GET /x HTTP/1.1\r\nHost: a.test\r\nHost: a.test\r\n\r\n",
+            &https
+        )
+        .is_none());
+        assert!(parse(
+            "GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            &https
+        )
+        .is_none());
+        let plain = tunnel("a.test", 8080, Scheme::Http);
+        assert_eq!(
+            parse("GET / HTTP/1.1\r\nHost: a.test:8080\r\n\r\n", &plain),
+            Some((
+                Scheme::Http,
+                "GET / HTTP/1.1\r\nhost: a.test:8080\r\n\r\n".to_owned()
+            ))
+        );
+    }
+
+    /// The framing of a response with these headers, as text.
+    fn framing(status: u16, is_head: bool, pairs: &[(&str, &str)]) -> String {
+        let headers: Vec<httparse::Header> = pairs
+            .iter()
+            .map(|(name, value)| httparse::Header {
+                name,
+                value: value.as_bytes(),
+            })
+            .collect();
+        match response_framing(status, is_head, &headers) {
+            None => "invalid".to_string(),
+            Some(Framing::None) => "none".to_string(),
+            Some(Framing::Length(n)) => format!("length {n}"),
+            Some(Framing::Chunked) => "chunked".to_string(),
+            Some(Framing::Close) => "close".to_string(),
+        }
     }
 
     #[test]
     fn response_framing_is_read_strictly() {
-        let framing = |status: u16, is_head: bool, pairs: &[(&str, &str)]| {
-            let mut h = HeaderMap::new();
-            for (n, v) in pairs {
-                h.append(
-                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                );
-            }
-            match response_framing(StatusCode::from_u16(status).unwrap(), is_head, &h) {
-                None => "invalid".to_string(),
-                Some(Framing::None) => "none".to_string(),
-                Some(Framing::Length(n)) => format!("length {n}"),
-                Some(Framing::Chunked) => "chunked".to_string(),
-                Some(Framing::Close) => "close".to_string(),
-            }
-        };
         assert_eq!(
             framing(200, false, &[("content-length", "12")]),
             "length 12"
         );
         assert_eq!(
-            framing(200, false, &[("content-length", "3, 3")]),
+            framing(200, false, &[("Content-Length", "3, 3")]),
             "length 3"
         );
         assert_eq!(
@@ -1044,7 +1328,18 @@ mod tests {
             "chunked"
         );
         assert_eq!(
-            framing(200, false, &[("transfer-encoding", "gzip, chunked")]),
+            framing(200, false, &[("Transfer-Encoding", "gzip, chunked")]),
+            "chunked"
+        );
+        assert_eq!(
+            framing(
+                200,
+                false,
+                &[
+                    ("transfer-encoding", "gzip"),
+                    ("transfer-encoding", "chunked")
+                ]
+            ),
             "chunked"
         );
         assert_eq!(
@@ -1058,5 +1353,67 @@ mod tests {
             framing(304, false, &[("transfer-encoding", "chunked")]),
             "none"
         );
+    }
+
+    #[test]
+    fn the_client_head_drops_hop_by_hop_headers_and_states_the_framing_once() {
+        let relay = |head: &str, is_head: bool, client_close: bool| {
+            let mut out = Vec::new();
+            response_head(head.as_bytes(), is_head, client_close, &mut out)
+                .map(|h| (h.status, h.upstream_close, String::from_utf8(out).unwrap()))
+        };
+        let head = concat!(
+            "HTTP/1.1 200 Fine\r\n",
+            "Content-Type: text/plain\r\n",
+            "Content-Length: 3, 3\r\n",
+            "Connection: keep-alive, X-Hop\r\n",
+            "X-Hop: 1\r\n",
+            "Keep-Alive: timeout=5\r\n",
+            "Proxy-Authenticate: Basic\r\n",
+            "Upgrade: h2c\r\n",
+            "Trailer: x\r\n",
+            "\r\n"
+        );
+        assert_eq!(
+            relay(head, false, false),
+            Some((
+                200,
+                false,
+                "HTTP/1.1 200 Fine\r\nContent-Type: text/plain\r\ncontent-length: 3\r\n\r\n"
+                    .to_owned()
+            ))
+        );
+        // a HEAD answer keeps its length as sent; a client that asked to close is told so
+        assert_eq!(
+            relay("HTTP/1.1 200 \r\nContent-Length: 9\r\n\r\n", true, true)
+                .unwrap()
+                .2,
+            "HTTP/1.1 200 OK\r\nContent-Length: 9\r\nconnection: close\r\n\r\n"
+        );
+        // chunked goes out chunked; a body to the end of the connection closes the client's
+        assert_eq!(
+            relay(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 4\r\n\r\n",
+                false,
+                false
+            )
+            .unwrap()
+            .2,
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        assert_eq!(
+            relay("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", false, false),
+            Some((
+                200,
+                true,
+                "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_owned()
+            ))
+        );
+        assert!(relay(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            false,
+            false
+        )
+        .is_none());
     }
 }
