@@ -54,22 +54,13 @@ pub enum Served<I> {
     /// Serve the rest with hyper: the stream, replaying the bytes already read from it.
     Handoff(Prefixed<I>),
 }
-/// The connection's upstream leg, kept between its requests.
-struct Kept {
-    key: LeanKey,
+/// An idle upstream connection taken from the pool for one exchange.
+struct Taken {
     stream: LeanStream,
     client: Arc<UpstreamClient>,
-    /// The rules the connection was last decided under: while they are the ones in force, the
-    /// next request to the same target is decided by the policy alone, on this connection.
-    compiled: Arc<Compiled>,
-}
-
-impl Kept {
-    fn serves(&self, target: &Target) -> bool {
-        self.key.port == target.port
-            && self.key.scheme == target.scheme
-            && *self.key.host == *target.host
-    }
+    /// The rules its last request was decided under: while they are the ones in force, a request
+    /// to the same target is decided by the policy alone, on this connection.
+    decided: Arc<Compiled>,
 }
 
 /// A request the lean path may take, read from the head at the start of the read buffer.
@@ -114,22 +105,19 @@ where
         out: Vec::with_capacity(4 * 1024),
         rest: BytesMut::new(),
     };
-    let mut kept: Option<Kept> = None;
+    // The last request's target, kept so that the next one to it needs no new key.
+    let mut key: Option<LeanKey> = None;
     let mut draining = std::pin::pin!(conn.ctl.reached(super::listener::Phase::Draining));
     loop {
         // No new request once the listener is closing (hyper's graceful shutdown does the same).
         if conn.ctl.is_closed() {
-            give_back(kept);
             return Served::Done;
         }
         // The next head: wait for it, unless the listener is closing.
         match read_head(&mut io, &mut bufs.read, &mut draining).await {
             HeadRead::Complete => {}
             HeadRead::Handoff => break,
-            HeadRead::Closed => {
-                give_back(kept);
-                return Served::Done;
-            }
+            HeadRead::Closed => return Served::Done,
         }
         let credential = conn.ctl.credential.as_ref();
         let Some(request) = parse_request(&bufs.read, credential, tunnel, &mut bufs.out) else {
@@ -149,15 +137,13 @@ where
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _busy = conn.idle.busy();
         let exchanged = exchange(
-            &mut io, conn, &compiled, request, decision, &mut kept, &mut bufs,
+            &mut io, conn, &compiled, request, decision, &mut key, &mut bufs,
         );
         if !exchanged.await.unwrap_or(false) {
-            give_back(kept);
             let _ = io.shutdown().await;
             return Served::Done;
         }
     }
-    give_back(kept);
     Served::Handoff(Prefixed::new(bufs.read.freeze(), io))
 }
 
@@ -441,17 +427,18 @@ fn no_injection(policy: &crate::policy::Policy, decision: &Decision) -> bool {
 /// Decides and relays one request whose upstream head is in `bufs.out`; `Ok(true)` when the
 /// client connection stays open.
 ///
-/// `decision` is the policy's ([`plainly_allowed`]). On a kept upstream connection to the same
-/// target, under the same rules, it is the request's decision: the connection's addresses were
-/// checked and pinned when it was opened, and nothing is resolved or connected now (hyper's pooled
-/// connections are reused the same way). Otherwise the gate decides, as on hyper's path.
+/// `decision` is the policy's ([`plainly_allowed`]). When an idle upstream connection to the same
+/// target was last used under the same rules, it is the request's decision: that connection's
+/// addresses were checked and pinned when it was opened, and nothing is resolved or connected now
+/// (hyper's pooled connections are reused the same way). Otherwise the gate decides, as on
+/// hyper's path.
 async fn exchange<I>(
     io: &mut I,
     conn: &Conn,
     compiled: &Arc<Compiled>,
     request: Request,
     decision: Decision,
-    kept: &mut Option<Kept>,
+    last_key: &mut Option<LeanKey>,
     bufs: &mut Buffers,
 ) -> Result<bool, ()>
 where
@@ -477,61 +464,90 @@ where
     let is_head = request.method == Method::HEAD;
     let close = request.close;
     let out = &mut bufs.out;
-    let on_kept = kept
-        .as_ref()
-        .is_some_and(|k| Arc::ptr_eq(&k.compiled, compiled) && k.serves(target));
-    let (decision, client) = if on_kept {
-        (decision, None)
-    } else {
-        let ask = crate::policy::Request {
-            host,
-            port,
-            method,
-            path: &target.path_and_query,
-            scheme: target.scheme,
-            ip: None,
-        };
-        let origin = subject.origin.clone();
-        let outcome =
-            gate::check_from(engine, compiled, host, port, Ask::Request(ask, &[]), origin);
-        match outcome.await {
-            Outcome::Denied(decision) => {
-                auditor.request(&subject, &decision, &[]);
-                let res = deny::forbidden(decision.reason, host, method, event_path);
-                return answer(io, res, is_head, close, out).await;
+    let key = match last_key {
+        Some(k) if k.port == port && k.scheme == target.scheme && *k.host == *host => k.clone(),
+        _ => last_key
+            .insert(LeanKey {
+                scheme: target.scheme,
+                host: Arc::from(host),
+                port,
+            })
+            .clone(),
+    };
+    // The idle connection to the target used last, from the client for the `upstream` in force.
+    let mut taken = engine
+        .upstream
+        .get(&compiled.config)
+        .ok()
+        .and_then(|client| {
+            let (stream, decided) = client.lean_take(&key)?;
+            Some(Taken {
+                stream,
+                client,
+                decided,
+            })
+        });
+    let (decision, client) = match &taken {
+        Some(t) if Arc::ptr_eq(&t.decided, compiled) => (decision, t.client.clone()),
+        _ => {
+            let ask = crate::policy::Request {
+                host,
+                port,
+                method,
+                path: &target.path_and_query,
+                scheme: target.scheme,
+                ip: None,
+            };
+            let origin = subject.origin.clone();
+            let outcome =
+                gate::check_from(engine, compiled, host, port, Ask::Request(ask, &[]), origin);
+            let outcome = outcome.await;
+            // The idle connection serves the request only if it is the allowing client's.
+            let same_client = match &outcome {
+                Outcome::Allowed { client, .. } => taken
+                    .as_ref()
+                    .is_some_and(|t| Arc::ptr_eq(&t.client, client)),
+                _ => false,
+            };
+            if !same_client {
+                give_back(&key, taken.take());
             }
-            Outcome::Unreachable(decision, failure) => {
-                if let Some(ex) = auditor.request(&subject, &decision, &[]) {
-                    ex.fail(failure, host, port, failure.describe());
+            match outcome {
+                Outcome::Denied(decision) => {
+                    auditor.request(&subject, &decision, &[]);
+                    let res = deny::forbidden(decision.reason, host, method, event_path);
+                    return answer(io, res, is_head, close, out).await;
                 }
-                let res = deny::bad_gateway(failure, host, method, event_path);
-                return answer(io, res, is_head, close, out).await;
-            }
-            Outcome::Allowed {
-                decision, client, ..
-            } if no_injection(&compiled.policy, &decision) => (decision, Some(client)),
-            Outcome::Allowed { decision, .. } => {
-                // The gate decided otherwise than the policy alone (it should not): fail closed.
-                let decision = Decision::denied(decision.rule, reason::NO_RULE);
-                auditor.request(&subject, &decision, &[]);
-                let res = deny::forbidden(decision.reason, host, method, event_path);
-                return answer(io, res, is_head, close, out).await;
+                Outcome::Unreachable(decision, failure) => {
+                    if let Some(ex) = auditor.request(&subject, &decision, &[]) {
+                        ex.fail(failure, host, port, failure.describe());
+                    }
+                    let res = deny::bad_gateway(failure, host, method, event_path);
+                    return answer(io, res, is_head, close, out).await;
+                }
+                Outcome::Allowed {
+                    decision, client, ..
+                } if no_injection(&compiled.policy, &decision) => (decision, client),
+                Outcome::Allowed { decision, .. } => {
+                    // The gate decided otherwise than the policy alone (it should not): fail closed.
+                    let decision = Decision::denied(decision.rule, reason::NO_RULE);
+                    auditor.request(&subject, &decision, &[]);
+                    let res = deny::forbidden(decision.reason, host, method, event_path);
+                    give_back(&key, taken.take());
+                    return answer(io, res, is_head, close, out).await;
+                }
             }
         }
     };
     let Some(exchange) = auditor.request(&subject, &decision, &[]) else {
+        give_back(&key, taken);
         let res = deny::forbidden(decision.reason, host, method, event_path);
         return answer(io, res, is_head, close, out).await;
     };
 
     let timeout = compiled.config.upstream.response_timeout;
-    let sent = match client {
-        None => send(kept, None, compiled, target, out, &mut bufs.rest, timeout).await,
-        Some(client) => {
-            let fresh = Some(&client);
-            send(kept, fresh, compiled, target, out, &mut bufs.rest, timeout).await
-        }
-    };
+    let reused = taken.map(|t| t.stream);
+    let sent = send(reused, &client, target, out, &mut bufs.rest, timeout).await;
     let up = match sent {
         Ok(up) => up,
         Err(failure) => {
@@ -542,14 +558,17 @@ where
         }
     };
     let asked = Asked {
+        host,
+        port,
         method,
         path: event_path,
         is_head,
         close,
     };
-    let open = relay(io, kept, &asked, up, &exchange, out, &mut bufs.rest).await;
-    if kept.is_none() {
-        bufs.rest.clear();
+    let (open, clean) = relay(io, &asked, up, &exchange, out, &mut bufs.rest).await;
+    match clean {
+        Some(stream) => client.lean_put(key, stream, compiled.clone()),
+        None => bufs.rest.clear(),
     }
     open
 }
@@ -559,60 +578,27 @@ struct Upstream {
     /// Length of the response head.
     head_len: usize,
     stream: LeanStream,
-    key: LeanKey,
-    client: Arc<UpstreamClient>,
-    compiled: Arc<Compiled>,
 }
 
-/// Writes the request in `out` upstream and reads the response head into `rest`: on the kept
-/// connection, or (with the gate's `fresh` client) a kept one to the same target, a pooled one or
-/// a new one. A connection that was reused and fails before any response byte is replaced once
-/// (the request has no body, and its method is safe to repeat).
+/// Writes the request in `out` upstream and reads the response head into `rest`, on the idle
+/// connection `reused` or a new one. A connection that was reused and fails before any response
+/// byte is replaced once (the request has no body, and its method is safe to repeat).
 async fn send(
-    kept: &mut Option<Kept>,
-    fresh: Option<&Arc<UpstreamClient>>,
-    compiled: &Arc<Compiled>,
+    mut reused: Option<LeanStream>,
+    client: &UpstreamClient,
     target: &Target,
     out: &[u8],
     rest: &mut BytesMut,
     timeout: Duration,
 ) -> Result<Upstream, (UpstreamFailure, String)> {
-    let (mut reused, key, client) = match (kept.take(), fresh) {
-        (Some(k), None) => (Some(k.stream), k.key, k.client),
-        (k, Some(client)) => {
-            let key = LeanKey {
-                scheme: target.scheme,
-                host: Arc::from(target.host.as_str()),
-                port: target.port,
-            };
-            match k {
-                Some(k) if k.key == key && Arc::ptr_eq(&k.client, client) => {
-                    (Some(k.stream), key, client.clone())
-                }
-                other => {
-                    give_back(other);
-                    (client.lean_take(&key), key, client.clone())
-                }
-            }
-        }
-        // No kept connection and no gate: not called so (fail closed all the same).
-        (None, None) => {
-            let detail = "no upstream connection was decided".to_owned();
-            return Err((UpstreamFailure::Exchange, detail));
-        }
-    };
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let was_reused = reused.is_some();
         let mut stream = match reused.take() {
             Some(s) => s,
             None => {
-                let Some(uri) = upstream_uri(
-                    target.scheme,
-                    &target.host,
-                    target.port,
-                    &target.path_and_query,
-                ) else {
+                let (scheme, host, port) = (target.scheme, &target.host, target.port);
+                let Some(uri) = upstream_uri(scheme, host, port, &target.path_and_query) else {
                     let detail = "the request target cannot be forwarded".to_owned();
                     return Err((UpstreamFailure::Exchange, detail));
                 };
@@ -634,15 +620,7 @@ async fn send(
             read_response_head(&mut stream, rest).await
         };
         match tokio::time::timeout_at(deadline, head).await {
-            Ok(Ok(Some(head_len))) => {
-                return Ok(Upstream {
-                    head_len,
-                    stream,
-                    key,
-                    client,
-                    compiled: compiled.clone(),
-                })
-            }
+            Ok(Ok(Some(head_len))) => return Ok(Upstream { head_len, stream }),
             Ok(Ok(None)) => {
                 return Err((
                     UpstreamFailure::Exchange,
@@ -707,6 +685,8 @@ async fn read_response_head(
 
 /// What the client asked, as the answer needs it.
 struct Asked<'a> {
+    host: &'a str,
+    port: u16,
     method: &'a str,
     /// The path without the query (as events and denials show it).
     path: &'a str,
@@ -864,15 +844,17 @@ fn response_head(
 
 /// Answers the client with the upstream's response (its head at the start of `rest`) and relays
 /// its body; keeps the upstream connection for the next request when the exchange left it clean.
+///
+/// Returns whether the client connection stays open, and the upstream connection when it is
+/// clean for another request.
 async fn relay<I>(
     io: &mut I,
-    kept: &mut Option<Kept>,
     asked: &Asked<'_>,
     up: Upstream,
     exchange: &Exchange,
     out: &mut Vec<u8>,
     rest: &mut BytesMut,
-) -> Result<bool, ()>
+) -> (Result<bool, ()>, Option<LeanStream>)
 where
     I: AsyncWrite + Unpin,
 {
@@ -880,9 +862,9 @@ where
     let Some(head) = response_head(&rest[..up.head_len], is_head, client_close, out) else {
         let failure = UpstreamFailure::Exchange;
         let detail = "conflicting Content-Length values in the response";
-        exchange.fail(failure, &up.key.host, up.key.port, detail);
-        let res = deny::bad_gateway(failure, &up.key.host, asked.method, asked.path);
-        return answer(io, res, is_head, client_close, out).await;
+        exchange.fail(failure, asked.host, asked.port, detail);
+        let res = deny::bad_gateway(failure, asked.host, asked.method, asked.path);
+        return (answer(io, res, is_head, client_close, out).await, None);
     };
     rest.advance(up.head_len);
     exchange.set_status(head.status);
@@ -899,16 +881,11 @@ where
             .await
             .map(|()| false),
     };
-    let clean = clean.map_err(|_| ())?;
-    if clean && !head.upstream_close && body.rest.is_empty() {
-        *kept = Some(Kept {
-            key: up.key,
-            stream: body.stream,
-            client: up.client,
-            compiled: up.compiled,
-        });
+    match clean {
+        Ok(true) if !head.upstream_close && body.rest.is_empty() => (Ok(!close), Some(body.stream)),
+        Ok(_) => (Ok(!close), None),
+        Err(_) => (Err(()), None),
     }
-    Ok(!close)
 }
 
 /// A response body being read: the upstream connection and what was read past the head.
@@ -1121,10 +1098,10 @@ async fn answer<I: AsyncWrite + Unpin>(
     Ok(!close)
 }
 
-/// Returns a kept upstream connection to its client's pool.
-fn give_back(kept: Option<Kept>) {
-    if let Some(k) = kept {
-        k.client.lean_put(k.key, k.stream);
+/// Returns an idle connection that was taken and not used to its client's pool.
+fn give_back(key: &LeanKey, taken: Option<Taken>) {
+    if let Some(t) = taken {
+        t.client.lean_put(key.clone(), t.stream, t.decided);
     }
 }
 

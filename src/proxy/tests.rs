@@ -2317,6 +2317,47 @@ async fn lean_path_denies_like_hyper_and_keeps_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_path_decides_a_reused_connection_again_once_the_rules_change() {
+    // `localhost:80` mapped to the test's server: allowed, and the mapping exempts the address.
+    let h = Harness::new(json!([])).await;
+    let egress = json!([{ "access": "allow", "host": "localhost" }]);
+    let mapped = |on: bool| {
+        let mut upstream = h.upstream.clone();
+        if on {
+            upstream["resolve"]["localhost:80"] = h.http.addr.to_string().into();
+        }
+        let config = Config::from_json(&json!({ "egress": egress, "upstream": upstream }));
+        h.cell.store(Arc::new(Compiled::new(config.unwrap())));
+    };
+    mapped(true);
+    let mut c = h.http_client().await;
+    let get = || Request::get("http://localhost/x").body(empty()).unwrap();
+    // The second request reuses the upstream connection, decided by the policy alone.
+    assert_eq!(send(&mut c, get()).await.0, StatusCode::OK);
+    assert_eq!(send(&mut c, get()).await.0, StatusCode::OK);
+    assert_eq!(h.http.hits.count(), 2);
+
+    // A new config, the same allow rule, no mapping: the idle connection to the old address is
+    // not used (another `upstream` section is another client and pool), and the gate refuses the
+    // address `localhost` now resolves to.
+    mapped(false);
+    let (status, headers, _) = send(&mut c, get()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[DENIED_HEADER], "private-address");
+    assert_eq!(
+        h.http.hits.count(),
+        2,
+        "the refused request reached no server"
+    );
+    assert_eq!(h.engine.lean_requests(), 3);
+
+    // Mapped again: allowed again.
+    mapped(true);
+    assert_eq!(send(&mut c, get()).await.0, StatusCode::OK);
+    assert_eq!(h.http.hits.count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lean_path_relays_every_response_framing() {
     let h = Harness::new(json!([])).await;
     let (raw, accepted) = start_raw_upstream().await;

@@ -55,36 +55,41 @@ type Pins = moka::sync::Cache<(String, u16), Arc<[SocketAddr]>>;
 /// An upstream connection of the lean path.
 pub type LeanStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
 
-/// Idle connections of the lean path, per target, newest last. Each closes after
+/// An idle lean connection: when it went idle, the stream, and the rules its last request was
+/// decided under.
+type IdleLean = (std::time::Instant, LeanStream, Arc<crate::policy::Compiled>);
+
+/// Idle connections of the lean path, per target, newest last (the next request takes the one
+/// used last, whose state is still in the CPU's caches). Each closes after
 /// [`POOL_IDLE_TIMEOUT`] unused: a sweeper runs while any is kept (as hyper's pool does), so a
 /// burst's connections do not stay open, and in memory, after the burst.
 #[derive(Default)]
 pub struct LeanPool {
-    idle: Mutex<std::collections::HashMap<LeanKey, Vec<(std::time::Instant, LeanStream)>>>,
+    idle: Mutex<std::collections::HashMap<LeanKey, Vec<IdleLean>>>,
     sweeping: std::sync::atomic::AtomicBool,
 }
 
 impl LeanPool {
-    fn take(&self, key: &LeanKey) -> Option<LeanStream> {
+    fn take(&self, key: &LeanKey) -> Option<(LeanStream, Arc<crate::policy::Compiled>)> {
         let mut idle = self.idle.lock();
         let list = idle.get_mut(key)?;
         let now = std::time::Instant::now();
-        while let Some((since, stream)) = list.pop() {
+        while let Some((since, stream, decided)) = list.pop() {
             if now.duration_since(since) < POOL_IDLE_TIMEOUT {
-                return Some(stream);
+                return Some((stream, decided));
             }
         }
         None
     }
 
-    fn put(pool: &Arc<LeanPool>, key: LeanKey, stream: LeanStream) {
+    fn put(pool: &Arc<LeanPool>, key: LeanKey, idle: IdleLean) {
         {
-            let mut idle = pool.idle.lock();
-            let list = idle.entry(key).or_default();
+            let mut lists = pool.idle.lock();
+            let list = lists.entry(key).or_default();
             if list.len() >= POOL_MAX_IDLE_PER_HOST {
                 return;
             }
-            list.push((std::time::Instant::now(), stream));
+            list.push(idle);
         }
         if !pool
             .sweeping
@@ -117,7 +122,7 @@ impl LeanPool {
         let now = std::time::Instant::now();
         let mut idle = self.idle.lock();
         idle.retain(|_, list| {
-            list.retain(|(since, _)| now.duration_since(*since) < POOL_IDLE_TIMEOUT);
+            list.retain(|(since, ..)| now.duration_since(*since) < POOL_IDLE_TIMEOUT);
             !list.is_empty()
         });
         idle.values().map(Vec::len).sum()
@@ -235,14 +240,22 @@ impl UpstreamClient {
         Ok(TokioIo::new(stream))
     }
 
-    /// The newest idle lean connection to `key` that has not expired.
-    pub fn lean_take(&self, key: &LeanKey) -> Option<LeanStream> {
+    /// The newest idle lean connection to `key` that has not expired, with the rules its last
+    /// request was decided under.
+    pub fn lean_take(&self, key: &LeanKey) -> Option<(LeanStream, Arc<crate::policy::Compiled>)> {
         self.lean_idle.take(key)
     }
 
-    /// Keeps an idle lean connection for the next request to `key`.
-    pub fn lean_put(&self, key: LeanKey, stream: LeanStream) {
-        LeanPool::put(&self.lean_idle, key, stream);
+    /// Keeps an idle lean connection for the next request to `key`; `decided` are the rules its
+    /// last request was decided under.
+    pub fn lean_put(
+        &self,
+        key: LeanKey,
+        stream: LeanStream,
+        decided: Arc<crate::policy::Compiled>,
+    ) {
+        let idle = (std::time::Instant::now(), stream, decided);
+        LeanPool::put(&self.lean_idle, key, idle);
     }
 
     /// Pins the checked addresses of host:port for the next connects.
