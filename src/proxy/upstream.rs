@@ -52,8 +52,9 @@ const POOL_MAX_IDLE_PER_HOST: usize = 4096;
 
 type Pins = moka::sync::Cache<(String, u16), Arc<[SocketAddr]>>;
 
-/// An upstream connection of the lean path.
-pub type LeanStream = TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>;
+/// An upstream connection of the lean path. Boxed: the TLS state is kilobytes, and the
+/// connection moves between the pool and each exchange's futures on every request.
+pub type LeanStream = Box<TokioIo<MaybeHttpsStream<TokioIo<TcpStream>>>>;
 
 /// An idle lean connection: when it went idle, the stream, and the rules its last request was
 /// decided under.
@@ -237,7 +238,7 @@ impl UpstreamClient {
     ) -> std::result::Result<LeanStream, Box<dyn std::error::Error + Send + Sync>> {
         let mut connector = self.h1_connector.clone();
         let stream = tower_service::Service::call(&mut connector, uri).await?;
-        Ok(TokioIo::new(stream))
+        Ok(Box::new(TokioIo::new(stream)))
     }
 
     /// The newest idle lean connection to `key` that has not expired, with the rules its last
