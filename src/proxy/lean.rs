@@ -1,13 +1,17 @@
 //! The lean HTTP/1.1 path: the most common request an agent sends (an HTTP/1.1 `GET`, `HEAD` or
 //! `OPTIONS` without a body, allowed by a rule that injects nothing, in a sandbox without named
-//! secrets) is parsed with `httparse` and relayed over an upstream connection this client
-//! connection keeps, without hyper's per-request machinery on either leg (docs/decisions.md,
-//! "Lean HTTP/1.1 path"). Anything else, from the first request that is not such a request, is
-//! handed to hyper with the bytes already read ([`Prefixed`]), before anything about that request
-//! was decided, emitted or sent.
+//! secrets) is parsed with `httparse` and relayed over an upstream connection taken from the lean
+//! pool for the exchange, without hyper's per-request machinery on either leg and without a
+//! header map: heads are filtered from the parsed bytes into the outgoing ones (docs/decisions.md,
+//! "Lean HTTP/1.1 path" and "Lean path, second pass"). Anything else, from the first request
+//! that is not such a request, is handed to hyper with the bytes already read ([`Prefixed`]),
+//! before anything about that request was decided, emitted or sent.
 //!
 //! Decisions, events and denials are the ones [`http::forward`](super::http::forward) makes: the
-//! same gate ([`gate::check_from`]), the same [`Auditor`] and the same [`deny`] answers.
+//! same gate ([`gate::check_from`]), the same [`Auditor`] and the same [`deny`] answers. A request
+//! on an idle connection last used under the same rules is decided by the policy alone: the gate
+//! checked and pinned that connection's addresses when it was opened, and nothing is resolved or
+//! connected now.
 //!
 //! # Security
 //! - A request is taken only when its framing leaves nothing to interpret: no body, no
@@ -19,7 +23,9 @@
 //!   exchange (`502`); a body without either is read to the end and the client connection closed
 //!   after it. Hop-by-hop headers are removed both ways ([`headers::strip_hop_by_hop`]).
 //! - Upstream connections speak HTTP/1.1 only (the h1 connector: no h2 by ALPN) and connect to
-//!   the addresses the gate pinned, as hyper's client does.
+//!   the addresses the gate pinned, as hyper's client does. The pool belongs to the client for the
+//!   `upstream` section in force: a changed section (another mapping, other roots) never reuses a
+//!   connection opened under the old one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +60,7 @@ pub enum Served<I> {
     /// Serve the rest with hyper: the stream, replaying the bytes already read from it.
     Handoff(Prefixed<I>),
 }
+
 /// An idle upstream connection taken from the pool for one exchange.
 struct Taken {
     stream: LeanStream,
