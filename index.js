@@ -222,11 +222,16 @@ Sandbox.prototype.getEventsStream = function (options) {
 // object built property by property per event (the native generator napi declares): a subscriber
 // keeps up with a busy proxy. The batch belongs to the stream, so every iterator of one stream
 // reads the same sequence as before; calls to next() are served in order; return() ends the stream
-// at once, also while a next() waits.
+// at once, also while a next() waits. A next() that finds an event of the batch ready, with no
+// earlier call still waiting, hands it over at once: a subscriber that keeps up takes nearly every
+// event that way, without the promises of the queue.
 const BATCH = Symbol('hive.eventBatch')
 function batchedEvents() {
   const stream = this
-  const state = (stream[BATCH] ??= { events: [], at: 0, ended: false, queue: Promise.resolve() })
+  const state = (stream[BATCH] ??= { events: [], at: 0, ended: false, queue: Promise.resolve(), waiting: 0 })
+  const settled = () => {
+    state.waiting--
+  }
   const done = { done: true, value: undefined }
   const pull = async () => {
     while (state.at >= state.events.length) {
@@ -252,8 +257,14 @@ function batchedEvents() {
   }
   return {
     next() {
+      if (state.waiting === 0 && state.at < state.events.length) {
+        const value = state.events[state.at]
+        state.events[state.at++] = undefined
+        return Promise.resolve({ done: false, value })
+      }
+      state.waiting++
       const result = state.queue.then(pull)
-      state.queue = result.catch(() => {})
+      state.queue = result.then(settled, settled)
       return result
     },
     async return(value) {

@@ -3,7 +3,7 @@
 // reached under real-looking names through `upstream.resolve`. Every denial asserts zero upstream
 // hits.
 import { execFile } from 'node:child_process'
-import { writeFileSync } from 'node:fs'
+import { readFileSync, writeFileSync } from 'node:fs'
 import http2 from 'node:http2'
 import https from 'node:https'
 import { join } from 'node:path'
@@ -257,6 +257,37 @@ describe('credentials', () => {
     expect(r.body).toMatch(/x-hive-denied: plaintext-credentials/i)
     expect(r.body).not.toContain(SECRET)
     expect(totalHits()).toBe(0)
+  })
+})
+
+describe('the audit stream', () => {
+  it('streams each egress event to JS exactly as its audit log line holds it, key for key', async () => {
+    await apply([{ access: 'allow', host: 'pypi.org' }])
+    const events = await eventsDuring(2, async () => {
+      const r = await curl(['--proxy', proxy.url, 'http://pypi.org/simple/?q=1'])
+      expect(r.status).toBe(200)
+    })
+    expect(events.map((e) => e.type)).toEqual(['egress.request', 'egress.response'])
+    const log = join(home.dir, 'sandboxes', 'proxy-e2e', 'audit.jsonl')
+    // The writer batches its writes: wait until the log holds both events.
+    const logged = async (): Promise<Record<string, string>> => {
+      for (let i = 0; i < 100; i++) {
+        const byId: Record<string, string> = {}
+        for (const line of readFileSync(log, 'utf8').split('\n')) {
+          const id = line && (JSON.parse(line) as SandboxEvent).id
+          if (id && events.some((e) => e.id === id)) byId[id] = line
+        }
+        if (Object.keys(byId).length === events.length) return byId
+        await new Promise((r) => setTimeout(r, 20))
+      }
+      throw new Error('the audit log never held the streamed events')
+    }
+    const lines = await logged()
+    for (const event of events) {
+      expect(JSON.stringify(event)).toBe(JSON.stringify(JSON.parse(lines[event.id])))
+    }
+    expect(events[0]).toMatchObject({ host: 'pypi.org', path: '/simple/', access: 'allowed' })
+    expect(events[1]).toMatchObject({ requestId: events[0].id, status: 200 })
   })
 })
 

@@ -8,10 +8,16 @@
 //!    so string order is emission order; it continues after the last id in the log across
 //!    restarts;
 //! 3. it is stamped with the time (RFC 3339 UTC, milliseconds) and the sandbox name;
-//! 4. its JSON line is handed to the bus's writer thread (see `writer.rs`, which batches the
-//!    writes, and `log.rs` for rotation); a write error is logged and does not stop the event;
-//! 5. a copy is pushed into every live subscriber's bounded buffer (never waiting, see
-//!    `subscription.rs`).
+//! 4. it is rendered once, as its JSON line, which is handed to the bus's writer thread (see
+//!    `writer.rs`, which batches the writes, and `log.rs` for rotation); a write error is logged
+//!    and does not stop the event;
+//! 5. a copy, sharing the fields and that rendering (see `fields.rs`), is pushed into every live
+//!    subscriber's bounded buffer (never waiting, see `subscription.rs`); the JS stream hands
+//!    the rendering on, so JS sees byte for byte what the log holds.
+//!
+//! The events of every proxied request ([`EventBus::emit_typed`]) skip the map: their typed
+//! fields are serialized straight into the line, and the map is parsed from it only if a Rust
+//! reader asks for it.
 //!
 //! # Security
 //! Events carry only the fields docs/audit-log.md lists: header *names*, never values, and never query strings.
@@ -19,6 +25,7 @@
 //! counts of a coalesced summary).
 
 mod coalesce;
+mod fields;
 mod log;
 mod subscription;
 mod writer;
@@ -40,6 +47,7 @@ use subscription::Live;
 use writer::{Msg, Shared};
 
 pub use coalesce::{FIELD_FIRST_TIME, FIELD_LAST_TIME, FIELD_TYPES};
+pub use fields::Fields;
 pub use log::{LOG_FILE, ROTATED_FILE, ROTATE_BYTES};
 pub use subscription::Subscription;
 
@@ -126,6 +134,10 @@ impl EgressTotals {
 pub const DEFAULT_BUFFER: usize = 10_000;
 
 /// One audit event. Serialized flat: `{ id, type, time, sandbox, ...fields }`.
+///
+/// An event the bus published to subscribers carries its rendering (see [`Fields`]): its header
+/// fields are not to be changed afterwards, or [`to_line`](Self::to_line) would still write the
+/// old ones.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// Unique within the sandbox; ids sort (as strings) in emission order, across restarts.
@@ -137,8 +149,8 @@ pub struct Event {
     /// The sandbox's name.
     pub sandbox: String,
     /// The type-specific fields (camelCase names, as JS sees them). Shared: every subscriber
-    /// gets the same map.
-    pub fields: Arc<Map<String, Value>>,
+    /// gets the same fields.
+    pub fields: Fields,
 }
 
 impl Event {
@@ -150,7 +162,7 @@ impl Event {
 
     /// [`to_json`](Self::to_json), taking the fields without a copy when no one else holds them.
     pub fn into_json(self) -> Value {
-        let mut object = Arc::unwrap_or_clone(self.fields);
+        let mut object = self.fields.into_map();
         object.insert(FIELD_ID.into(), Value::String(self.id));
         object.insert(FIELD_TYPE.into(), Value::String(self.kind));
         object.insert(FIELD_TIME.into(), Value::String(self.time));
@@ -158,14 +170,26 @@ impl Event {
         Value::Object(object)
     }
 
-    /// [`to_json`](Self::to_json) serialized (same keys, same sorted order), without building the
-    /// intermediate object: this runs for every event, twice per proxied request.
+    /// [`to_json`](Self::to_json) serialized (same keys, same sorted order): the event's log
+    /// line without the newline. An event the bus published to subscribers was rendered once,
+    /// when it got its id, and is not serialized again.
     pub fn to_line(&self) -> Vec<u8> {
-        let mut line = Vec::with_capacity(256);
-        if serde_json::to_writer(&mut line, &Flat(self)).is_err() {
-            line = self.to_json().to_string().into_bytes();
-        }
+        let mut line = Vec::with_capacity(320);
+        self.write_line(&mut line);
         line
+    }
+
+    /// Appends [`to_line`](Self::to_line) to `out`.
+    pub fn write_line(&self, out: &mut Vec<u8>) {
+        if let Some(rendered) = self.fields.rendered() {
+            out.extend_from_slice(rendered);
+            return;
+        }
+        let start = out.len();
+        if serde_json::to_writer(&mut *out, &Flat(self)).is_err() {
+            out.truncate(start);
+            out.extend_from_slice(self.to_json().to_string().as_bytes());
+        }
     }
 
     /// The inverse of [`to_json`](Self::to_json); `None` unless the header fields are strings.
@@ -562,18 +586,15 @@ impl EventBus {
     }
 
     /// [`emit`](Self::emit) for an event type with [`TypedFields`]; returns the event's id (empty
-    /// when the coalescer held it back). Without a live subscriber (and unless `debug` logging is
-    /// on) the fields go straight into the log line; otherwise their map is built as `emit` would.
+    /// when the coalescer held it back). Unless it is a denial or `debug` logging is on, the
+    /// fields are serialized straight into the log line, and live subscribers get an event that
+    /// carries that line, its map left to be parsed if someone reads it (see [`Fields`]).
     pub fn emit_typed<T: TypedFields>(&self, fields: &T) -> String {
         if fields.is_denial() || tracing::enabled!(tracing::Level::DEBUG) {
             return self.emit(T::KIND, typed_to_map(fields)).id;
         }
         let time = now_rfc3339();
         let mut state = self.state.lock();
-        if !state.subscribers.is_empty() {
-            drop(state);
-            return self.emit(T::KIND, typed_to_map(fields)).id;
-        }
         fields.count(&mut state.egress);
         let mut before = Vec::new();
         state.coalescer.pass(&mut before);
@@ -583,28 +604,62 @@ impl EventBus {
         state.last_seq += 1;
         let id = format_id(state.last_seq);
         if let Some(mut line) = typed_line(fields, &id, &self.sandbox, &time) {
-            line.push(b'\n');
-            self.send_line(&state, &id, line);
+            if state.subscribers.is_empty() {
+                line.push(b'\n');
+                self.send_line(&state, &id, line);
+            } else {
+                let rendered: Arc<[u8]> = Arc::from(line);
+                self.send_rendered(&state, &id, rendered.clone());
+                let event = Event {
+                    id: id.clone(),
+                    kind: T::KIND.to_owned(),
+                    time,
+                    sandbox: self.sandbox.clone(),
+                    fields: Fields::from_rendered(rendered),
+                };
+                self.fan_out(&state, event);
+            }
         }
         self.update_holding(&state);
         id
     }
 
-    /// Hands one event's line to the writer thread.
+    /// Hands one event's line (ending with a newline) to the writer thread.
     fn send_line(&self, state: &BusState, id: &str, line: Vec<u8>) {
-        let sent = state
-            .writer
-            .as_ref()
-            .is_some_and(|tx| tx.send(Msg::Line(state.last_seq, line)).is_ok());
+        self.send(state, id, Msg::Line(state.last_seq, line));
+    }
+
+    /// Hands one event's rendering (its line without the newline) to the writer thread.
+    fn send_rendered(&self, state: &BusState, id: &str, rendered: Arc<[u8]>) {
+        self.send(state, id, Msg::Rendered(state.last_seq, rendered));
+    }
+
+    fn send(&self, state: &BusState, id: &str, msg: Msg) {
+        let sent = state.writer.as_ref().is_some_and(|tx| tx.send(msg).is_ok());
         if !sent {
             tracing::warn!(%id, "cannot write audit log: its writer has stopped");
         }
     }
 
-    /// Gives one emitted event its id, hands its line to the writer and fans it out.
+    /// Pushes one published event into every live subscriber's buffer; the last one gets the
+    /// event itself, the others a copy.
+    fn fan_out(&self, state: &BusState, event: Event) {
+        let mut lives = state.subscribers.values().peekable();
+        while let Some(live) = lives.next() {
+            if lives.peek().is_some() {
+                live.push(event.clone());
+            } else {
+                live.push(event);
+                return;
+            }
+        }
+    }
+
+    /// Gives one emitted event its id, hands its line to the writer and fans it out; with
+    /// subscribers, the event keeps its rendering, which they share with the writer.
     fn publish(&self, state: &mut BusState, held: Held) -> Event {
         state.last_seq += 1;
-        let event = Event {
+        let mut event = Event {
             id: format_id(state.last_seq),
             kind: held.kind,
             time: held.time,
@@ -612,10 +667,14 @@ impl EventBus {
             fields: held.fields.into(),
         };
         let mut line = event.to_line();
-        line.push(b'\n');
-        self.send_line(state, &event.id, line);
-        for live in state.subscribers.values() {
-            live.push(event.clone());
+        if state.subscribers.is_empty() {
+            line.push(b'\n');
+            self.send_line(state, &event.id, line);
+        } else {
+            let rendered: Arc<[u8]> = Arc::from(line);
+            self.send_rendered(state, &event.id, rendered.clone());
+            event.fields = event.fields.with_rendered(rendered);
+            self.fan_out(state, event.clone());
         }
         event
     }
@@ -1156,6 +1215,82 @@ mod tests {
         let sub = bus.subscribe(Since::Start, DEFAULT_BUFFER).unwrap();
         assert_eq!(take(&sub, 2).await, old);
         assert_eq!(next(&sub).await, None);
+    }
+
+    // --- typed events ---
+
+    /// An `egress.response`-like typed event for the tests.
+    struct Response {
+        bytes_in: u64,
+        host: &'static str,
+    }
+
+    impl TypedFields for Response {
+        const KIND: &'static str = kind::EGRESS_RESPONSE;
+
+        fn write<M: serde::ser::SerializeMap>(
+            &self,
+            entries: &mut Entries<'_, M>,
+        ) -> Result<(), M::Error> {
+            entries.entry("bytesIn", &self.bytes_in)?;
+            entries.entry("host", self.host)
+        }
+
+        fn is_denial(&self) -> bool {
+            false
+        }
+
+        fn count(&self, totals: &mut EgressTotals) {
+            totals.count_response(self.bytes_in, 0);
+        }
+    }
+
+    /// Typed events reach live subscribers as the very line the log holds, without a map built
+    /// for them; their fields, when read, are the log's; ids stay in emission order among
+    /// untyped events; a replay writes the same bytes.
+    #[tokio::test]
+    async fn a_typed_event_reaches_subscribers_as_its_log_line_without_a_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = EventBus::open("sb", dir.path()).unwrap();
+        let a = bus.subscribe(Since::Now, DEFAULT_BUFFER).unwrap();
+        let b = bus.subscribe(Since::Now, DEFAULT_BUFFER).unwrap();
+        let mut want = Vec::new();
+        for n in 0..3 {
+            want.push(bus.emit_typed(&Response {
+                bytes_in: n,
+                host: "h\"\u{e9}\n.test",
+            }));
+            want.push(bus.emit(kind::DNS_QUERY, fields(n)).id);
+        }
+        let live = take(&a, 6).await;
+        assert_eq!(ids(&live), want, "in emission order");
+        assert_eq!(take(&b, 6).await, live, "every subscriber gets the same");
+        for event in live.iter().step_by(2) {
+            assert!(!event.fields.is_parsed(), "no map on the way");
+        }
+        bus.sync();
+        let log = fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
+        let log: Vec<&str> = log.lines().collect();
+        assert_eq!(log.len(), 6);
+        for (event, line) in live.iter().zip(&log) {
+            assert_eq!(String::from_utf8(event.to_line()).unwrap(), *line);
+        }
+        let typed = &live[2];
+        assert_eq!(
+            Value::Object((*typed.fields).clone()),
+            json!({ "bytesIn": 1, "host": "h\"\u{e9}\n.test" })
+        );
+        assert_eq!(log_lines(dir.path(), LOG_FILE), live, "field for field");
+        assert_eq!(
+            bus.egress_totals().bytes_in,
+            3,
+            "counted with subscribers too"
+        );
+
+        let replay = bus.subscribe(Since::Start, DEFAULT_BUFFER).unwrap();
+        for (event, line) in take(&replay, 6).await.iter().zip(&log) {
+            assert_eq!(String::from_utf8(event.to_line()).unwrap(), *line);
+        }
     }
 
     // --- flooding the log with denials ---

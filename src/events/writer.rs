@@ -2,7 +2,8 @@
 //! an async worker or under the bus lock (docs/audit-log.md).
 //!
 //! How it works:
-//! 1. The bus serializes each event under its lock and sends the line with its sequence number
+//! 1. The bus serializes each event under its lock and sends the line (or the event's rendering,
+//!    which subscribers share, for this thread to end with a newline) with its sequence number
 //!    over an unbounded channel (never waiting), so lines arrive in id order.
 //! 2. Woken by a first line, the thread lingers [`LINGER`] (group commit: a sender wakes it only
 //!    while it waits for a first line, so under load the lines of many requests cost one
@@ -37,6 +38,9 @@ pub const TICK: Duration = Duration::from_millis(100);
 pub enum Msg {
     /// One serialized event (ending with `\n`) and its sequence number.
     Line(u64, Vec<u8>),
+    /// One serialized event without its newline (shared with the event's subscribers) and its
+    /// sequence number.
+    Rendered(u64, Arc<[u8]>),
     /// The coalescer started holding: switch to ticking.
     Wake,
 }
@@ -123,11 +127,17 @@ fn run(shared: &Shared, rx: &Receiver<Msg>, bus: &Weak<EventBus>) {
         };
         let mut last = None;
         let mut ended = false;
-        let mut take = |msg: Msg, batch: &mut Vec<u8>| {
-            if let Msg::Line(seq, line) = msg {
+        let mut take = |msg: Msg, batch: &mut Vec<u8>| match msg {
+            Msg::Line(seq, line) => {
                 batch.extend_from_slice(&line);
                 last = Some(seq);
             }
+            Msg::Rendered(seq, rendered) => {
+                batch.extend_from_slice(&rendered);
+                batch.push(b'\n');
+                last = Some(seq);
+            }
+            Msg::Wake => {}
         };
         match first {
             Ok(msg) => {

@@ -96,7 +96,7 @@ impl EventStream {
             if i > 0 {
                 text.push(b',');
             }
-            text.extend_from_slice(&event.to_line());
+            event.write_line(&mut text);
         }
         text.push(b']');
         // serde_json writes UTF-8 only; a failure here would be a bug, reported, not a panic.
