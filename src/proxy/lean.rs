@@ -1263,6 +1263,96 @@ mod tests {
         );
     }
 
+    /// The headers of an HTTP/1.1 head written by the lean path, lowercased, in order.
+    fn header_lines(head: &[u8]) -> Vec<(String, String)> {
+        let text = String::from_utf8(head.to_vec()).unwrap();
+        text.split("\r\n")
+            .skip(1)
+            .take_while(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(": ").unwrap();
+                (n.to_ascii_lowercase(), v.to_owned())
+            })
+            .collect()
+    }
+
+    /// The same headers after hyper's path: a map, [`headers::strip_hop_by_hop`], and `drop`.
+    fn stripped(pairs: &[(&str, &str)], drop: &[&str]) -> Vec<(String, String)> {
+        let mut map = HeaderMap::new();
+        for (n, v) in pairs {
+            map.append(
+                http::header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        headers::strip_hop_by_hop(&mut map, false);
+        for name in drop {
+            map.remove(*name);
+        }
+        let mut out: Vec<(String, String)> = map
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The raw filters must remove what [`headers::strip_hop_by_hop`] removes on hyper's path,
+    /// no more and no less, or the two paths would relay different headers.
+    #[test]
+    fn the_byte_filters_remove_what_hypers_path_removes() {
+        let request: &[(&str, &str)] = &[
+            ("Accept", "*/*"),
+            ("Connection", "close"),
+            ("Close", "x"),
+            ("Keep-Alive", "5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("Proxy-Authenticate", "Basic"),
+            ("X-A", "1"),
+            ("x-a", "2"),
+            ("User-Agent", "curl/8"),
+        ];
+        let mut head = String::from("GET http://a.test/ HTTP/1.1\r\n");
+        for (n, v) in request {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut out = Vec::new();
+        parse_request(head.as_bytes(), None, None, &mut out).unwrap();
+        let mut lean = header_lines(&out);
+        lean.retain(|(n, _)| n != "host");
+        lean.sort();
+        assert_eq!(lean, stripped(request, &["host"]));
+
+        let response: &[(&str, &str)] = &[
+            ("Content-Type", "text/plain"),
+            ("Connection", "keep-alive, X-Hop, content-type"),
+            ("X-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Proxy-Authenticate", "Basic"),
+            ("TE", "gzip, trailers"),
+            ("Trailer", "x"),
+            ("Upgrade", "h2c"),
+            ("Set-Cookie", "a=1"),
+            ("Set-Cookie", "b=2"),
+            ("Content-Length", "0"),
+        ];
+        let mut head = String::from("HTTP/1.1 200 OK\r\n");
+        for (n, v) in response {
+            head.push_str(&format!("{n}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut out = Vec::new();
+        response_head(head.as_bytes(), false, false, &mut out).unwrap();
+        let mut lean = header_lines(&out);
+        // the framing is stated by the lean path itself
+        lean.retain(|(n, _)| n != "content-length");
+        lean.sort();
+        assert_eq!(lean, stripped(response, &["content-length"]));
+    }
+
     /// The framing of a response with these headers, as text.
     fn framing(status: u16, is_head: bool, pairs: &[(&str, &str)]) -> String {
         let headers: Vec<httparse::Header> = pairs
