@@ -3,13 +3,18 @@
 // hive's intercepting side resumes a TLS session (HIVE_BENCH_NO_RESUMPTION), so every new
 // connection is a full handshake on both paths. Prints cores,
 // load average, requests/s and latency with their ratio to direct, errors, the hive process's CPU
-// time per request, and its RSS before, at the peak of and 30 s after the c1000 run.
+// time per request, and its RSS before, at the peak of and 30 s after the c1000 run. The "bare
+// relay (floor)" rows send the same load through crates/floor-relay, a TLS-intercepting relay
+// with nothing of hive's in it (two heads parsed, two reads and two writes per request), so that
+// hive's CPU per request reads against what any such relay costs on this machine.
 //
 //   node benches/proxy.mjs [seconds-per-scenario] [name filter]   (build the addon first: npm run build)
 //   BENCH_ROUNDS=3 node benches/proxy.mjs    (each scenario 3 times; the median round is shown)
 //   BENCH_PERF=/tmp/perf node benches/proxy.mjs 5 c256   (`perf record -g` of hive's process during
 //   each "via" run, one file per scenario and round; build with `--profile profiling` for symbols;
-//   BENCH_PERF_CALLGRAPH=dwarf for stacks through libc)
+//   BENCH_PERF_CALLGRAPH=dwarf for stacks through libc; BENCH_PERF_STAT=raw_syscalls:sys_enter,...
+//   for `perf stat` counts of those events instead of a profile, of hive's process alone (not oha);
+//   BENCH_PERF_INTERVAL_MS=1000 for counts per second)
 //
 // Tools: `oha` from PATH or ~/.cache/hive-bench/bin, else installed there from crates.io
 // (`cargo install oha --locked`, minutes on 2 cores); nginx from PATH or /usr/sbin, else
@@ -20,6 +25,7 @@ import net from 'node:net'
 import os, { homedir, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
+import { fileURLToPath } from 'node:url'
 
 const HOST = 'bench.hive.test'
 /** Allowed by a `tls: "passthrough"` rule. */
@@ -170,6 +176,48 @@ function oha(bin, args) {
 
 const rssMib = () => process.memoryUsage.rss() / MIB
 
+// ---------------------------------------------------------------------------------------------
+// The floor: crates/floor-relay, a bare TLS-intercepting relay (two heads parsed, two reads and
+// two writes per request, nothing else), measured like hive so that hive's CPU per request reads
+// against what any intercepting relay costs on this machine in the same minutes.
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url))
+
+/** Builds and starts the floor relay in front of nginx; resolves with its port and pid. */
+async function startFloor(ports) {
+  const built = spawnSync('cargo', ['build', '--release', '--quiet', '-p', 'hive-floor-relay'], { cwd: ROOT, stdio: 'inherit' })
+  if (built.status !== 0) throw new Error('cargo build -p hive-floor-relay failed')
+  const bin = join(process.env.CARGO_TARGET_DIR ?? join(ROOT, 'target'), 'release', 'hive-floor-relay')
+  const child = spawn(bin, [String(ports.http), String(ports.https)], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const port = await new Promise((resolve, reject) => {
+    let out = ''
+    child.stdout.on('data', (c) => {
+      out += c
+      if (out.includes('\n')) resolve(Number(out.trim()))
+    })
+    child.once('error', reject)
+    child.once('exit', (code) => reject(new Error(`hive-floor-relay exited ${code}`)))
+  })
+  return { port, pid: child.pid, stop: () => child.kill() }
+}
+
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK']).stdout?.toString().trim()) || 100
+
+/** A process's CPU time (user + system) in µs, from /proc. */
+function cpuUsOf(pid) {
+  // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8')
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+  return ((Number(fields[11]) + Number(fields[12])) * 1e6) / CLK_TCK
+}
+
+/** Runs oha through the floor relay, with the relay's CPU time per request. */
+async function viaFloor(bin, args, floor) {
+  const before = cpuUsOf(floor.pid)
+  const r = await oha(bin, args)
+  return { ...r, cpuUs: (cpuUsOf(floor.pid) - before) / Math.max(1, r.requests), peak: 0 }
+}
+
 /** Reads the sandbox's events until stopped; `stop()` resolves with how many requests it saw. */
 function streamEvents(sandbox) {
   const stream = sandbox.getEventsStream()[Symbol.asyncIterator]()
@@ -190,14 +238,21 @@ function streamEvents(sandbox) {
   }
 }
 
-/** Starts `perf record` of this process when BENCH_PERF names a folder; returns its stopper. */
+/**
+ * Starts `perf record` of this process when BENCH_PERF names a folder, or `perf stat` of the
+ * events BENCH_PERF_STAT lists (e.g. `raw_syscalls:sys_enter,context-switches`); returns its stopper.
+ */
 async function startPerf(label) {
   const dir = process.env.BENCH_PERF
   if (!dir) return async () => {}
-  const out = join(dir, `${label.replace(/[^a-z0-9]+/gi, '-')}.data`)
+  const base = join(dir, label.replace(/[^a-z0-9]+/gi, '-'))
   // BENCH_PERF_CALLGRAPH=dwarf for whole stacks through libc (malloc, memmove), at a higher cost.
   const graph = process.env.BENCH_PERF_CALLGRAPH ? ['--call-graph', process.env.BENCH_PERF_CALLGRAPH] : ['-g']
-  const perf = spawn('perf', ['record', '-q', '-F', '1999', ...graph, '-p', String(process.pid), '-o', out], { stdio: 'ignore' })
+  const args = process.env.BENCH_PERF_STAT
+    ? ['stat', '--no-inherit', ...(process.env.BENCH_PERF_INTERVAL_MS ? ['-I', process.env.BENCH_PERF_INTERVAL_MS] : []),
+        '-e', process.env.BENCH_PERF_STAT, '-p', String(process.pid), '-o', `${base}.stat`]
+    : ['record', '-q', '-F', '1999', ...graph, '-p', String(process.pid), '-o', `${base}.data`]
+  const perf = spawn('perf', args, { stdio: 'ignore' })
   await sleep(300)
   return () => new Promise((resolve) => {
     perf.once('exit', resolve)
@@ -237,20 +292,24 @@ async function main() {
   const ca = makeCerts(dir)
   const ports = { http: await freePort(), https: await freePort() }
   const nginx = await startNginx(nginxBin, dir, ports)
+  let floor = null
   // Also on a throw: nginx's child handle would keep this process alive.
-  const stopNginx = () => {
+  const stop = () => {
+    floor?.stop()
     nginx.kill()
     rmSync(dir, { recursive: true, force: true })
   }
-  process.on('exit', stopNginx)
+  process.on('exit', stop)
   try {
-    await measure({ ohaBin, ports, ca })
+    // Without the floor, the rest is still measured (its rows say why they failed).
+    floor = await startFloor(ports).catch((e) => ({ failed: e.message }))
+    await measure({ ohaBin, ports, ca, floor })
   } finally {
-    stopNginx()
+    stop()
   }
 }
 
-async function measure({ ohaBin, ports, ca }) {
+async function measure({ ohaBin, ports, ca, floor }) {
 
   process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
   // nginx resumes no session; hive's intercepting side must not either, or the new-connection row
@@ -280,23 +339,32 @@ async function measure({ ohaBin, ports, ca }) {
   const url = new URL(proxy.url)
   const auth = `Proxy-Authorization: Basic ${Buffer.from(`${decodeURIComponent(url.username)}:${decodeURIComponent(url.password)}`).toString('base64')}`
   const via = ['-x', `http://127.0.0.1:${url.port}`, '--proxy-header', auth, '--no-pre-lookup', '--insecure']
+  const viaFloorRelay = (args) => {
+    if (floor.failed) throw new Error(`no floor relay: ${floor.failed}`)
+    return viaFloor(ohaBin, ['-x', `http://127.0.0.1:${floor.port}`, '--no-pre-lookup', '--insecure', ...args], floor)
+  }
   const direct = (scheme) => [
     '--insecure',
     '--connect-to', `${HOST}:${scheme === 'https' ? 443 : 80}:127.0.0.1:${scheme === 'https' ? ports.https : ports.http}`,
   ]
 
   // [name, connections, url, scheme, extra oha args, options]; `stream`: a JS subscriber reads
-  // every event while oha runs (what a user watching the audit stream pays).
+  // every event while oha runs (what a user watching the audit stream pays); `floor`: through
+  // the floor relay instead of hive.
   const scenarios = [
     ['plain HTTP keep-alive c32', 32, `http://${HOST}/`, 'http', []],
+    ['plain HTTP keep-alive c32, bare relay (floor)', 32, `http://${HOST}/`, 'http', [], { floor: true }],
     ['plain HTTP keep-alive c32, events streamed to JS', 32, `http://${HOST}/`, 'http', [], { stream: true }],
     ['HTTPS keep-alive c32 (intercepted)', 32, `https://${HOST}/`, 'https', []],
+    ['HTTPS keep-alive c32, bare relay (floor)', 32, `https://${HOST}/`, 'https', [], { floor: true }],
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
+    ['HTTPS keep-alive c256, bare relay (floor)', 256, `https://${HOST}/`, 'https', [], { floor: true }],
     ...(passthrough ? [['HTTPS keep-alive c32 (passthrough)', 32, `https://${PASS_HOST}/`, 'https', []]] : []),
     ['HTTPS new connection per request c8 (intercepted)', 8, `https://${HOST}/`, 'https', ['--disable-keepalive']],
     ['HTTPS 1 MiB c4 (intercepted)', 4, `https://${HOST}/mib`, 'https', []],
-    // Last: the memory columns are read around it.
+    // Last of hive's rows: the memory columns are read around it.
     ['HTTPS keep-alive c1000 (intercepted)', 1000, `https://${HOST}/`, 'https', []],
+    ['HTTPS keep-alive c1000, bare relay (floor)', 1000, `https://${HOST}/`, 'https', [], { floor: true }],
   ]
 
   const rssStart = rssMib()
@@ -314,7 +382,9 @@ async function measure({ ohaBin, ports, ca }) {
         // The memory columns: around the first c1000 round, before any other c1000 load.
         const first = c1000 && round === 0
         if (first) memory.before = rssMib()
-        const v = await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target], options?.stream && sandbox, `${name} ${round}`)
+        const v = options?.floor
+          ? await viaFloorRelay(['-c', String(conns), ...extra, target])
+          : await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target], options?.stream && sandbox, `${name} ${round}`)
         if (first) {
           memory.peak = v.peak
           await sleep(SETTLE_SECONDS * 1000)
@@ -337,7 +407,8 @@ async function measure({ ohaBin, ports, ca }) {
       `(TLS sessions not resumed by nginx), loopback, ${SECONDS} s per measurement, ${os.cpus().length} cores, ` +
       `load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}; "via" = through sandbox.proxy(); ` +
       (ROUNDS > 1 ? `${ROUNDS} rounds per scenario, the median round shown (ratio range in brackets); ` : '') +
-      `CPU = hive process CPU time / requests through it.\n`,
+      `CPU = hive process CPU time / requests through it; "bare relay (floor)" rows go through ` +
+      `crates/floor-relay instead (its CPU time), the least any relay parsing HTTP costs here.\n`,
   )
   console.log('| scenario | load 1m | direct req/s | via req/s | ratio | direct p50/p99 ms | via p50/p99 ms | via errors | CPU µs/req | direct MiB/s | via MiB/s |')
   console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
@@ -352,6 +423,17 @@ async function measure({ ohaBin, ports, ca }) {
       `| ${name} | ${f(load, 2)} | ${f(d.rps)} | ${f(v.rps)} | ${f(v.rps / d.rps, 2)}×${ROUNDS > 1 ? ` (${f(range[0], 2)}–${f(range[1], 2)})` : ''} | ${f(d.p50, 2)}/${f(d.p99, 2)} | ${f(v.p50, 2)}/${f(v.p99, 2)} | ${errs} | ${f(v.cpuUs, 1)} | ${f(d.mibs, 1)} | ${f(v.mibs, 1)} |`,
     )
   }
+  const cpuOf = (name) => rows.find((r) => r.name === name && !r.failed)?.v.cpuUs
+  const overFloor = [
+    ['plain HTTP c32', 'plain HTTP keep-alive c32'],
+    ['HTTPS c32', 'HTTPS keep-alive c32 (intercepted)'],
+    ['HTTPS c256', 'HTTPS keep-alive c256 (intercepted)'],
+    ['HTTPS c1000', 'HTTPS keep-alive c1000 (intercepted)'],
+  ]
+    .map(([what, hive]) => [what, cpuOf(hive), cpuOf(`${hive.replace(' (intercepted)', '')}, bare relay (floor)`)])
+    .filter(([, hive, bare]) => hive && bare)
+    .map(([what, hive, bare]) => `${what} ${f(hive, 1)} µs against ${f(bare, 1)} (${f(hive / bare, 2)}×)`)
+  if (overFloor.length) console.log(`\nCPU per keep-alive request, hive against the bare relay: ${overFloor.join('; ')}.`)
   if (memory.before !== undefined) {
     console.log(
       `\nhive process RSS: ${f(rssStart)} MiB at start, ${f(memory.before)} MiB before the c1000 run, ` +
