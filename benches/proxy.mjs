@@ -295,7 +295,7 @@ async function main() {
   let floor = null
   // Also on a throw: nginx's child handle would keep this process alive.
   const stop = () => {
-    floor?.stop()
+    floor?.stop?.()
     nginx.kill()
     rmSync(dir, { recursive: true, force: true })
   }
