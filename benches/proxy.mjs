@@ -20,6 +20,7 @@
 // (`cargo install oha --locked`, minutes on 2 cores); nginx from PATH or /usr/sbin, else
 // `apt-get install -y nginx-light` when running as root.
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
+import { randomBytes } from 'node:crypto'
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
 import os, { homedir, tmpdir } from 'node:os'
@@ -30,6 +31,8 @@ import { fileURLToPath } from 'node:url'
 const HOST = 'bench.hive.test'
 /** Allowed by a `tls: "passthrough"` rule. */
 const PASS_HOST = 'pass.hive.test'
+/** Allowed by a rule that injects a header (`override`), so its responses are scrubbed too. */
+const INJECT_HOST = 'api.hive.test'
 const MIB = 1024 * 1024
 const SECONDS = Number(process.argv[2] ?? process.env.BENCH_SECONDS ?? 5)
 const ONLY = process.argv[3]
@@ -88,7 +91,7 @@ function makeCerts(dir) {
     '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
   run('req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-subj', '/CN=bench',
     '-keyout', 'leaf.key', '-out', 'leaf.csr')
-  writeFileSync(join(dir, 'ext.cnf'), `subjectAltName=DNS:${HOST},DNS:${PASS_HOST}\nextendedKeyUsage=serverAuth\n`)
+  writeFileSync(join(dir, 'ext.cnf'), `subjectAltName=DNS:${HOST},DNS:${PASS_HOST},DNS:${INJECT_HOST}\nextendedKeyUsage=serverAuth\n`)
   run('x509', '-req', '-in', 'leaf.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2',
     '-extfile', 'ext.cnf', '-out', 'leaf.pem')
   writeFileSync(join(dir, 'chain.pem'), readFileSync(join(dir, 'leaf.pem'), 'utf8') + readFileSync(join(dir, 'ca.pem'), 'utf8'))
@@ -320,8 +323,14 @@ async function measure({ ohaBin, ports, ca, floor }) {
     [`${HOST}:80`]: `127.0.0.1:${ports.http}`,
     [`${HOST}:443`]: `127.0.0.1:${ports.https}`,
     [`${PASS_HOST}:443`]: `127.0.0.1:${ports.https}`,
+    [`${INJECT_HOST}:443`]: `127.0.0.1:${ports.https}`,
   }
-  const egress = [{ access: 'allow', host: HOST }]
+  // The injected value is random per run: it is a secret to hive (scrubbed from responses).
+  const token = randomBytes(24).toString('hex')
+  const egress = [
+    { access: 'allow', host: HOST },
+    { access: 'allow', host: INJECT_HOST, override: { headers: { 'X-Api-Key': token } } },
+  ]
   let passthrough = true
   let sandbox
   try {
@@ -357,6 +366,7 @@ async function measure({ ohaBin, ports, ca, floor }) {
     ['plain HTTP keep-alive c32, events streamed to JS', 32, `http://${HOST}/`, 'http', [], { stream: true }],
     ['HTTPS keep-alive c32 (intercepted)', 32, `https://${HOST}/`, 'https', []],
     ['HTTPS keep-alive c32, bare relay (floor)', 32, `https://${HOST}/`, 'https', [], { floor: true }],
+    ['HTTPS keep-alive c32, header injected (override)', 32, `https://${INJECT_HOST}/`, 'https', []],
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
     ['HTTPS keep-alive c256, bare relay (floor)', 256, `https://${HOST}/`, 'https', [], { floor: true }],
     ...(passthrough ? [['HTTPS keep-alive c32 (passthrough)', 32, `https://${PASS_HOST}/`, 'https', []]] : []),
@@ -376,7 +386,7 @@ async function measure({ ohaBin, ports, ca, floor }) {
     const c1000 = conns === 1000 && !options?.floor
     const load = os.loadavg()[0]
     try {
-      const directUrl = target.replace(PASS_HOST, HOST)
+      const directUrl = target.replace(PASS_HOST, HOST).replace(INJECT_HOST, HOST)
       const runs = []
       for (let round = 0; round < ROUNDS; round++) {
         const d = await oha(ohaBin, ['-c', String(conns), ...direct(scheme), ...extra, directUrl])

@@ -36,7 +36,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config::normalize_host;
+use crate::config::{normalize_host, Override, OverrideValue};
 use crate::policy::{reason, Access, Compiled, Decision, Scheme};
 
 use super::audit::{Auditor, Exchange, Subject};
@@ -46,8 +46,11 @@ use super::gate::{self, Ask, Outcome};
 use super::headers;
 use super::http::{default_port, split_authority, upstream_uri, Tunnel};
 use super::listener::Conn;
+use super::scrub::{self, Scan};
+use super::substitute;
 use super::upstream::{LeanKey, LeanStream, UpstreamClient};
 use super::{HEADER_READ_TIMEOUT, MAX_HEADER_BYTES};
+use crate::secrets::scrub::Patterns;
 
 /// Most header lines a lean request or response may have (more: hyper takes the request, and a
 /// response fails the exchange).
@@ -402,10 +405,58 @@ fn query_overrides_method(path_and_query: &str) -> bool {
     })
 }
 
-/// The policy's decision when it alone allows the request by a rule that injects nothing, so
-/// that the gate either allows it the same way or refuses it for the address (answered here like
-/// hyper's path would). Requests the policy decides with addresses, in report mode, or by asking
-/// are not lean.
+/// Rewrites the upstream head in `out` for `over`: the sandbox's own headers of the override's
+/// names removed and the override's values added (what [`headers::inject`] does to a header
+/// map); with `narrow`, `Accept-Encoding` narrowed to the codings the scrubber decodes
+/// ([`scrub::limit_accept_encoding`]: the first value read, one header written).
+fn inject(out: &mut Vec<u8>, over: &Override, narrow: bool) {
+    let head = out.clone();
+    out.clear();
+    // `parse_request` wrote the head: lines of `name: value`, then an empty line.
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    if let Some(request_line) = lines.next() {
+        out.extend_from_slice(request_line);
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut accept: Option<&[u8]> = None;
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
+        let (name, value) = (&line[..colon], line.get(colon + 2..).unwrap_or_default());
+        if over
+            .headers
+            .iter()
+            .any(|(n, _)| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        if narrow && name.eq_ignore_ascii_case(b"accept-encoding") {
+            accept.get_or_insert(value);
+            continue;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(value) = accept {
+        write_header(
+            out,
+            b"accept-encoding",
+            scrub::decodable_codings(value).as_bytes(),
+        );
+    }
+    for (name, value) in &over.headers {
+        if let OverrideValue::Inline(value) = value {
+            write_header(out, name.as_str().as_bytes(), value.expose().as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The policy's decision when it alone allows the request by a rule the lean path serves
+/// ([`lean_rule`]), so that the gate either allows it the same way or refuses it for the address
+/// (answered here like hyper's path would). Requests the policy decides with addresses, in report
+/// mode, or by asking are not lean.
 fn plainly_allowed(policy: &crate::policy::Policy, request: &Request) -> Option<Decision> {
     if policy.uses_addresses() {
         return None;
@@ -419,16 +470,22 @@ fn plainly_allowed(policy: &crate::policy::Policy, request: &Request) -> Option<
         scheme: target.scheme,
         ip: None,
     }));
-    no_injection(policy, &decision).then_some(decision)
+    lean_rule(policy, &decision).then_some(decision)
 }
 
-fn no_injection(policy: &crate::policy::Policy, decision: &Decision) -> bool {
+/// Whether `decision` allows by a rule the lean path serves: one that injects nothing, or only
+/// inline override values (a template needs named secrets, and a sandbox with named secrets
+/// stays on hyper's path, where placeholders are substituted).
+fn lean_rule(policy: &crate::policy::Policy, decision: &Decision) -> bool {
     decision.access == Access::Allowed
         && !decision.would_deny
-        && decision
-            .rule
-            .and_then(|i| policy.rule(i))
-            .is_some_and(|r| r.override_.is_none())
+        && decision.rule.and_then(|i| policy.rule(i)).is_some_and(|r| {
+            r.override_.as_ref().is_none_or(|o| {
+                o.headers
+                    .iter()
+                    .all(|(_, v)| matches!(v, OverrideValue::Inline(_)))
+            })
+        })
 }
 
 /// Decides and relays one request whose upstream head is in `bufs.out`; `Ok(true)` when the
@@ -534,7 +591,7 @@ where
                 }
                 Outcome::Allowed {
                     decision, client, ..
-                } if no_injection(&compiled.policy, &decision) => (decision, client),
+                } if lean_rule(&compiled.policy, &decision) => (decision, client),
                 Outcome::Allowed { decision, .. } => {
                     // The gate decided otherwise than the policy alone (it should not): fail closed.
                     let decision = Decision::denied(decision.rule, reason::NO_RULE);
@@ -546,7 +603,35 @@ where
             }
         }
     };
-    let Some(exchange) = auditor.request(&subject, &decision, &[]) else {
+    // An override: its headers set on the outgoing head, as on hyper's path (`http::forward`).
+    let over = decision
+        .rule
+        .filter(|_| compiled.policy.may_inject(&decision))
+        .and_then(|i| compiled.policy.rule(i))
+        .and_then(|r| r.override_.as_ref());
+    let may_send = target.scheme == Scheme::Https || over.is_some_and(|o| o.allow_plaintext);
+    let over = over.filter(|_| may_send);
+    if let Some(over) = over {
+        if substitute::check_override(&compiled.secrets, &engine.events, over, host).is_err() {
+            give_back(&key, taken);
+            let decision = gate::denied(substitute::SECRET_BLOCKED);
+            auditor.request(&subject, &decision, &[]);
+            let res = deny::forbidden(decision.reason, host, method, event_path);
+            return answer(io, res, is_head, close, out).await;
+        }
+    }
+    let injected: Vec<http::HeaderName> = over
+        .iter()
+        .flat_map(|o| &o.headers)
+        .map(|(name, _)| name.clone())
+        .collect();
+    let patterns = (!injected.is_empty())
+        .then(|| compiled.secrets.patterns().cloned())
+        .flatten();
+    if let Some(over) = over {
+        inject(out, over, patterns.is_some());
+    }
+    let Some(exchange) = auditor.request(&subject, &decision, &injected) else {
         give_back(&key, taken);
         let res = deny::forbidden(decision.reason, host, method, event_path);
         return answer(io, res, is_head, close, out).await;
@@ -555,6 +640,10 @@ where
     let timeout = compiled.config.upstream.response_timeout;
     let reused = taken.map(|t| t.stream);
     let sent = send(reused, &client, target, out, &mut bufs.rest, timeout).await;
+    if over.is_some() {
+        // The injected values are not left in the connection's buffer.
+        out.fill(0);
+    }
     let up = match sent {
         Ok(up) => up,
         Err(failure) => {
@@ -572,7 +661,15 @@ where
         is_head,
         close,
     };
-    let (open, clean) = relay(io, &asked, up, &exchange, out, &mut bufs.rest).await;
+    let scrubbing = patterns.map(|patterns| {
+        let report = scrub::Report {
+            events: engine.events.clone(),
+            host: host.to_owned(),
+        };
+        (patterns, report)
+    });
+    let relayed = relay(io, &asked, up, &exchange, out, &mut bufs.rest, scrubbing);
+    let (open, clean) = relayed.await;
     match clean {
         Some(stream) => client.lean_put(key, stream, compiled.clone()),
         None => bufs.rest.clear(),
@@ -761,20 +858,32 @@ fn response_framing(
 /// A response head as it goes to the client.
 struct ResponseHead {
     status: u16,
+    /// How the upstream's body ends (a scrubbed body goes to the client chunked, unless it ends
+    /// with the connection).
     framing: Framing,
     /// The upstream asked to close after this response.
     upstream_close: bool,
+    /// When scrubbing: how many of each value the head's values held, and the body's coding.
+    scrubbed: Option<(Vec<u64>, BodyCoding)>,
 }
+
+/// A response body's coding (`Err`: one the scrubber cannot decode).
+type BodyCoding = Result<Option<crate::secrets::Encoding>, ()>;
 
 /// Writes the client's response head into `out` from the upstream's head (`head`, complete):
 /// hop-by-hop headers and those `Connection` names removed, as [`headers::strip_hop_by_hop`]
 /// does, and the framing stated once. `None` when the head cannot be relayed (its lengths
 /// disagree, or it does not parse again).
+///
+/// With `patterns` (the request carried a secret), header values are scrubbed and a body that
+/// follows loses `Content-Encoding` and `Content-Length` (it is delivered decoded and chunked),
+/// as [`scrub::response`] does on hyper's path.
 fn response_head(
     head: &[u8],
     is_head: bool,
     client_close: bool,
     out: &mut Vec<u8>,
+    patterns: Option<&Patterns>,
 ) -> Option<ResponseHead> {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut raw);
@@ -801,6 +910,16 @@ fn response_head(
         }
     }
     let close = client_close || framing == Framing::Close;
+    let body_follows = framing != Framing::None;
+    let encoding = match patterns {
+        Some(_) if body_follows => {
+            let codings = res.headers.iter();
+            let codings = codings.filter(|h| h.name.eq_ignore_ascii_case("content-encoding"));
+            scrub::body_encoding(codings.map(|h| h.value))
+        }
+        _ => Ok(None),
+    };
+    let mut counts = vec![0u64; patterns.map_or(0, Patterns::len)];
 
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -817,19 +936,33 @@ fn response_head(
         let name = h.name;
         let framing_header = name.eq_ignore_ascii_case("transfer-encoding")
             || (name.eq_ignore_ascii_case("content-length") && framing != Framing::None);
+        // A scrubbed body is delivered decoded, its length unknown.
+        let decoded = patterns.is_some()
+            && body_follows
+            && (name.eq_ignore_ascii_case("content-encoding")
+                || name.eq_ignore_ascii_case("content-length"));
         if framing_header
+            || decoded
             || named(name, &HOP_BY_HOP)
             || named(name, &["te", "trailer", "upgrade"])
             || listed.iter().any(|l| l.eq_ignore_ascii_case(name))
         {
             continue;
         }
-        write_header(out, name.as_bytes(), h.value);
+        match patterns {
+            Some(p) if p.is_match(h.value) => {
+                write_header(out, name.as_bytes(), &p.replace_all(h.value, &mut counts));
+            }
+            _ => write_header(out, name.as_bytes(), h.value),
+        }
     }
     if te_trailers {
         out.extend_from_slice(b"te: trailers\r\n");
     }
     match framing {
+        Framing::Length(_) | Framing::Chunked if patterns.is_some() => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
             out.extend_from_slice(n.to_string().as_bytes());
@@ -846,6 +979,7 @@ fn response_head(
         status,
         framing,
         upstream_close,
+        scrubbed: patterns.map(|_| (counts, encoding)),
     })
 }
 
@@ -861,17 +995,35 @@ async fn relay<I>(
     exchange: &Exchange,
     out: &mut Vec<u8>,
     rest: &mut BytesMut,
+    scrubbing: Option<(Arc<Patterns>, scrub::Report)>,
 ) -> (Result<bool, ()>, Option<LeanStream>)
 where
     I: AsyncWrite + Unpin,
 {
     let (is_head, client_close) = (asked.is_head, asked.close);
-    let Some(head) = response_head(&rest[..up.head_len], is_head, client_close, out) else {
+    let patterns = scrubbing.as_ref().map(|(p, _)| &**p);
+    let Some(head) = response_head(&rest[..up.head_len], is_head, client_close, out, patterns)
+    else {
         let failure = UpstreamFailure::Exchange;
         let detail = "conflicting Content-Length values in the response";
         exchange.fail(failure, asked.host, asked.port, detail);
         let res = deny::bad_gateway(failure, asked.host, asked.method, asked.path);
         return (answer(io, res, is_head, client_close, out).await, None);
+    };
+    // The body's scan, started from what the head held (`Err`: a coding it cannot read).
+    let scan = match (scrubbing, head.scrubbed) {
+        (Some((patterns, report)), Some((counts, encoding))) => {
+            let scan = encoding.and_then(|e| Scan::new(patterns, &counts, e, report));
+            let Ok(scan) = scan else {
+                let failure = UpstreamFailure::Exchange;
+                let detail = "response content encoding hive cannot scan for secrets";
+                exchange.fail(failure, asked.host, asked.port, detail);
+                let res = deny::bad_gateway(failure, asked.host, asked.method, asked.path);
+                return (answer(io, res, is_head, client_close, out).await, None);
+            };
+            Some(scan)
+        }
+        _ => None,
     };
     rest.advance(up.head_len);
     exchange.set_status(head.status);
@@ -880,11 +1032,14 @@ where
         stream: up.stream,
         rest,
     };
-    let clean = match head.framing {
-        Framing::None => write_all(io, out).await.map(|()| true),
-        Framing::Length(n) => copy_length(io, &mut body, n, exchange, out).await,
-        Framing::Chunked => copy_chunked(io, &mut body, exchange, out).await,
-        Framing::Close => copy_to_end(io, &mut body, exchange, out)
+    let clean = match (head.framing, scan) {
+        (Framing::None, _) => write_all(io, out).await.map(|()| true),
+        (framing, Some(mut scan)) => {
+            copy_scrubbed(io, &mut body, framing, exchange, out, &mut scan).await
+        }
+        (Framing::Length(n), None) => copy_length(io, &mut body, n, exchange, out).await,
+        (Framing::Chunked, None) => copy_chunked(io, &mut body, exchange, out).await,
+        (Framing::Close, None) => copy_to_end(io, &mut body, exchange, out)
             .await
             .map(|()| false),
     };
@@ -1014,19 +1169,8 @@ async fn copy_chunked<I: AsyncWrite + Unpin>(
     exchange: &Exchange,
     out: &mut Vec<u8>,
 ) -> std::io::Result<bool> {
-    let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidData);
     loop {
-        let size_line = line(up).await?;
-        let digits = size_line
-            .split(|&b| b == b';')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
-        if digits.is_empty() || digits.len() > 16 || !digits.iter().all(u8::is_ascii_hexdigit) {
-            return Err(invalid());
-        }
-        let size = u64::from_str_radix(std::str::from_utf8(digits).map_err(|_| invalid())?, 16)
-            .map_err(|_| invalid())?;
+        let size = chunk_size(&line(up).await?)?;
         if size == 0 {
             // Trailers are dropped, as hyper's path does for a client that did not ask for them.
             while !line(up).await?.is_empty() {}
@@ -1050,7 +1194,7 @@ async fn copy_chunked<I: AsyncWrite + Unpin>(
             left -= take as u64;
         }
         if !line(up).await?.is_empty() {
-            return Err(invalid());
+            return Err(std::io::ErrorKind::InvalidData.into());
         }
         out.extend_from_slice(b"\r\n");
         if up.rest.is_empty() {
@@ -1058,6 +1202,119 @@ async fn copy_chunked<I: AsyncWrite + Unpin>(
             write_all(io, out).await?;
         }
     }
+}
+
+/// The size a chunk-size line states (extensions ignored).
+fn chunk_size(line: &[u8]) -> std::io::Result<u64> {
+    let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidData);
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 16 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(invalid());
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).map_err(|_| invalid())?, 16)
+        .map_err(|_| invalid())
+}
+
+/// Relays a body through `scan` (decoded, then scrubbed), read by the upstream's `framing` and
+/// delivered chunked, or to the end of the client connection for a body that ends with the
+/// upstream's. What is scanned goes out before each wait for more, so a streamed answer streams.
+/// An error (a decoding one included) leaves the client a truncated response, never unscanned
+/// bytes. `Ok(true)` when the upstream connection is clean for another request.
+async fn copy_scrubbed<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    up: &mut Body<'_>,
+    framing: Framing,
+    exchange: &Exchange,
+    out: &mut Vec<u8>,
+    scan: &mut Scan,
+) -> std::io::Result<bool> {
+    let chunked = framing != Framing::Close;
+    let mut plain = Vec::new();
+    // Scans up to `left` bytes of what was read, into `out` as a chunk; returns how many.
+    let mut scan_some = |up: &mut Body<'_>, left: u64, out: &mut Vec<u8>| {
+        let take = (up.rest.len() as u64).min(left) as usize;
+        scan.feed(&up.rest[..take], &mut plain)?;
+        up.rest.advance(take);
+        exchange.add_in(take as u64);
+        put_chunk(out, &mut plain, chunked);
+        std::io::Result::Ok(take as u64)
+    };
+    match framing {
+        Framing::None => {}
+        Framing::Length(mut left) => {
+            while left > 0 {
+                if up.rest.is_empty() {
+                    deliver(io, out).await?;
+                    fill(up).await?;
+                }
+                left -= scan_some(up, left, out)?;
+            }
+        }
+        Framing::Chunked => loop {
+            let size = chunk_size(&line(up).await?)?;
+            if size == 0 {
+                // Trailers are dropped, as for a body relayed unscanned.
+                while !line(up).await?.is_empty() {}
+                break;
+            }
+            let mut left = size;
+            while left > 0 {
+                if up.rest.is_empty() {
+                    deliver(io, out).await?;
+                    fill(up).await?;
+                }
+                left -= scan_some(up, left, out)?;
+            }
+            if !line(up).await?.is_empty() {
+                return Err(std::io::ErrorKind::InvalidData.into());
+            }
+        },
+        Framing::Close => loop {
+            if up.rest.is_empty() {
+                deliver(io, out).await?;
+                match fill(up).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            scan_some(up, u64::MAX, out)?;
+        },
+    }
+    scan.end(&mut plain)?;
+    put_chunk(out, &mut plain, chunked);
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    write_all(io, out).await?;
+    Ok(chunked)
+}
+
+/// Appends `data` (then emptied) to `out`, as one chunk when `chunked`.
+fn put_chunk(out: &mut Vec<u8>, data: &mut Vec<u8>, chunked: bool) {
+    if data.is_empty() {
+        return;
+    }
+    if chunked {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    }
+    out.extend_from_slice(data);
+    if chunked {
+        out.extend_from_slice(b"\r\n");
+    }
+    data.clear();
+}
+
+/// Writes what `out` holds, if anything.
+async fn deliver<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    write_all(io, out).await
 }
 
 fn write_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
@@ -1349,7 +1606,7 @@ mod tests {
         ];
         let head = head_text("HTTP/1.1 200 OK", response);
         let mut out = Vec::new();
-        response_head(head.as_bytes(), false, false, &mut out).unwrap();
+        response_head(head.as_bytes(), false, false, &mut out, None).unwrap();
         // the framing is stated by the lean path itself
         let expected = stripped(response, &["content-length"]);
         assert_eq!(relayed(&out, "content-length"), expected);
@@ -1435,7 +1692,7 @@ mod tests {
     fn the_client_head_drops_hop_by_hop_headers_and_states_the_framing_once() {
         let relay = |head: &str, is_head: bool, client_close: bool| {
             let mut out = Vec::new();
-            response_head(head.as_bytes(), is_head, client_close, &mut out)
+            response_head(head.as_bytes(), is_head, client_close, &mut out, None)
                 .map(|h| (h.status, h.upstream_close, String::from_utf8(out).unwrap()))
         };
         let head = concat!(

@@ -36,30 +36,45 @@ pub fn limit_accept_encoding(headers: &mut http::HeaderMap) {
     let Some(value) = headers.get(header::ACCEPT_ENCODING) else {
         return;
     };
-    let kept: Vec<String> = String::from_utf8_lossy(value.as_bytes())
+    let narrowed = HeaderValue::from_str(&decodable_codings(value.as_bytes()))
+        .unwrap_or(HeaderValue::from_static("identity"));
+    headers.insert(header::ACCEPT_ENCODING, narrowed);
+}
+
+/// An `Accept-Encoding` value narrowed to the codings [`Decoder`] reads (with their weights), or
+/// `identity` when none is left.
+pub fn decodable_codings(value: &[u8]) -> String {
+    let kept: Vec<&str> = std::str::from_utf8(value)
+        .unwrap_or("")
         .split(',')
         .map(str::trim)
         .filter(|c| {
-            let name = c
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            DECODABLE.contains(&name.as_str()) || name == "identity"
+            let name = c.split(';').next().unwrap_or("").trim();
+            c.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+                && (DECODABLE.iter().any(|d| d.eq_ignore_ascii_case(name))
+                    || name.eq_ignore_ascii_case("identity"))
         })
-        .map(str::to_string)
         .collect();
-    match HeaderValue::from_str(&kept.join(", ")) {
-        Ok(v) if !kept.is_empty() => {
-            headers.insert(header::ACCEPT_ENCODING, v);
-        }
-        _ => {
-            headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-        }
+    if kept.is_empty() {
+        "identity".to_owned()
+    } else {
+        kept.join(", ")
+    }
+}
+
+/// The coding of a response body from all its `Content-Encoding` values: `Err` when it is one
+/// the scrubber cannot decode, or codings are stacked (in one value or over several).
+pub fn body_encoding<'a>(
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<Encoding>, ()> {
+    let first = Encoding::parse(values.next()).map_err(|_| ())?;
+    match values.next() {
+        None => Ok(first),
+        // A second line: stacked codings, unless every line names none.
+        Some(value) => match (first, Encoding::parse(Some(value))) {
+            (None, Ok(None)) => body_encoding(values),
+            _ => Err(()),
+        },
     }
 }
 
@@ -85,48 +100,83 @@ pub fn response<B>(
             *value = HeaderValue::from_bytes(&new).unwrap_or(HeaderValue::from_static(""));
         }
     }
-    let mut scrubber = Scrubber::new(patterns);
-    scrubber.add_counts(&counts);
-    let decoder = if body_follows {
-        let encoding = Encoding::parse(
-            parts
-                .headers
-                .get(header::CONTENT_ENCODING)
-                .map(|v| v.as_bytes()),
-        )
-        .map_err(|_| ())?;
+    let encoding = if body_follows {
+        let values = parts.headers.get_all(header::CONTENT_ENCODING);
+        let encoding = body_encoding(values.iter().map(HeaderValue::as_bytes))?;
         parts.headers.remove(header::CONTENT_ENCODING);
         parts.headers.remove(header::CONTENT_LENGTH);
-        match encoding {
-            Some(e) => Some(Decoder::new(e).map_err(|_| ())?),
-            None => None,
-        }
+        encoding
     } else {
         None
     };
     Ok(Scrubbed {
         inner: body,
-        scrubber,
-        decoder,
-        report: Some(report),
+        scan: Scan::new(patterns, &counts, encoding, report)?,
         trailers: None,
         done: false,
     })
 }
 
-/// A response body being scrubbed.
-pub struct Scrubbed<B> {
-    inner: B,
+/// The scan of one response body: decoded (if needed) and scrubbed as it streams; the
+/// `secret.scrubbed` events go out when it ends, or when it is dropped before.
+pub struct Scan {
     scrubber: Scrubber,
     decoder: Option<Decoder>,
     report: Option<Report>,
-    trailers: Option<http::HeaderMap>,
-    done: bool,
 }
 
-impl<B> Scrubbed<B> {
+impl Scan {
+    /// A scan of a body in `encoding`, counting what the head's scrubbing found (`counts`, one
+    /// slot per pattern); `Err(())` when the decoder cannot start.
+    pub fn new(
+        patterns: Arc<Patterns>,
+        counts: &[u64],
+        encoding: Option<Encoding>,
+        report: Report,
+    ) -> Result<Scan, ()> {
+        let mut scrubber = Scrubber::new(patterns);
+        scrubber.add_counts(counts);
+        let decoder = match encoding {
+            Some(e) => Some(Decoder::new(e).map_err(|_| ())?),
+            None => None,
+        };
+        Ok(Scan {
+            scrubber,
+            decoder,
+            report: Some(report),
+        })
+    }
+
+    /// Decodes (if needed) and scrubs one chunk of the upstream's body into `out`.
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
+        let scrubber = &mut self.scrubber;
+        match &mut self.decoder {
+            Some(d) => d.push(data, &mut |plain| scrubber.push(plain, out)),
+            None => {
+                scrubber.push(data, out);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the body: flushes the decoder and the carry into `out`, and reports. A decoding
+    /// error is returned after the report (the sandbox must see a truncated response, never
+    /// unscanned bytes).
+    pub fn end(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        let scrubber = &mut self.scrubber;
+        let ended = match &mut self.decoder {
+            Some(d) => d.finish(&mut |plain| scrubber.push(plain, out)),
+            None => Ok(()),
+        };
+        if ended.is_ok() {
+            scrubber.finish(out);
+        }
+        self.report();
+        ended
+    }
+
     /// Emits the `secret.scrubbed` events, once.
-    fn report(&mut self) {
+    pub fn report(&mut self) {
         let Some(report) = self.report.take() else {
             return;
         };
@@ -138,34 +188,20 @@ impl<B> Scrubbed<B> {
             report.events.emit(kind::SECRET_SCRUBBED, fields);
         }
     }
-
-    /// Decodes (if needed) and scrubs one chunk of the upstream's body.
-    fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> std::io::Result<()> {
-        let scrubber = &mut self.scrubber;
-        match &mut self.decoder {
-            Some(d) => d.push(data, &mut |plain| scrubber.push(plain, out)),
-            None => {
-                scrubber.push(data, out);
-                Ok(())
-            }
-        }
-    }
-
-    /// Flushes the decoder and the carry at the end of the body.
-    fn end(&mut self, out: &mut Vec<u8>) -> std::io::Result<()> {
-        let scrubber = &mut self.scrubber;
-        if let Some(d) = &mut self.decoder {
-            d.finish(&mut |plain| scrubber.push(plain, out))?;
-        }
-        scrubber.finish(out);
-        Ok(())
-    }
 }
 
-impl<B> Drop for Scrubbed<B> {
+impl Drop for Scan {
     fn drop(&mut self) {
         self.report();
     }
+}
+
+/// A response body being scrubbed.
+pub struct Scrubbed<B> {
+    inner: B,
+    scan: Scan,
+    trailers: Option<http::HeaderMap>,
+    done: bool,
 }
 
 impl<B> Body for Scrubbed<B>
@@ -193,14 +229,14 @@ where
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
-                    this.report();
+                    this.scan.report();
                     return Poll::Ready(Some(Err(e.into())));
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        if let Err(e) = this.feed(&data, &mut out) {
+                        if let Err(e) = this.scan.feed(&data, &mut out) {
                             this.done = true;
-                            this.report();
+                            this.scan.report();
                             return Poll::Ready(Some(Err(Box::new(e))));
                         }
                     }
@@ -239,8 +275,6 @@ impl<B> Scrubbed<B> {
     /// error (the sandbox sees a truncated response, never unscanned bytes).
     fn finish_into(&mut self, out: &mut Vec<u8>) -> Result<(), BoxError> {
         self.done = true;
-        let ended = self.end(out);
-        self.report();
-        ended.map_err(|e| Box::new(e) as BoxError)
+        self.scan.end(out).map_err(|e| Box::new(e) as BoxError)
     }
 }

@@ -2159,7 +2159,8 @@ async fn a_silent_client_of_a_denied_tunnel_to_a_non_web_port_is_closed_soon_as_
 
 /// An upstream speaking raw HTTP/1.1 on 127.0.0.1:0; each connection reads one request head at a
 /// time and answers by path (`/chunked`, `/close`, `/conflict`, `/early`, `/once`, `/silent`,
-/// anything else `200 ok`). Returns its address and how many connections it accepted.
+/// `/echo…` ([`echo_answer`]), anything else `200 ok`). Returns its address and how many
+/// connections it accepted.
 async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -2182,6 +2183,13 @@ async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end);
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    if let Some(answer) = echo_answer(&head, &path) {
+                        let close = path.ends_with("close");
+                        if s.write_all(&answer).await.is_err() || close {
+                            return;
+                        }
+                        continue;
+                    }
                     let answer: &[u8] = match path.as_str() {
                         "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-up: 1\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n",
                         "/close" => b"HTTP/1.1 200 OK\r\nx-up: 1\r\n\r\nuntil close",
@@ -2204,14 +2212,87 @@ async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize
     (addr, accepted)
 }
 
+/// The raw upstream's `/echo…` answers: the `x-token` values and `accept-encoding` it was sent,
+/// in a header and in the body (`seen <tokens> accept <codings>`), framed as the path says:
+/// `/echo` (length), `/echo-chunked` (the tokens split across chunks), `/echo-close` (to the
+/// end of the connection), `/echo-gzip`, `/echo-compress` (a coding hive cannot read),
+/// `/echo-stacked` (`identity` then `gzip`, on two lines); a `HEAD` gets the head only.
+fn echo_answer(head: &str, path: &str) -> Option<Vec<u8>> {
+    if !path.starts_with("/echo") {
+        return None;
+    }
+    let values = |name: &str| {
+        let lines = head.lines().filter_map(|l| l.split_once(':'));
+        lines
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let tokens = values("x-token");
+    let body = format!("seen {tokens} accept {}", values("accept-encoding"));
+    let mut out = format!("HTTP/1.1 200 OK\r\nx-echo: {tokens}\r\n").into_bytes();
+    let gzip = |text: &str| {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(text.as_bytes()).unwrap();
+        e.finish().unwrap()
+    };
+    let (framing, bytes) = match path {
+        "/echo-chunked" => {
+            let (a, b) = body.split_at(body.find(&tokens).unwrap_or(0) + tokens.len() / 2);
+            let chunks = format!("{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n", a.len(), b.len());
+            (
+                "transfer-encoding: chunked\r\n".to_owned(),
+                chunks.into_bytes(),
+            )
+        }
+        "/echo-close" => (String::new(), body.into_bytes()),
+        "/echo-gzip" | "/echo-compress" | "/echo-stacked" => {
+            let packed = gzip(&body);
+            let coding = match path {
+                "/echo-gzip" => "content-encoding: gzip\r\n",
+                "/echo-compress" => "content-encoding: compress\r\n",
+                _ => "content-encoding: identity\r\ncontent-encoding: gzip\r\n",
+            };
+            (
+                format!("{coding}content-length: {}\r\n", packed.len()),
+                packed,
+            )
+        }
+        _ => (
+            format!("content-length: {}\r\n", body.len()),
+            body.into_bytes(),
+        ),
+    };
+    out.extend_from_slice(framing.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !head.starts_with("HEAD ") {
+        out.extend_from_slice(&bytes);
+    }
+    Some(out)
+}
+
 /// Points `raw.test:80` at `raw` (and allows it), with a short response timeout.
 fn route_raw(h: &Harness, raw: SocketAddr) {
+    route_raw_with(
+        h,
+        raw,
+        json!({ "egress": [{ "access": "allow", "host": "raw.test" }] }),
+    );
+}
+
+/// Points `raw.test:80` at `raw` under `config` (its `egress`, `secrets`), with a short response
+/// timeout.
+fn route_raw_with(h: &Harness, raw: SocketAddr, mut config: Value) {
     let mut upstream = h.upstream.clone();
     upstream["resolve"]["raw.test:80"] = raw.to_string().into();
     upstream["responseTimeoutMs"] = 500.into();
-    let egress = json!([{ "access": "allow", "host": "raw.test" }]);
-    let config = Config::from_json(&json!({ "egress": egress, "upstream": upstream })).unwrap();
-    h.cell.store(Arc::new(Compiled::new(config)));
+    config["upstream"] = upstream;
+    let config = Config::from_json(&config).unwrap();
+    let placeholders = crate::secrets::Placeholders::default();
+    h.cell
+        .store(Arc::new(Compiled::with_secrets(config, &placeholders)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2448,4 +2529,93 @@ async fn lean_path_replaces_a_kept_connection_the_upstream_closed() {
     }
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
     assert_eq!(h.engine.lean_requests(), 3);
+}
+
+/// Injection and scrubbing, the same on the lean path (no named secrets) as on hyper's (a named
+/// secret keeps every request there): the sandbox's own header of the override's name replaced,
+/// `Accept-Encoding` narrowed, the value scrubbed from response headers and bodies in every
+/// framing and coding, a coding hive cannot read refused, and the events of both paths alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_path_injects_and_scrubs_as_hypers_path_does() {
+    for lean in [true, false] {
+        let h = Harness::new(json!([])).await;
+        let (raw, accepted) = start_raw_upstream().await;
+        let mut config = json!({ "egress": [{
+            "access": "allow", "host": "raw.test",
+            "override": { "headers": { "X-Token": SECRET }, "allowPlaintext": true },
+        }] });
+        if !lean {
+            config["secrets"] = json!({ "UNUSED": "unused-named-secret-value" });
+        }
+        route_raw_with(&h, raw, config);
+        let mut c = h.http_client().await;
+        let get = |path: &str| {
+            Request::get(format!("http://raw.test{path}"))
+                .header("x-token", "forged")
+                .header("accept-encoding", "gzip, compress;q=0.5, br")
+                .body(empty())
+                .unwrap()
+        };
+        let seen = "seen [redacted] accept gzip, br";
+        for path in ["/echo", "/echo-chunked", "/echo-gzip"] {
+            let (status, headers, body) = send(&mut c, get(path)).await;
+            assert_eq!(
+                (status, body.as_str()),
+                (StatusCode::OK, seen),
+                "{path}, lean {lean}"
+            );
+            assert_eq!(headers["x-echo"], "[redacted]", "{path}");
+            assert_eq!(headers["transfer-encoding"], "chunked", "{path}");
+            assert!(headers.get("content-length").is_none(), "{path}");
+            assert!(headers.get("content-encoding").is_none(), "{path}");
+        }
+        // HEAD: the header scrubbed, the length kept.
+        let head = Request::head("http://raw.test/echo")
+            .header("x-token", "forged")
+            .body(empty())
+            .unwrap();
+        let (status, headers, body) = send(&mut c, head).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+        assert_eq!(headers["x-echo"], "[redacted]");
+        let unscrubbed = format!("seen {SECRET} accept ");
+        assert_eq!(headers["content-length"], unscrubbed.len().to_string());
+        // A coding hive cannot read, or two stacked: 502, nothing of the body delivered.
+        for path in ["/echo-compress", "/echo-stacked"] {
+            let (status, headers, body) = send(&mut c, get(path)).await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}, lean {lean}");
+            assert!(!body.contains(SECRET) && !format!("{headers:?}").contains(SECRET));
+        }
+        // To the end of the connection: scrubbed, then the client connection closes.
+        let (status, _, body) = send(&mut c, get("/echo-close")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, seen));
+        assert_eq!(h.engine.lean_requests(), if lean { 7 } else { 0 });
+        // One upstream connection for the four scrubbed answers; the lean path drops the
+        // connection of a refused answer unread, hyper's reuses it when the body was all read.
+        let connections = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(connections, if lean { 3 } else { 1 });
+
+        let events = h.drain_events().await;
+        let requests = egress_requests(&events);
+        assert_eq!(requests.len(), 7);
+        for r in &requests {
+            assert_eq!(field(r, "injectedHeaders"), &json!(["x-token"]));
+        }
+        let scrubbed: Vec<(Value, Value, Value)> = events
+            .iter()
+            .filter(|e| e.kind == kind::SECRET_SCRUBBED)
+            .map(|e| {
+                let f = |k| field(e, k).clone();
+                (f("secret"), f("host"), f("count"))
+            })
+            .collect();
+        let once = (json!("header:x-token"), json!("raw.test"), json!(2));
+        // Every answer but the two refused: the value in a header and in the body (a HEAD's
+        // header only).
+        let head_only = (json!("header:x-token"), json!("raw.test"), json!(1));
+        let expected = [once.clone(), once.clone(), once.clone(), head_only, once];
+        assert_eq!(scrubbed, expected, "lean {lean}");
+        for e in &events {
+            assert!(!e.to_json().to_string().contains(SECRET), "{e:?}");
+        }
+    }
 }
