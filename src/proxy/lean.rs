@@ -1,6 +1,6 @@
 //! The lean HTTP/1.1 path: the most common request an agent sends (an HTTP/1.1 `GET`, `HEAD` or
-//! `OPTIONS` without a body, allowed by a rule that injects nothing, in a sandbox without named
-//! secrets) is parsed with `httparse` and relayed over an upstream connection taken from the lean
+//! `OPTIONS` without a body, allowed by a rule that injects nothing or only inline override
+//! values, in a sandbox without named secrets) is parsed with `httparse` and relayed over an upstream connection taken from the lean
 //! pool for the exchange, without hyper's per-request machinery on either leg and without a
 //! header map: heads are filtered from the parsed bytes into the outgoing ones (docs/decisions.md,
 //! "Lean HTTP/1.1 path" and "Lean path, second pass"). Anything else, from the first request
@@ -22,6 +22,10 @@
 //!   encoded again (extensions and trailers dropped); differing `Content-Length` values fail the
 //!   exchange (`502`); a body without either is read to the end and the client connection closed
 //!   after it. Hop-by-hop headers are removed both ways ([`headers::strip_hop_by_hop`]).
+//! - An override is applied as on hyper's path: the sandbox's own headers of its names removed,
+//!   its values added, `Accept-Encoding` narrowed to what the scrubber decodes, and the response
+//!   scrubbed ([`Scan`]: headers, then the body decoded and delivered chunked; a coding it cannot
+//!   read is a `502`). The head holding the values is zeroed once sent.
 //! - Upstream connections speak HTTP/1.1 only (the h1 connector: no h2 by ALPN) and connect to
 //!   the addresses the gate pinned, as hyper's client does. The pool belongs to the client for the
 //!   `upstream` section in force: a changed section (another mapping, other roots) never reuses a
