@@ -189,17 +189,7 @@ pub fn strip_h2c(headers: &mut HeaderMap) -> bool {
 pub fn inject(headers: &mut HeaderMap, over: &Override, secrets: &Table) -> Vec<HeaderName> {
     let mut names = Vec::with_capacity(over.headers.len());
     for (name, value) in &over.headers {
-        let value = match value {
-            OverrideValue::Inline(secret) => Some(secret.expose().clone()),
-            OverrideValue::Template(template) => template
-                .render(|n| secrets.get(n).map(|e| e.value.expose()))
-                .map(zeroize::Zeroizing::new)
-                .and_then(|text| HeaderValue::from_bytes(text.as_bytes()).ok())
-                .map(|mut v| {
-                    v.set_sensitive(true);
-                    v
-                }),
-        };
+        let value = override_value(value, secrets);
         // A template always renders (validation checked its names); never forward the sandbox's
         // own value under an override name.
         headers.remove(name);
@@ -209,6 +199,22 @@ pub fn inject(headers: &mut HeaderMap, over: &Override, secrets: &Table) -> Vec<
         }
     }
     names
+}
+
+/// The value an override header is sent with: an inline value as it is, a template rendered
+/// with the named secrets' values (`None` when it cannot be).
+pub fn override_value(value: &OverrideValue, secrets: &Table) -> Option<HeaderValue> {
+    match value {
+        OverrideValue::Inline(secret) => Some(secret.expose().clone()),
+        OverrideValue::Template(template) => template
+            .render(|n| secrets.get(n).map(|e| e.value.expose()))
+            .map(zeroize::Zeroizing::new)
+            .and_then(|text| HeaderValue::from_bytes(text.as_bytes()).ok())
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            }),
+    }
 }
 
 /// The `Proxy-Authorization` value a host listener expects for `token`.

@@ -40,7 +40,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::config::{normalize_host, Override, OverrideValue};
+use crate::config::{normalize_host, OverrideValue};
 use crate::policy::{reason, Access, Compiled, Decision, Scheme};
 
 use super::audit::{Auditor, Exchange, Subject};
@@ -138,9 +138,6 @@ where
             break;
         };
         let compiled = conn.engine.cell.load_full();
-        if !compiled.secrets.is_empty() {
-            break;
-        }
         let Some(decision) = plainly_allowed(&compiled.policy, &request) else {
             break;
         };
@@ -409,38 +406,83 @@ fn query_overrides_method(path_and_query: &str) -> bool {
     })
 }
 
-/// Rewrites the upstream head in `out` for `over`: the sandbox's own headers of the override's
-/// names removed and the override's values added (what [`headers::inject`] does to a header
-/// map); with `narrow`, `Accept-Encoding` narrowed to the codings the scrubber decodes
-/// ([`scrub::limit_accept_encoding`]: the first value read, one header written).
-fn inject(out: &mut Vec<u8>, over: &Override, narrow: bool) {
-    let head = out.clone();
-    out.clear();
-    // `parse_request` wrote the head: lines of `name: value`, then an empty line.
+/// The header values of the upstream head in `out` (as [`parse_request`] wrote it).
+fn header_values(out: &[u8]) -> impl Iterator<Item = &[u8]> {
+    head_lines(out).1.map(|(_, value)| value)
+}
+
+/// The request line and the header lines (name, value) of a head [`parse_request`] wrote:
+/// `name: value` lines ending in CRLF, then an empty line.
+fn head_lines(head: &[u8]) -> (&[u8], impl Iterator<Item = (&[u8], &[u8])>) {
     let mut lines = head
         .split(|&b| b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    if let Some(request_line) = lines.next() {
-        out.extend_from_slice(request_line);
-        out.extend_from_slice(b"\r\n");
-    }
-    let mut accept: Option<&[u8]> = None;
-    for line in lines.take_while(|l| !l.is_empty()) {
+    let request_line = lines.next().unwrap_or_default();
+    let headers = lines.take_while(|l| !l.is_empty()).map(|line| {
         let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
-        let (name, value) = (&line[..colon], line.get(colon + 2..).unwrap_or_default());
-        if over
-            .headers
-            .iter()
-            .any(|(n, _)| n.as_str().as_bytes().eq_ignore_ascii_case(name))
+        (&line[..colon], line.get(colon + 2..).unwrap_or_default())
+    });
+    (request_line, headers)
+}
+
+/// How [`rewrite_head`] changes an upstream head for secrets.
+struct Rewrite<'a> {
+    /// Substitute the placeholders of these named secrets (in header values and the query).
+    secrets: Option<&'a crate::secrets::Table>,
+    /// The override's names: the sandbox's own headers of these names are not sent.
+    dropped: &'a [(http::HeaderName, OverrideValue)],
+    /// The override's headers, as they are sent.
+    added: &'a [(http::HeaderName, HeaderValue)],
+    /// Narrow `Accept-Encoding` to the codings the scrubber decodes.
+    narrow: bool,
+}
+
+/// Rewrites the upstream head in `out` as hyper's path changes its header map: placeholders
+/// substituted ([`substitute::head`]), the override's names removed and its values added
+/// ([`headers::inject`]), `Accept-Encoding` narrowed ([`scrub::limit_accept_encoding`]: the
+/// first value read, one header written).
+fn rewrite_head(out: &mut Vec<u8>, how: &Rewrite<'_>) {
+    let head = std::mem::replace(out, Vec::with_capacity(out.capacity()));
+    let (request_line, lines) = head_lines(&head);
+    // `METHOD target HTTP/1.1`: only the target's query can change.
+    let target = request_line
+        .split(|&b| b == b' ')
+        .nth(1)
+        .and_then(|t| std::str::from_utf8(t).ok());
+    let substituted = how
+        .secrets
+        .zip(target)
+        .and_then(|(table, target)| substitute::substitute_target(table, target));
+    match (&substituted, target) {
+        (Some(new), Some(target)) => {
+            let method_len = request_line.len() - target.len() - " HTTP/1.1".len();
+            out.extend_from_slice(&request_line[..method_len]);
+            out.extend_from_slice(new.as_bytes());
+            out.extend_from_slice(b" HTTP/1.1");
+        }
+        _ => out.extend_from_slice(request_line),
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut accept: Option<&[u8]> = None;
+    for (name, value) in lines {
+        let dropped = how.dropped.iter();
+        if dropped
+            .map(|(n, _)| n.as_str().as_bytes())
+            .any(|n| n.eq_ignore_ascii_case(name))
         {
             continue;
         }
-        if narrow && name.eq_ignore_ascii_case(b"accept-encoding") {
+        if how.narrow && name.eq_ignore_ascii_case(b"accept-encoding") {
             accept.get_or_insert(value);
             continue;
         }
-        out.extend_from_slice(line);
-        out.extend_from_slice(b"\r\n");
+        // A substituted value that would not be a valid header value is not sent substituted
+        // (as on hyper's path, where it would not become a `HeaderValue`).
+        let new = how
+            .secrets
+            .and_then(|table| substitute::substitute_header(table, value))
+            .filter(|new| HeaderValue::from_bytes(new).is_ok());
+        write_header(out, name, new.as_deref().map_or(value, |v| &v[..]));
     }
     if let Some(value) = accept {
         write_header(
@@ -449,10 +491,8 @@ fn inject(out: &mut Vec<u8>, over: &Override, narrow: bool) {
             scrub::decodable_codings(value).as_bytes(),
         );
     }
-    for (name, value) in &over.headers {
-        if let OverrideValue::Inline(value) = value {
-            write_header(out, name.as_str().as_bytes(), value.expose().as_bytes());
-        }
+    for (name, value) in how.added {
+        write_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -477,19 +517,12 @@ fn plainly_allowed(policy: &crate::policy::Policy, request: &Request) -> Option<
     lean_rule(policy, &decision).then_some(decision)
 }
 
-/// Whether `decision` allows by a rule the lean path serves: one that injects nothing, or only
-/// inline override values (a template needs named secrets, and a sandbox with named secrets
-/// stays on hyper's path, where placeholders are substituted).
+/// Whether `decision` allows by a rule (with or without an override: the lean path applies it
+/// and scrubs the response as hyper's path does).
 fn lean_rule(policy: &crate::policy::Policy, decision: &Decision) -> bool {
     decision.access == Access::Allowed
         && !decision.would_deny
-        && decision.rule.and_then(|i| policy.rule(i)).is_some_and(|r| {
-            r.override_.as_ref().is_none_or(|o| {
-                o.headers
-                    .iter()
-                    .all(|(_, v)| matches!(v, OverrideValue::Inline(_)))
-            })
-        })
+        && decision.rule.and_then(|i| policy.rule(i)).is_some()
 }
 
 /// Decides and relays one request whose upstream head is in `bufs.out`; `Ok(true)` when the
@@ -607,7 +640,8 @@ where
             }
         }
     };
-    // An override: its headers set on the outgoing head, as on hyper's path (`http::forward`).
+    // Secrets, as on hyper's path (`http::forward`): placeholders in the head substituted where
+    // they may go (refused anywhere else), then the override's headers set.
     let over = decision
         .rule
         .filter(|_| compiled.policy.may_inject(&decision))
@@ -615,25 +649,41 @@ where
         .and_then(|r| r.override_.as_ref());
     let may_send = target.scheme == Scheme::Https || over.is_some_and(|o| o.allow_plaintext);
     let over = over.filter(|_| may_send);
-    if let Some(over) = over {
-        if substitute::check_override(&compiled.secrets, &engine.events, over, host).is_err() {
-            give_back(&key, taken);
-            let decision = gate::denied(substitute::SECRET_BLOCKED);
-            auditor.request(&subject, &decision, &[]);
-            let res = deny::forbidden(decision.reason, host, method, event_path);
-            return answer(io, res, is_head, close, out).await;
-        }
-    }
-    let injected: Vec<http::HeaderName> = over
+    let secrets = &compiled.secrets;
+    let values = header_values(out);
+    let checked =
+        substitute::find_placeholders(secrets, host, may_send, values, &target.path_and_query)
+            .map_err(|blocked| substitute::report_blocked(&engine.events, host, &blocked))
+            .and_then(|substituted| match over {
+                Some(over) => substitute::check_override(secrets, &engine.events, over, host)
+                    .map(|()| substituted),
+                None => Ok(substituted),
+            });
+    let Ok(substituted) = checked else {
+        give_back(&key, taken);
+        let decision = gate::denied(substitute::SECRET_BLOCKED);
+        auditor.request(&subject, &decision, &[]);
+        let res = deny::forbidden(decision.reason, host, method, event_path);
+        return answer(io, res, is_head, close, out).await;
+    };
+    let added: Vec<(http::HeaderName, HeaderValue)> = over
         .iter()
         .flat_map(|o| &o.headers)
-        .map(|(name, _)| name.clone())
+        .filter_map(|(name, value)| Some((name.clone(), headers::override_value(value, secrets)?)))
         .collect();
-    let patterns = (!injected.is_empty())
-        .then(|| compiled.secrets.patterns().cloned())
+    let injected: Vec<http::HeaderName> = added.iter().map(|(name, _)| name.clone()).collect();
+    let patterns = (substituted || !injected.is_empty())
+        .then(|| secrets.patterns().cloned())
         .flatten();
-    if let Some(over) = over {
-        inject(out, over, patterns.is_some());
+    let rewritten = substituted || over.is_some();
+    if rewritten {
+        let rewrite = Rewrite {
+            secrets: substituted.then_some(&**secrets),
+            dropped: over.map_or(&[], |o| &o.headers[..]),
+            added: &added,
+            narrow: patterns.is_some(),
+        };
+        rewrite_head(out, &rewrite);
     }
     let Some(exchange) = auditor.request(&subject, &decision, &injected) else {
         give_back(&key, taken);
@@ -644,8 +694,8 @@ where
     let timeout = compiled.config.upstream.response_timeout;
     let reused = taken.map(|t| t.stream);
     let sent = send(reused, &client, target, out, &mut bufs.rest, timeout).await;
-    if over.is_some() {
-        // The injected values are not left in the connection's buffer.
+    if rewritten {
+        // The values sent are not left in the connection's buffer.
         out.fill(0);
     }
     let up = match sent {

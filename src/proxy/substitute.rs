@@ -74,13 +74,16 @@ where
         Ok(substituted) => Ok((substituted, Prefixed::whole(body))),
         Err(blocked) => Err(blocked),
     };
-    checked.map_err(|blocked| {
-        let mut fields = Map::new();
-        fields.insert("secret".into(), json!(&*blocked.secret));
-        fields.insert("host".into(), json!(host));
-        fields.insert("where".into(), json!(blocked.place));
-        events.emit(kind::SECRET_BLOCKED, fields);
-    })
+    checked.map_err(|blocked| report_blocked(events, host, &blocked))
+}
+
+/// Emits the `secret.blocked` event of a request refused for carrying a placeholder.
+pub fn report_blocked(events: &EventBus, host: &str, blocked: &Blocked) {
+    let mut fields = Map::new();
+    fields.insert("secret".into(), json!(&*blocked.secret));
+    fields.insert("host".into(), json!(host));
+    fields.insert("where".into(), json!(blocked.place));
+    events.emit(kind::SECRET_BLOCKED, fields);
 }
 
 /// Checks that every secret an override template of the deciding rule references may go to
@@ -118,11 +121,38 @@ pub fn head(
     headers: &mut HeaderMap,
     path_and_query: &mut String,
 ) -> Result<bool, Blocked> {
+    let values = headers.values().map(HeaderValue::as_bytes);
+    if !find_placeholders(table, host, may_send, values, path_and_query)? {
+        return Ok(false);
+    }
+    // 3: substitute.
+    for value in headers.values_mut() {
+        if let Some(new) = substitute_header(table, value.as_bytes()) {
+            if let Ok(mut v) = HeaderValue::from_bytes(&new) {
+                v.set_sensitive(true);
+                *value = v;
+            }
+        }
+    }
+    if let Some(new) = substitute_target(table, path_and_query) {
+        *path_and_query = new.to_string();
+    }
+    Ok(true)
+}
+
+/// Steps 1-2 over a request's header values and its path and query: whether a placeholder is
+/// there to substitute, or the first that may not go to `host`.
+pub fn find_placeholders<'a>(
+    table: &Table,
+    host: &str,
+    may_send: bool,
+    values: impl Iterator<Item = &'a [u8]>,
+    path_and_query: &str,
+) -> Result<bool, Blocked> {
     if table.is_empty() {
         return Ok(false);
     }
     let allowed = |e: &Entry| may_send && e.allows(host);
-    // 1-2: find every placeholder, refusing on the first one that may not go here.
     let mut wanted = false;
     let mut check = |text: &[u8], place: &'static str| -> Result<(), Blocked> {
         for form in forms(text) {
@@ -138,28 +168,18 @@ pub fn head(
         }
         Ok(())
     };
-    for value in headers.values() {
-        check(value.as_bytes(), "header")?;
+    for value in values {
+        check(value, "header")?;
     }
     check(path_and_query.as_bytes(), "url")?;
-    if !wanted {
-        return Ok(false);
-    }
-    // 3: substitute.
-    for value in headers.values_mut() {
-        if let Some(new) = substitute_header(table, value.as_bytes()) {
-            if let Ok(mut v) = HeaderValue::from_bytes(&new) {
-                v.set_sensitive(true);
-                *value = v;
-            }
-        }
-    }
-    if let Some((path, query)) = path_and_query.split_once('?') {
-        if let Some(query) = substitute_query(table, query) {
-            *path_and_query = format!("{path}?{}", query.as_str());
-        }
-    }
-    Ok(true)
+    Ok(wanted)
+}
+
+/// `path_and_query` with the placeholders of its query replaced; `None` if unchanged.
+pub fn substitute_target(table: &Table, path_and_query: &str) -> Option<Zeroizing<String>> {
+    let (path, query) = path_and_query.split_once('?')?;
+    let query = substitute_query(table, query)?;
+    Some(Zeroizing::new(format!("{path}?{}", query.as_str())))
 }
 
 /// Whether the body must be searched: some secret may not go to `host`.
@@ -314,7 +334,7 @@ fn basic_credential(text: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
 }
 
 /// `value` with every placeholder replaced (inside a Basic credential too); `None` if unchanged.
-fn substitute_header(table: &Table, value: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+pub fn substitute_header(table: &Table, value: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     if let Some(decoded) = basic_credential(value) {
         let replaced = replace(table, &decoded, |e| e.value.expose().as_bytes().to_vec())?;
         let encoded = base64::engine::general_purpose::STANDARD.encode(&*replaced);

@@ -2212,12 +2212,14 @@ async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize
     (addr, accepted)
 }
 
-/// The raw upstream's `/echo…` answers: the `x-token` values and `accept-encoding` it was sent,
-/// in a header and in the body (`seen <tokens> accept <codings>`), framed as the path says:
+/// The raw upstream's `/echo…` answers: the `x-token` values it was sent in a header, and in the
+/// body with others (`seen <x-token> key <x-key> auth <authorization> query <query> accept
+/// <accept-encoding>`), framed as the path says:
 /// `/echo` (length), `/echo-chunked` (the tokens split across chunks), `/echo-close` (to the
 /// end of the connection), `/echo-gzip`, `/echo-compress` (a coding hive cannot read),
 /// `/echo-stacked` (`identity` then `gzip`, on two lines); a `HEAD` gets the head only.
-fn echo_answer(head: &str, path: &str) -> Option<Vec<u8>> {
+fn echo_answer(head: &str, target: &str) -> Option<Vec<u8>> {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !path.starts_with("/echo") {
         return None;
     }
@@ -2230,7 +2232,12 @@ fn echo_answer(head: &str, path: &str) -> Option<Vec<u8>> {
             .join(",")
     };
     let tokens = values("x-token");
-    let body = format!("seen {tokens} accept {}", values("accept-encoding"));
+    let body = format!(
+        "seen {tokens} key {} auth {} query {query} accept {}",
+        values("x-key"),
+        values("authorization"),
+        values("accept-encoding")
+    );
     let mut out = format!("HTTP/1.1 200 OK\r\nx-echo: {tokens}\r\n").into_bytes();
     let gzip = |text: &str| {
         use std::io::Write;
@@ -2282,11 +2289,12 @@ fn route_raw(h: &Harness, raw: SocketAddr) {
     );
 }
 
-/// Points `raw.test:80` at `raw` under `config` (its `egress`, `secrets`), with a short response
-/// timeout.
+/// Points `raw.test:80` and `other.test:80` at `raw` under `config` (its `egress`, `secrets`),
+/// with a short response timeout.
 fn route_raw_with(h: &Harness, raw: SocketAddr, mut config: Value) {
     let mut upstream = h.upstream.clone();
     upstream["resolve"]["raw.test:80"] = raw.to_string().into();
+    upstream["resolve"]["other.test:80"] = raw.to_string().into();
     upstream["responseTimeoutMs"] = 500.into();
     config["upstream"] = upstream;
     let config = Config::from_json(&config).unwrap();
@@ -2531,37 +2539,59 @@ async fn lean_path_replaces_a_kept_connection_the_upstream_closed() {
     assert_eq!(h.engine.lean_requests(), 3);
 }
 
-/// Injection and scrubbing, the same on the lean path (no named secrets) as on hyper's (a named
-/// secret keeps every request there): the sandbox's own header of the override's name replaced,
-/// `Accept-Encoding` narrowed, the value scrubbed from response headers and bodies in every
-/// framing and coding, a coding hive cannot read refused, and the events of both paths alike.
+/// Secrets, the same on the lean path as on hyper's (a `content-length: 0` sends a GET there):
+/// the sandbox's own header of an override's name replaced, an inline value and a template over
+/// a named secret injected, placeholders substituted in a header and the query, `Accept-Encoding`
+/// narrowed, the values scrubbed from response headers and bodies in every framing and coding, a
+/// coding hive cannot read refused, a placeholder on its way to another host refused, and the
+/// events of both paths alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lean_path_injects_and_scrubs_as_hypers_path_does() {
+async fn lean_path_applies_secrets_as_hypers_path_does() {
+    const NAMED: &str = "named-secret-value-0123";
     for lean in [true, false] {
         let h = Harness::new(json!([])).await;
         let (raw, accepted) = start_raw_upstream().await;
-        let mut config = json!({ "egress": [{
-            "access": "allow", "host": "raw.test",
-            "override": { "headers": { "X-Token": SECRET }, "allowPlaintext": true },
-        }] });
-        if !lean {
-            config["secrets"] = json!({ "UNUSED": "unused-named-secret-value" });
-        }
+        let config = json!({
+            "egress": [
+                { "access": "allow", "host": "raw.test", "override": {
+                    "headers": { "X-Token": SECRET, "Authorization": "Bearer {{secrets.KEY}}" },
+                    "allowPlaintext": true,
+                } },
+                { "access": "allow", "host": "other.test" },
+            ],
+            "secrets": { "KEY": { "value": NAMED, "hosts": ["raw.test"] } },
+        });
         route_raw_with(&h, raw, config);
+        let ph = h
+            .cell
+            .load()
+            .secrets
+            .get("KEY")
+            .unwrap()
+            .placeholder
+            .to_string();
         let mut c = h.http_client().await;
-        let get = |path: &str| {
-            Request::get(format!("http://raw.test{path}"))
+        let get = |url: &str| {
+            let req = Request::get(url)
                 .header("x-token", "forged")
-                .header("accept-encoding", "gzip, compress;q=0.5, br")
-                .body(empty())
-                .unwrap()
+                .header("x-key", ph.as_str())
+                .header("accept-encoding", "gzip, compress;q=0.5, br");
+            let req = if lean {
+                req
+            } else {
+                req.header("content-length", "0")
+            };
+            req.body(empty()).unwrap()
         };
-        let seen = "seen [redacted] accept gzip, br";
+        let seen = |query: &str| {
+            format!("seen [redacted] key {ph} auth Bearer {ph} query {query} accept gzip, br")
+        };
         for path in ["/echo", "/echo-chunked", "/echo-gzip"] {
-            let (status, headers, body) = send(&mut c, get(path)).await;
+            let (status, headers, body) =
+                send(&mut c, get(&format!("http://raw.test{path}"))).await;
             assert_eq!(
-                (status, body.as_str()),
-                (StatusCode::OK, seen),
+                (status, body),
+                (StatusCode::OK, seen("")),
                 "{path}, lean {lean}"
             );
             assert_eq!(headers["x-echo"], "[redacted]", "{path}");
@@ -2569,53 +2599,85 @@ async fn lean_path_injects_and_scrubs_as_hypers_path_does() {
             assert!(headers.get("content-length").is_none(), "{path}");
             assert!(headers.get("content-encoding").is_none(), "{path}");
         }
+        // In the query too.
+        let (status, _, body) =
+            send(&mut c, get(&format!("http://raw.test/echo?k={ph}&a=1"))).await;
+        assert_eq!(
+            (status, body),
+            (StatusCode::OK, seen(&format!("k={ph}&a=1")))
+        );
         // HEAD: the header scrubbed, the length kept.
-        let head = Request::head("http://raw.test/echo")
-            .header("x-token", "forged")
-            .body(empty())
-            .unwrap();
-        let (status, headers, body) = send(&mut c, head).await;
+        let head = Request::head("http://raw.test/echo").header("x-token", "forged");
+        let head = if lean {
+            head
+        } else {
+            head.header("content-length", "0")
+        };
+        let (status, headers, body) = send(&mut c, head.body(empty()).unwrap()).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
         assert_eq!(headers["x-echo"], "[redacted]");
-        let unscrubbed = format!("seen {SECRET} accept ");
+        let unscrubbed = format!("seen {SECRET} key  auth Bearer {NAMED} query  accept ");
         assert_eq!(headers["content-length"], unscrubbed.len().to_string());
         // A coding hive cannot read, or two stacked: 502, nothing of the body delivered.
         for path in ["/echo-compress", "/echo-stacked"] {
-            let (status, headers, body) = send(&mut c, get(path)).await;
+            let (status, headers, body) =
+                send(&mut c, get(&format!("http://raw.test{path}"))).await;
             assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}, lean {lean}");
             assert!(!body.contains(SECRET) && !format!("{headers:?}").contains(SECRET));
         }
+        // The placeholder on its way to a host the secret may not go to: refused, nothing sent.
+        let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let (status, headers, _) = send(&mut c, get("http://other.test/echo")).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(headers[DENIED_HEADER], "secret-blocked");
+        let after = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(before, after, "nothing sent for the refused request");
         // To the end of the connection: scrubbed, then the client connection closes.
-        let (status, _, body) = send(&mut c, get("/echo-close")).await;
-        assert_eq!((status, body.as_str()), (StatusCode::OK, seen));
-        assert_eq!(h.engine.lean_requests(), if lean { 7 } else { 0 });
-        // One upstream connection for the four scrubbed answers; the lean path drops the
-        // connection of a refused answer unread, hyper's reuses it when the body was all read.
+        let (status, _, body) = send(&mut c, get("http://raw.test/echo-close")).await;
+        assert_eq!((status, body), (StatusCode::OK, seen("")));
+        assert_eq!(h.engine.lean_requests(), if lean { 9 } else { 0 });
+        // One upstream connection for the scrubbed answers; the lean path drops the connection
+        // of a refused answer unread, hyper's reuses it when the body was all read.
         let connections = accepted.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(connections, if lean { 3 } else { 1 });
 
         let events = h.drain_events().await;
         let requests = egress_requests(&events);
-        assert_eq!(requests.len(), 7);
-        for r in &requests {
-            assert_eq!(field(r, "injectedHeaders"), &json!(["x-token"]));
+        assert_eq!(requests.len(), 9);
+        for (i, r) in requests.iter().enumerate() {
+            let injected = if i == 7 {
+                json!([])
+            } else {
+                json!(["authorization", "x-token"])
+            };
+            assert_eq!(field(r, "injectedHeaders"), &injected, "request {i}");
         }
-        let scrubbed: Vec<(Value, Value, Value)> = events
+        assert_eq!(field(requests[7], "reason"), "secret-blocked");
+        let blocked: Vec<Value> = events
+            .iter()
+            .filter(|e| e.kind == kind::SECRET_BLOCKED)
+            .map(|e| json!([field(e, "secret"), field(e, "host"), field(e, "where")]))
+            .collect();
+        assert_eq!(blocked, [json!(["KEY", "other.test", "header"])]);
+        let scrubbed: Vec<Value> = events
             .iter()
             .filter(|e| e.kind == kind::SECRET_SCRUBBED)
-            .map(|e| {
-                let f = |k| field(e, k).clone();
-                (f("secret"), f("host"), f("count"))
-            })
+            .map(|e| json!([field(e, "secret"), field(e, "count")]))
             .collect();
-        let once = (json!("header:x-token"), json!("raw.test"), json!(2));
-        // Every answer but the two refused: the value in a header and in the body (a HEAD's
-        // header only).
-        let head_only = (json!("header:x-token"), json!("raw.test"), json!(1));
-        let expected = [once.clone(), once.clone(), once.clone(), head_only, once];
+        // The named value (substituted into x-key, injected into authorization, and in the
+        // query once) and the inline one (x-echo and the body), per answer.
+        let answer =
+            |named: u64, inline: u64| [json!(["KEY", named]), json!(["header:x-token", inline])];
+        let mut expected: Vec<Value> = Vec::new();
+        for (named, inline) in [(2, 2), (2, 2), (2, 2), (3, 2), (1, 1), (2, 2)] {
+            expected.extend(answer(named, inline));
+        }
+        // The HEAD answer: the header holds the inline value only.
+        expected.remove(8);
         assert_eq!(scrubbed, expected, "lean {lean}");
         for e in &events {
-            assert!(!e.to_json().to_string().contains(SECRET), "{e:?}");
+            let text = e.to_json().to_string();
+            assert!(!text.contains(SECRET) && !text.contains(NAMED), "{e:?}");
         }
     }
 }
