@@ -352,6 +352,28 @@ async function measure({ ohaBin, ports, ca, floor }) {
     if (floor.failed) throw new Error(`no floor relay: ${floor.failed}`)
     return viaFloor(ohaBin, ['-x', `http://127.0.0.1:${floor.port}`, '--no-pre-lookup', '--insecure', ...args], floor)
   }
+  // A second sandbox with a named secret for INJECT_HOST: oha sends its placeholder, as an SDK
+  // inside would (read from the sandbox's env), and hive substitutes the value. Set up on first
+  // use, so that a machine where sandboxes cannot start still measures the other rows.
+  let secrets = null
+  const viaSecrets = async () => {
+    if (secrets) return secrets.args
+    const box = await getOrCreateSandbox('bench-proxy-oha-secrets', {
+      secrets: { API_KEY: { value: randomBytes(24).toString('hex'), hosts: [INJECT_HOST] } },
+      env: { API_KEY: '{{secrets.API_KEY}}' },
+      egress: [{ access: 'allow', host: INJECT_HOST }],
+      upstream: { resolve, ca: [ca] },
+    })
+    secrets = { box }
+    const placeholder = (await box.exec(['sh', '-c', 'printf %s "$API_KEY"'])).stdout
+    if (!/^hive_ph_[a-z2-7]{32}$/.test(placeholder)) throw new Error(`no placeholder from the sandbox's env: ${placeholder}`)
+    secrets.proxy = await box.proxy()
+    const u = new URL(secrets.proxy.url)
+    const basic = Buffer.from(`${decodeURIComponent(u.username)}:${decodeURIComponent(u.password)}`).toString('base64')
+    secrets.args = ['-x', `http://127.0.0.1:${u.port}`, '--proxy-header', `Proxy-Authorization: Basic ${basic}`,
+      '--no-pre-lookup', '--insecure', '-H', `Authorization: Bearer ${placeholder}`]
+    return secrets.args
+  }
   const direct = (scheme) => [
     '--insecure',
     '--connect-to', `${HOST}:${scheme === 'https' ? 443 : 80}:127.0.0.1:${scheme === 'https' ? ports.https : ports.http}`,
@@ -359,7 +381,7 @@ async function measure({ ohaBin, ports, ca, floor }) {
 
   // [name, connections, url, scheme, extra oha args, options]; `stream`: a JS subscriber reads
   // every event while oha runs (what a user watching the audit stream pays); `floor`: through
-  // the floor relay instead of hive.
+  // the floor relay instead of hive; `secrets`: through the sandbox with a named secret.
   const scenarios = [
     ['plain HTTP keep-alive c32', 32, `http://${HOST}/`, 'http', []],
     ['plain HTTP keep-alive c32, bare relay (floor)', 32, `http://${HOST}/`, 'http', [], { floor: true }],
@@ -367,6 +389,7 @@ async function measure({ ohaBin, ports, ca, floor }) {
     ['HTTPS keep-alive c32 (intercepted)', 32, `https://${HOST}/`, 'https', []],
     ['HTTPS keep-alive c32, bare relay (floor)', 32, `https://${HOST}/`, 'https', [], { floor: true }],
     ['HTTPS keep-alive c32, header injected (override)', 32, `https://${INJECT_HOST}/`, 'https', []],
+    ['HTTPS keep-alive c32, placeholder substituted (named secret)', 32, `https://${INJECT_HOST}/`, 'https', [], { secrets: true }],
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
     ['HTTPS keep-alive c256, bare relay (floor)', 256, `https://${HOST}/`, 'https', [], { floor: true }],
     ...(passthrough ? [['HTTPS keep-alive c32 (passthrough)', 32, `https://${PASS_HOST}/`, 'https', []]] : []),
@@ -393,9 +416,10 @@ async function measure({ ohaBin, ports, ca, floor }) {
         // The memory columns: around the first c1000 round, before any other c1000 load.
         const first = c1000 && round === 0
         if (first) memory.before = rssMib()
+        const through = options?.secrets ? await viaSecrets() : via
         const v = options?.floor
           ? await viaFloorRelay(['-c', String(conns), ...extra, target])
-          : await viaProxy(ohaBin, ['-c', String(conns), ...via, ...extra, target], options?.stream && sandbox, `${name} ${round}`)
+          : await viaProxy(ohaBin, ['-c', String(conns), ...through, ...extra, target], options?.stream && sandbox, `${name} ${round}`)
         if (first) {
           memory.peak = v.peak
           await sleep(SETTLE_SECONDS * 1000)
@@ -454,6 +478,8 @@ async function measure({ ohaBin, ports, ca, floor }) {
   }
   await proxy.close()
   await sandbox.close()
+  await secrets?.proxy?.close()
+  await secrets?.box.close()
   if (rows.some((r) => r.failed)) process.exitCode = 1
 }
 

@@ -1,11 +1,11 @@
 //! The lean HTTP/1.1 path: the most common request an agent sends (an HTTP/1.1 `GET`, `HEAD` or
-//! `OPTIONS` without a body, allowed by a rule that injects nothing or only inline override
-//! values, in a sandbox without named secrets) is parsed with `httparse` and relayed over an upstream connection taken from the lean
-//! pool for the exchange, without hyper's per-request machinery on either leg and without a
-//! header map: heads are filtered from the parsed bytes into the outgoing ones (docs/decisions.md,
-//! "Lean HTTP/1.1 path" and "Lean path, second pass"). Anything else, from the first request
-//! that is not such a request, is handed to hyper with the bytes already read ([`Prefixed`]),
-//! before anything about that request was decided, emitted or sent.
+//! `OPTIONS` without a body, allowed by a rule) is parsed with `httparse` and relayed over an
+//! upstream connection taken from the lean pool for the exchange, without hyper's per-request
+//! machinery on either leg and without a header map: heads are filtered from the parsed bytes
+//! into the outgoing ones (docs/decisions.md, "Lean HTTP/1.1 path", "Lean path, second pass" and
+//! "Secrets on the lean path"). Anything else, from the first request that is not such a
+//! request, is handed to hyper with the bytes already read ([`Prefixed`]), before anything about
+//! that request was decided, emitted or sent.
 //!
 //! Decisions, events and denials are the ones [`http::forward`](super::http::forward) makes: the
 //! same gate ([`gate::check_from`]), the same [`Auditor`] and the same [`deny`] answers. A request
@@ -22,8 +22,10 @@
 //!   encoded again (extensions and trailers dropped); differing `Content-Length` values fail the
 //!   exchange (`502`); a body without either is read to the end and the client connection closed
 //!   after it. Hop-by-hop headers are removed both ways ([`headers::strip_hop_by_hop`]).
-//! - An override is applied as on hyper's path: the sandbox's own headers of its names removed,
-//!   its values added, `Accept-Encoding` narrowed to what the scrubber decodes, and the response
+//! - Secrets are applied as on hyper's path, with the same functions: placeholders found in the
+//!   head (as they are, percent-decoded, inside `Basic`) and refused where their secret may not
+//!   go, then substituted; an override's names removed and its values (inline, or templates
+//!   rendered) added; `Accept-Encoding` narrowed to what the scrubber decodes; the response
 //!   scrubbed ([`Scan`]: headers, then the body decoded and delivered chunked; a coding it cannot
 //!   read is a `502`). The head holding the values is zeroed once sent.
 //! - Upstream connections speak HTTP/1.1 only (the h1 connector: no h2 by ALPN) and connect to
