@@ -390,6 +390,8 @@ async function measure({ ohaBin, ports, ca, floor }) {
     ['HTTPS keep-alive c32, bare relay (floor)', 32, `https://${HOST}/`, 'https', [], { floor: true }],
     ['HTTPS keep-alive c32, header injected (override)', 32, `https://${INJECT_HOST}/`, 'https', []],
     ['HTTPS keep-alive c32, placeholder substituted (named secret)', 32, `https://${INJECT_HOST}/`, 'https', [], { secrets: true }],
+    // An agent's most common call: a JSON body POSTed to an API.
+    ['HTTPS keep-alive c32, POST 1 KiB JSON (intercepted)', 32, `https://${HOST}/`, 'https', ['-m', 'POST', '-T', 'application/json', '-d', JSON.stringify({ model: 'm', input: 'x'.repeat(1000) })]],
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
     ['HTTPS keep-alive c256, bare relay (floor)', 256, `https://${HOST}/`, 'https', [], { floor: true }],
     ...(passthrough ? [['HTTPS keep-alive c32 (passthrough)', 32, `https://${PASS_HOST}/`, 'https', []]] : []),

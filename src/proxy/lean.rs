@@ -87,7 +87,20 @@ struct Request {
     close: bool,
     /// Length of the head.
     len: usize,
+    /// Length of the body (`Content-Length`; at most [`MAX_BODY`], and only for methods that
+    /// carry one).
+    body_len: usize,
 }
+
+/// Longest request body the lean path takes: it is read whole before the request is decided
+/// (as hyper's path reads up to the first 64 KiB to search it for placeholders), so a refused
+/// request leaves the connection in step and a pooled connection can be checked before it is
+/// used for a request that cannot be sent twice. Longer bodies, and bodies not all there within
+/// [`BODY_WAIT`], are hyper's, which streams them.
+const MAX_BODY: usize = 64 * 1024;
+
+/// How long the lean path waits for the rest of a body before handing the request to hyper.
+const BODY_WAIT: Duration = Duration::from_secs(2);
 
 /// Where a lean request goes.
 struct Target {
@@ -139,18 +152,26 @@ where
         let Some(request) = parse_request(&bufs.read, credential, tunnel, &mut bufs.out) else {
             break;
         };
+        if request.body_len > 0 {
+            match read_body(&mut io, &mut bufs.read, request.len + request.body_len).await {
+                HeadRead::Complete => {}
+                HeadRead::Handoff => break,
+                HeadRead::Closed => return Served::Done,
+            }
+        }
         let compiled = conn.engine.cell.load_full();
         let Some(decision) = plainly_allowed(&compiled.policy, &request) else {
             break;
         };
         // From here this request is the lean path's.
         bufs.read.advance(request.len);
+        let body = bufs.read.split_to(request.body_len).freeze();
         conn.engine
             .lean_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _busy = conn.idle.busy();
         let exchanged = exchange(
-            &mut io, conn, &compiled, request, decision, &mut key, &mut bufs,
+            &mut io, conn, &compiled, request, body, decision, &mut key, &mut bufs,
         );
         if !exchanged.await.unwrap_or(false) {
             let _ = io.shutdown().await;
@@ -218,6 +239,26 @@ where
     }
 }
 
+/// Reads until `buf` holds `total` bytes (a head and its body); [`HeadRead::Handoff`] when they
+/// are not all there within [`BODY_WAIT`] (hyper then streams the rest).
+async fn read_body<I>(io: &mut I, buf: &mut BytesMut, total: usize) -> HeadRead
+where
+    I: AsyncRead + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + BODY_WAIT;
+    if buf.capacity() < total {
+        buf.reserve(total - buf.len());
+    }
+    while buf.len() < total {
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Ok(Ok(0) | Err(_)) => return HeadRead::Closed,
+            Ok(Ok(_)) => {}
+            Err(_) => return HeadRead::Handoff,
+        }
+    }
+    HeadRead::Complete
+}
+
 /// `Some(true)` when `buf` starts with a complete request head, `Some(false)` when it needs more
 /// bytes, `None` when it is not a head httparse reads.
 fn head_complete(buf: &[u8]) -> Option<bool> {
@@ -232,8 +273,7 @@ fn head_complete(buf: &[u8]) -> Option<bool> {
 
 /// Header names that make a request hyper's: framing to interpret, a protocol change, or a
 /// method override (which the gate must decide too).
-const NOT_LEAN: [&str; 10] = [
-    "content-length",
+const NOT_LEAN: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
     "expect",
@@ -293,8 +333,15 @@ fn parse_request(
         "GET" => Method::GET,
         "HEAD" => Method::HEAD,
         "OPTIONS" => Method::OPTIONS,
+        "POST" => Method::POST,
+        "PUT" => Method::PUT,
+        "PATCH" => Method::PATCH,
+        "DELETE" => Method::DELETE,
         _ => return None,
     };
+    // A body only where the method carries one, stated by one `Content-Length` of digits.
+    let may_have_body = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    let mut body_len: Option<usize> = None;
     let mut close = false;
     let mut host: Option<&[u8]> = None;
     let mut hosts = 0;
@@ -308,6 +355,21 @@ fn parse_request(
             }
         } else if named(h.name, &NOT_LEAN) {
             return None;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let digits = h.value;
+            if !may_have_body
+                || body_len.is_some()
+                || digits.is_empty()
+                || digits.len() > 6
+                || !digits.iter().all(u8::is_ascii_digit)
+            {
+                return None;
+            }
+            let len: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
+            if len > MAX_BODY {
+                return None;
+            }
+            body_len = Some(len);
         } else if h.name.eq_ignore_ascii_case("host") {
             hosts += 1;
             host = Some(h.value);
@@ -397,6 +459,7 @@ fn parse_request(
         target,
         close,
         len,
+        body_len: body_len.unwrap_or(0),
     })
 }
 
@@ -408,9 +471,13 @@ fn query_overrides_method(path_and_query: &str) -> bool {
     })
 }
 
-/// The header values of the upstream head in `out` (as [`parse_request`] wrote it).
+/// The header values of the upstream head in `out` (as [`parse_request`] wrote it), but `Host`'s:
+/// the ones hyper's path searches for placeholders (it has removed `Host` by then).
 fn header_values(out: &[u8]) -> impl Iterator<Item = &[u8]> {
-    head_lines(out).1.map(|(_, value)| value)
+    let lines = head_lines(out).1;
+    lines
+        .filter(|(name, _)| !name.eq_ignore_ascii_case(b"host"))
+        .map(|(_, value)| value)
 }
 
 /// The request line and the header lines (name, value) of a head [`parse_request`] wrote:
@@ -482,6 +549,7 @@ fn rewrite_head(out: &mut Vec<u8>, how: &Rewrite<'_>) {
         // (as on hyper's path, where it would not become a `HeaderValue`).
         let new = how
             .secrets
+            .filter(|_| !name.eq_ignore_ascii_case(b"host"))
             .and_then(|table| substitute::substitute_header(table, value))
             .filter(|new| HeaderValue::from_bytes(new).is_ok());
         write_header(out, name, new.as_deref().map_or(value, |v| &v[..]));
@@ -535,11 +603,13 @@ fn lean_rule(policy: &crate::policy::Policy, decision: &Decision) -> bool {
 /// addresses were checked and pinned when it was opened, and nothing is resolved or connected now
 /// (hyper's pooled connections are reused the same way). Otherwise the gate decides, as on
 /// hyper's path.
+#[allow(clippy::too_many_arguments)]
 async fn exchange<I>(
     io: &mut I,
     conn: &Conn,
     compiled: &Arc<Compiled>,
     request: Request,
+    body: Bytes,
     decision: Decision,
     last_key: &mut Option<LeanKey>,
     bufs: &mut Buffers,
@@ -655,6 +725,13 @@ where
     let values = header_values(out);
     let checked =
         substitute::find_placeholders(secrets, host, may_send, values, &target.path_and_query)
+            .and_then(|substituted| {
+                if body.is_empty() || !substitute::body_needs_scan(secrets, host, may_send) {
+                    return Ok(substituted);
+                }
+                let seen = &body[..body.len().min(substitute::BODY_SCAN_BYTES)];
+                substitute::check_body(secrets, host, may_send, seen).map(|()| substituted)
+            })
             .map_err(|blocked| substitute::report_blocked(&engine.events, host, &blocked))
             .and_then(|substituted| match over {
                 Some(over) => substitute::check_override(secrets, &engine.events, over, host)
@@ -693,15 +770,21 @@ where
         return answer(io, res, is_head, close, out).await;
     };
 
+    out.extend_from_slice(&body);
     let timeout = compiled.config.upstream.response_timeout;
     let reused = taken.map(|t| t.stream);
-    let sent = send(reused, &client, target, out, &mut bufs.rest, timeout).await;
+    // Only a request without a body, of a safe method, is sent again on a new connection.
+    let once = !body.is_empty() || !request.method.is_safe();
+    let sent = send(reused, once, &client, target, out, &mut bufs.rest, timeout).await;
     if rewritten {
         // The values sent are not left in the connection's buffer.
         out.fill(0);
     }
     let up = match sent {
-        Ok(up) => up,
+        Ok(up) => {
+            exchange.add_out(body.len() as u64);
+            up
+        }
         Err(failure) => {
             bufs.rest.clear();
             exchange.fail(failure.0, host, port, &failure.1);
@@ -742,9 +825,12 @@ struct Upstream {
 
 /// Writes the request in `out` upstream and reads the response head into `rest`, on the idle
 /// connection `reused` or a new one. A connection that was reused and fails before any response
-/// byte is replaced once (the request has no body, and its method is safe to repeat).
+/// byte is replaced once, unless the request must go `once` (a body, or a method not safe to
+/// repeat): then a reused connection is checked first, and not used if its upstream closed it
+/// while it was idle.
 async fn send(
-    mut reused: Option<LeanStream>,
+    reused: Option<LeanStream>,
+    once: bool,
     client: &UpstreamClient,
     target: &Target,
     out: &[u8],
@@ -752,6 +838,10 @@ async fn send(
     timeout: Duration,
 ) -> Result<Upstream, (UpstreamFailure, String)> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let mut reused = reused;
+    if once && reused.as_mut().is_some_and(was_closed) {
+        reused = None;
+    }
     loop {
         let was_reused = reused.is_some();
         let mut stream = match reused.take() {
@@ -787,7 +877,7 @@ async fn send(
                     "malformed response head".to_owned(),
                 ))
             }
-            Ok(Err(_)) if was_reused && rest.is_empty() => continue,
+            Ok(Err(_)) if was_reused && rest.is_empty() && !once => continue,
             Ok(Err(e)) => return Err((super::upstream::classify(&e), e.to_string())),
             Err(_) => {
                 return Err((
@@ -800,6 +890,16 @@ async fn send(
             }
         }
     }
+}
+
+/// Whether an idle connection was closed by its upstream (or sent something unasked) while it
+/// waited in the pool: one poll of its read side, which does not wait.
+fn was_closed(stream: &mut LeanStream) -> bool {
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled = std::pin::Pin::new(&mut **stream).poll_read(&mut cx, &mut buf);
+    !polled.is_pending()
 }
 
 /// Reads until `buf` starts with a final response head (informational `1xx` heads are skipped)
@@ -1450,7 +1550,7 @@ mod tests {
     }
 
     #[test]
-    fn only_bodyless_safe_requests_with_plain_framing_are_lean() {
+    fn only_requests_with_plain_framing_are_lean() {
         let is_lean = |t: &str| lean(t).is_some();
         assert!(is_lean(
             "GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n"
@@ -1462,9 +1562,40 @@ mod tests {
         let (closing, _) =
             lean("GET http://a.test/ HTTP/1.1\r\nConnection: Close\r\n\r\n").unwrap();
         assert!(closing.close);
-        // a body, or any framing to interpret: hyper decides
+        // a body stated by one Content-Length, up to 64 KiB, on a method that carries one
+        for (text, len) in [
+            (
+                "POST http://a.test/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+                0,
+            ),
+            (
+                "PUT http://a.test/ HTTP/1.1\r\ncontent-length: 65536\r\n\r\n",
+                65536,
+            ),
+            (
+                "PATCH http://a.test/ HTTP/1.1\r\nContent-Length: 2\r\n\r\n",
+                2,
+            ),
+            ("DELETE http://a.test/ HTTP/1.1\r\n\r\n", 0),
+        ] {
+            let (request, out) = lean(text).unwrap();
+            assert_eq!(request.body_len, len, "{text:?}");
+            // The framing goes upstream as it was stated.
+            let stated = |t: &str| t.to_ascii_lowercase().contains("content-length");
+            assert_eq!(stated(&out), stated(text), "{text:?}");
+        }
+        // any other body, or any framing to interpret: hyper decides
         let not_lean = [
-            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: +2\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 0000002\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: \r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
+            "TRACE http://a.test/ HTTP/1.1\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
             "GET http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
             "GET http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "GET http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -1473,7 +1604,6 @@ mod tests {
             "GET http://a.test/ HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
             "GET http://a.test/ HTTP/1.1\r\nTE: trailers\r\n\r\n",
             "GET http://a.test/ HTTP/1.0\r\n\r\n",
-            "DELETE http://a.test/ HTTP/1.1\r\n\r\n",
             "CONNECT a.test:443 HTTP/1.1\r\n\r\n",
             "GET http://a.test/ HTTP/1.1\r\nBad Name: x\r\n\r\n",
             "GET http://a.test/ HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",

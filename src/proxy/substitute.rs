@@ -187,6 +187,20 @@ pub fn body_needs_scan(table: &Table, host: &str, may_send: bool) -> bool {
     table.entries().any(|e| !(may_send && e.allows(host)))
 }
 
+/// Refuses the first [`BODY_SCAN_BYTES`] of a body (`seen`) if they hold a placeholder of a
+/// secret that may not go to `host`.
+pub fn check_body(table: &Table, host: &str, may_send: bool, seen: &[u8]) -> Result<(), Blocked> {
+    for (_, entry) in table.find(seen) {
+        if !(may_send && entry.allows(host)) {
+            return Err(Blocked {
+                secret: entry.name.clone(),
+                place: "body",
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Reads up to [`BODY_SCAN_BYTES`] of `body` and refuses it if they hold a placeholder of a
 /// secret that may not go to `host`; otherwise returns the body with the bytes read put back.
 pub async fn body<B>(
@@ -218,14 +232,7 @@ where
             }
         }
     }
-    for (_, entry) in table.find(&seen) {
-        if !(may_send && entry.allows(host)) {
-            return Err(Blocked {
-                secret: entry.name.clone(),
-                place: "body",
-            });
-        }
-    }
+    check_body(table, host, may_send, &seen)?;
     Ok(Prefixed {
         prefix,
         error,

@@ -2158,8 +2158,9 @@ async fn a_silent_client_of_a_denied_tunnel_to_a_non_web_port_is_closed_soon_as_
 // The lean HTTP/1.1 path (`super::lean`)
 
 /// An upstream speaking raw HTTP/1.1 on 127.0.0.1:0; each connection reads one request head at a
-/// time and answers by path (`/chunked`, `/close`, `/conflict`, `/early`, `/once`, `/silent`,
-/// `/echo…` ([`echo_answer`]), anything else `200 ok`). Returns its address and how many
+/// time (and its `Content-Length` body) and answers by path (`/chunked`, `/close`, `/conflict`,
+/// `/early`, `/once`, `/silent`, `/echo…` ([`echo_answer`]), `/mirror` (the body it was sent;
+/// `/mirror-once` then closes), anything else `200 ok`). Returns its address and how many
 /// connections it accepted.
 async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2182,7 +2183,30 @@ async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize
                     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end);
+                    // A `Content-Length` body is read whole; `/mirror` answers with it.
+                    let length = head.lines().find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    });
+                    while buf.len() < length.unwrap_or(0) {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..length.unwrap_or(0)).collect();
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    if path.starts_with("/mirror") {
+                        let mut answer =
+                            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len())
+                                .into_bytes();
+                        answer.extend_from_slice(&body);
+                        if s.write_all(&answer).await.is_err() || path.ends_with("once") {
+                            return;
+                        }
+                        continue;
+                    }
                     if let Some(answer) = echo_answer(&head, &path) {
                         let close = path.ends_with("close");
                         if s.write_all(&answer).await.is_err() || close {
@@ -2317,8 +2341,9 @@ async fn lean_path_takes_plain_gets_and_hands_the_rest_to_hyper() {
     let (status, _, body) = send(&mut c, get("/two")).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ok /two"));
     assert_eq!(h.engine.lean_requests(), 2, "both GETs lean");
-    // A request with a body goes to hyper, and hyper keeps the connection from then on.
+    // A request with a chunked body goes to hyper, and hyper keeps the connection from then on.
     let post = Request::post("http://pypi.org/form")
+        .header("transfer-encoding", "chunked")
         .body(full("a=1"))
         .unwrap();
     let (status, _, body) = send(&mut c, post).await;
@@ -2680,4 +2705,96 @@ async fn lean_path_applies_secrets_as_hypers_path_does() {
             assert!(!text.contains(SECRET) && !text.contains(NAMED), "{e:?}");
         }
     }
+}
+
+/// Bodies with a `Content-Length` (up to 64 KiB, methods that carry one) are lean: relayed whole
+/// and counted, searched for placeholders where a secret may not go (refused with nothing sent,
+/// the connection kept in step), never sent twice, and not sent on a pooled connection the
+/// upstream closed while it was idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_path_relays_request_bodies_once() {
+    let h = Harness::new(json!([])).await;
+    let (raw, accepted) = start_raw_upstream().await;
+    let config = json!({
+        "egress": [
+            { "access": "allow", "host": "raw.test", "methods": ["POST", "PUT"] },
+            { "access": "allow", "host": "other.test" },
+        ],
+        "secrets": { "KEY": { "value": "named-secret-value-0123", "hosts": ["other.test"] } },
+    });
+    route_raw_with(&h, raw, config);
+    let ph = h
+        .cell
+        .load()
+        .secrets
+        .get("KEY")
+        .unwrap()
+        .placeholder
+        .to_string();
+    let mut c = h.http_client().await;
+    let post = |method: &str, url: &str, body: String| {
+        Request::builder()
+            .method(method)
+            .uri(url)
+            .header("content-length", body.len().to_string())
+            .body(full(body))
+            .unwrap()
+    };
+    let big = "x".repeat(60 * 1024);
+    for body in ["{\"model\":\"m\"}".to_owned(), big.clone()] {
+        let (status, _, echoed) =
+            send(&mut c, post("POST", "http://raw.test/mirror", body.clone())).await;
+        assert_eq!((status, echoed.len()), (StatusCode::OK, body.len()));
+        assert_eq!(echoed, body);
+    }
+    // A placeholder in the body, on its way to a host its secret may not go to: refused, and the
+    // connection stays in step for the next request.
+    let (status, headers, _) = send(
+        &mut c,
+        post("PUT", "http://raw.test/mirror", format!("k={ph}")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(headers[DENIED_HEADER], "secret-blocked");
+    let (status, _, echoed) = send(
+        &mut c,
+        post("PUT", "http://raw.test/mirror", "after".into()),
+    )
+    .await;
+    assert_eq!((status, echoed.as_str()), (StatusCode::OK, "after"));
+    assert_eq!(h.engine.lean_requests(), 4);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The upstream closes each connection after answering, without saying so: the next POST is
+    // not written into the closed one (which would fail it: a POST is never sent twice).
+    for _ in 0..3 {
+        let (status, _, echoed) = send(
+            &mut c,
+            post("POST", "http://raw.test/mirror-once", "once".into()),
+        )
+        .await;
+        assert_eq!((status, echoed.as_str()), (StatusCode::OK, "once"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The first on the kept connection, then one new connection each.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(h.engine.lean_requests(), 7);
+
+    let events = h.drain_events().await;
+    let requests = egress_requests(&events);
+    assert_eq!(field(requests[2], "reason"), "secret-blocked");
+    let blocked: Vec<Value> = events
+        .iter()
+        .filter(|e| e.kind == kind::SECRET_BLOCKED)
+        .map(|e| json!([field(e, "secret"), field(e, "host"), field(e, "where")]))
+        .collect();
+    assert_eq!(blocked, [json!(["KEY", "raw.test", "body"])]);
+    let out: Vec<Value> = events
+        .iter()
+        .filter(|e| e.kind == kind::EGRESS_RESPONSE)
+        .map(|e| field(e, "bytesOut").clone())
+        .collect();
+    assert_eq!(
+        out[..2],
+        [json!("{\"model\":\"m\"}".len()), json!(big.len())]
+    );
 }
