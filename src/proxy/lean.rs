@@ -1,10 +1,11 @@
-//! The lean HTTP/1.1 path: the most common request an agent sends (an HTTP/1.1 `GET`, `HEAD` or
-//! `OPTIONS` without a body, allowed by a rule) is parsed with `httparse` and relayed over an
-//! upstream connection taken from the lean pool for the exchange, without hyper's per-request
-//! machinery on either leg and without a header map: heads are filtered from the parsed bytes
-//! into the outgoing ones (docs/decisions.md, "Lean HTTP/1.1 path", "Lean path, second pass" and
-//! "Secrets on the lean path"). Anything else, from the first request that is not such a
-//! request, is handed to hyper with the bytes already read ([`Prefixed`]), before anything about
+//! The lean HTTP/1.1 path: the requests an agent sends most (an HTTP/1.1 `GET`, `HEAD` or
+//! `OPTIONS` without a body, or a `POST`, `PUT`, `PATCH` or `DELETE` with a body of at most
+//! 64 KiB, allowed by a rule) are parsed with `httparse` and relayed over an upstream connection
+//! taken from the lean pool for the exchange, without hyper's per-request machinery on either leg
+//! and without a header map: heads are filtered from the parsed bytes into the outgoing ones
+//! (docs/decisions.md, "Lean HTTP/1.1 path", "Lean path, second pass", "Secrets on the lean path"
+//! and "Request bodies on the lean path"). Anything else, from the first request that is not such
+//! a request, is handed to hyper with the bytes already read ([`Prefixed`]), before anything about
 //! that request was decided, emitted or sent.
 //!
 //! Decisions, events and denials are the ones [`http::forward`](super::http::forward) makes: the
@@ -14,10 +15,15 @@
 //! connected now.
 //!
 //! # Security
-//! - A request is taken only when its framing leaves nothing to interpret: no body, no
-//!   `Content-Length`, no `Transfer-Encoding`, no `Upgrade` or `Expect`, `Connection` at most
-//!   `keep-alive` or `close`, no method-override header or `_method` parameter. Everything else
-//!   (including every malformed head, which hyper answers with `400`) goes to hyper.
+//! - A request is taken only when its framing leaves nothing to interpret: a body only on a
+//!   method that carries one, stated by one `Content-Length` of digits (at most [`MAX_BODY`]), no
+//!   `Transfer-Encoding`, no `Upgrade` or `Expect`, `Connection` at most `keep-alive` or `close`,
+//!   no method-override header or `_method` parameter. Everything else (including every
+//!   malformed head, which hyper answers with `400`) goes to hyper.
+//! - A body is read whole before the request is decided, so that a refused request leaves the
+//!   connection in step; it is searched for placeholders as hyper's path searches its first
+//!   64 KiB. A request with a body or of an unsafe method is never sent twice, and a pooled
+//!   connection is checked before it carries one ([`was_closed`]).
 //! - A response's framing is read strictly: `Transfer-Encoding` ending in `chunked` is decoded and
 //!   encoded again (extensions and trailers dropped); differing `Content-Length` values fail the
 //!   exchange (`502`); a body without either is read to the end and the client connection closed
