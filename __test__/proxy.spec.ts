@@ -383,6 +383,16 @@ describe('applyConfig and long exchanges', () => {
     expect(reply.echo).toBe('hello through hive')
   })
 
+  it('answers a client that offers h2 and HTTP/1.1 (curl, git) in HTTP/1.1, and one that offers only h2 in h2', async () => {
+    await apply([{ access: 'allow', host: H2_NAME }])
+    const both = await tlsThrough(proxy, H2_NAME, ['h2', 'http/1.1'])
+    expect(both.alpnProtocol).toBe('http/1.1')
+    both.destroy()
+    const only = await tlsThrough(proxy, H2_NAME, ['h2'])
+    expect(only.alpnProtocol).toBe('h2')
+    only.destroy()
+  })
+
   it('speaks HTTP/2 on both legs to an h2 upstream', async () => {
     await apply([{ access: 'allow', host: H2_NAME }])
     const socket = await tlsThrough(proxy, H2_NAME, ['h2'])

@@ -121,7 +121,7 @@ http {
   sendfile on;
   server {
     listen 127.0.0.1:${ports.http};
-    listen 127.0.0.1:${ports.https} ssl;
+    listen 127.0.0.1:${ports.https} ssl http2;
     ssl_certificate ${dir}/chain.pem;
     ssl_certificate_key ${dir}/leaf.key;
     ssl_session_cache off;
@@ -390,6 +390,8 @@ async function measure({ ohaBin, ports, ca, floor }) {
     ['HTTPS keep-alive c32, bare relay (floor)', 32, `https://${HOST}/`, 'https', [], { floor: true }],
     ['HTTPS keep-alive c32, header injected (override)', 32, `https://${INJECT_HOST}/`, 'https', []],
     ['HTTPS keep-alive c32, placeholder substituted (named secret)', 32, `https://${INJECT_HOST}/`, 'https', [], { secrets: true }],
+    // A client that speaks only HTTP/2 (gRPC-like): hyper's h2 server and client.
+    ['HTTPS keep-alive c32, HTTP/2-only client (intercepted)', 32, `https://${HOST}/`, 'https', ['--http2', '-p', '1']],
     // An agent's most common call: a JSON body POSTed to an API.
     ['HTTPS keep-alive c32, POST 1 KiB JSON (intercepted)', 32, `https://${HOST}/`, 'https', ['-m', 'POST', '-T', 'application/json', '-d', JSON.stringify({ model: 'm', input: 'x'.repeat(1000) })]],
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],

@@ -936,12 +936,18 @@ async fn a_streaming_response_survives_apply_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_on_both_legs() {
     let h = Harness::new(json!([{ "access": "allow", "host": "api.github.com" }])).await;
+    // A client that offers both gets HTTP/1.1 (the lean path's), one that offers h2 only, h2.
     let tls = h
         .tunnel(
             "api.github.com:443",
             "api.github.com",
             &[b"h2", b"http/1.1"],
         )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let tls = h
+        .tunnel("api.github.com:443", "api.github.com", &[b"h2"])
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
@@ -1793,11 +1799,7 @@ async fn denied_connect_answers_each_request_inside_tls() {
 
     // h2: no reason phrase, header and body suffice.
     let tls = h
-        .tunnel(
-            "api.github.com:443",
-            "api.github.com",
-            &[b"h2", b"http/1.1"],
-        )
+        .tunnel("api.github.com:443", "api.github.com", &[b"h2"])
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
