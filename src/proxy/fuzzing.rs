@@ -31,3 +31,31 @@ pub fn request_head(target: &str, authority: &str, mut head: HeaderMap, token: &
 pub fn looks_like_http(prefix: &[u8]) -> bool {
     super::connect::looks_like_http(prefix)
 }
+
+/// The lean path's heads ([`super::lean`]): a request head parsed and rewritten for secrets (a
+/// named secret `KEY`, its placeholder substituted), a response head filtered and scrubbed.
+/// Panics when an output is not a complete head of the same request, or not a response head.
+pub fn lean_heads(request: &[u8], response: &[u8]) {
+    super::lean::fuzz_heads(request, response, lean_table());
+}
+
+/// The placeholder of `KEY` in the table [`lean_heads`] uses (random per process), for targets
+/// to put where their input asks for it.
+pub fn lean_placeholder() -> String {
+    let entry = lean_table().get("KEY").expect("the fuzz table names KEY");
+    entry.placeholder.to_string()
+}
+
+fn lean_table() -> &'static crate::secrets::Table {
+    static TABLE: std::sync::OnceLock<crate::secrets::Table> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let config = serde_json::json!({
+            "egress": [{ "access": "allow", "host": "a.test", "override": {
+                "headers": { "x-key": "k {{secrets.KEY}}", "x-inline": "inline-value-0123" },
+            } }],
+            "secrets": { "KEY": { "value": "named-secret-value", "hosts": ["a.test"] } },
+        });
+        let config = crate::config::Config::from_json(&config).expect("a valid config");
+        crate::secrets::Table::build(&config, &crate::secrets::Placeholders::default())
+    })
+}

@@ -1052,7 +1052,8 @@ fn response_head(
     let httparse::Status::Complete(_) = res.parse(head).ok()? else {
         return None;
     };
-    let status = res.code?;
+    // Three digits, 100 to 999 (read_response_head checked it too).
+    let status = StatusCode::from_u16(res.code?).ok()?.as_u16();
     let framing = response_framing(status, is_head, res.headers)?;
     let mut upstream_close = false;
     let mut te_trailers = false;
@@ -1522,6 +1523,82 @@ async fn answer<I: AsyncWrite + Unpin>(
     }
     write_all(io, out).await.map_err(|_| ())?;
     Ok(!close)
+}
+
+/// The lean path's byte handling of one exchange, for the fuzz target `lean_heads`: `request`
+/// through [`parse_request`] (as a proxy request, then in an HTTPS tunnel to `a.test`) and
+/// [`rewrite_head`] (substituting `table`'s placeholders, an override dropping and adding
+/// `x-key`), `response` through [`response_head`] with and without `table`'s patterns. Panics if
+/// what it writes is not a complete head of the same request (method, target up to the query) or
+/// a complete response head, or if a CR or LF got into a header value.
+#[cfg(feature = "fuzzing")]
+pub(super) fn fuzz_heads(request: &[u8], response: &[u8], table: &crate::secrets::Table) {
+    let tunnel = Tunnel {
+        host: Arc::from("a.test"),
+        port: 443,
+        scheme: Scheme::Https,
+        sni_mismatch: None,
+        refusal: None,
+    };
+    for tunnel in [None, Some(&tunnel)] {
+        let mut out = Vec::new();
+        let Some(parsed) = parse_request(request, None, tunnel, &mut out) else {
+            continue;
+        };
+        assert!(parsed.len <= request.len() && parsed.body_len <= MAX_BODY);
+        let dropped = [(
+            http::HeaderName::from_static("x-key"),
+            OverrideValue::Template(
+                crate::config::Template::parse("k {{secrets.KEY}}").expect("a template"),
+            ),
+        )];
+        let added = [(
+            http::HeaderName::from_static("x-key"),
+            HeaderValue::from_static("added"),
+        )];
+        let how = Rewrite {
+            secrets: Some(table),
+            dropped: &dropped,
+            added: &added,
+            narrow: true,
+        };
+        rewrite_head(&mut out, &how);
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+        let mut again = httparse::Request::new(&mut raw);
+        let Ok(httparse::Status::Complete(len)) = again.parse(&out) else {
+            panic!(
+                "the rewritten head does not parse: {:?}",
+                String::from_utf8_lossy(&out)
+            );
+        };
+        assert_eq!(len, out.len(), "one head, nothing after it");
+        assert_eq!(again.method, Some(parsed.method.as_str()));
+        let path = |t: &str| t.split('?').next().unwrap_or("").to_owned();
+        let target = &parsed.target.path_and_query;
+        assert_eq!(again.path.map(path), Some(path(target)));
+        let keys = again
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("x-key"));
+        assert_eq!(keys.map(|h| h.value).collect::<Vec<_>>(), [b"added"]);
+    }
+    for patterns in [None, table.patterns().map(|p| &**p)] {
+        for (is_head, close) in [(false, false), (true, true)] {
+            let mut out = Vec::new();
+            if response_head(response, is_head, close, &mut out, patterns).is_none() {
+                continue;
+            }
+            let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS + 4];
+            let mut again = httparse::Response::new(&mut raw);
+            let Ok(httparse::Status::Complete(len)) = again.parse(&out) else {
+                panic!(
+                    "the client's head does not parse: {:?}",
+                    String::from_utf8_lossy(&out)
+                );
+            };
+            assert_eq!(len, out.len(), "one head, nothing after it");
+        }
+    }
 }
 
 /// Returns an idle connection that was taken and not used to its client's pool.
