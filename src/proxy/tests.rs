@@ -2306,6 +2306,20 @@ fn echo_answer(head: &str, target: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The placeholder of the named secret `name` in the rules in force.
+fn placeholder(h: &Harness, name: &str) -> String {
+    let compiled = h.cell.load();
+    compiled.secrets.get(name).unwrap().placeholder.to_string()
+}
+
+/// The `keys` of each event of `kind`, as one array per event.
+fn fields_of(events: &[Event], kind: &str, keys: &[&str]) -> Vec<Value> {
+    let of_kind = events.iter().filter(|e| e.kind == kind);
+    of_kind
+        .map(|e| Value::Array(keys.iter().map(|k| field(e, k).clone()).collect()))
+        .collect()
+}
+
 /// Points `raw.test:80` at `raw` (and allows it), with a short response timeout.
 fn route_raw(h: &Harness, raw: SocketAddr) {
     route_raw_with(
@@ -2589,14 +2603,7 @@ async fn lean_path_applies_secrets_as_hypers_path_does() {
             "secrets": { "KEY": { "value": NAMED, "hosts": ["raw.test"] } },
         });
         route_raw_with(&h, raw, config);
-        let ph = h
-            .cell
-            .load()
-            .secrets
-            .get("KEY")
-            .unwrap()
-            .placeholder
-            .to_string();
+        let ph = placeholder(&h, "KEY");
         let mut c = h.http_client().await;
         let get = |url: &str| {
             let req = Request::get(url)
@@ -2680,17 +2687,9 @@ async fn lean_path_applies_secrets_as_hypers_path_does() {
             assert_eq!(field(r, "injectedHeaders"), &injected, "request {i}");
         }
         assert_eq!(field(requests[7], "reason"), "secret-blocked");
-        let blocked: Vec<Value> = events
-            .iter()
-            .filter(|e| e.kind == kind::SECRET_BLOCKED)
-            .map(|e| json!([field(e, "secret"), field(e, "host"), field(e, "where")]))
-            .collect();
+        let blocked = fields_of(&events, kind::SECRET_BLOCKED, &["secret", "host", "where"]);
         assert_eq!(blocked, [json!(["KEY", "other.test", "header"])]);
-        let scrubbed: Vec<Value> = events
-            .iter()
-            .filter(|e| e.kind == kind::SECRET_SCRUBBED)
-            .map(|e| json!([field(e, "secret"), field(e, "count")]))
-            .collect();
+        let scrubbed = fields_of(&events, kind::SECRET_SCRUBBED, &["secret", "count"]);
         // The named value (substituted into x-key, injected into authorization, and in the
         // query once) and the inline one (x-echo and the body), per answer.
         let answer =
@@ -2725,14 +2724,7 @@ async fn lean_path_relays_request_bodies_once() {
         "secrets": { "KEY": { "value": "named-secret-value-0123", "hosts": ["other.test"] } },
     });
     route_raw_with(&h, raw, config);
-    let ph = h
-        .cell
-        .load()
-        .secrets
-        .get("KEY")
-        .unwrap()
-        .placeholder
-        .to_string();
+    let ph = placeholder(&h, "KEY");
     let mut c = h.http_client().await;
     let post = |method: &str, url: &str, body: String| {
         Request::builder()
@@ -2784,11 +2776,7 @@ async fn lean_path_relays_request_bodies_once() {
     let events = h.drain_events().await;
     let requests = egress_requests(&events);
     assert_eq!(field(requests[2], "reason"), "secret-blocked");
-    let blocked: Vec<Value> = events
-        .iter()
-        .filter(|e| e.kind == kind::SECRET_BLOCKED)
-        .map(|e| json!([field(e, "secret"), field(e, "host"), field(e, "where")]))
-        .collect();
+    let blocked = fields_of(&events, kind::SECRET_BLOCKED, &["secret", "host", "where"]);
     assert_eq!(blocked, [json!(["KEY", "raw.test", "body"])]);
     let out: Vec<Value> = events
         .iter()
