@@ -6,7 +6,10 @@
 // time per request, and its RSS before, at the peak of and 30 s after the c1000 run. The "bare
 // relay (floor)" rows send the same load through crates/floor-relay, a TLS-intercepting relay
 // with nothing of hive's in it (two heads parsed, two reads and two writes per request), so that
-// hive's CPU per request reads against what any such relay costs on this machine.
+// hive's CPU per request reads against what any such relay costs on this machine. The "squid
+// opaque tunnel" row sends the passthrough row's load through squid's CONNECT tunnel (squid from
+// PATH or /usr/sbin, else `apt-get install -y squid` when root; skipped without it), the
+// reference issue 13 names for passthrough, with squid's CPU time per request.
 //
 //   node benches/proxy.mjs [seconds-per-scenario] [name filter]   (build the addon first: npm run build)
 //   BENCH_ROUNDS=3 node benches/proxy.mjs    (each scenario 3 times; the median round is shown)
@@ -21,7 +24,7 @@
 // `apt-get install -y nginx-light` when running as root.
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import net from 'node:net'
 import os, { homedir, tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -34,6 +37,8 @@ const PASS_HOST = 'pass.hive.test'
 /** Allowed by a rule that injects a header (`override`), so its responses are scrubbed too. */
 const INJECT_HOST = 'api.hive.test'
 const MIB = 1024 * 1024
+/** The passthrough row's load through squid's opaque CONNECT tunnel instead of hive. */
+const SQUID_ROW = 'HTTPS keep-alive c32, squid opaque tunnel (passthrough reference)'
 const SECONDS = Number(process.argv[2] ?? process.env.BENCH_SECONDS ?? 5)
 const ONLY = process.argv[3]
 const SETTLE_SECONDS = 30
@@ -221,6 +226,59 @@ async function viaFloor(bin, args, floor) {
   return { ...r, cpuUs: (cpuUsOf(floor.pid) - before) / Math.max(1, r.requests), peak: 0 }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The passthrough reference: squid relaying CONNECT tunnels opaquely, one process (`-N`), no
+// cache, no logs, measured like the floor relay (its process's CPU time per request).
+
+function ensureSquid() {
+  const found = which('squid', ['/usr/sbin'])
+  if (found || process.getuid?.() !== 0) return found
+  console.error('installing squid (apt-get)…')
+  spawnSync('apt-get', ['install', '-y', '--no-install-recommends', 'squid'], { stdio: 'inherit', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } })
+  return which('squid', ['/usr/sbin'])
+}
+
+/** Starts squid on a free loopback port; resolves with its port, pid and stopper, or `{ failed }`. */
+async function startSquid() {
+  const bin = ensureSquid()
+  if (!bin) return { failed: 'squid not found: apt-get install -y squid' }
+  // Run as root, squid drops to its own user, which must write its log and pid here: a folder of
+  // its own, not inside the one holding the bench CA's key.
+  const home = mkdtempSync(join(tmpdir(), 'hive-bench-squid-'))
+  chmodSync(home, 0o777)
+  const port = await freePort()
+  writeFileSync(join(home, 'squid.conf'), `
+http_port 127.0.0.1:${port}
+http_access allow all
+cache deny all
+cache_mem 0 MB
+access_log none
+cache_store_log none
+cache_log ${home}/cache.log
+pid_filename ${home}/squid.pid
+coredump_dir ${home}
+pinger_enable off
+max_filedescriptors 20000
+shutdown_lifetime 0 seconds
+`)
+  // Its log is in cache.log; on exit it prints resource usage to stderr.
+  const child = spawn(bin, ['-N', '-f', join(home, 'squid.conf')], { stdio: 'ignore' })
+  const stop = () => {
+    child.kill()
+    rmSync(home, { recursive: true, force: true })
+  }
+  for (let i = 0; i < 100; i++) {
+    if (await new Promise((r) => net.connect(port, '127.0.0.1').once('connect', function () { this.destroy(); r(true) }).once('error', () => r(false)))) {
+      return { port, pid: child.pid, stop }
+    }
+    if (child.exitCode !== null) break
+    await sleep(50)
+  }
+  const log = existsSync(join(home, 'cache.log')) ? readFileSync(join(home, 'cache.log'), 'utf8').trim().split('\n').slice(-3).join(' / ') : ''
+  stop()
+  return { failed: `squid did not start: ${log}` }
+}
+
 /** Reads the sandbox's events until stopped; `stop()` resolves with how many requests it saw. */
 function streamEvents(sandbox) {
   const stream = sandbox.getEventsStream()[Symbol.asyncIterator]()
@@ -296,9 +354,11 @@ async function main() {
   const ports = { http: await freePort(), https: await freePort() }
   const nginx = await startNginx(nginxBin, dir, ports)
   let floor = null
+  let squid = null
   // Also on a throw: nginx's child handle would keep this process alive.
   const stop = () => {
     floor?.stop?.()
+    squid?.stop?.()
     nginx.kill()
     rmSync(dir, { recursive: true, force: true })
   }
@@ -306,13 +366,15 @@ async function main() {
   try {
     // Without the floor, the rest is still measured (its rows say why they failed).
     floor = await startFloor(ports).catch((e) => ({ failed: e.message }))
-    await measure({ ohaBin, ports, ca, floor })
+    squid = !ONLY || SQUID_ROW.includes(ONLY) ? await startSquid() : null
+    if (squid?.failed) console.error(`${squid.failed}; skipping the squid row`)
+    await measure({ ohaBin, ports, ca, floor, squid: squid?.failed ? null : squid })
   } finally {
     stop()
   }
 }
 
-async function measure({ ohaBin, ports, ca, floor }) {
+async function measure({ ohaBin, ports, ca, floor, squid }) {
 
   process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
   // nginx resumes no session; hive's intercepting side must not either, or the new-connection row
@@ -397,6 +459,8 @@ async function measure({ ohaBin, ports, ca, floor }) {
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
     ['HTTPS keep-alive c256, bare relay (floor)', 256, `https://${HOST}/`, 'https', [], { floor: true }],
     ...(passthrough ? [['HTTPS keep-alive c32 (passthrough)', 32, `https://${PASS_HOST}/`, 'https', []]] : []),
+    // The same bytes through squid (its CONNECT names nginx's address: squid resolves on its own).
+    ...(squid ? [[SQUID_ROW, 32, `https://${HOST}/`, 'https', [], { squid: true }]] : []),
     ['HTTPS new connection per request c8 (intercepted)', 8, `https://${HOST}/`, 'https', ['--disable-keepalive']],
     ['HTTPS 1 MiB c4 (intercepted)', 4, `https://${HOST}/mib`, 'https', []],
     // Last of hive's rows: the memory columns are read around it.
@@ -423,6 +487,8 @@ async function measure({ ohaBin, ports, ca, floor }) {
         const through = options?.secrets ? await viaSecrets() : via
         const v = options?.floor
           ? await viaFloorRelay(['-c', String(conns), ...extra, target])
+          : options?.squid
+          ? await viaFloor(ohaBin, ['-x', `http://127.0.0.1:${squid.port}`, '--insecure', '-c', String(conns), ...extra, `https://127.0.0.1:${ports.https}/`], squid)
           : await viaProxy(ohaBin, ['-c', String(conns), ...through, ...extra, target], options?.stream && sandbox, `${name} ${round}`)
         if (first) {
           memory.peak = v.peak
@@ -447,7 +513,9 @@ async function measure({ ohaBin, ports, ca, floor }) {
       `load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}; "via" = through sandbox.proxy(); ` +
       (ROUNDS > 1 ? `${ROUNDS} rounds per scenario, the median round shown (ratio range in brackets); ` : '') +
       `CPU = hive process CPU time / requests through it; "bare relay (floor)" rows go through ` +
-      `crates/floor-relay instead (its CPU time), the least any relay parsing HTTP costs here.\n`,
+      `crates/floor-relay instead (its CPU time), the least any relay parsing HTTP costs here` +
+      (squid ? `; the squid row through squid ${execFileSync(which('squid', ['/usr/sbin']), ['-v']).toString().split('\n')[0].split(' ').pop()} (its CPU time)` : '') +
+      '.\n',
   )
   console.log('| scenario | load 1m | direct req/s | via req/s | ratio | direct p50/p99 ms | via p50/p99 ms | via errors | CPU µs/req | direct MiB/s | via MiB/s |')
   console.log('| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |')
