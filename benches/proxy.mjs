@@ -30,6 +30,7 @@ import os, { homedir, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fileURLToPath } from 'node:url'
+import { benchHome } from './lib/home.mjs'
 
 const HOST = 'bench.hive.test'
 /** Allowed by a `tls: "passthrough"` rule. */
@@ -376,7 +377,7 @@ async function main() {
 
 async function measure({ ohaBin, ports, ca, floor, squid }) {
 
-  process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
+  benchHome()
   // nginx resumes no session; hive's intercepting side must not either, or the new-connection row
   // compares full handshakes with resumed ones.
   process.env.HIVE_BENCH_NO_RESUMPTION = '1'

@@ -10,13 +10,12 @@ import { fork } from 'node:child_process'
 import http from 'node:http'
 import https from 'node:https'
 import net from 'node:net'
-import { mkdtempSync } from 'node:fs'
-import os, { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import os from 'node:os'
 import tls from 'node:tls'
 import { fileURLToPath } from 'node:url'
 
 import { makeCA } from './lib/certs.mjs'
+import { benchHome } from './lib/home.mjs'
 
 const HOST = 'bench.hive.test'
 const MIB = 1024 * 1024
@@ -105,7 +104,7 @@ async function measure(connections, request) {
 
 async function main() {
   const { getOrCreateSandbox } = await import('../index.js')
-  process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
+  benchHome()
   const ca = makeCA(HOST)
   const child = fork(fileURLToPath(import.meta.url), ['--upstream'], {
     env: { ...process.env, BENCH_TLS: JSON.stringify(ca) },

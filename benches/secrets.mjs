@@ -7,16 +7,15 @@
 //
 //   node benches/secrets.mjs [seconds-per-measurement]   (build the addon first: npm run build)
 import { fork } from 'node:child_process'
-import { mkdtempSync } from 'node:fs'
 import https from 'node:https'
 import net from 'node:net'
-import os, { tmpdir } from 'node:os'
-import { join } from 'node:path'
+import os from 'node:os'
 import tls from 'node:tls'
 import { fileURLToPath } from 'node:url'
 import zlib from 'node:zlib'
 
 import { makeCA } from './lib/certs.mjs'
+import { benchHome } from './lib/home.mjs'
 
 const HOST = 'api.bench.test'
 const MIB = 1024 * 1024
@@ -122,7 +121,7 @@ function mean(runs) {
 
 async function main() {
   const { getOrCreateSandbox } = await import('../index.js')
-  process.env.HIVE_HOME ??= mkdtempSync(join(tmpdir(), 'hive-bench-'))
+  benchHome()
   const ca = makeCA(HOST)
   const child = fork(fileURLToPath(import.meta.url), ['--upstream'], { env: { ...process.env, BENCH_TLS: JSON.stringify(ca) }, stdio: 'inherit' })
   process.on('exit', () => child.kill())
