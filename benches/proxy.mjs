@@ -457,6 +457,8 @@ async function measure({ ohaBin, ports, ca, floor, squid }) {
     ['HTTPS keep-alive c32, HTTP/2-only client (intercepted)', 32, `https://${HOST}/`, 'https', ['--http2', '-p', '1']],
     // An agent's most common call: a JSON body POSTed to an API.
     ['HTTPS keep-alive c32, POST 1 KiB JSON (intercepted)', 32, `https://${HOST}/`, 'https', ['-m', 'POST', '-T', 'application/json', '-d', JSON.stringify({ model: 'm', input: 'x'.repeat(1000) })]],
+    // The same body sent chunked (Node's http.request without a length, streamed uploads).
+    ['HTTPS keep-alive c32, POST 1 KiB JSON chunked (intercepted)', 32, `https://${HOST}/`, 'https', ['-m', 'POST', '-T', 'application/json', '-H', 'Transfer-Encoding: chunked', '-d', JSON.stringify({ model: 'm', input: 'x'.repeat(1000) })]],
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
     ['HTTPS keep-alive c256, bare relay (floor)', 256, `https://${HOST}/`, 'https', [], { floor: true }],
     ...(passthrough ? [['HTTPS keep-alive c32 (passthrough)', 32, `https://${PASS_HOST}/`, 'https', []]] : []),

@@ -1,12 +1,12 @@
 //! The lean HTTP/1.1 path: the requests an agent sends most (an HTTP/1.1 `GET`, `HEAD` or
 //! `OPTIONS` without a body, or a `POST`, `PUT`, `PATCH` or `DELETE` with a body of at most
-//! 64 KiB, allowed by a rule) are parsed with `httparse` and relayed over an upstream connection
-//! taken from the lean pool for the exchange, without hyper's per-request machinery on either leg
-//! and without a header map: heads are filtered from the parsed bytes into the outgoing ones
-//! (docs/decisions.md, "Lean HTTP/1.1 path", "Lean path, second pass", "Secrets on the lean path"
-//! and "Request bodies on the lean path"). Anything else, from the first request that is not such
-//! a request, is handed to hyper with the bytes already read ([`Prefixed`]), before anything about
-//! that request was decided, emitted or sent.
+//! 64 KiB, stated by its length or chunked, allowed by a rule) are parsed with `httparse` and
+//! relayed over an upstream connection taken from the lean pool for the exchange, without hyper's
+//! per-request machinery on either leg and without a header map: heads are filtered from the
+//! parsed bytes into the outgoing ones (docs/decisions.md, "Lean HTTP/1.1 path", "Lean path,
+//! second pass", "Secrets on the lean path" and "Request bodies on the lean path"). Anything else,
+//! from the first request that is not such a request, is handed to hyper with the bytes already
+//! read ([`Prefixed`]), before anything about that request was decided, emitted or sent.
 //!
 //! Decisions, events and denials are the ones [`http::forward`](super::http::forward) makes: the
 //! same gate ([`gate::check_from`]), the same [`Auditor`] and the same [`deny`] answers. A request
@@ -16,14 +16,18 @@
 //!
 //! # Security
 //! - A request is taken only when its framing leaves nothing to interpret: a body only on a
-//!   method that carries one, stated by one `Content-Length` of digits (at most [`MAX_BODY`]), no
-//!   `Transfer-Encoding`, no `Upgrade` or `Expect`, `Connection` at most `keep-alive` or `close`,
-//!   no method-override header or `_method` parameter. Everything else (including every
-//!   malformed head, which hyper answers with `400`) goes to hyper.
+//!   method that carries one, stated by one `Content-Length` of digits (at most [`MAX_BODY`]) or
+//!   by one `Transfer-Encoding: chunked` (and no `Content-Length`), no `Upgrade` or `Expect`,
+//!   `Connection` at most `keep-alive` or `close`, no method-override header or `_method`
+//!   parameter. Everything else (including every malformed head, which hyper answers with `400`)
+//!   goes to hyper.
 //! - A body is read whole before the request is decided, so that a refused request leaves the
 //!   connection in step; it is searched for placeholders as hyper's path searches its first
-//!   64 KiB. A request with a body or of an unsafe method is never sent twice, and a pooled
-//!   connection is checked before it carries one ([`was_closed`]).
+//!   64 KiB. A chunked body is taken only strictly framed (hex sizes, no extensions, no
+//!   trailers, at most [`MAX_BODY`] decoded; else hyper's, with every byte) and goes upstream
+//!   decoded, with a `Content-Length` (as hyper's path sends a body it read whole to search). A
+//!   request with a body or of an unsafe method is never sent twice, and a pooled connection is
+//!   checked before it carries one ([`was_closed`]).
 //! - A response's framing is read strictly: `Transfer-Encoding` ending in `chunked` is decoded and
 //!   encoded again (extensions and trailers dropped); differing `Content-Length` values fail the
 //!   exchange (`502`); a body without either is read to the end and the client connection closed
@@ -96,6 +100,9 @@ struct Request {
     /// Length of the body (`Content-Length`; at most [`MAX_BODY`], and only for methods that
     /// carry one).
     body_len: usize,
+    /// The body is `Transfer-Encoding: chunked` (then `body_len` is 0): decoded whole by
+    /// [`read_chunked`] and sent on with a `Content-Length`.
+    chunked: bool,
 }
 
 /// Longest request body the lean path takes: it is read whole before the request is decided
@@ -158,20 +165,41 @@ where
         let Some(request) = parse_request(&bufs.read, credential, tunnel, &mut bufs.out) else {
             break;
         };
-        if request.body_len > 0 {
-            match read_body(&mut io, &mut bufs.read, request.len + request.body_len).await {
-                HeadRead::Complete => {}
-                HeadRead::Handoff => break,
-                HeadRead::Closed => return Served::Done,
+        // The body's bytes as they came (`raw`), and as they go on.
+        let mut decoded = None;
+        let raw = if request.chunked {
+            match read_chunked(&mut io, &mut bufs.read, request.len).await {
+                Chunked::Complete { raw, body } => {
+                    decoded = Some(body);
+                    raw
+                }
+                Chunked::Handoff => break,
+                Chunked::Closed => return Served::Done,
             }
-        }
+        } else {
+            if request.body_len > 0 {
+                match read_body(&mut io, &mut bufs.read, request.len + request.body_len).await {
+                    HeadRead::Complete => {}
+                    HeadRead::Handoff => break,
+                    HeadRead::Closed => return Served::Done,
+                }
+            }
+            request.body_len
+        };
         let compiled = conn.engine.cell.load_full();
         let Some(decision) = plainly_allowed(&compiled.policy, &request) else {
             break;
         };
         // From here this request is the lean path's.
         bufs.read.advance(request.len);
-        let body = bufs.read.split_to(request.body_len).freeze();
+        let raw = bufs.read.split_to(raw).freeze();
+        let body = match decoded {
+            Some(body) => {
+                state_length(&mut bufs.out, body.len());
+                body
+            }
+            None => raw,
+        };
         conn.engine
             .lean_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -265,6 +293,127 @@ where
     HeadRead::Complete
 }
 
+/// What [`read_chunked`] found.
+enum Chunked {
+    /// The whole body: `raw` bytes after the head, `body` once decoded.
+    Complete { raw: usize, body: Bytes },
+    /// Not a body the lean path takes, or not all there within [`BODY_WAIT`]: hyper's.
+    Handoff,
+    /// The client closed the connection or failed.
+    Closed,
+}
+
+/// Most bytes a chunked body may take on the wire before the lean path hands it to hyper: room for
+/// [`MAX_BODY`] decoded bytes in small chunks, not for padding without end.
+const MAX_CHUNKED_RAW: usize = 4 * MAX_BODY;
+
+/// Most hex digits of a chunk size the lean path reads (64 KiB needs 5).
+const MAX_SIZE_DIGITS: usize = 8;
+
+/// Reads and decodes the chunked body that follows the `head` bytes at the start of `buf`, leaving
+/// `buf` as read (hyper replays it all on a hand-off). Taken only as strictly framed: sizes of hex
+/// digits ended by CRLF, no extensions, each chunk's data ended by CRLF, the last chunk followed
+/// by CRLF (no trailers), at most [`MAX_BODY`] decoded bytes.
+async fn read_chunked<I>(io: &mut I, buf: &mut BytesMut, head: usize) -> Chunked
+where
+    I: AsyncRead + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + BODY_WAIT;
+    let mut body = BytesMut::new();
+    let mut at = head;
+    loop {
+        match next_chunk(&buf[at..]) {
+            ChunkStep::Data { start, len } => {
+                if body.len() + len > MAX_BODY {
+                    return Chunked::Handoff;
+                }
+                body.extend_from_slice(&buf[at + start..at + start + len]);
+                at += start + len + 2;
+                continue;
+            }
+            ChunkStep::Last(len) => {
+                return Chunked::Complete {
+                    raw: at + len - head,
+                    body: body.freeze(),
+                }
+            }
+            ChunkStep::Refused => return Chunked::Handoff,
+            ChunkStep::Partial => {}
+        }
+        if buf.len() - head >= MAX_CHUNKED_RAW {
+            return Chunked::Handoff;
+        }
+        if buf.capacity() - buf.len() < 4 * 1024 {
+            buf.reserve(16 * 1024);
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Ok(Ok(0) | Err(_)) => return Chunked::Closed,
+            Ok(Ok(_)) => {}
+            Err(_) => return Chunked::Handoff,
+        }
+    }
+}
+
+/// One step of [`read_chunked`] over the bytes from a chunk's start.
+#[derive(Debug, PartialEq, Eq)]
+enum ChunkStep {
+    /// A chunk whose `len` data bytes start at `start` (the CRLF after them checked).
+    Data { start: usize, len: usize },
+    /// The last chunk and the empty trailer section: `len` bytes in all.
+    Last(usize),
+    /// More bytes are needed.
+    Partial,
+    /// Framing the lean path does not take.
+    Refused,
+}
+
+/// Reads the framing of the chunk at the start of `bytes` (see [`read_chunked`]).
+fn next_chunk(bytes: &[u8]) -> ChunkStep {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits > MAX_SIZE_DIGITS {
+        return ChunkStep::Refused;
+    }
+    let Some(after) = bytes.get(digits..digits + 2) else {
+        // All hex so far (or a lone CR): wait for the rest of the line.
+        let rest = &bytes[digits..];
+        return if rest.is_empty() || rest == b"\r" {
+            ChunkStep::Partial
+        } else {
+            ChunkStep::Refused
+        };
+    };
+    if digits == 0 || after != b"\r\n" {
+        return ChunkStep::Refused;
+    }
+    let Ok(size) = usize::from_str_radix(
+        std::str::from_utf8(&bytes[..digits]).unwrap_or_default(),
+        16,
+    ) else {
+        return ChunkStep::Refused;
+    };
+    let start = digits + 2;
+    if size > MAX_BODY {
+        return ChunkStep::Refused;
+    }
+    // The data, or for the last chunk nothing, then CRLF.
+    match bytes.get(start + size..start + size + 2) {
+        Some(b"\r\n") if size == 0 => ChunkStep::Last(start + 2),
+        Some(b"\r\n") => ChunkStep::Data { start, len: size },
+        Some(_) => ChunkStep::Refused,
+        None if bytes.len() == start + size + 1 && bytes[start + size] != b'\r' => {
+            ChunkStep::Refused
+        }
+        None => ChunkStep::Partial,
+    }
+}
+
+/// Adds `Content-Length: len` to the request head in `out` (before its blank line).
+fn state_length(out: &mut Vec<u8>, len: usize) {
+    out.truncate(out.len() - 2);
+    write_header(out, b"content-length", len.to_string().as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
 /// `Some(true)` when `buf` starts with a complete request head, `Some(false)` when it needs more
 /// bytes, `None` when it is not a head httparse reads.
 fn head_complete(buf: &[u8]) -> Option<bool> {
@@ -278,9 +427,9 @@ fn head_complete(buf: &[u8]) -> Option<bool> {
 }
 
 /// Header names that make a request hyper's: framing to interpret, a protocol change, or a
-/// method override (which the gate must decide too).
-const NOT_LEAN: [&str; 9] = [
-    "transfer-encoding",
+/// method override (which the gate must decide too). `Transfer-Encoding` is the lean path's only
+/// when it is one `chunked` ([`parse_request`]).
+const NOT_LEAN: [&str; 8] = [
     "upgrade",
     "expect",
     "te",
@@ -348,6 +497,7 @@ fn parse_request(
     // A body only where the method carries one, stated by one `Content-Length` of digits.
     let may_have_body = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
     let mut body_len: Option<usize> = None;
+    let mut chunked = false;
     let mut close = false;
     let mut host: Option<&[u8]> = None;
     let mut hosts = 0;
@@ -361,6 +511,12 @@ fn parse_request(
             }
         } else if named(h.name, &NOT_LEAN) {
             return None;
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Exactly one `chunked`: no other coding, no list, no second line.
+            if !may_have_body || chunked || !h.value.eq_ignore_ascii_case(b"chunked") {
+                return None;
+            }
+            chunked = true;
         } else if h.name.eq_ignore_ascii_case("content-length") {
             let digits = h.value;
             if !may_have_body
@@ -384,6 +540,10 @@ fn parse_request(
                 credentialed |= headers::credential_matches(h.value, expected);
             }
         }
+    }
+    // Both framings: hyper's (a request smuggler's favourite).
+    if chunked && body_len.is_some() {
+        return None;
     }
     let path = req.path?;
     let target = match tunnel {
@@ -450,10 +610,12 @@ fn parse_request(
     }
     out.extend_from_slice(b"\r\n");
     for h in req.headers.iter() {
-        // `Connection: close` names a header `close`, removed as hop-by-hop.
+        // `Connection: close` names a header `close`, removed as hop-by-hop. A chunked body
+        // goes on with a `Content-Length` (added once it is decoded).
         if named(h.name, &HOP_BY_HOP)
             || h.name.eq_ignore_ascii_case("host")
             || (close && h.name.eq_ignore_ascii_case("close"))
+            || h.name.eq_ignore_ascii_case("transfer-encoding")
         {
             continue;
         }
@@ -466,6 +628,7 @@ fn parse_request(
         close,
         len,
         body_len: body_len.unwrap_or(0),
+        chunked,
     })
 }
 
@@ -1546,6 +1709,24 @@ pub(super) fn fuzz_heads(request: &[u8], response: &[u8], table: &crate::secrets
             continue;
         };
         assert!(parsed.len <= request.len() && parsed.body_len <= MAX_BODY);
+        assert!(!(parsed.chunked && parsed.body_len > 0));
+        if parsed.chunked {
+            // Every chunk read lies inside the input.
+            let mut at = parsed.len;
+            loop {
+                match next_chunk(&request[at..]) {
+                    ChunkStep::Data { start, len } => {
+                        assert!(at + start + len + 2 <= request.len());
+                        at += start + len + 2;
+                    }
+                    ChunkStep::Last(len) => {
+                        assert!(at + len <= request.len());
+                        break;
+                    }
+                    ChunkStep::Partial | ChunkStep::Refused => break,
+                }
+            }
+        }
         let dropped = [(
             http::HeaderName::from_static("x-key"),
             OverrideValue::Template(
@@ -1662,10 +1843,26 @@ mod tests {
             ("DELETE http://a.test/ HTTP/1.1\r\n\r\n", 0),
         ] {
             let (request, out) = lean(text).unwrap();
-            assert_eq!(request.body_len, len, "{text:?}");
+            assert_eq!(
+                (request.body_len, request.chunked),
+                (len, false),
+                "{text:?}"
+            );
             // The framing goes upstream as it was stated.
             let stated = |t: &str| t.to_ascii_lowercase().contains("content-length");
             assert_eq!(stated(&out), stated(text), "{text:?}");
+        }
+        // or by one `chunked`: decoded, then sent with a length (added once it is known)
+        for text in [
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "PUT http://a.test/ HTTP/1.1\r\ntransfer-encoding: Chunked\r\nx-a: 1\r\n\r\n",
+        ] {
+            let (request, out) = lean(text).unwrap();
+            assert_eq!((request.body_len, request.chunked), (0, true), "{text:?}");
+            assert!(
+                !out.to_ascii_lowercase().contains("transfer-encoding"),
+                "{out:?}"
+            );
         }
         // any other body, or any framing to interpret: hyper decides
         let not_lean = [
@@ -1675,7 +1872,13 @@ mod tests {
             "POST http://a.test/ HTTP/1.1\r\nContent-Length: +2\r\n\r\n",
             "POST http://a.test/ HTTP/1.1\r\nContent-Length: 0000002\r\n\r\n",
             "POST http://a.test/ HTTP/1.1\r\nContent-Length: \r\n\r\n",
-            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\n\r\n",
             "POST http://a.test/ HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n",
             "TRACE http://a.test/ HTTP/1.1\r\n\r\n",
             "GET http://a.test/ HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
@@ -1727,6 +1930,92 @@ mod tests {
         );
         let (_, out) = lean("GET http://[::1]/ HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!(out, "GET / HTTP/1.1\r\nhost: [::1]\r\n\r\n");
+    }
+
+    #[test]
+    fn a_chunked_request_body_is_taken_only_as_strictly_framed() {
+        use ChunkStep::*;
+        assert_eq!(next_chunk(b"5\r\nhello\r\n"), Data { start: 3, len: 5 });
+        assert_eq!(
+            next_chunk(b"00A\r\n0123456789\r\n0"),
+            Data { start: 5, len: 10 }
+        );
+        assert_eq!(next_chunk(b"0\r\n\r\n"), Last(5));
+        assert_eq!(next_chunk(b"0000\r\n\r\nGET"), Last(8));
+        for partial in [
+            "",
+            "5",
+            "5\r",
+            "5\r\n",
+            "5\r\nhel",
+            "5\r\nhello",
+            "5\r\nhello\r",
+            "0\r\n",
+            "0\r\n\r",
+            "1000",
+        ] {
+            assert_eq!(next_chunk(partial.as_bytes()), Partial, "{partial:?}");
+        }
+        for refused in [
+            "\r\n",                 // no size
+            "5;ext=1\r\nhello\r\n", // an extension
+            "5 \r\nhello\r\n",      // whitespace
+            "5\nhello\r\n",         // a bare LF
+            "-5\r\nhello\r\n",
+            "0x5\r\nhello\r\n",
+            "5\r\nhello!\r\n", // more data than stated
+            "5\r\nhelloX",
+            "0\r\nx-sum: 1\r\n\r\n", // a trailer
+            "0\r\nx",
+            "000000001\r\nx\r\n", // nine digits
+            "10001\r\n",          // one chunk over 64 KiB
+        ] {
+            assert_eq!(next_chunk(refused.as_bytes()), Refused, "{refused:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_read_whole_and_decoded_or_handed_to_hyper() {
+        // `wire` already read after a 4-byte head, then the two parts as two reads, then the end.
+        let read = |wire: &'static [u8], first: &'static [u8], second: &'static [u8]| {
+            let mut io = AsyncReadExt::chain(first, second);
+            let mut buf = BytesMut::from(wire);
+            async move {
+                let got = read_chunked(&mut io, &mut buf, 4).await;
+                (got, buf)
+            }
+        };
+        // Split across reads, with the next request behind it.
+        let (got, buf) = read(b"HEAD5\r\nhel", b"lo\r\n2\r", b"\n, \r\n0\r\n\r\nNEXT").await;
+        let Chunked::Complete { raw, body } = got else {
+            panic!("not complete");
+        };
+        assert_eq!(&body[..], b"hello, ");
+        assert_eq!(&buf[4 + raw..], b"NEXT");
+        // Over 64 KiB decoded, in chunks that each fit: hyper's, with every byte still in `buf`.
+        let wire: &'static [u8] = Box::leak(
+            [
+                &b"HEAD"[..],
+                &b"8000\r\n"[..],
+                &[b'a'; 0x8000],
+                b"\r\n",
+                b"8000\r\n",
+                &[b'b'; 0x8000],
+                b"\r\n",
+                b"1\r\nc\r\n0\r\n\r\n",
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let (got, buf) = read(wire, b"", b"").await;
+        assert!(matches!(got, Chunked::Handoff));
+        assert_eq!(&buf[..], wire);
+        // A trailer: hyper's.
+        let (got, _) = read(b"HEAD1\r\nx\r\n0\r\nx-sum: 1\r\n\r\n", b"", b"").await;
+        assert!(matches!(got, Chunked::Handoff));
+        // The client gone mid-body.
+        let (got, _) = read(b"HEAD5\r\nhe", b"", b"").await;
+        assert!(matches!(got, Chunked::Closed));
     }
 
     #[test]
