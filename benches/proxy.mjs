@@ -174,7 +174,7 @@ function oha(bin, args) {
         rps: ok / j.summary.total,
         requests: sum(statuses),
         errors,
-        errorKinds: Object.keys(j.errorDistribution ?? {}).slice(0, 2).join('; '),
+        errorKinds: [...Object.keys(j.errorDistribution ?? {}), ...Object.keys(statuses).filter((s) => s !== '200').map((s) => `status ${s}`)].slice(0, 2).join('; '),
         p50: j.metrics?.latency_ms?.p50 ?? (j.latencyPercentiles?.p50 ?? 0) * 1000,
         p99: j.metrics?.latency_ms?.p99 ?? (j.latencyPercentiles?.p99 ?? 0) * 1000,
         mibs: j.summary.sizePerSec / MIB,
