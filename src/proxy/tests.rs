@@ -2165,13 +2165,30 @@ async fn a_silent_client_of_a_denied_tunnel_to_a_non_web_port_is_closed_soon_as_
 /// `/mirror-once` then closes), anything else `200 ok`). Returns its address and how many
 /// connections it accepted.
 async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let raw = start_raw_upstream_counting().await;
+    (raw.addr, raw.accepted)
+}
+
+/// [`start_raw_upstream`]'s upstream.
+struct RawUpstream {
+    addr: SocketAddr,
+    /// Connections accepted.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Request heads received, on every connection.
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// [`start_raw_upstream`], also counting the requests it receives.
+async fn start_raw_upstream_counting() -> RawUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (count, heads) = (accepted.clone(), requests.clone());
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let heads = heads.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
@@ -2183,6 +2200,7 @@ async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize
                         }
                     }
                     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    heads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                     buf.drain(..end);
                     // A body is read whole (`Content-Length` or chunked); `/mirror` answers
@@ -2252,7 +2270,11 @@ async fn start_raw_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize
             });
         }
     });
-    (addr, accepted)
+    RawUpstream {
+        addr,
+        accepted,
+        requests,
+    }
 }
 
 /// Reads a chunked request body (extensions and trailers skipped) from `s`, `buf` holding what
@@ -2771,7 +2793,8 @@ async fn lean_path_applies_secrets_as_hypers_path_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lean_path_relays_request_bodies_once() {
     let h = Harness::new(json!([])).await;
-    let (raw, accepted) = start_raw_upstream().await;
+    let upstream = start_raw_upstream_counting().await;
+    let (raw, accepted, requests) = (upstream.addr, upstream.accepted, upstream.requests);
     let config = json!({
         "egress": [
             { "access": "allow", "host": "raw.test", "methods": ["POST", "PUT"] },
@@ -2806,6 +2829,8 @@ async fn lean_path_relays_request_bodies_once() {
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert_eq!(headers[DENIED_HEADER], "secret-blocked");
+    let sent = requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(sent, 2, "nothing of the refused PUT reached the upstream");
     let (status, _, echoed) = send(
         &mut c,
         post("PUT", "http://raw.test/mirror", "after".into()),
@@ -2875,7 +2900,8 @@ async fn exchange_raw(s: &mut TcpStream, request: &[u8]) -> (u16, String, Vec<u8
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lean_path_takes_small_chunked_request_bodies() {
     let h = Harness::new(json!([])).await;
-    let (raw, _) = start_raw_upstream().await;
+    let upstream = start_raw_upstream_counting().await;
+    let (raw, requests) = (upstream.addr, upstream.requests);
     let config = json!({
         "egress": [{ "access": "allow", "host": "raw.test", "methods": ["POST", "PUT"] }],
         "secrets": { "KEY": { "value": "named-secret-value-0123", "hosts": ["other.test"] } },
@@ -2911,6 +2937,11 @@ async fn lean_path_takes_small_chunked_request_bodies() {
     assert_eq!(status, 403);
     assert!(head.contains("secret-blocked"), "{head}");
     assert_eq!(h.engine.lean_requests(), 3);
+    assert_eq!(
+        requests.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "nothing sent"
+    );
     // Framing the lean path does not take goes to hyper, on the same connection: a trailer and
     // an extension (hyper's path sends a body that fits its 64 KiB search with a length too),
     // and more than 64 KiB (streamed, chunked).
