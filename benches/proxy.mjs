@@ -457,6 +457,9 @@ async function measure({ ohaBin, ports, ca, floor, squid }) {
     ['HTTPS keep-alive c32, HTTP/2-only client (intercepted)', 32, `https://${HOST}/`, 'https', ['--http2', '-p', '1']],
     // An agent's most common call: a JSON body POSTed to an API.
     ['HTTPS keep-alive c32, POST 1 KiB JSON (intercepted)', 32, `https://${HOST}/`, 'https', ['-m', 'POST', '-T', 'application/json', '-d', JSON.stringify({ model: 'm', input: 'x'.repeat(1000) })]],
+    // The same body from an HTTP/2-only client: hyper's path, and HTTP/2 to nginx, whose flood
+    // check sends GOAWAY every few seconds under this load (refused streams are sent again).
+    ['HTTPS keep-alive c32, HTTP/2-only client, POST 1 KiB JSON (intercepted)', 32, `https://${HOST}/`, 'https', ['--http2', '-p', '1', '-m', 'POST', '-T', 'application/json', '-d', JSON.stringify({ model: 'm', input: 'x'.repeat(1000) })]],
     // The same body sent chunked (Node's http.request without a length, streamed uploads).
     ['HTTPS keep-alive c32, POST 1 KiB JSON chunked (intercepted)', 32, `https://${HOST}/`, 'https', ['-m', 'POST', '-T', 'application/json', '-H', 'Transfer-Encoding: chunked', '-d', JSON.stringify({ model: 'm', input: 'x'.repeat(1000) })]],
     ['HTTPS keep-alive c256 (intercepted)', 256, `https://${HOST}/`, 'https', []],
