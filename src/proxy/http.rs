@@ -26,7 +26,7 @@ use super::deny::{self, ProxyBody};
 use super::gate::{self, Ask, Outcome};
 use super::headers;
 use super::listener::Conn;
-use super::{connect, scrub, substitute, upstream};
+use super::{connect, resend, scrub, substitute, upstream};
 
 /// The tunnel a decrypted request arrived through.
 #[derive(Debug, Clone)]
@@ -287,17 +287,40 @@ pub async fn forward(
         }
     };
     parts.version = Version::HTTP_11;
-    let body = CountingBody::new(body, Some(exchange.clone()), Direction::Out)
+
+    // A small body is read whole, so that a request the upstream refuses unprocessed can be sent
+    // again (`resend`). Its bytes are counted once, for the attempt that is answered.
+    let mut body = body;
+    if !upgrade && !parts.headers.contains_key(header::EXPECT) {
+        body.read_ahead(resend::MAX_BODY, resend::BODY_WAIT).await;
+    }
+    let resend = (!upgrade)
+        .then(|| resend::Resend::new(&parts, &body))
+        .flatten();
+    let counted = resend.is_none().then(|| exchange.clone());
+    let body = CountingBody::new(body, counted, Direction::Out)
         .map_err(|e| Box::new(e) as deny::BoxError)
         .boxed_unsync();
 
-    let result = tokio::time::timeout(
-        compiled.config.upstream.response_timeout,
-        client
-            .client(upgrade)
-            .request(Request::from_parts(parts, body)),
-    )
-    .await;
+    let deadline = tokio::time::Instant::now() + compiled.config.upstream.response_timeout;
+    let send = |req| tokio::time::timeout_at(deadline, client.client(upgrade).request(req));
+    let mut result = send(Request::from_parts(parts, body)).await;
+    if let Some(again) = &resend {
+        for _ in 0..resend::MAX_RESENDS {
+            if !matches!(&result, Ok(Err(e)) if resend::unprocessed(e)) {
+                break;
+            }
+            tracing::debug!(
+                host,
+                port,
+                "the upstream refused the request unprocessed, sending it again"
+            );
+            result = send(again.request()).await;
+        }
+        if matches!(result, Ok(Ok(_))) {
+            exchange.add_out(again.body_len);
+        }
+    }
     let mut res = match result {
         Ok(Ok(res)) => res,
         Ok(Err(e)) => {

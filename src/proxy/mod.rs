@@ -45,6 +45,7 @@ mod lean;
 mod listener;
 mod memory;
 mod passthrough;
+mod resend;
 mod scrub;
 mod splice;
 mod substitute;

@@ -256,6 +256,49 @@ impl<B: Body> Prefixed<B> {
             rest: Some(body),
         }
     }
+
+    /// A body of `frames` alone.
+    pub fn frames(frames: VecDeque<Frame<Bytes>>) -> Self {
+        Prefixed {
+            prefix: frames,
+            error: None,
+            rest: None,
+        }
+    }
+
+    /// A copy of every frame, when the whole body is in memory: read to its end, without an
+    /// error.
+    pub fn copy_whole(&self) -> Option<VecDeque<Frame<Bytes>>> {
+        let ended = self.rest.as_ref().is_none_or(|r| r.is_end_stream());
+        (ended && self.error.is_none()).then(|| super::resend::copy(&self.prefix))
+    }
+}
+
+impl<B> Prefixed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Unpin,
+{
+    /// Reads the rest of a body whose stated length is at most `max` bytes into memory, waiting
+    /// at most `wait` for it; what was read by then stays ahead of the rest. Bodies without a
+    /// stated length, or longer, are left to stream.
+    pub async fn read_ahead(&mut self, max: u64, wait: std::time::Duration) {
+        if Body::size_hint(self).exact().is_none_or(|n| n > max) {
+            return;
+        }
+        let by = tokio::time::Instant::now() + wait;
+        while let Some(rest) = self.rest.as_mut().filter(|r| !r.is_end_stream()) {
+            match tokio::time::timeout_at(by, rest.frame()).await {
+                Err(_) => return,
+                Ok(None) => self.rest = None,
+                Ok(Some(Err(e))) => {
+                    self.error = Some(e);
+                    self.rest = None;
+                }
+                Ok(Some(Ok(frame))) => self.prefix.push_back(frame),
+            }
+        }
+    }
 }
 
 impl<B> Body for Prefixed<B>

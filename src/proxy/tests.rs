@@ -2962,3 +2962,250 @@ async fn lean_path_takes_small_chunked_request_bodies() {
     let out = fields_of(&events, kind::EGRESS_RESPONSE, &["bytesOut"]);
     assert_eq!(out[..2], [json!([13]), json!([0])]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Requests an HTTP/2 upstream refused unprocessed (`super::resend`)
+
+/// What the scripted HTTP/2 upstream does with a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum H2Step {
+    /// `GOAWAY` (`NO_ERROR`) whose last stream id is below this stream's: never processed.
+    GoAwayBefore,
+    /// `RST_STREAM` with `REFUSED_STREAM`.
+    Refuse,
+    /// Reads the request whole, then `GOAWAY` naming this stream as processed, and closes the
+    /// connection without an answer.
+    ProcessAndClose,
+    /// `200` with the request body as the answer.
+    Answer,
+}
+
+/// [`start_h2_upstream`]'s upstream: its address, the CA its certificate comes from, each stream
+/// it saw (with what it did) and the bodies of the requests it read whole.
+struct H2Upstream {
+    addr: SocketAddr,
+    ca_pem: String,
+    steps: Arc<Mutex<Vec<H2Step>>>,
+    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+/// An HTTPS upstream that speaks only HTTP/2, frame by frame: the `m`th stream of its `n`th
+/// connection is handled by `script(n, m)`.
+async fn start_h2_upstream(script: fn(usize, usize) -> H2Step) -> H2Upstream {
+    async fn read_frame<S: tokio::io::AsyncRead + Unpin>(
+        s: &mut S,
+    ) -> Option<(u8, u8, u32, Vec<u8>)> {
+        let mut head = [0u8; 9];
+        s.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0; len];
+        s.read_exact(&mut payload).await.ok()?;
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        Some((head[3], head[4], stream, payload))
+    }
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+    fn goaway(last: u32) -> Vec<u8> {
+        let mut payload = last.to_be_bytes().to_vec();
+        payload.extend_from_slice(&0u32.to_be_bytes()); // NO_ERROR
+        frame(7, 0, 0, &payload)
+    }
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const SETTINGS: u8 = 4;
+    const END_STREAM: u8 = 1;
+
+    let (ca_pem, tls) = upstream_tls();
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let steps = Arc::new(Mutex::new(Vec::new()));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let (seen, read) = (steps.clone(), bodies.clone());
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, seen, read) = (acceptor.clone(), seen.clone(), read.clone());
+            let conn = n;
+            n += 1;
+            tokio::spawn(async move {
+                let Ok(mut s) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut preface = [0u8; 24];
+                if s.read_exact(&mut preface).await.is_err()
+                    || s.write_all(&frame(SETTINGS, 0, 0, &[])).await.is_err()
+                {
+                    return;
+                }
+                let mut m = 0;
+                let mut open: std::collections::HashMap<u32, (H2Step, Vec<u8>)> =
+                    Default::default();
+                while let Some((kind, flags, id, payload)) = read_frame(&mut s).await {
+                    let mut ended = None;
+                    let reply = match kind {
+                        SETTINGS if flags & 1 == 0 => frame(SETTINGS, 1, 0, &[]),
+                        HEADERS => {
+                            let step = script(conn, m);
+                            m += 1;
+                            seen.lock().push(step);
+                            match step {
+                                H2Step::GoAwayBefore => goaway(id.saturating_sub(2)),
+                                H2Step::Refuse => frame(3, 0, id, &7u32.to_be_bytes()),
+                                _ => {
+                                    open.insert(id, (step, Vec::new()));
+                                    ended = (flags & END_STREAM != 0).then_some(id);
+                                    Vec::new()
+                                }
+                            }
+                        }
+                        DATA => {
+                            if let Some((_, body)) = open.get_mut(&id) {
+                                body.extend_from_slice(&payload);
+                                ended = (flags & END_STREAM != 0).then_some(id);
+                            }
+                            Vec::new()
+                        }
+                        _ => Vec::new(),
+                    };
+                    if s.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                    let Some((step, body)) = ended.and_then(|id| open.remove(&id)) else {
+                        continue;
+                    };
+                    read.lock().push(body.clone());
+                    let id = ended.unwrap_or_default();
+                    if step == H2Step::ProcessAndClose {
+                        let _ = s.write_all(&goaway(id)).await;
+                        return;
+                    }
+                    // `:status: 200` is entry 8 of HPACK's static table.
+                    let mut answer = frame(HEADERS, 4, id, &[0x88]);
+                    answer.extend_from_slice(&frame(DATA, END_STREAM, id, &body));
+                    if s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    H2Upstream {
+        addr,
+        ca_pem,
+        steps,
+        bodies,
+    }
+}
+
+/// Points `pypi.org:443` at `up`, trusting its CA, and allows it.
+fn route_h2(h: &Harness, up: &H2Upstream) {
+    let mut upstream = h.upstream.clone();
+    upstream["resolve"]["pypi.org:443"] = up.addr.to_string().into();
+    upstream["ca"]
+        .as_array_mut()
+        .unwrap()
+        .push(up.ca_pem.clone().into());
+    let egress = json!([{ "access": "allow", "host": "pypi.org" }]);
+    let config = Config::from_json(&json!({ "egress": egress, "upstream": upstream })).unwrap();
+    h.cell.store(Arc::new(Compiled::new(config)));
+}
+
+/// An h2-only client (hyper's path on both legs) through an intercepted tunnel to pypi.org, and
+/// a `POST` of `body` on it: the status and the answer's body.
+async fn h2_post(h: &Harness, body: &'static str) -> (StatusCode, String) {
+    let tls = h
+        .tunnel("pypi.org:443", "pypi.org", &[b"h2"])
+        .await
+        .unwrap();
+    let (mut c, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("https://pypi.org/v1/chat")
+        .header("content-length", body.len())
+        .body(full(body))
+        .unwrap();
+    let res = c.send_request(req).await.unwrap();
+    let status = res.status();
+    let answer = res.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// A request whose stream an HTTP/2 upstream refused without processing it (above a `GOAWAY`'s
+/// last stream id, or reset with `REFUSED_STREAM`) is sent again, body and all, and answered;
+/// one the upstream may have processed is not, and fails with `502`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_an_h2_upstream_refused_unprocessed_is_sent_again() {
+    let h = Harness::new(json!([])).await;
+    let body = "{\"model\":\"m\",\"messages\":[]}";
+
+    // The first connection goes away before the request's stream, the second refuses its first
+    // stream, and then requests are answered.
+    let up = start_h2_upstream(|conn, stream| match (conn, stream) {
+        (0, _) => H2Step::GoAwayBefore,
+        (1, 0) => H2Step::Refuse,
+        _ => H2Step::Answer,
+    })
+    .await;
+    route_h2(&h, &up);
+    assert_eq!(h2_post(&h, body).await, (StatusCode::OK, body.to_string()));
+    assert_eq!(
+        *up.steps.lock(),
+        [H2Step::GoAwayBefore, H2Step::Refuse, H2Step::Answer]
+    );
+    assert_eq!(*up.bodies.lock(), [body.as_bytes()], "one whole body read");
+    let events = h.drain_events().await;
+    assert!(errors(&events).is_empty(), "{events:?}");
+    let out = fields_of(&events, kind::EGRESS_RESPONSE, &["status", "bytesOut"]);
+    assert_eq!(out, [json!([200, body.len()])], "the body counted once");
+
+    // Processed, then the connection closed: not sent again.
+    let up = start_h2_upstream(|_, _| H2Step::ProcessAndClose).await;
+    route_h2(&h, &up);
+    let (status, _) = h2_post(&h, body).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(*up.steps.lock(), [H2Step::ProcessAndClose], "sent once");
+    let events = h.drain_events().await;
+    assert_eq!(errors(&events).len(), 1, "{events:?}");
+
+    // Refused every time: sent again three times, then `502`.
+    let up = start_h2_upstream(|_, _| H2Step::GoAwayBefore).await;
+    route_h2(&h, &up);
+    assert_eq!(h2_post(&h, body).await.0, StatusCode::BAD_GATEWAY);
+    assert_eq!(up.steps.lock().len(), 1 + super::resend::MAX_RESENDS);
+
+    // A body without a stated length streams as it comes, so it is never sent again.
+    let up = start_h2_upstream(|_, stream| match stream {
+        0 => H2Step::Refuse,
+        _ => H2Step::Answer,
+    })
+    .await;
+    route_h2(&h, &up);
+    let tls = h
+        .tunnel("pypi.org:443", "pypi.org", &[b"h2"])
+        .await
+        .unwrap();
+    let (mut c, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel(1);
+    let req = Request::post("https://pypi.org/v1/upload")
+        .body(ChanBody(rx).boxed_unsync())
+        .unwrap();
+    tx.send(Bytes::from_static(b"part")).await.unwrap();
+    drop(tx);
+    let res = c.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(*up.steps.lock(), [H2Step::Refuse], "sent once");
+}
