@@ -413,6 +413,63 @@ describe('applyConfig and long exchanges', () => {
     expect(res).toEqual({ status: 200, body: 'ok /v1/messages' })
     expect(h2.hits[0].httpVersion).toBe('2.0')
   })
+
+  it('sends a request again, body and all, when an h2 upstream refuses it unprocessed', async () => {
+    // Node's own HTTP/2 server (nghttp2) refuses the first stream with REFUSED_STREAM, as a busy
+    // server does (the GOAWAY case is tested in Rust and by the bench against nginx); later
+    // streams get their body back.
+    const server = http2.createSecureServer({ cert: upstreamCA.certPem + upstreamCA.caPem, key: upstreamCA.keyPem })
+    const sessions: http2.ServerHttp2Session[] = []
+    const bodies: string[] = []
+    let refused = 0
+    server.on('session', (s) => sessions.push(s))
+    server.on('stream', (stream) => {
+      stream.on('error', () => {})
+      if (refused === 0) {
+        refused++
+        stream.close(http2.constants.NGHTTP2_REFUSED_STREAM)
+        return
+      }
+      let body = ''
+      stream.setEncoding('utf8')
+      stream.on('data', (c: string) => (body += c))
+      stream.on('end', () => {
+        bodies.push(body)
+        stream.respond({ ':status': 200 })
+        stream.end(body)
+      })
+    })
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+    const addr = `127.0.0.1:${(server.address() as import('node:net').AddressInfo).port}`
+    try {
+      await apply([{ access: 'allow', host: H2_NAME }], { [`${H2_NAME}:443`]: addr })
+      const payload = JSON.stringify({ model: 'm', messages: [{ role: 'user', content: 'hi' }] })
+      const events = await eventsDuring(2, async () => {
+        const socket = await tlsThrough(proxy, H2_NAME, ['h2'])
+        const client = http2.connect(`https://${H2_NAME}`, { createConnection: () => socket, port: 443 })
+        const res = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+          const req = client.request({ ':path': '/v1/messages', ':method': 'POST', 'content-length': String(payload.length) })
+          let status = 0
+          let body = ''
+          req.on('response', (h) => (status = Number(h[':status'])))
+          req.setEncoding('utf8')
+          req.on('data', (c: string) => (body += c))
+          req.on('end', () => resolve({ status, body }))
+          req.on('error', reject)
+          req.end(payload)
+        })
+        client.close()
+        expect(res).toEqual({ status: 200, body: payload })
+      })
+      expect(refused).toBe(1)
+      expect(bodies).toEqual([payload])
+      expect(events.map((e) => e.type)).toEqual(['egress.request', 'egress.response'])
+      expect(events[1]).toMatchObject({ status: 200, bytesOut: payload.length })
+    } finally {
+      for (const s of sessions) s.destroy()
+      await new Promise((r) => server.close(r))
+    }
+  })
 })
 
 describe('events', () => {
