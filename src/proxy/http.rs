@@ -289,12 +289,14 @@ pub async fn forward(
     parts.version = Version::HTTP_11;
 
     // A small body is read whole, so that a request the upstream refuses unprocessed can be sent
-    // again (`resend`). Its bytes are counted once, for the attempt that is answered.
+    // again (`resend`; only HTTP/2 refuses so, and only HTTPS legs speak it). Its bytes are
+    // counted once, for the attempt that is answered.
+    let may_resend = !upgrade && scheme == Scheme::Https;
     let mut body = body;
-    if !upgrade && !parts.headers.contains_key(header::EXPECT) {
+    if may_resend && !parts.headers.contains_key(header::EXPECT) {
         body.read_ahead(resend::MAX_BODY, resend::BODY_WAIT).await;
     }
-    let resend = (!upgrade)
+    let resend = may_resend
         .then(|| resend::Resend::new(&parts, &body))
         .flatten();
     let counted = resend.is_none().then(|| exchange.clone());
