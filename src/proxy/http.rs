@@ -328,7 +328,13 @@ pub async fn forward(
         Ok(Err(e)) => {
             let failure = upstream::classify(&e);
             exchange.fail(failure, host, port, &super::audit::error_chain(&e));
-            return deny::bad_gateway(failure, host, method.as_str(), &event_path);
+            let mut answer = deny::bad_gateway(failure, host, method.as_str(), &event_path);
+            if resend::unprocessed(&e) {
+                // Not sent again (a streamed body, or refused each time): an HTTP/2 client is
+                // told the same, so that it may send the request again itself.
+                answer.extensions_mut().insert(resend::Refused);
+            }
+            return answer;
         }
         Err(_) => {
             let failure = deny::UpstreamFailure::ResponseTimeout;

@@ -238,12 +238,18 @@ where
     let tls = tunnel
         .as_ref()
         .is_some_and(|t| t.scheme == crate::policy::Scheme::Https);
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let conn = conn.clone();
         let tunnel = tunnel.clone();
         async move {
             let _busy = conn.idle.busy();
-            Ok::<_, std::convert::Infallible>(http::handle(conn, tunnel, req).await)
+            let h2 = req.version() == hyper::Version::HTTP_2;
+            let res = http::handle(conn, tunnel, req).await;
+            // hyper resets the stream with the reason an error carries (`REFUSED_STREAM`).
+            match res.extensions().get::<super::resend::Refused>() {
+                Some(refused) if h2 => Err(*refused),
+                _ => Ok(res),
+            }
         }
     });
     let mut builder = server_builder();

@@ -100,6 +100,26 @@ pub fn copy(frames: &VecDeque<Frame<Bytes>>) -> VecDeque<Frame<Bytes>> {
         .collect()
 }
 
+/// Marks the `502` of a request the upstream refused unprocessed and hive did not send again. A
+/// client that sent it over HTTP/2 gets its stream reset with `REFUSED_STREAM` instead, which
+/// tells it the request was not processed and may be sent again (curl, browsers and gRPC do so
+/// on their own); an HTTP/1.1 client, which has no such answer, gets the `502`.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused;
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the upstream refused the request without processing it")
+    }
+}
+
+impl std::error::Error for Refused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        static REFUSED: std::sync::OnceLock<h2::Error> = std::sync::OnceLock::new();
+        Some(REFUSED.get_or_init(|| h2::Reason::REFUSED_STREAM.into()))
+    }
+}
+
 /// Whether a request failed because the upstream refused it without processing it: its HTTP/2
 /// stream was above the last stream id of a `GOAWAY` the upstream sent (or was opened after it),
 /// or the upstream reset it with `REFUSED_STREAM`.

@@ -3119,8 +3119,9 @@ fn route_h2(h: &Harness, up: &H2Upstream) {
 }
 
 /// An h2-only client (hyper's path on both legs) through an intercepted tunnel to pypi.org, and
-/// a `POST` of `body` on it: the status and the answer's body.
-async fn h2_post(h: &Harness, body: &'static str) -> (StatusCode, String) {
+/// a `POST` of `body` on it: the status and the answer's body, or the reason its stream was
+/// reset.
+async fn h2_post(h: &Harness, body: &'static str) -> Result<(StatusCode, String), h2::Reason> {
     let tls = h
         .tunnel("pypi.org:443", "pypi.org", &[b"h2"])
         .await
@@ -3134,10 +3135,18 @@ async fn h2_post(h: &Harness, body: &'static str) -> (StatusCode, String) {
         .header("content-length", body.len())
         .body(full(body))
         .unwrap();
-    let res = c.send_request(req).await.unwrap();
+    let res = c.send_request(req).await.map_err(|e| reset_reason(&e))?;
     let status = res.status();
     let answer = res.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&answer).into_owned())
+    Ok((status, String::from_utf8_lossy(&answer).into_owned()))
+}
+
+/// The reason an HTTP/2 client's request failed with (a reset stream); panics on other errors.
+fn reset_reason(err: &hyper::Error) -> h2::Reason {
+    std::error::Error::source(err)
+        .and_then(|e| e.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason)
+        .unwrap_or_else(|| panic!("not a reset: {err:?}"))
 }
 
 /// A request whose stream an HTTP/2 upstream refused without processing it (above a `GOAWAY`'s
@@ -3157,7 +3166,10 @@ async fn a_request_an_h2_upstream_refused_unprocessed_is_sent_again() {
     })
     .await;
     route_h2(&h, &up);
-    assert_eq!(h2_post(&h, body).await, (StatusCode::OK, body.to_string()));
+    assert_eq!(
+        h2_post(&h, body).await,
+        Ok((StatusCode::OK, body.to_string()))
+    );
     assert_eq!(
         *up.steps.lock(),
         [H2Step::GoAwayBefore, H2Step::Refuse, H2Step::Answer]
@@ -3171,19 +3183,21 @@ async fn a_request_an_h2_upstream_refused_unprocessed_is_sent_again() {
     // Processed, then the connection closed: not sent again.
     let up = start_h2_upstream(|_, _| H2Step::ProcessAndClose).await;
     route_h2(&h, &up);
-    let (status, _) = h2_post(&h, body).await;
+    let (status, _) = h2_post(&h, body).await.unwrap();
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(*up.steps.lock(), [H2Step::ProcessAndClose], "sent once");
     let events = h.drain_events().await;
     assert_eq!(errors(&events).len(), 1, "{events:?}");
 
-    // Refused every time: sent again three times, then `502`.
+    // Refused every time: sent again three times, then refused to the client in turn.
     let up = start_h2_upstream(|_, _| H2Step::GoAwayBefore).await;
     route_h2(&h, &up);
-    assert_eq!(h2_post(&h, body).await.0, StatusCode::BAD_GATEWAY);
+    assert_eq!(h2_post(&h, body).await, Err(h2::Reason::REFUSED_STREAM));
     assert_eq!(up.steps.lock().len(), 1 + super::resend::MAX_RESENDS);
+    assert_eq!(errors(&h.drain_events().await).len(), 1);
 
-    // A body without a stated length streams as it comes, so it is never sent again.
+    // A body without a stated length streams as it comes, so it is never sent again: the client
+    // is told the stream was refused unprocessed, so that it may send it again itself.
     let up = start_h2_upstream(|_, stream| match stream {
         0 => H2Step::Refuse,
         _ => H2Step::Answer,
@@ -3205,7 +3219,9 @@ async fn a_request_an_h2_upstream_refused_unprocessed_is_sent_again() {
         .unwrap();
     tx.send(Bytes::from_static(b"part")).await.unwrap();
     drop(tx);
-    let res = c.send_request(req).await.unwrap();
-    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    let err = c.send_request(req).await.expect_err("the stream is reset");
+    assert_eq!(reset_reason(&err), h2::Reason::REFUSED_STREAM);
     assert_eq!(*up.steps.lock(), [H2Step::Refuse], "sent once");
+    let events = h.drain_events().await;
+    assert_eq!(errors(&events).len(), 1, "the refusal is audited");
 }
