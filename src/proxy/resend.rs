@@ -15,6 +15,9 @@
 //! 3. A request that failed with an error [`unprocessed`] recognises is sent again, on whatever
 //!    connection the pool gives (a connection that went away is not given again), at most
 //!    [`MAX_RESENDS`] times and within the request's response deadline.
+//! 4. A refused request hive does not send again (a streamed body, or refused each time) is
+//!    refused in turn to a client that sent it over HTTP/2 ([`Refused`]), so that the client may
+//!    send it again itself; an HTTP/1.1 client gets a `502`.
 //!
 //! # Security
 //! Only what the upstream declared unprocessed is sent again: a request it may have acted on (a
