@@ -3118,10 +3118,18 @@ fn route_h2(h: &Harness, up: &H2Upstream) {
     h.cell.store(Arc::new(Compiled::new(config)));
 }
 
-/// An h2-only client (hyper's path on both legs) through an intercepted tunnel to pypi.org, and
-/// a `POST` of `body` on it: the status and the answer's body, or the reason its stream was
-/// reset.
+/// A `POST` of `body` (with its length) by [`h2_send`].
 async fn h2_post(h: &Harness, body: &'static str) -> Result<(StatusCode, String), h2::Reason> {
+    let req = Request::post("https://pypi.org/v1/chat")
+        .header("content-length", body.len())
+        .body(full(body))
+        .unwrap();
+    h2_send(h, req).await
+}
+
+/// `req` from an h2-only client (hyper's path on both legs) through an intercepted tunnel to
+/// pypi.org: the status and the answer's body, or the reason its stream was reset.
+async fn h2_send(h: &Harness, req: Request<ProxyBody>) -> Result<(StatusCode, String), h2::Reason> {
     let tls = h
         .tunnel("pypi.org:443", "pypi.org", &[b"h2"])
         .await
@@ -3131,10 +3139,6 @@ async fn h2_post(h: &Harness, body: &'static str) -> Result<(StatusCode, String)
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = Request::post("https://pypi.org/v1/chat")
-        .header("content-length", body.len())
-        .body(full(body))
-        .unwrap();
     let res = c.send_request(req).await.map_err(|e| reset_reason(&e))?;
     let status = res.status();
     let answer = res.into_body().collect().await.unwrap().to_bytes();
@@ -3204,23 +3208,13 @@ async fn a_request_an_h2_upstream_refused_unprocessed_is_sent_again() {
     })
     .await;
     route_h2(&h, &up);
-    let tls = h
-        .tunnel("pypi.org:443", "pypi.org", &[b"h2"])
-        .await
-        .unwrap();
-    let (mut c, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
     let (tx, rx) = mpsc::channel(1);
     let req = Request::post("https://pypi.org/v1/upload")
         .body(ChanBody(rx).boxed_unsync())
         .unwrap();
     tx.send(Bytes::from_static(b"part")).await.unwrap();
     drop(tx);
-    let err = c.send_request(req).await.expect_err("the stream is reset");
-    assert_eq!(reset_reason(&err), h2::Reason::REFUSED_STREAM);
+    assert_eq!(h2_send(&h, req).await, Err(h2::Reason::REFUSED_STREAM));
     assert_eq!(*up.steps.lock(), [H2Step::Refuse], "sent once");
     let events = h.drain_events().await;
     assert_eq!(errors(&events).len(), 1, "the refusal is audited");
