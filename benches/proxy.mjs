@@ -313,7 +313,8 @@ async function startPerf(label) {
   const args = process.env.BENCH_PERF_STAT
     ? ['stat', '--no-inherit', ...(process.env.BENCH_PERF_INTERVAL_MS ? ['-I', process.env.BENCH_PERF_INTERVAL_MS] : []),
         '-e', process.env.BENCH_PERF_STAT, '-p', String(process.pid), '-o', `${base}.stat`]
-    : ['record', '-q', '-F', '1999', ...graph, '-p', String(process.pid), '-o', `${base}.data`]
+    // `--no-inherit` in both: without it the oha child spawned during the run is recorded too.
+    : ['record', '-q', '--no-inherit', '-F', '1999', ...graph, '-p', String(process.pid), '-o', `${base}.data`]
   const perf = spawn('perf', args, { stdio: 'ignore' })
   await sleep(300)
   return () => new Promise((resolve) => {
